@@ -1,0 +1,53 @@
+"""Named exceptions of dsq.
+
+Every error a user can cause is one of these; the job runner and the CLI catch
+``DsqError`` at their boundary and show its message as one line (exit code 2).
+Abstaining is a value (prediction -1), never an exception.
+"""
+
+
+class DsqError(Exception):
+    """Base class: a problem with what was asked, explained in one line."""
+
+
+class InvalidArgument(DsqError, ValueError):
+    """A parameter is out of range or has the wrong shape (sigma, n, alpha, image...)."""
+
+
+class UnknownName(DsqError, KeyError):
+    """An architecture, dataset, objective, provider or denoiser name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(DsqError):
+    """A checkpoint is missing, corrupt, or does not match its architecture."""
+
+
+class DatasetMissing(DsqError):
+    """A dataset folder or file is not where it was said to be."""
+
+
+class ModelWeightsMissing(DsqError):
+    """Pretrained weights are not cached locally and cannot be downloaded."""
+
+
+class JobNotFound(DsqError):
+    """No job has the given id."""
+
+
+class JobStateError(DsqError):
+    """The job is in a state that does not allow the request (cancel a finished job...)."""
+
+
+class DatabaseUnreachable(DsqError):
+    """The database URL is malformed or the server cannot be reached."""
+
+
+class ClusterUnreachable(DsqError):
+    """The Ray address cannot be reached."""
+
+
+class JobCancelled(DsqError):
+    """Raised inside a running job when a cancel was requested."""

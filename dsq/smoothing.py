@@ -1,0 +1,183 @@
+"""Randomized smoothing: CERTIFY and PREDICT of Cohen et al. (2019).
+
+Symbols, as in the paper:
+
+- f        the base classifier (here: classifier after a denoiser, f o D),
+           a module mapping images in [0, 1] to logits ``[B, K]``
+- g        the smoothed classifier g(x) = argmax_c P(f(x + delta) = c),
+           delta ~ N(0, sigma^2 I)
+- n0       selection samples: guess the top class cA
+- n        estimation samples: count nA votes for cA
+- alpha    failure probability of the certificate
+- p_lower  one-sided (1 - alpha) Clopper-Pearson lower bound on pA
+- R        certified L2 radius sigma * Phi^-1(p_lower); abstain (-1) if p_lower < 1/2
+
+The statistics (``lower_confidence_bound``, ``radius``, ``certify_counts``,
+``predict_counts``, ``sum_counts``) are pure functions of counts, so shards
+computed anywhere can be summed and the bound computed once per image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from scipy.stats import binomtest, norm
+from statsmodels.stats.proportion import proportion_confint
+
+from dsq import sampling
+from dsq.errors import InvalidArgument
+
+ABSTAIN = -1
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The outcome of CERTIFY for one image, ready to be stored."""
+
+    prediction: int
+    radius: float
+    p_lower: float
+    counts_selection: np.ndarray
+    counts_estimation: np.ndarray
+    n0: int
+    n: int
+    alpha: float
+    sigma: float
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction == ABSTAIN
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["counts_selection"] = [int(c) for c in self.counts_selection]
+        out["counts_estimation"] = [int(c) for c in self.counts_estimation]
+        return out
+
+
+def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on pA from nA of n votes.
+
+    A zero count gives 0.0 (never NaN).
+    """
+    if n_a <= 0:
+        return 0.0
+    return float(proportion_confint(n_a, n, alpha=2 * alpha, method="beta")[0])
+
+
+def radius(p_lower: float, sigma: float) -> float:
+    """R = sigma * Phi^-1(p_lower), 0.0 when the bound does not exceed 1/2."""
+    if p_lower <= 0.5:
+        return 0.0
+    return float(sigma * norm.ppf(p_lower))
+
+
+def certify_counts(counts_selection, counts_estimation, *, alpha: float, sigma: float) -> Certificate:
+    """CERTIFY from vote counts: cA from selection, nA from estimation.
+
+    Ties in the selection counts go to the lowest class index.
+    """
+    selection = np.asarray(counts_selection, dtype=np.int64)
+    estimation = np.asarray(counts_estimation, dtype=np.int64)
+    selection, estimation = _same_length(selection, estimation)
+    c_a = int(np.argmax(selection))
+    n = int(estimation.sum())
+    p_lower = lower_confidence_bound(int(estimation[c_a]), n, alpha)
+    prediction = c_a if p_lower >= 0.5 else ABSTAIN
+    return Certificate(
+        prediction=prediction,
+        radius=radius(p_lower, sigma) if prediction != ABSTAIN else 0.0,
+        p_lower=p_lower,
+        counts_selection=selection,
+        counts_estimation=estimation,
+        n0=int(selection.sum()),
+        n=n,
+        alpha=float(alpha),
+        sigma=float(sigma),
+    )
+
+
+def predict_counts(counts, *, alpha: float) -> int:
+    """PREDICT from vote counts: the top class if a two-sided binomial test
+    of its count against the runner-up rejects equality at level alpha."""
+    counts = np.asarray(counts, dtype=np.int64)
+    order = np.argsort(-counts, kind="stable")
+    n_a = int(counts[order[0]])
+    n_b = int(counts[order[1]]) if len(counts) > 1 else 0
+    if n_a + n_b == 0:
+        return ABSTAIN
+    p_value = binomtest(n_a, n_a + n_b, 0.5).pvalue
+    return int(order[0]) if p_value <= alpha else ABSTAIN
+
+
+def sum_counts(shard_counts: Iterable[Sequence[int]]) -> np.ndarray:
+    """Sum count vectors of shards (padding shorter vectors with zeros)."""
+    total = np.zeros(0, dtype=np.int64)
+    for counts in shard_counts:
+        total, counts = _same_length(total, np.asarray(counts, dtype=np.int64))
+        total = total + counts
+    return total
+
+
+def certify(model, x, *, sigma, n0, n, alpha, batch_size, seed, device=None, image=0) -> Certificate:
+    """CERTIFY (Cohen et al., Algorithm 'certify') for one image ``x`` of shape [C, H, W].
+
+    Selection and estimation samples come from independent streams derived from
+    (seed, image, phase, batch); the same arguments give the same certificate.
+    """
+    validate(sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size)
+    check_image(model, x, device)
+    common = dict(sigma=sigma, batch_size=batch_size, seed=seed, image=image, device=device)
+    selection = sampling.sample_phase(model, x, num=n0, phase=sampling.SELECTION, **common)
+    estimation = sampling.sample_phase(model, x, num=n, phase=sampling.ESTIMATION, **common)
+    return certify_counts(selection, estimation, alpha=alpha, sigma=sigma)
+
+
+def predict(model, x, *, sigma, n, alpha, batch_size, seed, device=None, image=0) -> int:
+    """PREDICT (Cohen et al.): the smoothed prediction, or -1 to abstain."""
+    validate(sigma=sigma, n0=1, n=n, alpha=alpha, batch_size=batch_size)
+    check_image(model, x, device)
+    counts = sampling.sample_phase(model, x, sigma=sigma, num=n, batch_size=batch_size, seed=seed,
+                                   image=image, phase=sampling.PREDICTION, device=device)
+    return predict_counts(counts, alpha=alpha)
+
+
+def validate(*, sigma, n0, n, alpha, batch_size) -> None:
+    """Raise InvalidArgument unless sigma > 0, n0, n, batch_size >= 1 and 0 < alpha < 1."""
+    if not _is_real(sigma) or not sigma > 0 or not math.isfinite(sigma):
+        raise InvalidArgument(f"sigma must be a finite number > 0, got {sigma!r}")
+    for name, value in (("n0", n0), ("n", n), ("batch size", batch_size)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
+    if not _is_real(alpha) or not 0 < alpha < 1:
+        raise InvalidArgument(f"alpha must be in (0, 1), got {alpha!r}")
+
+
+def check_image(model, x, device=None) -> int:
+    """Check that ``x`` is one [C, H, W] image the model accepts; return K (number of classes)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InvalidArgument(f"expected one image of shape [C, H, W], got {shape}")
+    device = torch.device(device) if device is not None else sampling.model_device(model)
+    with sampling.eval_mode(model), torch.inference_mode():
+        try:
+            logits = model(x.to(device)[None])
+        except RuntimeError as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InvalidArgument(f"the model cannot take an image of shape {tuple(x.shape)}: {first_line}") from None
+    if logits.dim() != 2 or logits.shape[0] != 1:
+        raise InvalidArgument(f"the model must return logits [B, K], got shape {tuple(logits.shape)}")
+    return int(logits.shape[1])
+
+
+def _same_length(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    size = max(len(a), len(b))
+    return np.pad(a, (0, size - len(a))), np.pad(b, (0, size - len(b)))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
