@@ -1,0 +1,204 @@
+"""Tests of dsq.datasets: the digits split, CIFAR-10 and image folders from tiny real files, test_subset."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsq import datasets
+from dsq.datasets import dataset_info, default_root, get_dataset, test_subset
+from dsq.errors import DatasetMissing, InvalidArgument, UnknownName
+
+CIFAR_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+# ---------------------------------------------------------------------------------------------- digits
+
+
+def test_digits_sizes_shape_range_and_labels():
+    train, test = get_dataset("digits", "train"), get_dataset("digits", "test")
+    assert (len(train), len(test)) == (1433, 364)
+    image, label = test[0]
+    assert image.shape == (1, 8, 8) and image.dtype == torch.float32
+    assert isinstance(label, int)
+    for split in (train, test):
+        images, labels = split.tensors
+        assert images.min() >= 0.0 and images.max() <= 1.0
+        assert images.max() == 1.0  # 16/16 occurs
+        assert sorted(labels.unique().tolist()) == list(range(10))
+    counts = np.bincount(test.tensors[1].numpy(), minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: about 20% of each class
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    train_idx = datasets.digits_split_indices("train")
+    test_idx = datasets.digits_split_indices("test")
+    assert not set(train_idx) & set(test_idx)
+    assert sorted(train_idx + test_idx) == list(range(1797))
+    assert test_idx == sorted(test_idx) and train_idx == sorted(train_idx)
+    # pinned: a change of the split would silently change every stored result
+    assert test_idx[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 35, 39]
+    assert sum(i * (k + 1) for k, i in enumerate(test_idx)) == 79170694
+    again = get_dataset("digits", "test")
+    assert torch.equal(again.tensors[0], get_dataset("digits", "test").tensors[0])
+
+
+def test_digits_info_uses_train_statistics():
+    info = dataset_info("digits")
+    assert (info.num_classes, info.shape) == (10, (1, 8, 8))
+    images = get_dataset("digits", "train").tensors[0].double()
+    assert info.mean[0] == pytest.approx(images.mean().item(), abs=1e-6)
+    assert info.std[0] == pytest.approx(images.std(unbiased=False).item(), abs=1e-6)
+
+
+def test_unknown_name_and_bad_split():
+    with pytest.raises(UnknownName, match="cifar10"):
+        get_dataset("mnist", "test")
+    with pytest.raises(InvalidArgument, match="'train' or 'test'"):
+        get_dataset("digits", "validation")
+    with pytest.raises(UnknownName):
+        dataset_info("mnist")
+
+
+# ---------------------------------------------------------------------------------------------- cifar10
+
+
+def _write_cifar(root, per_batch=3):
+    """The python-pickle CIFAR-10 layout torchvision reads, with ``per_batch`` random images per batch."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(per_batch, 3 * 32 * 32), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, 10, size=per_batch)]
+        batches[name] = (data, labels)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "data": data, "labels": labels}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CIFAR_LABELS, "num_cases_per_batch": per_batch}, f)
+    return batches
+
+
+def test_cifar10_loads_from_pickled_batches(tmp_path):
+    batches = _write_cifar(tmp_path)
+    test = get_dataset("cifar10", "test", root=str(tmp_path))
+    assert len(test) == 3
+    image, label = test[1]
+    data, labels = batches["test_batch"]
+    assert image.shape == (3, 32, 32) and label == labels[1]
+    expected = torch.tensor(data[1].reshape(3, 32, 32), dtype=torch.float32) / 255
+    assert torch.allclose(image, expected)
+    train = get_dataset("cifar10", "train", root=str(tmp_path))
+    assert len(train) == 15
+    x, _ = train[0]
+    assert x.shape == (3, 32, 32) and 0.0 <= x.min() and x.max() <= 1.0
+
+
+def test_cifar10_root_from_env_mapping(tmp_path):
+    _write_cifar(tmp_path / "cifar10")
+    env = {"DSQ_DATA": str(tmp_path)}
+    assert default_root("cifar10", env) == str(tmp_path / "cifar10")
+    assert default_root("cifar10", {}) is None
+    assert len(get_dataset("cifar10", "test", env=env)) == 3
+
+
+def test_cifar10_missing_folder_and_files(tmp_path):
+    with pytest.raises(DatasetMissing, match="CIFAR-10 not found under .*cifar-10-batches-py"):
+        get_dataset("cifar10", "test", root=str(tmp_path))
+    _write_cifar(tmp_path)
+    os.remove(tmp_path / "cifar-10-batches-py" / "data_batch_3")
+    with pytest.raises(DatasetMissing, match="missing: data_batch_3"):
+        get_dataset("cifar10", "test", root=str(tmp_path))
+    with pytest.raises(DatasetMissing, match="DSQ_DATA"):
+        get_dataset("cifar10", "test")
+
+
+def test_cifar10_unreadable_batch(tmp_path):
+    _write_cifar(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(DatasetMissing, match="unreadable"):
+        get_dataset("cifar10", "test", root=str(tmp_path))
+
+
+def test_cifar10_info():
+    info = dataset_info("cifar10")
+    assert info.shape == (3, 32, 32) and info.num_classes == 10
+    assert info.mean == (0.4914, 0.4822, 0.4465) and info.std == (0.2023, 0.1994, 0.2010)
+
+
+# ---------------------------------------------------------------------------------------------- image folders
+
+
+def _write_image_folder(folder, classes=("cat", "dog"), per_class=2, size=(300, 280)):
+    rng = np.random.default_rng(1)
+    for name in classes:
+        (folder / name).mkdir(parents=True)
+        for k in range(per_class):
+            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{k}.png")
+
+
+def test_imagenet_from_tiny_image_folder(tmp_path):
+    _write_image_folder(tmp_path / "train")
+    _write_image_folder(tmp_path / "val", per_class=1)
+    test = get_dataset("imagenet", "test", root=str(tmp_path))
+    assert len(test) == 2
+    image, label = test[1]
+    assert image.shape == (3, 224, 224) and label == 1
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    train = get_dataset("imagenet", "train", root=str(tmp_path))
+    assert len(train) == 4 and train[0][0].shape == (3, 224, 224)
+    assert dataset_info("imagenet").num_classes == 1000
+
+
+def test_imagenet_missing(tmp_path):
+    with pytest.raises(DatasetMissing, match="ImageNet not found"):
+        get_dataset("imagenet", "test", root=str(tmp_path))
+
+
+def test_folder_dataset_with_size_and_splits(tmp_path):
+    _write_image_folder(tmp_path / "pets", classes=("a", "b", "c"), per_class=1)
+    data = get_dataset(f"folder:{tmp_path / 'pets'}", "test", size=32)
+    assert len(data) == 3 and data[2][0].shape == (3, 32, 32) and data[2][1] == 2
+    assert get_dataset("folder", "train", root=str(tmp_path / "pets"))[0][0].shape == (3, 224, 224)
+    info = dataset_info(f"folder:{tmp_path / 'pets'}", size=32)
+    assert (info.num_classes, info.shape) == (3, (3, 32, 32))
+    _write_image_folder(tmp_path / "split" / "val", per_class=1)
+    _write_image_folder(tmp_path / "split" / "train", per_class=3)
+    assert len(get_dataset("folder", "test", root=str(tmp_path / "split"))) == 2
+    assert len(get_dataset("folder", "train", root=str(tmp_path / "split"))) == 6
+
+
+def test_folder_dataset_errors(tmp_path):
+    with pytest.raises(DatasetMissing, match="not found"):
+        get_dataset(f"folder:{tmp_path / 'nope'}", "test")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetMissing, match="no class subfolders"):
+        get_dataset(f"folder:{tmp_path / 'empty'}", "test")
+    (tmp_path / "empty" / "cls").mkdir()
+    with pytest.raises(DatasetMissing, match="no readable images"):
+        get_dataset(f"folder:{tmp_path / 'empty'}", "test")
+    with pytest.raises(InvalidArgument, match="size"):
+        get_dataset(f"folder:{tmp_path}", "test", size=0)
+
+
+# ---------------------------------------------------------------------------------------------- test_subset
+
+
+def test_test_subset_every_skip_at_most_max():
+    data = list(range(10))
+    assert test_subset(data) == list(range(10))
+    assert test_subset(data, skip=3) == [0, 3, 6, 9]
+    assert test_subset(data, skip=3, max=2) == [0, 3]
+    assert test_subset(data, skip=20) == [0]
+    assert test_subset(get_dataset("digits", "test"), skip=100) == [0, 100, 200, 300]
+
+
+@pytest.mark.parametrize("kwargs", [{"skip": 0}, {"skip": -1}, {"max": 0}, {"skip": 1.5}, {"max": -1}])
+def test_test_subset_rejects_bad_arguments(kwargs):
+    with pytest.raises(InvalidArgument):
+        test_subset(range(5), **kwargs)

@@ -1,0 +1,147 @@
+"""Tests of dsq.report on hand-made rows with known answers."""
+
+import csv
+import io
+import json
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from dsq import report
+from dsq.errors import InvalidArgument
+
+
+def row(i, label, prediction, radius, seconds=1.5, **extra):
+    return {"image_index": i, "label": label, "prediction": prediction, "radius": radius, "seconds": seconds, **extra}
+
+
+# 10 images: 6 correct (radii 0.0, 0.1, 0.3, 0.5, 0.9, 1.6), 2 abstain, 2 wrong with large radii
+ROWS = [
+    row(0, 3, 3, 0.3),
+    row(1, 7, -1, 0.0),
+    row(2, 4, 4, 0.5),
+    row(3, 7, 7, 0.9),
+    row(4, 8, 1, 1.2),  # wrong, certified: never counts
+    row(5, 4, -1, 0.0),
+    row(6, 8, 8, 0.1),
+    row(7, 6, 6, 1.6),
+    row(8, 2, 5, 0.7),  # wrong
+    row(9, 1, 1, 0.0),  # correct at radius exactly 0 (p_lower = 0.5): counts at r = 0 only
+]
+
+
+def test_certified_accuracy_known_answers():
+    radii = [0.0, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0]
+    assert report.certified_accuracy(ROWS, radii) == [0.6, 0.5, 0.4, 0.3, 0.1, 0.1, 0.0]
+    assert report.clean_accuracy(ROWS) == 0.6
+
+
+def test_abstain_and_stored_correct():
+    # a stored correct flag is kept (API jobs), except that an abstain is never correct
+    rows = [row(0, -1, -1, 0.0, correct=True), row(1, 2, 3, 0.4, correct=1), row(2, 2, 2, 0.4, correct=False)]
+    assert report.certified_accuracy(rows, [0.0]) == [pytest.approx(1 / 3)]
+    assert [r.correct for r in report.as_results(rows)] == [False, True, False]
+
+
+def test_rows_as_objects_and_dicts_agree():
+    objects = [SimpleNamespace(**r) for r in ROWS]
+    assert report.certified_accuracy(objects, report.DEFAULT_RADII) == report.certified_accuracy(
+        ROWS, report.DEFAULT_RADII
+    )
+    with pytest.raises(InvalidArgument, match="'radius'"):
+        report.certified_accuracy([{"image_index": 0, "label": 1, "prediction": 1}], [0.0])
+    with pytest.raises(InvalidArgument, match="no certified images"):
+        report.certified_accuracy([], [0.0])
+
+
+def test_parse_radii():
+    assert report.parse_radii("0.25, 0.5,1") == [0.25, 0.5, 1.0]
+    assert report.parse_radii("1,0,0.5,1") == [0.0, 0.5, 1.0]
+    assert report.DEFAULT_RADII == (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+    for bad in ["", "0.25,,0.5", "a,b", "0.5,-0.25", "nan", "inf", "0.25;0.5"]:
+        with pytest.raises(InvalidArgument):
+            report.parse_radii(bad)
+
+
+def test_envelope_picks_best_job_per_radius():
+    small = [row(0, 1, 1, 0.3), row(1, 2, 2, 0.3), row(2, 3, 3, 0.1), row(3, 4, 4, 0.0)]  # sharp, accurate
+    large = [row(0, 1, 1, 1.2), row(1, 2, -1, 0.0), row(2, 3, 9, 0.5), row(3, 4, 4, 0.8)]  # wide, less accurate
+    env = report.envelope([("sigma=0.12", small), ("sigma=0.50", large)], [0.0, 0.25, 0.5, 1.0])
+    assert env.accuracy == [1.0, 0.5, 0.5, 0.25]
+    assert env.best == ["sigma=0.12", "sigma=0.12", "sigma=0.50", "sigma=0.50"]  # tie at 0.25: first job
+    assert env.clean == [1.0, 1.0, 0.5, 0.5]
+    accuracy, best, _ = env  # a plain tuple too
+    assert accuracy == env.accuracy
+    cells = report.envelope_row([("a", small), ("b", large)], [0.0, 1.0], decimals=0)
+    assert cells == ["envelope", "100 (100)", "25 (50)"]
+    with pytest.raises(InvalidArgument, match="job b"):
+        report.envelope([("a", small), ("b", [])], [0.0])
+
+
+def test_compare_table_cells_and_render():
+    jobs = [("mse", ROWS), ("stab", [row(0, 1, 1, 0.6), row(1, 2, 2, 0.2)])]
+    header = report.compare_header([0.0, 0.5])
+    table = report.compare_table(jobs, [0.0, 0.5])
+    assert header == ["job", "r = 0", "r = 0.5"]
+    assert table == [["mse", "60.0 (60.0)", "30.0 (60.0)"], ["stab", "100.0 (100.0)", "50.0 (100.0)"]]
+    with_base = report.compare_table(jobs, [0.5], clean={"mse": 0.75}, decimals=0)
+    assert with_base == [["mse", "30 (75)"], ["stab", "50 (100)"]]
+    console = Console(file=io.StringIO(), width=120)
+    console.print(report.render_table(header, table, title="digits"))
+    text = console.file.getvalue()
+    assert "digits" in text and "r = 0.5" in text and "30.0 (60.0)" in text
+
+
+def test_tsv_is_cohen_certify_log_format():
+    rows = [row(20, 7, -1, 0.0, seconds=15.6), row(0, 3, 3, 0.37812345, seconds=15.4), row(40, 4, 4, 0.0831234)]
+    lines = report.to_tsv(rows).splitlines()
+    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+    assert lines[1] == "0\t3\t3\t0.378\t1\t0:00:15.400000"
+    assert lines[2] == "20\t7\t-1\t0.0\t0\t0:00:15.600000"
+    assert lines[3] == "40\t4\t4\t0.0831\t1\t0:00:01.500000"
+    assert len(lines) == 4 and report.to_tsv(rows).endswith("\n")
+
+
+def test_csv_round_trip_keeps_full_precision():
+    rows = ROWS + [row(10, 0, 0, 0.123456789012345)]
+    parsed = list(csv.DictReader(io.StringIO(report.to_csv(rows))))
+    assert list(parsed[0]) == list(report.RESULT_FIELDS)
+    assert [int(p["image_index"]) for p in parsed] == list(range(11))
+    assert float(parsed[10]["radius"]) == 0.123456789012345
+    assert report.certified_accuracy(parsed, [0.0, 0.5]) == report.certified_accuracy(rows, [0.0, 0.5])
+    assert [p["correct"] for p in parsed[:3]] == ["1", "0", "1"]
+
+
+def test_json_round_trip_and_extra_fields():
+    rows = [row(1, 2, 2, 0.5, p_lower=0.9, counts=[0, 0, 100]), row(0, 1, -1, 0.0, p_lower=0.3, counts=[40, 60])]
+    items = json.loads(report.to_json(rows, extra_fields=("p_lower", "counts")))
+    assert items[0] == {
+        "image_index": 0, "label": 1, "prediction": -1, "radius": 0.0, "correct": False, "seconds": 1.5,
+        "p_lower": 0.3, "counts": [40, 60],
+    }
+    assert report.certified_accuracy(items, [0.0, 0.5]) == [0.5, 0.5]
+    parsed = list(csv.DictReader(io.StringIO(report.to_csv(rows, extra_fields=("counts",)))))
+    assert json.loads(parsed[1]["counts"]) == [0, 0, 100]
+
+
+def test_curve_is_exact_step_function():
+    radii, accuracy = report.curve(ROWS, 2.0)
+    assert radii == [0.0, 0.1, 0.3, 0.5, 0.9, 1.6, 2.0]
+    assert accuracy == [0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]
+
+
+def test_plot_curves_writes_png(tmp_path):
+    path = tmp_path / "curves.png"
+    jobs = [("sigma=0.25", ROWS), ("sigma=0.50", [row(0, 1, 1, 1.1), row(1, 2, -1, 0.0)])]
+    report.plot_curves(jobs, str(path), title="digits")
+    assert path.stat().st_size > 1000
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 100
+    report.plot_curves(jobs[:1], str(tmp_path / "short.png"), max_radius=0.5)
+    assert (tmp_path / "short.png").stat().st_size > 1000
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        report.plot_curves(jobs, str(tmp_path / "missing" / "x.png"))
+    with pytest.raises(InvalidArgument, match="no certified images"):
+        report.plot_curves([("empty", [])], str(path))
