@@ -1,0 +1,210 @@
+"""Tables of the job system (SQLAlchemy 2 declarative).
+
+``jobs`` holds one row per submitted job and its lifecycle, ``work_units`` is the
+task queue a runner works through, ``results`` holds one certificate per image,
+``artifacts`` the checkpoints jobs produce, and ``job_logs`` what a job said.
+
+Every timestamp is a timezone-aware UTC ``datetime`` on the Python side, whatever
+the database stores (SQLite has no time zones).  Every change to these classes
+needs a new revision under ``migrations/versions``; ``tests/test_db.py`` checks
+that models and migrations agree.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+JOB_KINDS = ("train", "certify", "certify_api")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
+WORK_UNIT_STATUSES = ("pending", "running", "done", "failed")
+ARTIFACT_KINDS = ("denoiser", "classifier")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Deterministic constraint names, so migrations can refer to them (SQLite batch mode needs names).
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A ``DateTime(timezone=True)`` that always hands back aware UTC datetimes.
+
+    Naive datetimes are refused on the way in: they are ambiguous, and SQLite
+    would silently drop any offset.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware one")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _job_fk(ondelete: str = "CASCADE") -> ForeignKey:
+    return ForeignKey("jobs.id", ondelete=ondelete)
+
+
+class Job(Base):
+    """A submitted job: its validated spec, where it stands, and who drives it."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str | None] = mapped_column(String(200))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    progress_done: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    progress_total: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    error: Mapped[str | None] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    runner: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id}, kind={self.kind!r}, status={self.status!r})"
+
+
+class WorkUnit(Base):
+    """One unit of a job's work (an image, or a shard of its samples): the task queue."""
+
+    __tablename__ = "work_units"
+    __table_args__ = (
+        UniqueConstraint("job_id", "key"),
+        Index(None, "job_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, _job_fk())
+    key: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"WorkUnit(job_id={self.job_id}, key={self.key!r}, status={self.status!r})"
+
+
+class Result(Base):
+    """One image's certificate: counts, lower bound, radius and where it was computed."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("job_id", "image_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, _job_fk())
+    image_index: Mapped[int] = mapped_column(Integer)
+    label: Mapped[int | None] = mapped_column(Integer)
+    prediction: Mapped[int] = mapped_column(Integer)  # -1 = abstain
+    radius: Mapped[float] = mapped_column(Double)
+    correct: Mapped[bool] = mapped_column(Boolean)
+    p_lower: Mapped[float] = mapped_column(Double)
+    counts_selection: Mapped[list[int]] = mapped_column(JSON)
+    counts_estimation: Mapped[list[int]] = mapped_column(JSON)
+    n0: Mapped[int] = mapped_column(Integer)
+    n: Mapped[int] = mapped_column(Integer)
+    alpha: Mapped[float] = mapped_column(Double)
+    sigma: Mapped[float] = mapped_column(Double)
+    seconds: Mapped[float] = mapped_column(Double)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    device: Mapped[str | None] = mapped_column(String(100))
+    extra: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    def __repr__(self) -> str:
+        return (
+            f"Result(job_id={self.job_id}, image_index={self.image_index}, "
+            f"prediction={self.prediction}, radius={self.radius!r})"
+        )
+
+
+class Artifact(Base):
+    """A file a job produced (a trained denoiser...), with its checksum and metrics."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int | None] = mapped_column(Integer, _job_fk("SET NULL"))
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(32))
+    location: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"Artifact(id={self.id}, job_id={self.job_id}, name={self.name!r})"
+
+
+class JobLog(Base):
+    """One line a job logged."""
+
+    __tablename__ = "job_logs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, _job_fk(), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    level: Mapped[str] = mapped_column(String(16), default="info")
+    message: Mapped[str] = mapped_column(Text)
+
+    def __repr__(self) -> str:
+        return f"JobLog(job_id={self.job_id}, level={self.level!r}, message={self.message!r})"

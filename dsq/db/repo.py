@@ -1,0 +1,291 @@
+"""Every read and write of the job tables.
+
+Each function takes a ``Session`` first and never commits: the caller owns the
+transaction (see ``dsq.db.session.session_scope``).  Ray may run a task twice,
+so writes of results, work units and artifacts are upserts keyed by identity
+(``INSERT ... ON CONFLICT DO UPDATE`` on SQLite and PostgreSQL): the second
+write leaves one row holding the latest values.  Job state changes are single
+``UPDATE ... RETURNING`` statements, so concurrent writers never lose each
+other's columns.  Functions that stamp a time take ``now`` (default: the clock).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from dsq.db.models import (
+    ARTIFACT_KINDS,
+    FINISHED_STATUSES,
+    JOB_KINDS,
+    LOG_LEVELS,
+    WORK_UNIT_STATUSES,
+    Artifact,
+    Base,
+    Job,
+    JobLog,
+    Result,
+    WorkUnit,
+    utcnow,
+)
+from dsq.errors import InvalidArgument, JobNotFound, JobStateError, UnknownName
+
+M = TypeVar("M", bound=Base)
+
+_RESULT_FIELDS = frozenset(Result.__table__.columns.keys()) - {"id", "job_id", "image_index", "created_at"}
+_RESULT_REQUIRED = frozenset(name for name in _RESULT_FIELDS if not Result.__table__.columns[name].nullable)
+_REFRESH = {"populate_existing": True}
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _check_choice(what: str, value: str, choices: Iterable[str]) -> None:
+    if value not in choices:
+        raise InvalidArgument(f"unknown {what} {value!r}: expected one of {', '.join(choices)}")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy/torch scalars and arrays turned into Python ints, floats and lists."""
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _plain(value.tolist())
+    return value
+
+
+def _upsert(s: Session, model: type[M], identity: dict[str, Any], insert: dict, update_: dict) -> M:
+    """Insert a row of ``model`` keyed by ``identity``, or update the existing one; return it."""
+    dialect = s.get_bind().dialect.name
+    if dialect == "sqlite":
+        stmt = sqlite.insert(model)
+    elif dialect == "postgresql":
+        stmt = postgresql.insert(model)
+    else:
+        raise NotImplementedError(f"upserts are not implemented for {dialect}")
+    stmt = stmt.values(**identity, **insert).on_conflict_do_update(index_elements=list(identity), set_=update_)
+    return s.scalars(stmt.returning(model), execution_options=_REFRESH).one()
+
+
+def _update_job(s: Session, job_id: int, *conditions: Any, **values: Any) -> Job | None:
+    """UPDATE one job (if ``conditions`` hold) and return it fresh, or None if nothing matched."""
+    stmt = update(Job).where(Job.id == job_id, *conditions).values(**values).returning(Job)
+    return s.scalars(stmt, execution_options=_REFRESH).one_or_none()
+
+
+def _job_status(s: Session, job_id: int) -> str:
+    status = s.scalar(select(Job.status).where(Job.id == job_id))
+    if status is None:
+        raise JobNotFound(f"no job with id {job_id}")
+    return status
+
+
+def _require_job(job: Job | None, job_id: int) -> Job:
+    if job is None:
+        raise JobNotFound(f"no job with id {job_id}")
+    return job
+
+
+# -- jobs ------------------------------------------------------------------------------
+
+
+def create_job(
+    s: Session, *, kind: str, spec: dict[str, Any], seed: int, name: str | None = None, total: int = 0
+) -> Job:
+    """Add a queued job and return it (its ``id`` is set)."""
+    _check_choice("job kind", kind, JOB_KINDS)
+    job = Job(
+        kind=kind, name=name, spec=_plain(spec), seed=int(seed), status="queued", cancel_requested=False,
+        progress_done=0, progress_total=int(total), attempts=0, created_at=utcnow(),
+    )
+    s.add(job)
+    s.flush()
+    return job
+
+
+def get_job(s: Session, job_id: int) -> Job:
+    """The job with this id; raises ``JobNotFound``."""
+    return _require_job(s.get(Job, job_id), job_id)
+
+
+def list_jobs(s: Session, limit: int = 50, status: str | None = None) -> list[Job]:
+    """The newest jobs first, optionally only those in one status."""
+    stmt: Select = select(Job).order_by(Job.id.desc()).limit(limit)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    return list(s.scalars(stmt))
+
+
+def mark_running(s: Session, job_id: int, runner: str, *, now: datetime | None = None) -> Job:
+    """A runner starts (or restarts) the job: one more attempt, fresh start and heartbeat."""
+    now = now or utcnow()
+    job = _update_job(
+        s, job_id, status="running", runner=runner, attempts=Job.attempts + 1, started_at=now,
+        heartbeat_at=now, finished_at=None, error=None, traceback=None,
+    )
+    return _require_job(job, job_id)
+
+
+def mark_finished(
+    s: Session, job_id: int, status: str, error: str | None = None, traceback: str | None = None,
+    *, now: datetime | None = None,
+) -> Job:
+    """The job ended as ``succeeded``, ``failed`` or ``cancelled``."""
+    _check_choice("final job status", status, FINISHED_STATUSES)
+    now = now or utcnow()
+    job = _update_job(
+        s, job_id, status=status, error=error, traceback=traceback, finished_at=now, heartbeat_at=now
+    )
+    return _require_job(job, job_id)
+
+
+def mark_queued(s: Session, job_id: int) -> Job:
+    """Put a job back in the queue (resume/retry): clears the cancel request and the last error."""
+    job = _update_job(
+        s, job_id, status="queued", cancel_requested=False, runner=None, error=None, traceback=None,
+        finished_at=None,
+    )
+    return _require_job(job, job_id)
+
+
+def set_progress(s: Session, job_id: int, done: int, total: int | None = None) -> Job:
+    values = {"progress_done": int(done)}
+    if total is not None:
+        values["progress_total"] = int(total)
+    return _require_job(_update_job(s, job_id, **values), job_id)
+
+
+def heartbeat(s: Session, job_id: int, *, now: datetime | None = None) -> Job:
+    return _require_job(_update_job(s, job_id, heartbeat_at=now or utcnow()), job_id)
+
+
+def request_cancel(s: Session, job_id: int) -> Job:
+    """Ask the job to stop; raises ``JobStateError`` if it already finished."""
+    job = _update_job(s, job_id, Job.status.not_in(FINISHED_STATUSES), cancel_requested=True)
+    if job is None:
+        status = _job_status(s, job_id)
+        raise JobStateError(f"job {job_id} is already {status}: nothing to cancel")
+    return job
+
+
+def is_cancel_requested(s: Session, job_id: int) -> bool:
+    """Read fresh from the database (not from objects the session already holds)."""
+    requested = s.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    if requested is None:
+        raise JobNotFound(f"no job with id {job_id}")
+    return bool(requested)
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+def upsert_result(s: Session, job_id: int, image_index: int, **fields: Any) -> Result:
+    """Store one image's certificate; storing it again replaces it with the new values.
+
+    ``fields`` are ``Result`` columns: prediction, radius, correct, p_lower,
+    counts_selection, counts_estimation, n0, n, alpha, sigma, seconds (required) and
+    label, worker, device, extra (optional).  numpy values are accepted.
+    """
+    unknown, missing = set(fields) - _RESULT_FIELDS, _RESULT_REQUIRED - set(fields)
+    if unknown or missing:
+        raise TypeError(f"upsert_result(): unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+    values = {name: _plain(value) for name, value in fields.items()}
+    identity = {"job_id": job_id, "image_index": int(image_index)}
+    return _upsert(s, Result, identity, {**values, "created_at": utcnow()}, values)
+
+
+def results_for_job(s: Session, job_id: int) -> list[Result]:
+    return list(s.scalars(select(Result).where(Result.job_id == job_id).order_by(Result.image_index)))
+
+
+def done_image_indices(s: Session, job_id: int) -> set[int]:
+    return set(s.scalars(select(Result.image_index).where(Result.job_id == job_id)))
+
+
+# -- work units ------------------------------------------------------------------------
+
+
+def upsert_work_unit(
+    s: Session, job_id: int, key: str, *, status: str, worker: str | None = None,
+    error: str | None = None, now: datetime | None = None,
+) -> WorkUnit:
+    """Record a unit's state; each upsert with ``status="running"`` counts one more attempt."""
+    _check_choice("work unit status", status, WORK_UNIT_STATUSES)
+    started = 1 if status == "running" else 0
+    values = {"status": status, "worker": worker, "error": error, "updated_at": now or utcnow()}
+    update_ = {**values, "attempts": WorkUnit.attempts + started}
+    return _upsert(s, WorkUnit, {"job_id": job_id, "key": key}, {**values, "attempts": started}, update_)
+
+
+def work_units(s: Session, job_id: int, status: str | None = None) -> list[WorkUnit]:
+    stmt = select(WorkUnit).where(WorkUnit.job_id == job_id).order_by(WorkUnit.id)
+    if status is not None:
+        stmt = stmt.where(WorkUnit.status == status)
+    return list(s.scalars(stmt))
+
+
+# -- artifacts -------------------------------------------------------------------------
+
+
+def upsert_artifact(
+    s: Session, *, job_id: int | None, name: str, kind: str, location: str, sha256: str,
+    spec: dict[str, Any], metrics: dict[str, Any],
+) -> Artifact:
+    """Record a file a job produced, keyed by (job_id, name); ``job_id=None`` for imported ones."""
+    _check_choice("artifact kind", kind, ARTIFACT_KINDS)
+    values = {
+        "kind": kind, "location": str(location), "sha256": sha256, "spec": _plain(spec),
+        "metrics": _plain(metrics),
+    }
+    if job_id is None:  # NULLs never conflict in a unique constraint: look the row up instead
+        return _upsert_unowned_artifact(s, name, values)
+    return _upsert(s, Artifact, {"job_id": job_id, "name": name}, {**values, "created_at": utcnow()}, values)
+
+
+def _upsert_unowned_artifact(s: Session, name: str, values: dict[str, Any]) -> Artifact:
+    stmt = select(Artifact).where(Artifact.job_id.is_(None), Artifact.name == name).with_for_update()
+    artifact = s.scalars(stmt).first()
+    if artifact is None:
+        artifact = Artifact(job_id=None, name=name, created_at=utcnow(), **values)
+        s.add(artifact)
+    else:
+        for column, value in values.items():
+            setattr(artifact, column, value)
+    s.flush()
+    return artifact
+
+
+def get_artifact(s: Session, artifact_id: int) -> Artifact:
+    """The artifact with this id; raises ``UnknownName``."""
+    artifact = s.get(Artifact, artifact_id)
+    if artifact is None:
+        raise UnknownName(f"no artifact with id {artifact_id}")
+    return artifact
+
+
+def artifacts_for_job(s: Session, job_id: int) -> list[Artifact]:
+    return list(s.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id)))
+
+
+# -- logs ------------------------------------------------------------------------------
+
+
+def add_log(s: Session, job_id: int, message: str, level: str = "info", *, now: datetime | None = None) -> JobLog:
+    _check_choice("log level", level, LOG_LEVELS)
+    log = JobLog(job_id=job_id, message=message, level=level, created_at=now or utcnow())
+    s.add(log)
+    s.flush()
+    return log
+
+
+def logs_for_job(s: Session, job_id: int, after_id: int = 0) -> list[JobLog]:
+    """The job's log lines in order; ``after_id`` skips those already shown (to follow a log)."""
+    stmt = select(JobLog).where(JobLog.job_id == job_id, JobLog.id > after_id).order_by(JobLog.id)
+    return list(s.scalars(stmt))

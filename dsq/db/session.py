@@ -1,0 +1,205 @@
+"""Engines, sessions and schema upgrades.
+
+Nothing here runs at import time: an engine exists only once ``make_engine`` or
+``open_database`` is called with a URL, and the URL comes from the caller
+(``default_database_url`` reads an environment mapping it is given).
+
+SQLite files are opened in WAL mode with a 30 s busy timeout and foreign keys on,
+so several processes (Ray workers, the CLI) can write the same file.  The sqlite3
+driver's own transaction handling is kept on purpose: it begins a transaction
+only at the first write, so a writer waits on the busy timeout instead of failing
+with "database is locked" when another process committed since its last read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, exc, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from dsq.errors import DatabaseUnreachable
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 5
+# Any constant: serializes concurrent schema upgrades on one PostgreSQL database.
+_PG_UPGRADE_LOCK = 0x647371
+
+
+def default_database_url(home: Path | None = None, env: Mapping[str, str] | None = None) -> str:
+    """``DSQ_DATABASE_URL`` if set, else ``sqlite:///<home>/dsq.db``.
+
+    ``home`` defaults to ``DSQ_HOME``, then ``~/.dsq``.  ``env`` defaults to
+    ``os.environ``, read when called.
+    """
+    env = os.environ if env is None else env
+    if env.get("DSQ_DATABASE_URL"):
+        return env["DSQ_DATABASE_URL"]
+    if home is None:
+        home = Path(env.get("DSQ_HOME") or "~/.dsq")
+    return f"sqlite:///{Path(home).expanduser() / 'dsq.db'}"
+
+
+def mask_url(url: str | URL) -> str:
+    """The URL as text with its password replaced by ``***``, even if it does not parse."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        head, at, host = str(url).rpartition("@")
+        scheme, slashes, userinfo = head.rpartition("://")
+        if not at or ":" not in userinfo:
+            return str(url)
+        return f"{scheme}{slashes}{userinfo.split(':', 1)[0]}:***@{host}"
+
+
+def make_engine(url: str | URL, *, check: bool = True) -> Engine:
+    """An engine for a SQLite or PostgreSQL URL, connected once to check it works.
+
+    Raises ``DatabaseUnreachable`` (one line, password masked) when the URL is
+    malformed or unsupported, or the database cannot be reached.
+    """
+    shown = mask_url(url)  # as the user wrote it, without the password
+    parsed = _parse_url(url, shown)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        engine = _sqlite_engine(parsed, shown)
+    elif backend == "postgresql":
+        engine = _postgresql_engine(parsed, shown)
+    else:
+        raise DatabaseUnreachable(f"unsupported database URL {shown}: use sqlite:///PATH or postgresql://...")
+    if check:
+        _check_connection(engine, shown)
+    return engine
+
+
+def _parse_url(url: str | URL, shown: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise DatabaseUnreachable(f"malformed database URL {shown}") from None
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _sqlite_engine(url: URL, shown: str) -> Engine:
+    database = url.database or ""
+    if database in ("", ":memory:"):
+        engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    else:
+        path = Path(database).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DatabaseUnreachable(f"cannot create {path.parent} for {shown}: {err}") from None
+        timeout_s = SQLITE_BUSY_TIMEOUT_MS / 1000
+        engine = create_engine(url.set(database=str(path)), connect_args={"timeout": timeout_s})
+    event.listen(engine, "connect", _configure_sqlite_connection)
+    return engine
+
+
+def _configure_sqlite_connection(dbapi_connection, connection_record) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _postgresql_engine(url: URL, shown: str) -> Engine:
+    try:
+        return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
+    except Exception as err:  # missing driver, bad query arguments...
+        raise DatabaseUnreachable(f"cannot use database {shown}: {_one_line(err)}") from None
+
+
+def _check_connection(engine: Engine, shown: str) -> None:
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except exc.SQLAlchemyError as err:
+        engine.dispose()
+        reason = _one_line(getattr(err, "orig", None) or err)
+        if engine.url.password:
+            reason = reason.replace(str(engine.url.password), "***")
+        raise DatabaseUnreachable(f"cannot reach database {shown}: {reason}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session whose transaction commits when the block ends and rolls back on error.
+
+    Objects stay readable after the commit (``expire_on_commit=False``).
+    """
+    session = sessionmaker(engine, expire_on_commit=False)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic configuration for ``migrations/``, sharing ``connection`` if given."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("path_separator", "os")
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(engine_or_url: Engine | str, revision: str = "head") -> None:
+    """Upgrade the schema to ``revision`` (Alembic ``upgrade``), safe to run concurrently."""
+    engine = make_engine(engine_or_url) if isinstance(engine_or_url, (str, URL)) else engine_or_url
+    with engine.begin() as connection:
+        _lock_for_upgrade(connection)
+        command.upgrade(alembic_config(connection), revision)
+
+
+def _lock_for_upgrade(connection: Connection) -> None:
+    """Hold the database's write lock so two first uses do not both create the tables."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    elif connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_UPGRADE_LOCK})
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at (None for an empty database)."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def head_revision() -> str | None:
+    """The newest revision under ``migrations/``."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def open_database(url: str | URL) -> Engine:
+    """An engine for ``url`` whose schema is upgraded to the newest revision."""
+    engine = make_engine(url)
+    if current_revision(engine) != head_revision():
+        upgrade(engine)
+    return engine
