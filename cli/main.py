@@ -1,0 +1,30 @@
+"""The ``dsq`` command: submit jobs, follow them, query their results."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import typer
+
+from cli import db, demo, jobs, results, submit
+from dsq.settings import Settings
+
+app = typer.Typer(help="dsq: certified robustness for any image classifier by denoised smoothing, as Ray jobs.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+@app.callback()
+def main(ctx: typer.Context,
+         database: Optional[str] = typer.Option(None, "--db", help="Database URL (default: $DSQ_DATABASE_URL, "
+                                                "else sqlite:///$DSQ_HOME/dsq.db, DSQ_HOME=~/.dsq)."),
+         address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: "
+                                               "$RAY_ADDRESS, else a local Ray in this process).")):
+    ctx.obj = Settings.from_env(os.environ, db=database, address=address)
+
+
+app.add_typer(submit.app, name="submit")
+app.add_typer(db.app, name="db")
+jobs.register(app)
+results.register(app)
+demo.register(app)

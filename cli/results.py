@@ -1,0 +1,56 @@
+"""``dsq results|compare``: certified accuracy tables, per-image rows and curves."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from cli import common
+from dsq import jobs, report
+from dsq.db.session import session_scope
+from dsq.errors import InvalidArgument
+
+FORMATS = ("table", "csv", "json", "tsv")
+RADII_HELP = "Comma-separated radii (L2, [0,1] pixel units)."
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(results)
+    app.command()(compare)
+
+
+def results(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
+            radii: str = typer.Option(",".join(map(str, report.DEFAULT_RADII)), help=RADII_HELP),
+            format: str = typer.Option("table", "--format", help="table, csv, json or tsv (Cohen et al.'s log).")):
+    """Certified accuracy of one job (table) or its per-image results (csv, json, tsv)."""
+    with common.boundary():
+        if format not in FORMATS:
+            raise InvalidArgument(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+        radius_list = report.parse_radii(radii)
+        engine = common.database(common.settings(ctx))
+        with session_scope(engine) as session:
+            [(label, rows)] = jobs.labelled_results(session, [job])
+        if format != "table":
+            text = {"csv": report.to_csv, "json": report.to_json, "tsv": report.to_tsv}[format](rows)
+            typer.echo(text, nl=not text.endswith("\n"))
+            return
+        table = report.compare_table([(label, rows)], radius_list)
+        common.console.print(report.render_table(report.compare_header(radius_list), table,
+                                                 title=f"{label}: certified accuracy % (clean), {len(rows)} images"))
+
+
+def compare(ctx: typer.Context, job_ids: List[int] = typer.Argument(..., help="Job ids."),
+            radii: str = typer.Option(",".join(map(str, report.DEFAULT_RADII)), help=RADII_HELP),
+            envelope: bool = typer.Option(False, help="Add the best job per radius (e.g. across sigma)."),
+            plot: Optional[str] = typer.Option(None, help="Write certification curves to this PNG.")):
+    """Certified accuracy per radius, one row per job, clean accuracy in parentheses."""
+    with common.boundary():
+        radius_list = report.parse_radii(radii)
+        engine = common.database(common.settings(ctx))
+        with session_scope(engine) as session:
+            labelled = jobs.labelled_results(session, job_ids)
+        common.console.print(jobs.comparison(labelled, radius_list, envelope=envelope))
+        if plot:
+            report.plot_curves(labelled, plot, title="certified accuracy")
+            common.console.print(f"curves written to {plot}")

@@ -1,0 +1,50 @@
+"""Connecting to Ray and sizing actors for the cluster at hand."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from dsq.errors import ClusterUnreachable
+
+NAMESPACE = "dsq"
+
+
+def connect(address: str | None, *, num_cpus: int | None = None) -> None:
+    """Join the cluster at ``address``, or start a local Ray in this process."""
+    if ray.is_initialized():
+        return
+    try:
+        if address:
+            ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE,
+                     logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        where = address or "a local Ray"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ClusterUnreachable(f"cannot reach Ray at {where}: {first}") from None
+
+
+def has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def actor_options(workers: int) -> tuple[dict, int]:
+    """Ray options for one of ``workers`` compute actors, and its torch thread count.
+
+    With GPUs each actor takes one GPU. On CPUs the actors share the cluster's
+    CPUs as fractions (never whole CPUs that could starve other tasks), and each
+    gets an equal share of intra-op threads.
+    """
+    if has_gpus():
+        return {"num_gpus": 1, "num_cpus": 0}, 1
+    cpus = ray.cluster_resources().get("CPU", 1)
+    share = max(0.01, min(0.5, round(cpus * 0.5 / workers, 2)))
+    threads = max(1, int(cpus // workers))
+    return {"num_cpus": share}, threads
+
+
+def device_for(gpu: bool) -> str:
+    return "cuda" if gpu else "cpu"

@@ -1,0 +1,203 @@
+"""The job runner: drives one job on Ray and writes its results to the database.
+
+Locally it runs in the CLI process; on a cluster it runs inside a detached
+``JobRunner`` actor so the CLI can disconnect. Either way the database is the
+source of truth: images already stored are skipped, so a resumed job does only
+what is missing.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import ray
+
+from dsq import datasets, jobs, sampling, smoothing
+from dsq.db import repo
+from dsq.db.session import make_engine, session_scope
+from dsq.errors import DsqError, JobCancelled
+from dsq.settings import Settings
+from workers import resources
+from workers.sampler import SamplerActor
+from workers.trainer import TrainerActor
+
+Progress = Callable[[int, int], None]
+POLL_SECONDS = 0.5
+TASKS_PER_ACTOR = 2
+
+
+def run_job(settings: Settings, job_id: int, *, runner: str = "local", on_progress: Progress | None = None) -> str:
+    """Run a queued job to its end; return its final status."""
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(engine) as session:
+            spec = jobs.load_spec(session, job_id)
+            repo.mark_running(session, job_id, runner)
+            repo.add_log(session, job_id, f"running on {runner}")
+        status, error, trace = "succeeded", None, None
+        try:
+            if spec.kind == "train":
+                _run_training(engine, settings, job_id, on_progress)
+            elif spec.kind == "certify_api":
+                from workers import api_runner
+
+                api_runner.run(engine, settings, job_id, spec, on_progress)
+            else:
+                _run_certify(engine, settings, job_id, spec, on_progress)
+        except (JobCancelled, KeyboardInterrupt):
+            status = "cancelled"
+        except DsqError as failure:
+            status, error = "failed", str(failure)
+        except Exception as failure:  # noqa: BLE001 - a job keeps any failure with its traceback
+            status, error, trace = "failed", f"{type(failure).__name__}: {failure}", traceback.format_exc()
+        with session_scope(engine) as session:
+            repo.mark_finished(session, job_id, status, error=error, traceback=trace)
+            repo.add_log(session, job_id, status + (f": {error}" if error else ""), level="error" if error else "info")
+        return status
+    finally:
+        engine.dispose()
+
+
+def _run_training(engine, settings: Settings, job_id: int, on_progress: Progress | None) -> None:
+    options, threads = resources.actor_options(1)
+    gpu = "num_gpus" in options
+    actor = TrainerActor.options(**options).remote(settings, threads, resources.device_for(gpu))
+    try:
+        pending = actor.train.remote(job_id)
+        while not ray.wait([pending], timeout=POLL_SECONDS)[0]:
+            jobs.check_cancel(engine, job_id)
+            _report(engine, job_id, on_progress)
+        ray.get(pending)
+        _report(engine, job_id, on_progress)
+    finally:
+        ray.kill(actor)
+
+
+def _report(engine, job_id: int, on_progress: Progress | None) -> None:
+    if on_progress:
+        with session_scope(engine) as session:
+            job = repo.get_job(session, job_id)
+            on_progress(job.progress_done, job.progress_total)
+
+
+@dataclass
+class ImageState:
+    index: int
+    label: int
+    x: object
+    shards_left: int
+    started: float = field(default_factory=time.perf_counter)
+    counts: dict = field(default_factory=lambda: collections.defaultdict(list))
+    workers: set = field(default_factory=set)
+
+
+def _run_certify(engine, settings: Settings, job_id: int, spec, on_progress: Progress | None) -> None:
+    with session_scope(engine) as session:
+        paths = [jobs.resolve_reference(session, spec.classifier),
+                 jobs.resolve_reference(session, spec.denoiser) if spec.denoiser else None]
+        done = repo.done_image_indices(session, job_id)
+    dataset = datasets.get_dataset(spec.dataset, spec.split, root=spec.data_root or settings.data_root)
+    plan = jobs.image_plan(spec, dataset)
+    todo = collections.deque(i for i in plan if i not in done)
+    options, threads = resources.actor_options(spec.workers)
+    device = resources.device_for("num_gpus" in options)
+    actors = [SamplerActor.options(**options).remote(*paths, threads, device) for _ in range(spec.workers)]
+    try:
+        CertifyLoop(engine, job_id, spec, dataset, actors, len(plan) - len(todo), len(plan), on_progress).run(todo)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+class CertifyLoop:
+    """Streams shards of several images over the actors and stores each image once complete."""
+
+    def __init__(self, engine, job_id, spec, dataset, actors, done, total, on_progress):
+        self.engine, self.job_id, self.spec, self.dataset = engine, job_id, spec, dataset
+        self.actors, self.done, self.total, self.on_progress = actors, done, total, on_progress
+        self.queue: collections.deque = collections.deque()
+        self.in_flight: dict = {}
+        self.load = [0] * len(actors)
+        self.images: dict[int, ImageState] = {}
+        self.last_check = 0.0
+
+    def run(self, todo: collections.deque) -> None:
+        while todo or self.queue or self.in_flight:
+            while todo and len(self.queue) < TASKS_PER_ACTOR * len(self.actors):
+                self._open(todo.popleft())
+            self._dispatch()
+            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=POLL_SECONDS)
+            for ref in ready:
+                self._collect(ref)
+            if time.monotonic() - self.last_check > POLL_SECONDS:
+                jobs.check_cancel(self.engine, self.job_id)
+                self.last_check = time.monotonic()
+
+    def _open(self, index: int) -> None:
+        x, label = self.dataset[index]
+        spec = self.spec
+        shards = (sampling.plan_shards(spec.n0, spec.batch_size, len(self.actors), sampling.SELECTION)
+                  + sampling.plan_shards(spec.n, spec.batch_size, len(self.actors), sampling.ESTIMATION))
+        self.images[index] = ImageState(index, int(label), ray.put(x), len(shards))
+        with session_scope(self.engine) as session:
+            repo.upsert_work_unit(session, self.job_id, f"image:{index}", status="running")
+        self.queue.extend((index, shard) for shard in shards)
+
+    def _dispatch(self) -> None:
+        while self.queue and min(self.load) < TASKS_PER_ACTOR:
+            slot = int(np.argmin(self.load))
+            index, shard = self.queue.popleft()
+            state, spec = self.images[index], self.spec
+            ref = self.actors[slot].counts.remote(
+                state.x, sigma=spec.sigma, start=shard.start, count=shard.count, batch_size=spec.batch_size,
+                seed=spec.seed, image=index, phase=shard.phase)
+            self.in_flight[ref] = (index, shard.phase, slot)
+            self.load[slot] += 1
+
+    def _collect(self, ref) -> None:
+        index, phase, slot = self.in_flight.pop(ref)
+        self.load[slot] -= 1
+        reply = ray.get(ref)
+        state = self.images[index]
+        state.counts[phase].append(reply["counts"])
+        state.workers.add(reply["worker"])
+        state.shards_left -= 1
+        if state.shards_left == 0:
+            self._finish(self.images.pop(index), reply["device"])
+
+    def _finish(self, state: ImageState, device: str) -> None:
+        spec = self.spec
+        cert = smoothing.certify_counts(smoothing.sum_counts(state.counts[sampling.SELECTION]),
+                                        smoothing.sum_counts(state.counts[sampling.ESTIMATION]),
+                                        alpha=spec.alpha, sigma=spec.sigma)
+        self.done += 1
+        with session_scope(self.engine) as session:
+            jobs.record_certificate(session, self.job_id, state.index, state.label, cert,
+                                    seconds=time.perf_counter() - state.started,
+                                    worker=",".join(sorted(state.workers)), device=device)
+            repo.set_progress(session, self.job_id, self.done, self.total)
+            repo.heartbeat(session, self.job_id)
+        if self.on_progress:
+            self.on_progress(self.done, self.total)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class JobRunner:
+    """Detached driver of one job on a cluster."""
+
+    def run(self, settings: Settings, job_id: int) -> str:
+        try:
+            return run_job(settings, job_id, runner=f"ray:{ray.get_runtime_context().get_actor_id()[:8]}")
+        finally:
+            ray.actor.exit_actor()
+
+
+def start_detached(settings: Settings, job_id: int) -> None:
+    """Start a job on the connected cluster and return at once."""
+    runner = JobRunner.options(name=f"dsq-job-{job_id}", lifetime="detached", get_if_exists=False).remote()
+    runner.run.remote(settings, job_id)

@@ -1,0 +1,30 @@
+"""SamplerActor: holds f o D once and turns shards of samples into vote counts."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import ray
+import torch
+
+from dsq import jobs, sampling
+
+
+@ray.remote(max_restarts=3, max_task_retries=3)
+class SamplerActor:
+    """Loads the pipeline from its checkpoints once; each call is one shard."""
+
+    def __init__(self, classifier_path: str, denoiser_path: str | None, threads: int, device: str = "cpu"):
+        torch.set_num_threads(threads)
+        self.device = device
+        self.model = jobs.load_pipeline(classifier_path, denoiser_path, device)
+        self.name = f"{socket.gethostname()}:{ray.get_runtime_context().get_actor_id()[:8]}"
+
+    def counts(self, x, *, sigma, start, count, batch_size, seed, image, phase) -> dict:
+        started = time.perf_counter()
+        counts = sampling.sample_counts(self.model, x, sigma=sigma, start=start, count=count,
+                                        batch_size=batch_size, seed=seed, image=image, phase=phase,
+                                        device=self.device)
+        return {"counts": counts, "seconds": time.perf_counter() - started,
+                "worker": self.name, "device": self.device}
