@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from sqlalchemy.orm import Session
 
-from dsq import checkpoints, datasets, report, specs, training
+from dsq import checkpoints, datasets, report, smoothing, specs, training
 from dsq.db import repo
 from dsq.db.session import session_scope
 from dsq.errors import CheckpointError, JobCancelled, JobStateError
@@ -43,12 +43,19 @@ def check_spec(session: Session, spec, settings: Settings) -> int:
         from dsq.apis import jobs as api_jobs
 
         return api_jobs.check_spec(session, spec, settings)
-    for reference in spec.references():
-        checkpoints.load_checkpoint(resolve_reference(session, reference))
+    paths = {r: resolve_reference(session, r) for r in spec.references()}
+    models = {r: checkpoints.load_checkpoint(p)[0] for r, p in paths.items()}
     root = spec.data_root or settings.data_root
     dataset = datasets.get_dataset(spec.dataset, spec.split if spec.kind == "certify" else "train", root=root)
+    x = dataset[0][0]
     if spec.kind == "train":
+        for reference in spec.classifiers:
+            smoothing.check_image(models[reference], x)
         return spec.epochs
+    pipeline = models[spec.classifier]
+    if spec.denoiser:
+        pipeline = torch.nn.Sequential(models[spec.denoiser], pipeline)
+    smoothing.check_image(pipeline, x)
     return len(image_plan(spec, dataset))
 
 

@@ -123,3 +123,31 @@ def engine(db_url: str) -> Iterator[Engine]:
     engine = open_database(db_url)
     yield engine
     engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------
+# Ray: one real local Ray for the whole session (starting one takes seconds), on
+# loopback, token auth off for every driver and node the tests start.
+# ---------------------------------------------------------------------------------------
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, namespace="dsq", logging_level="ERROR",
+                 _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def settings(tmp_path: Path):
+    """dsq settings with a fresh home folder and SQLite database."""
+    from dsq.settings import Settings
+
+    home = tmp_path / "dsq-home"
+    return Settings(database_url=f"sqlite:///{home / 'dsq.db'}", home=home)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 
@@ -15,16 +16,31 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address``, or start a local Ray in this process."""
     if ray.is_initialized():
         return
+    if address:
+        check_reachable(address)
     try:
         if address:
             ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE,
-                     logging_level="ERROR", log_to_driver=False)
+                     logging_level="ERROR", log_to_driver=False, _node_ip_address="127.0.0.1")
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = address or "a local Ray"
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ClusterUnreachable(f"cannot reach Ray at {where}: {first}") from None
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast (Ray itself retries for minutes) when ``host:port`` does not accept connections."""
+    target = address.split("://", 1)[-1]
+    if target in ("auto", "local") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as error:
+        raise ClusterUnreachable(f"cannot reach Ray at {address}: {error}") from None
 
 
 def has_gpus() -> bool:

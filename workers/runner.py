@@ -52,7 +52,7 @@ def run_job(settings: Settings, job_id: int, *, runner: str = "local", on_progre
         except (JobCancelled, KeyboardInterrupt):
             status = "cancelled"
         except DsqError as failure:
-            status, error = "failed", str(failure)
+            status, error, trace = "failed", str(failure), traceback.format_exc()
         except Exception as failure:  # noqa: BLE001 - a job keeps any failure with its traceback
             status, error, trace = "failed", f"{type(failure).__name__}: {failure}", traceback.format_exc()
         with session_scope(engine) as session:

@@ -1,0 +1,197 @@
+"""The job system on a real local Ray and a real SQLite file: train, certify, shard, cancel, resume, fail."""
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+
+from dsq import datasets, jobs, smoothing, specs
+from dsq.db import repo
+from dsq.db.session import open_database, session_scope
+from dsq.errors import CheckpointError, InvalidArgument, JobStateError
+from dsq.settings import Settings
+from workers import runner
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A database with a trained digits classifier (job 1) and MSE denoiser (job 2)."""
+    home = tmp_path_factory.mktemp("jobs-home")
+    config = Settings(database_url=f"sqlite:///{home / 'dsq.db'}", home=home)
+    engine = open_database(config.database_url)
+    f = run(config, engine, specs.TrainSpec(dataset="digits", target="classifier", arch="small_cnn",
+                                            objective="standard", sigma=0.0, epochs=2, batch_size=64, name="f"))
+    d = run(config, engine, specs.TrainSpec(dataset="digits", target="denoiser", arch="dncnn", objective="mse",
+                                            sigma=0.25, epochs=1, batch_size=64, arch_kwargs={"depth": 3, "width": 8}))
+    yield config, engine, f, d
+    engine.dispose()
+
+
+def submit(config, engine, spec) -> int:
+    with session_scope(engine) as session:
+        return jobs.submit(session, spec, config).id
+
+
+def run(config, engine, spec) -> int:
+    job_id = submit(config, engine, spec)
+    assert runner.run_job(config, job_id) == "succeeded", job_logs(engine, job_id)
+    return job_id
+
+
+def job_logs(engine, job_id):
+    with session_scope(engine) as session:
+        job = repo.get_job(session, job_id)
+        return job.error, job.traceback
+
+
+def certify_spec(f, d=None, **overrides):
+    args = dict(dataset="digits", classifier=f"job:{f}", denoiser=f"job:{d}" if d else None, sigma=0.25,
+                n0=30, n=300, alpha=0.001, batch_size=50, max_images=6, seed=5)
+    return specs.CertifySpec(**(args | overrides))
+
+
+def rows_of(engine, job_id):
+    with session_scope(engine) as session:
+        return [(r.image_index, r.prediction, r.radius, r.counts_selection, r.counts_estimation)
+                for r in repo.results_for_job(session, job_id)]
+
+
+def test_training_job_stores_a_self_describing_checkpoint(world):
+    config, engine, f, d = world
+    with session_scope(engine) as session:
+        [artifact] = repo.artifacts_for_job(session, f)
+        job = repo.get_job(session, f)
+        assert job.status == "succeeded" and job.progress_done == job.progress_total == 2
+        assert artifact.kind == "classifier" and artifact.metrics["clean_accuracy"] > 0.5
+    from dsq import checkpoints
+    _, meta = checkpoints.load_checkpoint(artifact.location)
+    assert meta["sha256"] == artifact.sha256 and meta["training_spec"]["name"] == "f"
+
+
+def test_counts_and_radii_do_not_depend_on_worker_count(world):
+    config, engine, f, d = world
+    one = run(config, engine, certify_spec(f, d, workers=1))
+    three = run(config, engine, certify_spec(f, d, workers=3))
+    assert rows_of(engine, one) == rows_of(engine, three)
+    assert len(rows_of(engine, one)) == 6
+
+
+def test_job_equals_in_process_certify(world):
+    """The sharded job reproduces dsq.smoothing.certify on the same image and seed."""
+    config, engine, f, d = world
+    job = run(config, engine, certify_spec(f, d, workers=2, max_images=2))
+    with session_scope(engine) as session:
+        pipeline = jobs.load_pipeline(jobs.resolve_reference(session, f"job:{f}"),
+                                      jobs.resolve_reference(session, f"job:{d}"), "cpu")
+    test_set = datasets.get_dataset("digits", "test")
+    for index, prediction, radius, selection, estimation in rows_of(engine, job):
+        cert = smoothing.certify(pipeline, test_set[index][0], sigma=0.25, n0=30, n=300, alpha=0.001,
+                                 batch_size=50, seed=5, image=index)
+        assert (cert.prediction, cert.radius) == (prediction, radius)
+        assert list(cert.counts_estimation) == estimation and list(cert.counts_selection) == selection
+
+
+def run_in_thread(config, job_id):
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(status=runner.run_job(config, job_id)))
+    thread.start()
+    return thread, outcome
+
+
+def wait_for_results(engine, job_id, at_least, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope(engine) as session:
+            if len(repo.done_image_indices(session, job_id)) >= at_least:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} stored fewer than {at_least} results in {timeout} s")
+
+
+def test_cancel_stops_within_seconds_then_resume_completes_without_duplicates(world):
+    config, engine, f, d = world
+    spec = certify_spec(f, d, max_images=40, n=2000, batch_size=100, workers=2)
+    job_id = submit(config, engine, spec)
+    thread, outcome = run_in_thread(config, job_id)
+    wait_for_results(engine, job_id, 2)
+    with session_scope(engine) as session:
+        jobs.cancel(session, job_id)
+    asked = time.monotonic()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and time.monotonic() - asked < 10
+    assert outcome["status"] == "cancelled"
+    before = rows_of(engine, job_id)
+    assert 2 <= len(before) < 40
+    with session_scope(engine) as session:
+        stored_ids = {r.image_index: r.id for r in repo.results_for_job(session, job_id)}
+        jobs.check_resumable(session, job_id)
+        jobs.reopen(session, job_id)
+    assert runner.run_job(config, job_id) == "succeeded"
+    after = rows_of(engine, job_id)
+    assert len(after) == 40 and len({r[0] for r in after}) == 40
+    assert [r for r in after if r[0] in stored_ids] == before  # stored rows untouched
+    with session_scope(engine) as session:
+        assert {r.image_index: r.id for r in repo.results_for_job(session, job_id) if r.image_index in stored_ids} == stored_ids
+
+
+def test_resume_refuses_a_live_runner_and_accepts_a_dead_one(world):
+    config, engine, f, d = world
+    job_id = submit(config, engine, certify_spec(f, max_images=1))
+    now = datetime.now(timezone.utc)
+    with session_scope(engine) as session:
+        repo.mark_running(session, job_id, "somewhere", now=now)
+        with pytest.raises(JobStateError, match="is running"):
+            jobs.check_resumable(session, job_id, now=now + timedelta(seconds=5))
+        jobs.check_resumable(session, job_id, now=now + timedelta(minutes=5))  # heartbeat stale: runner died
+        jobs.reopen(session, job_id)
+    assert runner.run_job(config, job_id) == "succeeded"
+    with session_scope(engine) as session:
+        with pytest.raises(JobStateError, match="already succeeded"):
+            jobs.check_resumable(session, job_id)
+        with pytest.raises(JobStateError):
+            jobs.cancel(session, job_id)
+
+
+def test_failed_job_keeps_error_and_traceback(world, tmp_path):
+    config, engine, f, d = world
+    with session_scope(engine) as session:
+        path = jobs.resolve_reference(session, f"job:{f}")
+    copy = tmp_path / "f.pt"
+    copy.write_bytes(open(path, "rb").read())
+    job_id = submit(config, engine, certify_spec(f, max_images=1, classifier=str(copy)))
+    copy.write_bytes(b"not a checkpoint")
+    assert runner.run_job(config, job_id) == "failed"
+    error, trace = job_logs(engine, job_id)
+    assert "checkpoint" in error.lower() and "Traceback" in trace
+
+
+def test_submit_rejects_bad_references_and_writes_nothing(world, tmp_path):
+    config, engine, f, d = world
+    with session_scope(engine) as session:
+        before = len(repo.list_jobs(session, limit=1000))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    cases = [(certify_spec(f, denoiser=str(tmp_path / "missing.pt")), CheckpointError),
+             (certify_spec(f, denoiser=str(bad)), CheckpointError),
+             (certify_spec(d), InvalidArgument),  # a denoiser used as classifier: no [B, K] logits
+             (certify_spec(f, denoiser=f"job:{f}"), InvalidArgument)]
+    for spec, error in cases:
+        with pytest.raises(error):
+            with session_scope(engine) as session:
+                jobs.submit(session, spec, config)
+    with session_scope(engine) as session:
+        assert len(repo.list_jobs(session, limit=1000)) == before
+
+
+def test_work_units_track_images(world):
+    config, engine, f, d = world
+    job_id = run(config, engine, certify_spec(f, max_images=3))
+    with session_scope(engine) as session:
+        units = repo.work_units(session, job_id)
+    assert sorted(u.key for u in units) == ["image:0", "image:1", "image:2"]
+    assert all(u.status == "done" and u.attempts == 1 for u in units)
+    assert np.isfinite([r[2] for r in rows_of(engine, job_id)]).all()
