@@ -18,8 +18,9 @@ from dsq.db.session import open_database, session_scope
 from dsq.errors import DsqError
 from dsq.settings import Settings
 
-console = Console()
-errors = Console(stderr=True)
+# Piped or captured output is never cut to a terminal's 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 

@@ -49,6 +49,7 @@ def check_spec(session: Session, spec, settings: Settings) -> int:
     dataset = datasets.get_dataset(spec.dataset, spec.split if spec.kind == "certify" else "train", root=root)
     x = dataset[0][0]
     if spec.kind == "train":
+        training.build_model(spec, datasets.dataset_info(spec.dataset, root=root))  # architecture and arguments
         for reference in spec.classifiers:
             smoothing.check_image(models[reference], x)
         return spec.epochs

@@ -10,6 +10,7 @@ A spec is everything needed to (re)run a job; it is stored in the jobs table, so
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,12 @@ from dsq.errors import InvalidArgument, UnknownName
 TARGETS = ("denoiser", "classifier")
 OPTIMIZERS = ("adam", "sgd")
 REFERENCE = re.compile(r"^job:\d+$")
+OPTIMIZER_NUMBERS = {  # name: (accepts the value, the rule in words)
+    "lr": (lambda v: v > 0, "> 0"),
+    "lr_gamma": (lambda v: v > 0, "> 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+}
 
 
 @dataclass(frozen=True)
@@ -49,25 +56,34 @@ class TrainSpec:
     kind: str = "train"
 
     def __post_init__(self):
-        object.__setattr__(self, "surrogates", tuple(self.surrogates))
+        _check_kind(self, "train")
+        object.__setattr__(self, "surrogates", _references_tuple("surrogates", self.surrogates))
+        if not isinstance(self.arch_kwargs, dict) or not all(isinstance(k, str) for k in self.arch_kwargs):
+            raise InvalidArgument(f"arch_kwargs must be a dict of argument names to values, got {self.arch_kwargs!r}")
         _check_choice("target", self.target, TARGETS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         allowed = objectives.DENOISER_OBJECTIVES if self.target == "denoiser" else objectives.CLASSIFIER_OBJECTIVES
         if self.objective not in allowed:
             raise UnknownName(f"unknown {self.target} objective {self.objective!r}; expected one of {', '.join(allowed)}")
-        _check_sigma(self.sigma, allow_zero=self.objective in ("standard",))
+        _check_sigma(self.sigma, allow_zero=self.objective == "standard")
         for name in ("epochs", "batch_size", "lr_step"):
             _check_positive_int(name, getattr(self, name))
-        if not self.lr > 0:
-            raise InvalidArgument(f"lr must be > 0, got {self.lr!r}")
+        _check_seed(self.seed)
+        self._check_optimizer_numbers()
         self._check_models()
 
+    def _check_optimizer_numbers(self):
+        for name, (ok, rule) in OPTIMIZER_NUMBERS.items():
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or not ok(value):
+                raise InvalidArgument(f"{name} must be a finite number {rule}, got {value!r}")
+
     def _check_models(self):
+        if self.classifier and self.surrogates:
+            raise InvalidArgument("give either --classifier (white-box) or --surrogate (black-box), not both")
         if self.target == "denoiser" and self.objective in objectives.NEEDS_CLASSIFIER:
             if not self.classifier and not self.surrogates:
                 raise InvalidArgument(f"objective {self.objective!r} needs --classifier (white-box) or --surrogate (black-box)")
-            if self.classifier and self.surrogates:
-                raise InvalidArgument("give either --classifier (white-box) or --surrogate (black-box), not both")
         if self.objective == "stab_mse" and not self.init:
             raise InvalidArgument("objective 'stab_mse' fine-tunes an MSE denoiser: give --init CHECKPOINT")
 
@@ -105,10 +121,12 @@ class CertifySpec:
     kind: str = "certify"
 
     def __post_init__(self):
+        _check_kind(self, "certify")
         smoothing.validate(sigma=self.sigma, n0=self.n0, n=self.n, alpha=self.alpha, batch_size=self.batch_size)
         _check_choice("split", self.split, ("train", "test"))
         _check_positive_int("skip", self.skip)
         _check_positive_int("workers", self.workers)
+        _check_seed(self.seed)
         if self.max_images is not None:
             _check_positive_int("max images", self.max_images)
 
@@ -124,15 +142,20 @@ SPECS = {"train": TrainSpec, "certify": CertifySpec}
 
 def from_dict(data: dict[str, Any]):
     """Rebuild (and so re-validate) a spec from its JSON form."""
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"a job spec must be a JSON object, got {type(data).__name__}")
     kind = data.get("kind")
     if kind not in SPECS:
         raise UnknownName(f"unknown job kind {kind!r}; expected one of {', '.join(SPECS)}")
-    cls = SPECS[kind]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - known
+    fields = dataclasses.fields(SPECS[kind])
+    unknown = set(data) - {f.name for f in fields}
     if unknown:
         raise InvalidArgument(f"unknown field(s) in {kind} spec: {', '.join(sorted(unknown))}")
-    return cls(**data)
+    missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise InvalidArgument(f"{kind} spec lacks required field(s): {', '.join(missing)}")
+    return SPECS[kind](**data)
 
 
 def is_job_reference(reference: str) -> bool:
@@ -150,8 +173,32 @@ def _check_choice(name, value, choices):
 
 
 def _check_sigma(sigma, *, allow_zero: bool):
-    if not isinstance(sigma, (int, float)) or sigma < 0 or (sigma == 0 and not allow_zero):
-        raise InvalidArgument(f"sigma must be > 0, got {sigma!r}")
+    """sigma must be a finite number > 0 (>= 0 for a standard classifier, trained without noise)."""
+    if not _is_real(sigma) or not math.isfinite(sigma) or sigma < 0:
+        raise InvalidArgument(f"sigma must be a finite number >= 0, got {sigma!r}")
+    if sigma == 0 and not allow_zero:
+        raise InvalidArgument("sigma must be > 0 (sigma 0 is only for a 'standard' classifier), got 0")
+
+
+def _check_seed(seed):
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise InvalidArgument(f"seed must be an integer, got {seed!r}")
+
+
+def _check_kind(spec, kind: str):
+    if spec.kind != kind:
+        raise InvalidArgument(f"a {type(spec).__name__} has kind {kind!r}, got {spec.kind!r}")
+
+
+def _references_tuple(name: str, references) -> tuple[str, ...]:
+    """A list of model references as a tuple; a lone string is refused (it is not a list of names)."""
+    if not isinstance(references, (list, tuple)) or not all(isinstance(r, str) and r for r in references):
+        raise InvalidArgument(f"{name} must be a list of checkpoint paths or job:ID references, got {references!r}")
+    return tuple(references)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_positive_int(name, value):

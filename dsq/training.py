@@ -1,13 +1,16 @@
 """The training loop: denoisers against frozen classifiers, and classifiers.
 
-Deterministic: model initialization, data order and noise each come from a
-generator seeded by (spec seed, purpose, epoch), never from global RNG state.
+Deterministic: model initialization, data order, noise and data augmentation
+each come from a generator seeded by (spec seed, purpose, epoch), never from
+global RNG state; the caller's global RNG state is left as it was.
 Progress is reported through a callback ``on_progress(done, total, metrics)``
 so the caller (a Ray trainer, the CLI) decides how to show it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import time
 from typing import Callable, Sequence
@@ -19,20 +22,33 @@ from torch.utils.data import DataLoader, Dataset
 from dsq import classifiers as classifier_registry
 from dsq import denoisers as denoiser_registry
 from dsq import objectives
+from dsq.errors import InvalidArgument
 from dsq.specs import TrainSpec
 
 Progress = Callable[[int, int, dict], None]
 
 
 def seeded(seed: int, purpose: str, epoch: int = 0) -> int:
+    """A 63-bit seed derived from (spec seed, purpose, epoch) alone."""
     key = f"dsq-train/{seed}/{purpose}/{epoch}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
+@contextlib.contextmanager
+def private_cpu_rng(seed: int):
+    """Run a block with the global CPU RNG seeded to ``seed``; restore the caller's state after.
+
+    For what draws from the global generator by design: weight initialisers and the
+    datasets' augmentation transforms (random crops and flips).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
 def build_model(spec: TrainSpec, info) -> nn.Module:
     """A freshly initialised model for the spec, seeded by the spec's seed."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seeded(spec.seed, "init"))
+    with private_cpu_rng(seeded(spec.seed, "init")):
         if spec.target == "denoiser":
             return denoiser_registry.build_denoiser(spec.arch, info.channels, **spec.arch_kwargs)
         return classifier_registry.build_classifier(
@@ -41,6 +57,7 @@ def build_model(spec: TrainSpec, info) -> nn.Module:
 
 
 def make_optimizer(spec: TrainSpec, parameters):
+    """The spec's optimizer and its step learning-rate schedule (stepped once per epoch)."""
     if spec.optimizer == "sgd":
         optimizer = torch.optim.SGD(parameters, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     else:
@@ -54,10 +71,13 @@ def train(spec: TrainSpec, train_set: Dataset, test_set: Dataset, info, *,
     """Train the model a spec describes; return it (in eval mode) and its metrics.
 
     ``classifiers`` are the frozen target (white-box) or surrogates (black-box);
-    ``init`` is the MSE denoiser that ``stab_mse`` fine-tunes.
+    ``init`` is the MSE denoiser that ``stab_mse`` fine-tunes (a copy is trained;
+    ``init`` itself is left unchanged).
     """
+    if spec.objective == "stab_mse" and init is None:
+        raise InvalidArgument("objective 'stab_mse' fine-tunes an MSE denoiser: pass it as init")
     device = torch.device(device)
-    model = (init if init is not None else build_model(spec, info)).to(device)
+    model = (copy.deepcopy(init) if init is not None else build_model(spec, info)).to(device)
     frozen = [objectives.freeze(c.to(device)) for c in classifiers]
     if spec.target == "denoiser":
         loss_fn = objectives.denoiser_loss(spec.objective, model, spec.sigma, frozen)
@@ -79,54 +99,89 @@ def fit(model, loss_fn, train_set, spec: TrainSpec, device, on_progress: Progres
     for epoch in range(spec.epochs):
         model.train()
         noise.manual_seed(seeded(spec.seed, "noise", epoch))
-        total, batches = 0.0, 0
-        for x, y in _loader(train_set, spec, epoch):
-            loss = loss_fn(x.to(device), y.to(device), noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, batches = total + float(loss.detach()), batches + 1
+        with private_cpu_rng(seeded(spec.seed, "augment", epoch)):
+            mean_loss = _epoch(model, loss_fn, optimizer, _loader(train_set, spec, epoch), device, noise)
         scheduler.step()
-        mean_loss = total / max(batches, 1)
         if on_progress:
             on_progress(epoch + 1, spec.epochs, {"epoch": epoch + 1, "loss": mean_loss})
     return mean_loss
 
 
-def evaluate(spec: TrainSpec, model, classifiers, test_set, device) -> dict:
-    """Test metrics: accuracy on clean and noisy images (of f o D for a denoiser)."""
+def _epoch(model, loss_fn, optimizer, loader, device, noise) -> float:
+    """One pass over the training data; return the mean batch loss."""
+    total, batches = 0.0, 0
+    for x, y in loader:
+        loss = loss_fn(x.to(device), y.to(device), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, batches = total + float(loss.detach()), batches + 1
+    return total / max(batches, 1)
+
+
+def evaluate(spec: TrainSpec, model, classifiers, test_set, device, batch_size: int = 256) -> dict:
+    """Test metrics: accuracy on clean and noisy images (of f o D for a denoiser), and D's MSE.
+
+    Streams the test set in batches (it may not fit in memory at once); the noise comes
+    from one generator seeded by the spec, drawn batch after batch in dataset order.
+    """
     noise = torch.Generator(device=device).manual_seed(seeded(spec.seed, "eval"))
-    sigma = spec.sigma
-    if spec.target == "classifier":
-        pipeline = model
-    else:
-        pipeline = nn.Sequential(model, classifiers[0]) if classifiers else None
-    metrics = {}
+    denoiser = model.eval() if spec.target == "denoiser" else None
+    pipeline = _pipeline(spec, model, classifiers)
+    sums = {"test_mse": 0.0, "clean_accuracy": 0, "noisy_accuracy": 0}
+    images = pixels = 0
     with torch.inference_mode():
-        x, y = _all(test_set, device)
-        noisy = objectives.noisy(x, sigma, noise)
-        if spec.target == "denoiser":
-            metrics["test_mse"] = float(((model(noisy) - x) ** 2).mean())
-        if pipeline is not None:
-            metrics["clean_accuracy"] = accuracy(pipeline, x, y)
-            if sigma > 0:
-                metrics["noisy_accuracy"] = accuracy(pipeline, noisy, y)
+        for x, y in _batches(test_set, batch_size):
+            x, y = x.to(device), y.to(device)
+            noisy = objectives.noisy(x, spec.sigma, noise)
+            if denoiser is not None:
+                sums["test_mse"] += float(((denoiser(noisy) - x) ** 2).sum())
+            if pipeline is not None:
+                sums["clean_accuracy"] += _correct(pipeline, x, y)
+                sums["noisy_accuracy"] += _correct(pipeline, noisy, y)
+            images, pixels = images + len(x), pixels + x.numel()
+    return _metrics(sums, images, pixels, has_mse=denoiser is not None,
+                    has_accuracy=pipeline is not None, noisy=spec.sigma > 0)
+
+
+def _pipeline(spec: TrainSpec, model, classifiers) -> nn.Module | None:
+    """What evaluate measures accuracy of: the classifier, or f o D with the first classifier (none: None)."""
+    if spec.target == "classifier":
+        return model
+    return nn.Sequential(model, classifiers[0]) if classifiers else None
+
+
+def _metrics(sums: dict, images: int, pixels: int, *, has_mse: bool, has_accuracy: bool, noisy: bool) -> dict:
+    """Turn evaluate's running sums into means (only the metrics that apply)."""
+    metrics = {}
+    if has_mse:
+        metrics["test_mse"] = sums["test_mse"] / max(pixels, 1)
+    if has_accuracy:
+        metrics["clean_accuracy"] = sums["clean_accuracy"] / max(images, 1)
+        if noisy:
+            metrics["noisy_accuracy"] = sums["noisy_accuracy"] / max(images, 1)
     return metrics
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    model.eval()
-    with torch.inference_mode():
-        correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                      for i in range(0, len(x), batch_size))
+    """Fraction of images ``x`` that ``model`` (put in eval mode) labels ``y``."""
+    correct = sum(_correct(model, x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size))
     return correct / max(len(x), 1)
 
 
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """How many of the images ``x`` the model, in eval mode, labels ``y``."""
+    model.eval()
+    with torch.inference_mode():
+        return int((model(x).argmax(1) == y).sum())
+
+
 def _loader(dataset, spec: TrainSpec, epoch: int) -> DataLoader:
+    """The epoch's shuffled training batches, in an order seeded by (spec seed, epoch)."""
     order = torch.Generator().manual_seed(seeded(spec.seed, "order", epoch))
     return DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, generator=order, drop_last=False)
 
 
-def _all(dataset, device) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
-    return torch.stack(xs).to(device), torch.as_tensor(ys).to(device)
+def _batches(dataset, batch_size: int) -> DataLoader:
+    """The dataset in order, in batches; its own generator keeps the global RNG untouched."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())

@@ -14,10 +14,10 @@ NAMESPACE = "dsq"
 
 def connect(address: str | None, *, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address``, or start a local Ray in this process."""
-    if ray.is_initialized():
-        return
     if address:
         check_reachable(address)
+    if ray.is_initialized():
+        return
     try:
         if address:
             ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)

@@ -49,18 +49,35 @@ def run_job(settings: Settings, job_id: int, *, runner: str = "local", on_progre
                 api_runner.run(engine, settings, job_id, spec, on_progress)
             else:
                 _run_certify(engine, settings, job_id, spec, on_progress)
-        except (JobCancelled, KeyboardInterrupt):
-            status = "cancelled"
-        except DsqError as failure:
-            status, error, trace = "failed", str(failure), traceback.format_exc()
         except Exception as failure:  # noqa: BLE001 - a job keeps any failure with its traceback
-            status, error, trace = "failed", f"{type(failure).__name__}: {failure}", traceback.format_exc()
+            status, error = _outcome(failure), _message(failure)
+            trace = traceback.format_exc() if error else None
+        except KeyboardInterrupt:
+            status = "cancelled"
         with session_scope(engine) as session:
             repo.mark_finished(session, job_id, status, error=error, traceback=trace)
             repo.add_log(session, job_id, status + (f": {error}" if error else ""), level="error" if error else "info")
         return status
     finally:
         engine.dispose()
+
+
+def _cause(failure: BaseException) -> BaseException:
+    """The exception raised inside an actor, not Ray's wrapper around it."""
+    while isinstance(failure, ray.exceptions.RayTaskError) and failure.cause is not None:
+        failure = failure.cause
+    return failure
+
+
+def _outcome(failure: BaseException) -> str:
+    return "cancelled" if isinstance(_cause(failure), JobCancelled) else "failed"
+
+
+def _message(failure: BaseException) -> str | None:
+    cause = _cause(failure)
+    if isinstance(cause, JobCancelled):
+        return None
+    return str(cause) if isinstance(cause, DsqError) else f"{type(cause).__name__}: {cause}"
 
 
 def _run_training(engine, settings: Settings, job_id: int, on_progress: Progress | None) -> None:

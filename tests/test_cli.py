@@ -1,0 +1,143 @@
+"""The dsq command in-process: a short tour, and every kind of bad input -> one line, exit 2, nothing written."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from dsq.db import repo
+from dsq.db.session import open_database, session_scope
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli-home")
+
+
+@pytest.fixture(scope="module")
+def dsq(home):
+    runner = CliRunner()
+    database = f"sqlite:///{home / 'dsq.db'}"
+
+    def invoke(*args, db=database):
+        return runner.invoke(app, ["--db", db, *map(str, args)], env={"DSQ_HOME": str(home), "RAY_ADDRESS": ""})
+
+    return invoke
+
+
+@pytest.fixture(scope="module")
+def trained(dsq, home):
+    """Job 1: a digits classifier; job 2: a certification with its results; job 3: a denoiser."""
+    out = dsq("submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
+              "--objective", "standard", "--sigma", "0", "--epochs", "2", "--name", "f")
+    assert out.exit_code == 0, out.output
+    out = dsq("submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25",
+              "--n0", "20", "--n", "200", "--batch-size", "100", "--max-images", "5", "--workers", "2")
+    assert out.exit_code == 0, out.output
+    out = dsq("submit", "train", "--dataset", "digits", "--arch", "dncnn", "--objective", "mse",
+              "--arch-kwargs", '{"depth": 3, "width": 8}', "--epochs", "1")
+    assert out.exit_code == 0, out.output
+    return home
+
+
+def job_count(home):
+    engine = open_database(f"sqlite:///{home / 'dsq.db'}")
+    with session_scope(engine) as session:
+        return len(repo.list_jobs(session, limit=10_000))
+
+
+def test_tour(dsq, trained, tmp_path):
+    listing = dsq("jobs").output
+    assert "certify" in listing and "train" in listing and "succeeded" in dsq("status", 2).output
+    assert "epoch 2/2" in dsq("logs", 1).output
+    table = dsq("results", 2, "--radii", "0,0.25")
+    assert table.exit_code == 0 and "r = 0.25" in table.output
+    tsv = dsq("results", 2, "--format", "tsv").output.splitlines()
+    assert tsv[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and len(tsv) == 6
+    rows = json.loads(dsq("results", 2, "--format", "json").output)
+    assert [r["image_index"] for r in rows] == [0, 1, 2, 3, 4]
+    assert dsq("results", 2, "--format", "csv").output.startswith("image_index,")
+    plot = tmp_path / "curves.png"
+    out = dsq("compare", 2, 2, "--envelope", "--plot", plot)
+    assert out.exit_code == 0 and "envelope" in out.output and plot.stat().st_size > 1000
+    assert dsq("db", "upgrade").exit_code == 0
+
+
+def corrupt_and_mismatched(home, tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"this is not a checkpoint")
+    original = torch.load(next((home / "artifacts" / "job-1").glob("*.pt")), weights_only=True)
+    original["arch_kwargs"] = original["arch_kwargs"] | {"width": 48}
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save(original, mismatched)
+    return corrupt, mismatched
+
+
+CERTIFY = ["submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25"]
+TRAIN = ["submit", "train", "--dataset", "digits", "--arch", "dncnn", "--objective", "mse"]
+
+
+def bad_inputs(home, tmp_path):
+    corrupt, mismatched = corrupt_and_mismatched(home, tmp_path)
+    port = free_port()
+    return {
+        "unknown job (status)": (["status", 999], "no job with id 999"),
+        "unknown job (logs)": (["logs", 999], "no job"),
+        "unknown job (results)": (["results", 999], "no job"),
+        "unknown job (compare)": (["compare", 2, 999], "no job"),
+        "unknown job (cancel)": (["cancel", 999], "no job"),
+        "unknown job (resume)": (["resume", 999], "no job"),
+        "unknown dataset": ([*CERTIFY[:3], "mnist", *CERTIFY[4:]], "mnist"),
+        "unknown architecture": ([*TRAIN[:5], "unet", *TRAIN[6:]], "unet"),
+        "unknown objective": ([*TRAIN[:7], "perceptual"], "perceptual"),
+        "unknown denoiser": ([*CERTIFY, "--denoiser", "job:999"], "no job with id 999"),
+        "sigma zero": ([*CERTIFY[:-1], "0"], "sigma"),
+        "sigma negative": ([*CERTIFY[:-1], "-0.5"], "sigma"),
+        "n0 zero": ([*CERTIFY, "--n0", "0"], "n0"),
+        "n zero": ([*CERTIFY, "--n", "0"], "n must"),
+        "batch zero": ([*CERTIFY, "--batch-size", "0"], "batch size"),
+        "alpha zero": ([*CERTIFY, "--alpha", "0"], "alpha"),
+        "alpha one": ([*CERTIFY, "--alpha", "1.5"], "alpha"),
+        "missing checkpoint": ([*CERTIFY, "--denoiser", tmp_path / "nope.pt"], "not found"),
+        "corrupt checkpoint": ([*CERTIFY, "--denoiser", corrupt], "corrupt"),
+        "mismatched checkpoint": ([*CERTIFY[:5], mismatched, *CERTIFY[6:]], "match"),
+        "denoiser as classifier": ([*CERTIFY[:5], "job:3", *CERTIFY[6:]], "logits"),
+        "unknown radii": (["results", 2, "--radii", "a,b"], "radius"),
+        "unknown format": (["results", 2, "--format", "xml"], "format"),
+        "cancel finished job": (["cancel", 1], "already succeeded"),
+        "unreachable ray": (["--address", f"127.0.0.1:{port}", *CERTIFY], "cannot reach Ray"),
+        "unreachable database": (["--db", f"postgresql://u:hunter2@127.0.0.1:{port}/x", "jobs"], "***"),
+        "malformed database": (["--db", "nonsense://", "jobs"], "nonsense"),
+    }
+
+
+def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(dsq, trained, tmp_path):
+    before = job_count(trained)
+    failures = []
+    for name, (args, expected) in bad_inputs(trained, tmp_path).items():
+        if args[0] == "--db":
+            out = dsq(*args[2:], db=args[1])
+        else:
+            out = dsq(*args)
+        lines = out.stderr.strip().splitlines()
+        ok = (out.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+              and expected.lower() in lines[0].lower() and "Traceback" not in out.output + out.stderr
+              and "hunter2" not in out.stderr)
+        if not ok:
+            failures.append(f"{name}: exit {out.exit_code}, stderr {out.stderr!r}, exception {out.exception!r}")
+    assert not failures, "\n".join(failures)
+    assert job_count(trained) == before
+
+
+def test_resume_of_a_running_job_is_refused(dsq, trained):
+    engine = open_database(f"sqlite:///{trained / 'dsq.db'}")
+    with session_scope(engine) as session:
+        job = repo.create_job(session, kind="certify", spec=repo.get_job(session, 2).spec, seed=0)
+        repo.mark_running(session, job.id, "elsewhere")
+    out = dsq("resume", job.id)
+    assert out.exit_code == 2 and "is running" in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -1,0 +1,203 @@
+"""Job specs: JSON round trip and validation with named errors and useful messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from dsq import specs
+from dsq.errors import DsqError, InvalidArgument, UnknownName
+from dsq.specs import CertifySpec, TrainSpec
+
+CLASSIFIER = dict(dataset="digits", target="classifier", arch="small_cnn", objective="standard", sigma=0.0)
+MSE = dict(dataset="digits", target="denoiser", arch="dncnn", objective="mse", sigma=0.25)
+STAB = dict(MSE, objective="stab", classifier="job:1")
+STAB_MSE = dict(MSE, objective="stab_mse", classifier="job:1", init="job:2")
+CERTIFY = dict(dataset="digits", classifier="job:1", denoiser="job:3", sigma=0.25)
+
+SPECS = [
+    TrainSpec(**CLASSIFIER, arch_kwargs={"width": 16}, epochs=3, seed=7, name="f"),
+    TrainSpec(**dict(CLASSIFIER, objective="gaussian", sigma=0.5), optimizer="sgd", lr=0.1, weight_decay=1e-4),
+    TrainSpec(**MSE, arch_kwargs={"depth": 6, "width": 32}, data_root="/data"),
+    TrainSpec(**STAB_MSE),
+    TrainSpec(**dict(MSE, objective="stab"), surrogates=("job:4", "surrogate.pt")),
+    CertifySpec(**CERTIFY, n0=10, n=500, alpha=0.01, batch_size=100, max_images=20, skip=3, workers=2),
+    CertifySpec(dataset="cifar10", classifier="f.pt", sigma=1.0, split="train", name="plain"),
+]
+
+
+def error_of(call) -> DsqError:
+    """The named dsq error a call raises (fails the test if it raises nothing or something else)."""
+    with pytest.raises(DsqError) as caught:
+        call()
+    return caught.value
+
+
+# ------------------------------------------------------------------------------ round trip
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kind}-{getattr(s, 'objective', s.sigma)}")
+def test_round_trip_through_dict_and_json(spec):
+    data = spec.to_dict()
+    assert specs.from_dict(data) == spec
+    through_json = json.loads(json.dumps(data))
+    assert through_json == data  # to_dict is already plain JSON (tuples become lists)
+    rebuilt = specs.from_dict(through_json)
+    assert rebuilt == spec and type(rebuilt) is type(spec)
+    assert rebuilt.to_dict() == data
+
+
+def test_to_dict_holds_every_field_and_lists_for_tuples():
+    spec = TrainSpec(**dict(MSE, objective="clf"), surrogates=("a.pt", "job:9"))
+    data = spec.to_dict()
+    assert set(data) == {f.name for f in dataclasses.fields(TrainSpec)}
+    assert data["surrogates"] == ["a.pt", "job:9"] and data["kind"] == "train"
+    assert TrainSpec(**dict(MSE, objective="clf"), surrogates=["a.pt", "job:9"]).surrogates == ("a.pt", "job:9")
+
+
+def test_model_references():
+    white, black = TrainSpec(**STAB_MSE), SPECS[4]
+    assert white.classifiers == ("job:1",) and white.references() == ("job:1", "job:2")
+    assert black.classifiers == ("job:4", "surrogate.pt") and black.references() == ("job:4", "surrogate.pt")
+    assert TrainSpec(**MSE).references() == ()
+    assert CertifySpec(**CERTIFY).references() == ("job:1", "job:3")
+    assert specs.is_job_reference("job:12") and not specs.is_job_reference("job:x")
+    assert not specs.is_job_reference("/ckpt/job:12.pt")
+
+
+# ------------------------------------------------------------------------------ sigma
+
+
+def test_sigma_zero_only_for_standard_classifiers():
+    assert TrainSpec(**CLASSIFIER).sigma == 0.0
+    for base in (dict(CLASSIFIER, objective="gaussian"), MSE, STAB):
+        error = error_of(lambda: TrainSpec(**dict(base, sigma=0.0)))
+        assert isinstance(error, InvalidArgument)
+        assert "sigma must be > 0 (sigma 0 is only for a 'standard' classifier)" in str(error)
+    error = error_of(lambda: CertifySpec(**dict(CERTIFY, sigma=0.0)))
+    assert isinstance(error, InvalidArgument) and "sigma must be a finite number > 0, got 0.0" in str(error)
+
+
+@pytest.mark.parametrize("sigma", [-0.25, float("nan"), float("inf"), "0.25", True, None])
+def test_bad_sigma(sigma):
+    for make in (lambda: TrainSpec(**dict(MSE, sigma=sigma)), lambda: TrainSpec(**dict(CLASSIFIER, sigma=sigma)),
+                 lambda: CertifySpec(**dict(CERTIFY, sigma=sigma))):
+        error = error_of(make)
+        assert isinstance(error, InvalidArgument) and "sigma" in str(error) and repr(sigma) in str(error)
+
+
+# ------------------------------------------------------------------------------ certify numbers
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("n0", 0, "n0 must be an integer >= 1"),
+    ("n", 0, "n must be an integer >= 1"),
+    ("n", 10.0, "n must be an integer >= 1"),
+    ("batch_size", 0, "batch size must be an integer >= 1"),
+    ("batch_size", -5, "batch size must be an integer >= 1"),
+    ("alpha", 0.0, "alpha must be in (0, 1)"),
+    ("alpha", 1.0, "alpha must be in (0, 1)"),
+    ("alpha", 1.5, "alpha must be in (0, 1)"),
+    ("skip", 0, "skip must be an integer >= 1"),
+    ("workers", 0, "workers must be an integer >= 1"),
+    ("max_images", 0, "max images must be an integer >= 1"),
+    ("split", "val", "split must be one of train, test"),
+    ("seed", 1.5, "seed must be an integer"),
+])
+def test_bad_certify_spec(field, value, words):
+    error = error_of(lambda: CertifySpec(**{**CERTIFY, field: value}))
+    assert isinstance(error, InvalidArgument)
+    assert words in str(error) and repr(value) in str(error)
+
+
+# ------------------------------------------------------------------------------ train choices and numbers
+
+
+@pytest.mark.parametrize("changes, error_type, words", [
+    ({"objective": "sharpen"}, UnknownName, "unknown denoiser objective 'sharpen'; expected one of mse, stab"),
+    ({"objective": "standard"}, UnknownName, "unknown denoiser objective 'standard'"),
+    ({"target": "classifier", "objective": "mse"}, UnknownName, "unknown classifier objective 'mse'"),
+    ({"target": "detector"}, InvalidArgument, "target must be one of denoiser, classifier, got 'detector'"),
+    ({"optimizer": "lbfgs"}, InvalidArgument, "optimizer must be one of adam, sgd, got 'lbfgs'"),
+    ({"epochs": 0}, InvalidArgument, "epochs must be an integer >= 1, got 0"),
+    ({"batch_size": 0}, InvalidArgument, "batch_size must be an integer >= 1, got 0"),
+    ({"batch_size": 32.0}, InvalidArgument, "batch_size must be an integer >= 1, got 32.0"),
+    ({"lr_step": -1}, InvalidArgument, "lr_step must be an integer >= 1"),
+    ({"lr": 0.0}, InvalidArgument, "lr must be a finite number > 0, got 0.0"),
+    ({"lr": float("nan")}, InvalidArgument, "lr must be a finite number > 0"),
+    ({"lr_gamma": 0}, InvalidArgument, "lr_gamma must be a finite number > 0"),
+    ({"momentum": 1.0}, InvalidArgument, "momentum must be a finite number in [0, 1)"),
+    ({"weight_decay": -1e-4}, InvalidArgument, "weight_decay must be a finite number >= 0"),
+    ({"seed": "0"}, InvalidArgument, "seed must be an integer, got '0'"),
+    ({"arch_kwargs": [6, 32]}, InvalidArgument, "arch_kwargs must be a dict"),
+    ({"surrogates": "f.pt"}, InvalidArgument, "surrogates must be a list of checkpoint paths"),
+    ({"kind": "certify"}, InvalidArgument, "kind 'train', got 'certify'"),
+])
+def test_bad_train_spec(changes, error_type, words):
+    error = error_of(lambda: TrainSpec(**{**MSE, **changes}))
+    assert type(error) is error_type
+    assert words in str(error)
+    assert "\n" not in str(error)  # shown as one line by the CLI
+
+
+def test_classifier_objectives_need_a_classifier():
+    for objective in ("stab", "stab_mse", "clf"):
+        error = error_of(lambda: TrainSpec(**dict(MSE, objective=objective, init="job:2")))
+        assert isinstance(error, InvalidArgument)
+        assert f"objective {objective!r} needs --classifier (white-box) or --surrogate (black-box)" in str(error)
+    assert TrainSpec(**dict(MSE, objective="clf"), surrogates=["s.pt"]).classifiers == ("s.pt",)
+
+
+def test_white_box_and_black_box_exclude_each_other():
+    for objective in ("stab", "clf", "mse"):
+        error = error_of(lambda: TrainSpec(**dict(MSE, objective=objective), classifier="f.pt", surrogates=["s.pt"]))
+        assert isinstance(error, InvalidArgument)
+        assert "either --classifier (white-box) or --surrogate (black-box), not both" in str(error)
+
+
+def test_stab_mse_needs_an_init_denoiser():
+    error = error_of(lambda: TrainSpec(**dict(STAB_MSE, init=None)))
+    assert isinstance(error, InvalidArgument) and "--init" in str(error) and "MSE denoiser" in str(error)
+    assert TrainSpec(**STAB_MSE).init == "job:2"
+
+
+def test_mse_may_name_a_classifier_for_its_metrics():
+    spec = TrainSpec(**MSE, classifier="f.pt")
+    assert spec.classifiers == ("f.pt",)
+
+
+# ------------------------------------------------------------------------------ from_dict
+
+
+def test_from_dict_unknown_kind():
+    for data in ({"kind": "deploy", **CERTIFY}, dict(CERTIFY)):
+        error = error_of(lambda: specs.from_dict(data))
+        assert isinstance(error, UnknownName)
+        assert "unknown job kind" in str(error) and "train, certify" in str(error)
+
+
+def test_from_dict_unknown_and_missing_fields():
+    data = {**TrainSpec(**STAB).to_dict(), "sigmaa": 0.5, "color": "red"}
+    error = error_of(lambda: specs.from_dict(data))
+    assert isinstance(error, InvalidArgument) and "unknown field(s) in train spec: color, sigmaa" in str(error)
+    data = CertifySpec(**CERTIFY).to_dict()
+    del data["classifier"], data["sigma"]
+    error = error_of(lambda: specs.from_dict(data))
+    assert isinstance(error, InvalidArgument)
+    assert "certify spec lacks required field(s): classifier, sigma" in str(error)
+    assert isinstance(error_of(lambda: specs.from_dict(["train"])), InvalidArgument)
+
+
+def test_from_dict_revalidates():
+    data = {**TrainSpec(**MSE).to_dict(), "sigma": -1.0}
+    assert "sigma" in str(error_of(lambda: specs.from_dict(data)))
+    data = {**CertifySpec(**CERTIFY).to_dict(), "alpha": 2.0}
+    assert "alpha must be in (0, 1)" in str(error_of(lambda: specs.from_dict(data)))
+
+
+def test_specs_are_frozen():
+    spec = TrainSpec(**MSE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.sigma = 0.5  # type: ignore[misc]
