@@ -35,9 +35,9 @@ class DemoConfig:
     max_images: int | None = None  # None: the whole digits test split (364 images)
     batch_size: int = 550
     workers: int = 2
-    classifier_epochs: int = 30
-    denoiser_epochs: int = 20
-    stab_epochs: int = 10
+    classifier_epochs: int = 20
+    denoiser_epochs: int = 12
+    stab_epochs: int = 6
     seed: int = 0
 
 

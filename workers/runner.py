@@ -9,8 +9,10 @@ what is missing.
 from __future__ import annotations
 
 import collections
+import threading
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -205,16 +207,28 @@ class CertifyLoop:
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class JobRunner:
-    """Detached driver of one job on a cluster."""
+    """Detached driver of one job on a cluster.
 
-    def run(self, settings: Settings, job_id: int) -> str:
+    The job starts in the constructor: an actor's creation belongs to the
+    cluster, while a method call would belong to the CLI process that may exit.
+    """
+
+    def __init__(self, settings: Settings, job_id: int):
+        self.thread = threading.Thread(target=self._run, args=(settings, job_id), daemon=True)
+        self.thread.start()
+
+    def _run(self, settings: Settings, job_id: int) -> None:
         try:
-            return run_job(settings, job_id, runner=f"ray:{ray.get_runtime_context().get_actor_id()[:8]}")
+            run_job(settings, job_id, runner=f"ray:{ray.get_runtime_context().get_actor_id()[:8]}")
         finally:
-            ray.actor.exit_actor()
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def ready(self) -> bool:
+        return True
 
 
 def start_detached(settings: Settings, job_id: int) -> None:
-    """Start a job on the connected cluster and return at once."""
-    runner = JobRunner.options(name=f"dsq-job-{job_id}", lifetime="detached", get_if_exists=False).remote()
-    runner.run.remote(settings, job_id)
+    """Start a job on the connected cluster; return once its runner exists."""
+    runner = JobRunner.options(name=f"dsq-job-{job_id}-{uuid.uuid4().hex[:6]}", lifetime="detached").remote(
+        settings, job_id)
+    ray.get(runner.ready.remote())

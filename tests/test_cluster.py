@@ -1,0 +1,93 @@
+"""Submitting to a real Ray cluster (a head node started with `ray start`): the CLI returns at once,
+a detached runner drives the job, `--wait` follows it, and `dsq cancel` reaches it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dsq.db import repo
+from dsq.db.session import open_database, session_scope
+from tests.conftest import free_port
+
+DSQ = [sys.executable, "-m", "cli"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A one-node Ray cluster on loopback, stopped by process group at the end."""
+    port = free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--memory=4000000000", "--object-store-memory=200000000",
+         "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while subprocess.run(DSQ_CHECK + [address], env=env, capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline and head.poll() is None, "ray head did not start"
+        time.sleep(1)
+    yield address
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+DSQ_CHECK = [sys.executable, "-c", "import sys; from workers.resources import check_reachable; check_reachable(sys.argv[1])"]
+
+
+def dsq(home, address, *args, timeout=300):
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "DSQ_HOME": str(home), "RAY_ADDRESS": address}
+    return subprocess.run(DSQ + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_status(home, job_id, wanted, timeout=180):
+    engine = open_database(f"sqlite:///{home / 'dsq.db'}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope(engine) as session:
+            job = repo.get_job(session, job_id)
+            if job.status in wanted:
+                return job.status, job.progress_done
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} not {wanted} within {timeout} s")
+
+
+def test_submit_returns_at_once_and_a_detached_runner_finishes_the_job(cluster, tmp_path):
+    out = dsq(tmp_path, cluster, "submit", "train", "--dataset", "digits", "--target", "classifier",
+              "--arch", "small_cnn", "--objective", "standard", "--sigma", "0", "--epochs", "2", "--wait")
+    assert out.returncode == 0, out.stderr
+    assert "job 1 succeeded" in out.stdout
+    started = time.monotonic()
+    out = dsq(tmp_path, cluster, "submit", "certify", "--dataset", "digits", "--classifier", "job:1",
+              "--sigma", "0.25", "--n0", "20", "--n", "4000", "--batch-size", "100", "--max-images", "60",
+              "--workers", "2")
+    assert out.returncode == 0 and out.stdout.strip() == "job 2", out.stderr
+    assert wait_status(tmp_path, 2, ("running", "succeeded"))[0] in ("running", "succeeded")
+    submitted_in = time.monotonic() - started
+    status, done = wait_status(tmp_path, 2, ("succeeded", "failed"))
+    assert status == "succeeded" and done == 60
+    assert time.monotonic() - started > submitted_in  # the CLI had returned before the job ended
+
+
+def test_cancel_reaches_a_job_running_on_the_cluster(cluster, tmp_path):
+    assert dsq(tmp_path, cluster, "submit", "train", "--dataset", "digits", "--target", "classifier",
+               "--arch", "small_cnn", "--objective", "standard", "--sigma", "0", "--epochs", "1",
+               "--wait").returncode == 0
+    out = dsq(tmp_path, cluster, "submit", "certify", "--dataset", "digits", "--classifier", "job:1",
+              "--sigma", "0.5", "--n", "20000", "--batch-size", "200", "--workers", "1")
+    assert out.returncode == 0
+    wait_status(tmp_path, 2, ("running",))
+    assert dsq(tmp_path, cluster, "cancel", "2").returncode == 0
+    status, done = wait_status(tmp_path, 2, ("cancelled", "failed", "succeeded"), timeout=30)
+    assert status == "cancelled" and done < 364
+    out = dsq(tmp_path, cluster, "cancel", "2")
+    assert out.returncode == 2 and "already cancelled" in out.stderr
