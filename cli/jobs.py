@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Optional
 
 import typer
 from rich.table import Table
@@ -62,7 +63,9 @@ def cancel(ctx: typer.Context, job: int = typer.Argument(..., help="Job id.")):
 
 
 def resume(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
-           wait: bool = typer.Option(False, help="On a cluster: follow the job until it ends.")):
+           wait: bool = typer.Option(False, help="On a cluster: follow the job until it ends."),
+           max_queries: Optional[int] = typer.Option(None, "--max-queries",
+                                                     help="certify-api: raise the query budget first.")):
     """Continue a job whose runner died (or that failed or was cancelled), skipping stored results."""
     config = common.settings(ctx)
     with common.boundary():
@@ -73,6 +76,10 @@ def resume(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
         engine = common.database(config)
         with session_scope(engine) as session:
             lifecycle.check_resumable(session, job)
+            if max_queries is not None:
+                from dsq.apis import jobs as api_jobs
+
+                api_jobs.raise_budget(session, job, max_queries)
             lifecycle.reopen(session, job)
     if config.ray_address:
         common.start_on_cluster(config, job)

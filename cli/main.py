@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli import db, demo, jobs, results, submit
+from cli import api, db, demo, jobs, results, submit
 from dsq.settings import Settings
 
 app = typer.Typer(help="dsq: certified robustness for any image classifier by denoised smoothing, as Ray jobs.",
@@ -24,6 +24,7 @@ def main(ctx: typer.Context,
 
 
 app.add_typer(submit.app, name="submit")
+api.register(app, submit.app)
 app.add_typer(db.app, name="db")
 jobs.register(app)
 results.register(app)

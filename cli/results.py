@@ -22,7 +22,9 @@ def register(app: typer.Typer) -> None:
 
 def results(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
             radii: str = typer.Option(",".join(map(str, report.DEFAULT_RADII)), help=RADII_HELP),
-            format: str = typer.Option("table", "--format", help="table, csv, json or tsv (Cohen et al.'s log).")):
+            format: str = typer.Option("table", "--format", help="table, csv, json or tsv (Cohen et al.'s log)."),
+            alpha: Optional[float] = typer.Option(None, help="certify-api: re-certify offline from the stored "
+                                                  "answers at this alpha (no query is sent).")):
     """Certified accuracy of one job (table) or its per-image results (csv, json, tsv)."""
     with common.boundary():
         if format not in FORMATS:
@@ -31,6 +33,10 @@ def results(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
         engine = common.database(common.settings(ctx))
         with session_scope(engine) as session:
             [(label, rows)] = jobs.labelled_results(session, [job])
+            if alpha is not None:
+                from dsq.apis import jobs as api_jobs
+
+                rows = report.as_results(api_jobs.recertify(session, job, alpha))
         if format != "table":
             text = {"csv": report.to_csv, "json": report.to_json, "tsv": report.to_tsv}[format](rows)
             typer.echo(text, nl=not text.endswith("\n"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dsq import objectives, smoothing
+from dsq.apis.spec import ApiCertifySpec
 from dsq.errors import InvalidArgument, UnknownName
 
 TARGETS = ("denoiser", "classifier")
@@ -137,7 +138,7 @@ class CertifySpec:
         return _to_dict(self)
 
 
-SPECS = {"train": TrainSpec, "certify": CertifySpec}
+SPECS = {"train": TrainSpec, "certify": CertifySpec, "certify_api": ApiCertifySpec}
 
 
 def from_dict(data: dict[str, Any]):

@@ -55,7 +55,7 @@ def test_upgrade_empty_database_to_head_without_drift(db_url):
     try:
         assert current_revision(engine) is None
         upgrade(engine)
-        assert current_revision(engine) == head_revision() == "0001"
+        assert current_revision(engine) == head_revision() is not None
         tables = set(inspect(engine).get_table_names())
         assert {"jobs", "work_units", "results", "artifacts", "job_logs"} <= tables
         with engine.begin() as connection:

@@ -208,3 +208,27 @@ class JobLog(Base):
 
     def __repr__(self) -> str:
         return f"JobLog(job_id={self.job_id}, level={self.level!r}, message={self.message!r})"
+
+
+class ApiAnswer(Base):
+    """A vision API's raw answer to one encoded image, paid once: keyed by (provider, service, sha256).
+
+    ``service`` tells answers of the vendor (``vendor``) from an emulator's (``embedded`` or its
+    address), so an emulator's labels are never re-used as a vendor's. ``job_id`` is the job that
+    paid for the query (budgets count these rows).
+    """
+
+    __tablename__ = "api_answers"
+    __table_args__ = (UniqueConstraint("provider", "service", "sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    service: Mapped[str] = mapped_column(String(200))
+    sha256: Mapped[str] = mapped_column(String(64))
+    answer: Mapped[dict[str, Any]] = mapped_column(JSON)
+    top_label: Mapped[str] = mapped_column(Text)
+    job_id: Mapped[int | None] = mapped_column(Integer, _job_fk("SET NULL"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"ApiAnswer(provider={self.provider!r}, sha256={self.sha256[:12]!r}, top_label={self.top_label!r})"

@@ -289,3 +289,47 @@ def logs_for_job(s: Session, job_id: int, after_id: int = 0) -> list[JobLog]:
     """The job's log lines in order; ``after_id`` skips those already shown (to follow a log)."""
     stmt = select(JobLog).where(JobLog.job_id == job_id, JobLog.id > after_id).order_by(JobLog.id)
     return list(s.scalars(stmt))
+
+
+# -- vision-API answers ----------------------------------------------------------------
+
+from sqlalchemy import func as _func  # noqa: E402
+
+from dsq.db.models import ApiAnswer  # noqa: E402
+
+_IN_CHUNK = 500
+
+
+def api_answers(s: Session, provider: str, service: str, digests: Iterable[str]) -> dict[str, ApiAnswer]:
+    """The stored answers among ``digests`` (sha256 of the encoded images), by digest."""
+    wanted, found = sorted(set(digests)), {}
+    for start in range(0, len(wanted), _IN_CHUNK):
+        stmt = select(ApiAnswer).where(ApiAnswer.provider == provider, ApiAnswer.service == service,
+                                       ApiAnswer.sha256.in_(wanted[start:start + _IN_CHUNK]))
+        found.update((row.sha256, row) for row in s.scalars(stmt))
+    return found
+
+
+def store_api_answer(
+    s: Session, *, provider: str, service: str, sha256: str, answer: dict[str, Any], top_label: str,
+    job_id: int | None,
+) -> bool:
+    """Keep the first answer paid for an image (later ones are dropped); True if this one was stored."""
+    dialect = s.get_bind().dialect.name
+    insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(dialect)
+    if insert is None:
+        raise NotImplementedError(f"upserts are not implemented for {dialect}")
+    stmt = insert(ApiAnswer).values(provider=provider, service=service, sha256=sha256, answer=_plain(answer),
+                                    top_label=top_label, job_id=job_id, created_at=utcnow())
+    stmt = stmt.on_conflict_do_nothing(index_elements=["provider", "service", "sha256"]).returning(ApiAnswer.id)
+    return s.execute(stmt).first() is not None
+
+
+def count_paid_api_answers(s: Session, job_id: int) -> int:
+    """How many queries this job paid for (answers it stored first)."""
+    return int(s.scalar(select(_func.count()).select_from(ApiAnswer).where(ApiAnswer.job_id == job_id)))
+
+
+def set_job_spec(s: Session, job_id: int, spec: dict[str, Any]) -> Job:
+    """Replace a job's stored spec (e.g. a raised query budget before a resume)."""
+    return _require_job(_update_job(s, job_id, spec=_plain(spec)), job_id)

@@ -1,0 +1,106 @@
+"""``dsq submit certify-api`` and ``dsq emulate``: certify a vision API, or serve a local stand-in for one."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import List, Optional
+
+import typer
+
+from cli import common
+from dsq.apis import jobs as api_jobs
+from dsq.apis.spec import EMBEDDED, PROVIDERS, ApiCertifySpec
+from dsq.db.session import session_scope
+
+ENDPOINT_HELP = ("vendor (the real service; needs credentials), embedded (an emulator inside the job), or "
+                 "HOST:PORT / http://HOST:PORT of `dsq emulate`. Default: vendor if credentials are configured, "
+                 "else embedded.")
+
+
+def register(app: typer.Typer, submit_app: typer.Typer) -> None:
+    submit_app.command(name="certify-api")(certify_api)
+    app.command()(emulate)
+
+
+def certify_api(ctx: typer.Context,
+                provider: str = typer.Option(..., help=f"One of {', '.join(PROVIDERS)}."),
+                sigma: float = typer.Option(..., help="Noise level in [0,1] pixel units."),
+                dataset: Optional[str] = typer.Option(None, help="digits, cifar10, imagenet or folder:PATH."),
+                input: List[str] = typer.Option([], "--input", help="An image file to certify (repeatable)."),
+                denoiser: Optional[str] = typer.Option(None, help="Denoiser before the API: checkpoint or job:ID."),
+                endpoint: Optional[str] = typer.Option(None, help=ENDPOINT_HELP),
+                n0: int = typer.Option(20, help="Selection queries per image."),
+                n: int = typer.Option(100, help="Estimation queries per image."),
+                alpha: float = 0.001,
+                max_queries: Optional[int] = typer.Option(None, help="Query budget of the job (all its runs)."),
+                qps: Optional[float] = typer.Option(None, help="Queries per second (default: the vendor's quota)."),
+                burst: Optional[int] = typer.Option(None, help="Token-bucket burst."),
+                concurrency: Optional[int] = typer.Option(None, help="Queries in flight at most."),
+                price_per_1000: Optional[float] = typer.Option(None, help="USD per 1,000 queries for the estimate."),
+                split: str = "test", skip: int = 1, max_images: Optional[int] = None,
+                size: Optional[int] = typer.Option(None, help="Resize and center-crop input files to SIZE."),
+                scale: int = typer.Option(1, help="Upscale the encoded image by this factor (nearest)."),
+                seed: int = 0, data_root: Optional[str] = None, name: Optional[str] = None,
+                dry_run: bool = typer.Option(False, help="Check and estimate cost; submit nothing."),
+                wait: bool = typer.Option(False, help="On a cluster: follow the job until it ends.")):
+    """Certify a vision API's smoothed top label (with an optional denoiser in front), within a budget."""
+    from cli.submit import launch
+
+    def spec_of() -> ApiCertifySpec:
+        where = api_jobs.default_endpoint(provider, os.environ) if endpoint is None else endpoint
+        spec = ApiCertifySpec(
+            provider=provider, sigma=sigma, dataset=dataset, inputs=tuple(input), denoiser=denoiser,
+            endpoint=None if where == "vendor" else where, n0=n0, n=n, alpha=alpha, max_queries=max_queries,
+            qps=qps, burst=burst, concurrency=concurrency, price_per_1000=price_per_1000, split=split, skip=skip,
+            max_images=max_images, size=size, scale=scale, seed=seed, data_root=data_root, name=name)
+        show_estimate(ctx, spec)
+        return spec
+
+    if dry_run:
+        with common.boundary():
+            spec_of()
+        common.console.print("dry run: nothing submitted")
+        return
+    launch(ctx, spec_of, wait)
+
+
+def show_estimate(ctx: typer.Context, spec: ApiCertifySpec) -> None:
+    """Check the spec against the database and disk, then print its cost estimate on stderr."""
+    config = common.settings(ctx)
+    engine = common.database(config)
+    with session_scope(engine) as session:
+        images = api_jobs.check_spec(session, spec, config)
+    target = {None: "the vendor", EMBEDDED: "the embedded emulator"}.get(spec.endpoint, spec.endpoint)
+    common.errors.print(f"target: {target}", markup=False, highlight=False)
+    for line in api_jobs.estimate(spec, images).lines(spec.provider):
+        common.errors.print(line, markup=False, highlight=False)
+
+
+def emulate(provider: str = typer.Option(..., help=f"One of {', '.join(PROVIDERS)}."),
+            port: int = typer.Option(0, help="Port on 127.0.0.1 (0: any free port)."),
+            throttle: float = typer.Option(0.0, help="Fraction of requests answered as throttled."),
+            errors: float = typer.Option(0.0, help="Fraction of requests failing with a server error."),
+            latency: float = typer.Option(0.0, help="Seconds added to each request."),
+            retry_after: Optional[float] = typer.Option(None, help="Retry-After seconds sent when throttling (HTTP)."),
+            classifier: Optional[str] = typer.Option(None, help="dsq classifier checkpoint to label with "
+                                                     "(default: a digits logistic regression)."),
+            size: Optional[int] = typer.Option(None, help="Resize images to SIZE for --classifier.")):
+    """Serve a local emulator of a vision API for the real SDK clients, until interrupted."""
+    from dsq.apis import emulators
+    from dsq.apis.emulators import labellers
+
+    with common.boundary():
+        labeller = labellers.checkpoint_labeller(classifier, size) if classifier else None
+        config = emulators.EmulatorConfig(throttle=throttle, errors=errors, latency=latency, retry_after=retry_after)
+        emulator = emulators.start(provider, port=port, labeller=labeller, config=config)
+    common.console.print(f"{provider} emulator at {emulator.endpoint}: "
+                         f"dsq submit certify-api --provider {provider} --endpoint {emulator.endpoint} ...")
+    try:
+        while True:
+            time.sleep(5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        common.console.print(f"served {emulator.ledger.billed} answers")
+        emulator.stop()

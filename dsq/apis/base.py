@@ -1,0 +1,168 @@
+"""The base classifier f of an API certification, and its vote counts.
+
+f(x + delta) = top_label(API(encode(clamp(D(clip(x + delta))))))
+
+- clip      x + delta clipped to [0, 1]  (delta ~ N(0, sigma^2 I), added in [0, 1] pixel space)
+- D         the denoiser, or the identity (the "no denoiser" baseline)
+- clamp     D's output clamped to [0, 1]
+- encode    8-bit PNG of round(x * 255), optionally upscaled by an integer factor (nearest neighbour);
+            the encoding is part of f and is recorded with every result (``ENCODING``)
+- API       one query; the answer is a list of (label, confidence)
+- top_label the most confident label; ties go to the lexicographically smallest label; an empty
+            answer is its own class ``"<none>"``
+
+Randomness has an identity: sample ``i`` of phase ``p`` of image ``j`` draws its noise from a generator
+seeded by ``stream_seed(seed, j, p, i)``, so a query that is retried, resumed or repeated re-sends the
+same bytes; it is never a new draw. The clean query (x itself, no noise and no denoiser) gives the
+API's own label, against which the certified label is judged.
+
+Counts are over an open label space: per image, the labels seen (clean, selection, estimation) sorted
+lexicographically give the class indices, so ``certify_counts`` breaks ties as ``top_label`` does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from dsq import sampling, smoothing
+from dsq.apis.errors import UnreadableImage
+
+CLEAN, SELECTION, ESTIMATION = "clean", sampling.SELECTION, sampling.ESTIMATION
+NO_LABEL = "<none>"
+ENCODING = "png8: clip(x+delta) -> denoiser -> clamp[0,1] -> round(x*255) uint8 -> PNG"
+DENOISE_BATCH = 50
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query to send: which sample it is, its encoded bytes and their sha256."""
+
+    phase: str
+    sample: int
+    image: bytes
+    sha256: str
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def encode_png(x: torch.Tensor, scale: int = 1) -> bytes:
+    """An image [C, H, W] in [0, 1] (C = 1 or 3) as 8-bit PNG bytes of round(x * 255)."""
+    pixels = torch.round(x.detach().clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
+    pixels = np.ascontiguousarray(np.transpose(pixels, (1, 2, 0)))
+    if scale > 1:
+        pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
+    picture = Image.fromarray(pixels[:, :, 0], "L") if pixels.shape[2] == 1 else Image.fromarray(pixels, "RGB")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=6, optimize=False)
+    return buffer.getvalue()
+
+
+def noisy_copies(x: torch.Tensor, *, sigma: float, seed: int, image: int, phase: str,
+                 start: int, count: int) -> torch.Tensor:
+    """Samples ``[start, start + count)`` of one phase: clip(x + delta) with identity-seeded delta."""
+    generator = torch.Generator(device="cpu")
+    copies = torch.empty((count, *x.shape), dtype=torch.float32)
+    for offset in range(count):
+        generator.manual_seed(sampling.stream_seed(seed, image, phase, start + offset))
+        copies[offset] = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+    return (copies.mul_(sigma).add_(x.float().cpu())).clamp_(0, 1)
+
+
+def phase_queries(x: torch.Tensor, denoiser: torch.nn.Module | None, *, sigma: float, seed: int, image: int,
+                  phase: str, num: int, scale: int = 1) -> list[Query]:
+    """The ``num`` encoded queries of one phase (the denoiser runs in eval mode, in batches)."""
+    queries = []
+    for start in range(0, num, DENOISE_BATCH):
+        count = min(DENOISE_BATCH, num - start)
+        batch = noisy_copies(x, sigma=sigma, seed=seed, image=image, phase=phase, start=start, count=count)
+        if denoiser is not None:
+            with sampling.eval_mode(denoiser), torch.inference_mode():
+                batch = denoiser(batch.to(sampling.model_device(denoiser))).cpu()
+        for offset, sample in enumerate(batch.clamp(0, 1)):
+            data = encode_png(sample, scale)
+            queries.append(Query(phase, start + offset, data, sha256(data)))
+    return queries
+
+
+def image_queries(x: torch.Tensor, denoiser: torch.nn.Module | None, *, sigma: float, seed: int, image: int,
+                  n0: int, n: int, scale: int = 1) -> list[Query]:
+    """The clean query, then n0 selection and n estimation queries of one image."""
+    clean = encode_png(x, scale)
+    common = dict(sigma=sigma, seed=seed, image=image, scale=scale)
+    return ([Query(CLEAN, 0, clean, sha256(clean))]
+            + phase_queries(x, denoiser, phase=SELECTION, num=n0, **common)
+            + phase_queries(x, denoiser, phase=ESTIMATION, num=n, **common))
+
+
+def top_label(labels: Iterable[tuple[str, float]]) -> str:
+    """The most confident label; ties to the lexicographically smallest; ``"<none>"`` if empty."""
+    labels = [(str(name), float(confidence)) for name, confidence in labels]
+    if not labels:
+        return NO_LABEL
+    best = max(confidence for _, confidence in labels)
+    return min(name for name, confidence in labels if confidence == best)
+
+
+@dataclass(frozen=True)
+class ApiCertificate:
+    """A certificate over string labels: ``cert`` indexes ``labels``."""
+
+    cert: smoothing.Certificate
+    labels: list[str]
+    clean_label: str
+
+    @property
+    def label_index(self) -> int:
+        return self.labels.index(self.clean_label)
+
+    @property
+    def certified_label(self) -> str | None:
+        return None if self.cert.abstained else self.labels[self.cert.prediction]
+
+    @property
+    def correct(self) -> bool:
+        return self.certified_label == self.clean_label
+
+
+def certify_labels(clean_label: str, selection: Sequence[str], estimation: Sequence[str], *,
+                   alpha: float, sigma: float) -> ApiCertificate:
+    """CERTIFY from the top labels of the selection and estimation queries."""
+    labels = sorted({clean_label, *selection, *estimation})
+    position = {label: i for i, label in enumerate(labels)}
+    counts_selection = np.bincount([position[label] for label in selection], minlength=len(labels))
+    counts_estimation = np.bincount([position[label] for label in estimation], minlength=len(labels))
+    cert = smoothing.certify_counts(counts_selection, counts_estimation, alpha=alpha, sigma=sigma)
+    return ApiCertificate(cert, labels, clean_label)
+
+
+def load_image(path: str, size: int | None = None) -> torch.Tensor:
+    """An image file as [C, H, W] in [0, 1] (grey stays 1 channel, anything else RGB)."""
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            picture = picture.convert("L") if picture.mode in ("1", "L", "I;16", "I", "F") else picture.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UnreadableImage(f"{path}: not a readable image ({reason})") from None
+    if size is not None:
+        picture = _resize_center_crop(picture, size)
+    pixels = np.asarray(picture, dtype=np.float32) / 255.0
+    pixels = pixels[None] if pixels.ndim == 2 else np.transpose(pixels, (2, 0, 1))
+    return torch.from_numpy(np.ascontiguousarray(pixels))
+
+
+def _resize_center_crop(picture: Image.Image, size: int) -> Image.Image:
+    width, height = picture.size
+    ratio = size / min(width, height)
+    picture = picture.resize((max(size, round(width * ratio)), max(size, round(height * ratio))), Image.BILINEAR)
+    left, top = (picture.width - size) // 2, (picture.height - size) // 2
+    return picture.crop((left, top, left + size, top + size))
