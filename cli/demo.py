@@ -44,13 +44,18 @@ def demo(ctx: typer.Context,
 
 
 def _print(tables, plot: str) -> None:
+    """A table per sigma, then per method the envelope (best job per radius) across sigma, then the curves."""
     from dsq import report
 
-    everything = []
+    by_method: dict[str, list] = {}
     for sigma, labelled in tables.items():
         named = [(label.rsplit(" s=", 1)[0], rows) for label, rows in labelled]
         common.console.print(jobs.comparison(named, plan.RADII, title=f"sigma = {sigma}: certified accuracy % (clean)"))
-        everything += labelled
-    common.console.print(jobs.comparison(everything, plan.RADII, envelope=True, title="all jobs and envelope across sigma"))
+        for (method, rows), (label, _) in zip(named, labelled):
+            by_method.setdefault(method, []).append((label, rows))
+    envelope = [report.envelope_row(runs, plan.RADII, label=method) for method, runs in by_method.items()]
+    common.console.print(report.render_table(report.compare_header(plan.RADII, "method"), envelope,
+                                             title="envelope across sigma: best certified accuracy % (clean)"))
+    everything = [run for runs in by_method.values() for run in runs]
     report.plot_curves(everything, plot, title="dsq demo: digits, certified accuracy vs L2 radius")
     common.console.print(f"curves written to {plot}")

@@ -23,8 +23,8 @@ from typing import Callable
 from dsq.specs import CertifySpec, TrainSpec
 
 SIGMAS = (0.25, 0.5)
-RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
-DENOISER = {"depth": 8, "width": 32}
+RADII = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
+DENOISER = {"depth": 6, "width": 32}
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class DemoConfig:
     seed: int = 0
 
 
-def classifier(name: str, objective: str, sigma: float, cfg: DemoConfig, *, width: int = 32, seed: int = 0):
+def classifier(name: str, objective: str, sigma: float, cfg: DemoConfig, *, width: int = 16, seed: int = 0):
     return TrainSpec(dataset="digits", target="classifier", arch="small_cnn", objective=objective, sigma=sigma,
                      arch_kwargs={"width": width}, epochs=cfg.classifier_epochs, batch_size=64, lr=2e-3,
                      lr_step=10, lr_gamma=0.3, seed=seed, name=name)
@@ -63,7 +63,7 @@ def certify(name: str, sigma: float, cfg: DemoConfig, classifier_job: int, denoi
 def run(execute: Callable[[object], int], cfg: DemoConfig = DemoConfig()) -> dict[float, list[tuple[str, int]]]:
     """Train everything, certify everything; return, per sigma, (row label, certify job id)."""
     f = execute(classifier("f: small CNN (standard)", "standard", 0.0, cfg))
-    surrogate = execute(classifier("surrogate: small CNN w48 (standard)", "standard", 0.0, cfg, width=48, seed=1))
+    surrogate = execute(classifier("surrogate: small CNN w24 (standard)", "standard", 0.0, cfg, width=24, seed=1))
     rows: dict[float, list[tuple[str, int]]] = {}
     for sigma in SIGMAS:
         mse = execute(denoiser(f"MSE denoiser s={sigma}", "mse", sigma, cfg, cfg.denoiser_epochs))
