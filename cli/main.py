@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli import api, db, demo, jobs, results, submit
+from cli import api, cluster, db, demo, jobs, results, submit
 from dsq.settings import Settings
 
 app = typer.Typer(help="dsq: certified robustness for any image classifier by denoised smoothing, as Ray jobs.",
@@ -29,3 +29,4 @@ app.add_typer(db.app, name="db")
 jobs.register(app)
 results.register(app)
 demo.register(app)
+cluster.register(app)

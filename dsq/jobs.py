@@ -7,13 +7,15 @@ the actors there call ``run_training`` and ``record_certificate``.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import torch
 from sqlalchemy.orm import Session
 
-from dsq import checkpoints, datasets, report, smoothing, specs, training
+from dsq import artifacts, checkpoints, datasets, report, smoothing, specs, training
 from dsq.db import repo
 from dsq.db.session import session_scope
 from dsq.errors import CheckpointError, JobCancelled, JobStateError
@@ -24,14 +26,19 @@ FINISHED = ("succeeded", "failed", "cancelled")
 STALE_AFTER = timedelta(seconds=60)
 
 
-def resolve_reference(session: Session, reference: str) -> str:
-    """The checkpoint file a model reference names: ``job:ID`` or a path."""
+def resolve_reference(session: Session, reference: str, settings: Settings | None = None) -> str:
+    """The local checkpoint file a model reference names: ``job:ID`` or a path.
+
+    A job's checkpoint is fetched from the artifact store it was put in (cached
+    under ``$DSQ_HOME``) and its sha256 checked against the recorded one.
+    """
     if specs.is_job_reference(reference):
         job = repo.get_job(session, int(reference.split(":")[1]))
-        artifacts = repo.artifacts_for_job(session, job.id)
-        if job.status != "succeeded" or not artifacts:
+        found = repo.artifacts_for_job(session, job.id)
+        if job.status != "succeeded" or not found:
             raise CheckpointError(f"{reference} has no checkpoint: the job is {job.status}, not a succeeded training job")
-        return artifacts[0].location
+        settings = settings or Settings.from_env(os.environ)
+        return str(artifacts.fetch(settings, found[0].location, found[0].sha256))
     if not Path(reference).is_file():
         raise CheckpointError(f"checkpoint not found: {reference}")
     return reference
@@ -43,12 +50,13 @@ def check_spec(session: Session, spec, settings: Settings) -> int:
         from dsq.apis import jobs as api_jobs
 
         return api_jobs.check_spec(session, spec, settings)
-    paths = {r: resolve_reference(session, r) for r in spec.references()}
+    paths = {r: resolve_reference(session, r, settings) for r in spec.references()}
     models = {r: checkpoints.load_checkpoint(p)[0] for r, p in paths.items()}
     root = spec.data_root or settings.data_root
     dataset = datasets.get_dataset(spec.dataset, spec.split if spec.kind == "certify" else "train", root=root)
     x = dataset[0][0]
     if spec.kind == "train":
+        artifacts.store_for(settings).check()  # fail now, not after training, if the checkpoint cannot be stored
         training.build_model(spec, datasets.dataset_info(spec.dataset, root=root))  # architecture and arguments
         for reference in spec.classifiers:
             smoothing.check_image(models[reference], x)
@@ -137,7 +145,7 @@ def run_training(engine, settings: Settings, job_id: int, device: str) -> dict:
     """Train what a train job describes, store its checkpoint and artifact row; return metrics."""
     with session_scope(engine) as session:
         spec = load_spec(session, job_id)
-        references = {r: resolve_reference(session, r) for r in spec.references()}
+        references = {r: resolve_reference(session, r, settings) for r in spec.references()}
     root = spec.data_root or settings.data_root
     info = datasets.dataset_info(spec.dataset, root=root)
     train_set = datasets.get_dataset(spec.dataset, "train", root=root)
@@ -159,22 +167,24 @@ def run_training(engine, settings: Settings, job_id: int, device: str) -> dict:
 
 
 def save_model(engine, settings: Settings, job_id: int, spec, info, model, metrics) -> None:
+    """Write the checkpoint, put it in the artifact store, record its location and sha256."""
     name = spec.name or f"{spec.target}-{spec.arch}-{spec.objective}"
-    path = settings.checkpoint_path(job_id, "model")
-    path.parent.mkdir(parents=True, exist_ok=True)
     arch_kwargs = dict(spec.arch_kwargs)
     if spec.target == "denoiser":
         arch_kwargs.setdefault("in_channels", info.channels)
     else:
         arch_kwargs.update(num_classes=info.num_classes, in_channels=info.channels)
     normalization = {"mean": list(info.mean), "std": list(info.std)} if spec.target == "classifier" else None
-    sha256 = checkpoints.save_checkpoint(path, kind=spec.target, arch=spec.arch, arch_kwargs=arch_kwargs,
-                                         model=model.cpu(), normalization=normalization,
-                                         training_spec=spec.to_dict(), metrics=metrics)
+    with tempfile.TemporaryDirectory(prefix=f"dsq-job-{job_id}-") as scratch:
+        path = Path(scratch) / "model.pt"
+        checkpoints.save_checkpoint(path, kind=spec.target, arch=spec.arch, arch_kwargs=arch_kwargs,
+                                    model=model.cpu(), normalization=normalization,
+                                    training_spec=spec.to_dict(), metrics=metrics)
+        location, sha256 = artifacts.store_for(settings).put(path)
     with session_scope(engine) as session:
-        repo.upsert_artifact(session, job_id=job_id, name=name, kind=spec.target, location=str(path),
+        repo.upsert_artifact(session, job_id=job_id, name=name, kind=spec.target, location=location,
                              sha256=sha256, spec=spec.to_dict(), metrics=metrics)
-        repo.add_log(session, job_id, f"saved {path} (sha256 {sha256[:12]})")
+        repo.add_log(session, job_id, f"saved {location} (sha256 {sha256[:12]})")
 
 
 def describe(job, now: datetime) -> list[str]:

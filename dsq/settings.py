@@ -7,6 +7,8 @@ never read at import time.
 - ``DSQ_DATABASE_URL``  default ``sqlite:///$DSQ_HOME/dsq.db``
 - ``RAY_ADDRESS``       default: none, a local Ray started in-process
 - ``DSQ_DATA``          default root for dataset folders (cifar10, imagenet)
+- ``DSQ_ARTIFACTS``     artifact store: a directory or ``s3://bucket/prefix``; default ``$DSQ_HOME/artifacts``
+- ``DSQ_S3_ENDPOINT_URL`` an S3-compatible server instead of AWS (MinIO, moto...)
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class Settings:
     home: Path
     ray_address: str | None = None
     data_root: str | None = None
+    artifacts_url: str | None = None
+    s3_endpoint_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, db: str | None = None, address: str | None = None) -> "Settings":
@@ -33,11 +37,11 @@ class Settings:
             home=home,
             ray_address=address or env.get("RAY_ADDRESS") or None,
             data_root=env.get("DSQ_DATA") or None,
+            artifacts_url=env.get("DSQ_ARTIFACTS") or None,
+            s3_endpoint_url=env.get("DSQ_S3_ENDPOINT_URL") or None,
         )
 
     @property
     def artifacts(self) -> Path:
         return self.home / "artifacts"
 
-    def checkpoint_path(self, job_id: int, name: str) -> Path:
-        return self.artifacts / f"job-{job_id}" / f"{name}.pt"

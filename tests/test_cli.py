@@ -71,7 +71,10 @@ def test_tour(dsq, trained, tmp_path):
 def corrupt_and_mismatched(home, tmp_path):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"this is not a checkpoint")
-    original = torch.load(next((home / "artifacts" / "job-1").glob("*.pt")), weights_only=True)
+    engine = open_database(f"sqlite:///{home / 'dsq.db'}")
+    with session_scope(engine) as session:
+        [artifact] = repo.artifacts_for_job(session, 1)
+    original = torch.load(artifact.location, weights_only=True)
     original["arch_kwargs"] = original["arch_kwargs"] | {"width": 48}
     mismatched = tmp_path / "mismatched.pt"
     torch.save(original, mismatched)

@@ -31,6 +31,7 @@ from workers.trainer import TrainerActor
 Progress = Callable[[int, int], None]
 POLL_SECONDS = 0.5
 TASKS_PER_ACTOR = 2
+RUNNER_RESTARTS = 3
 
 
 def run_job(settings: Settings, job_id: int, *, runner: str = "local", on_progress: Progress | None = None) -> str:
@@ -117,8 +118,8 @@ class ImageState:
 
 def _run_certify(engine, settings: Settings, job_id: int, spec, on_progress: Progress | None) -> None:
     with session_scope(engine) as session:
-        paths = [jobs.resolve_reference(session, spec.classifier),
-                 jobs.resolve_reference(session, spec.denoiser) if spec.denoiser else None]
+        paths = [jobs.resolve_reference(session, spec.classifier, settings),
+                 jobs.resolve_reference(session, spec.denoiser, settings) if spec.denoiser else None]
         done = repo.done_image_indices(session, job_id)
     dataset = datasets.get_dataset(spec.dataset, spec.split, root=spec.data_root or settings.data_root)
     plan = jobs.image_plan(spec, dataset)
@@ -205,12 +206,14 @@ class CertifyLoop:
             self.on_progress(self.done, self.total)
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+@ray.remote(num_cpus=0, max_restarts=RUNNER_RESTARTS)
 class JobRunner:
     """Detached driver of one job on a cluster.
 
     The job starts in the constructor: an actor's creation belongs to the
     cluster, while a method call would belong to the CLI process that may exit.
+    If the runner's process dies, Ray runs the constructor again (a restart):
+    the job resumes from what the database holds, as ``dsq resume`` would.
     """
 
     def __init__(self, settings: Settings, job_id: int):
@@ -219,7 +222,8 @@ class JobRunner:
 
     def _run(self, settings: Settings, job_id: int) -> None:
         try:
-            run_job(settings, job_id, runner=f"ray:{ray.get_runtime_context().get_actor_id()[:8]}")
+            if not _finished(settings, job_id):  # a restart after the job ended does nothing
+                run_job(settings, job_id, runner=f"ray:{ray.get_runtime_context().get_actor_id()[:8]}")
         finally:
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
@@ -227,8 +231,30 @@ class JobRunner:
         return True
 
 
+def _finished(settings: Settings, job_id: int) -> bool:
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(engine) as session:
+            return repo.get_job(session, job_id).status in jobs.FINISHED
+    finally:
+        engine.dispose()
+
+
 def start_detached(settings: Settings, job_id: int) -> None:
-    """Start a job on the connected cluster; return once its runner exists."""
-    runner = JobRunner.options(name=f"dsq-job-{job_id}-{uuid.uuid4().hex[:6]}", lifetime="detached").remote(
-        settings, job_id)
+    """Start a job on the connected cluster; return once its runner exists.
+
+    The runner prefers the head node: losing the head loses the cluster anyway,
+    so a worker node's loss then never takes a job's runner with it.
+    """
+    runner = JobRunner.options(name=f"dsq-job-{job_id}-{uuid.uuid4().hex[:6]}", lifetime="detached",
+                               scheduling_strategy=_on_head_node()).remote(settings, job_id)
     ray.get(runner.ready.remote())
+
+
+def _on_head_node():
+    """A soft affinity to the head node (None when the head is unknown: Ray's default)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    heads = [node["NodeID"] for node in ray.nodes()
+             if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {})]
+    return NodeAffinitySchedulingStrategy(node_id=heads[0], soft=True) if heads else None

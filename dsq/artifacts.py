@@ -1,0 +1,207 @@
+"""The artifact store: checkpoints every node can reach, addressed by their sha256.
+
+Two backends behind one interface:
+
+- ``LocalStore`` (the embedded default, ``$DSQ_HOME/artifacts``): a directory,
+  shared between nodes only if it is on a shared file system.
+- ``S3Store`` (``s3://bucket/prefix``, boto3, credentials from boto3's usual chain,
+  ``DSQ_S3_ENDPOINT_URL`` for an S3-compatible server).
+
+``put(path)`` copies a file in under ``sha256/<hex>`` and returns ``(location, sha256)``;
+``fetch(location, sha256)`` returns a local path and verifies the bytes against
+``sha256`` on every call (S3 objects are cached under ``$DSQ_HOME/cache/artifacts``),
+so a worker never loads a checkpoint other than the one that was recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+from dsq.errors import CheckpointError, DsqError
+
+CHUNK = 1 << 20
+
+
+class ArtifactStoreError(DsqError):
+    """The artifact store cannot be reached or used (no access, no such bucket...)."""
+
+
+class Store(Protocol):
+    def check(self) -> None: ...
+
+    def put(self, path: str | os.PathLike) -> tuple[str, str]: ...
+
+    def fetch(self, location: str, sha256: str) -> Path: ...
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(path: Path, sha256: str, location: str) -> Path:
+    """``path`` if its bytes hash to ``sha256``; raises ``CheckpointError`` otherwise."""
+    if not path.is_file():
+        raise CheckpointError(f"artifact {location} not found")
+    found = file_sha256(path)
+    if found != sha256:
+        raise CheckpointError(f"artifact {location} sha256 mismatch: expected {sha256[:12]}, found {found[:12]}")
+    return path
+
+
+def _copy_atomically(source: str | os.PathLike, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, scratch = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, scratch)
+        os.replace(scratch, target)
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+
+
+class LocalStore:
+    """A directory; the location of an artifact is its absolute path."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().absolute()
+
+    def check(self) -> None:
+        """Raise ``ArtifactStoreError`` unless artifacts can be written here."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ArtifactStoreError(f"cannot write artifacts to {self.root}: {error.strerror or error}") from None
+        if not os.access(self.root, os.W_OK):
+            raise ArtifactStoreError(f"cannot write artifacts to {self.root}: permission denied")
+
+    def put(self, path: str | os.PathLike) -> tuple[str, str]:
+        sha256 = file_sha256(path)
+        target = self.root / "sha256" / f"{sha256}.pt"
+        if not (target.is_file() and file_sha256(target) == sha256):
+            try:
+                _copy_atomically(path, target)
+            except OSError as error:
+                raise ArtifactStoreError(f"cannot write artifact to {self.root}: {error.strerror or error}") from None
+        return str(target), sha256
+
+    def fetch(self, location: str, sha256: str) -> Path:
+        return verify(Path(location.removeprefix("file://")), sha256, location)
+
+
+def split_s3(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> (``bucket``, ``some/prefix``)."""
+    rest = url.removeprefix("s3://")
+    bucket, _, prefix = rest.partition("/")
+    if not url.startswith("s3://") or not bucket:
+        raise ArtifactStoreError(f"malformed S3 location {url}: use s3://bucket/prefix")
+    return bucket, prefix.strip("/")
+
+
+class S3Store:
+    """A bucket (and key prefix) on S3 or an S3-compatible server."""
+
+    def __init__(self, url: str, *, cache: str | os.PathLike, endpoint_url: str | None = None):
+        self.url = url.rstrip("/")
+        self.bucket, self.prefix = split_s3(self.url)
+        self.cache = Path(cache)
+        self.endpoint_url = endpoint_url
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3})
+            self._client = boto3.client("s3", endpoint_url=self.endpoint_url, config=config)
+        return self._client
+
+    def check(self) -> None:
+        """Raise ``ArtifactStoreError`` unless the bucket exists and these credentials reach it."""
+        with _s3_errors(self.url):
+            self.client.head_bucket(Bucket=self.bucket)
+
+    def put(self, path: str | os.PathLike) -> tuple[str, str]:
+        sha256 = file_sha256(path)
+        key = "/".join(filter(None, [self.prefix, "sha256", f"{sha256}.pt"]))
+        with _s3_errors(f"s3://{self.bucket}/{key}"):
+            self.client.upload_file(os.fspath(path), self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha256}})
+        return f"s3://{self.bucket}/{key}", sha256
+
+    def fetch(self, location: str, sha256: str) -> Path:
+        local = self.cache / f"{sha256}.pt"
+        if local.is_file():
+            try:
+                return verify(local, sha256, location)
+            except CheckpointError:
+                local.unlink(missing_ok=True)  # a corrupt cache entry: fetch it again
+        bucket, key = split_s3(location)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fd, scratch = tempfile.mkstemp(dir=local.parent, prefix=".part-")
+        os.close(fd)
+        try:
+            with _s3_errors(location):
+                self.client.download_file(bucket, key, scratch)
+            verify(Path(scratch), sha256, location)
+            os.replace(scratch, local)
+        finally:
+            if os.path.exists(scratch):
+                os.unlink(scratch)
+        return local
+
+
+class _s3_errors:
+    """Turn boto's exceptions into one ``ArtifactStoreError`` line."""
+
+    def __init__(self, location: str):
+        self.location = location
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if error is None or isinstance(error, DsqError):
+            return False
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(error, ClientError):
+            info = error.response.get("Error", {})
+            reason = f"{info.get('Code', '?')}: {info.get('Message') or 'access denied or not found'}"
+        elif isinstance(error, (BotoCoreError, S3UploadFailedError)):
+            reason = str(error).splitlines()[0]
+        else:
+            return False
+        raise ArtifactStoreError(f"cannot use artifact {self.location}: {reason}") from None
+
+
+def open_store(url: str | None, *, home: str | os.PathLike, endpoint_url: str | None = None) -> Store:
+    """The store ``url`` names: ``s3://bucket/prefix``, a directory, or None for ``home/artifacts``."""
+    if url and url.startswith("s3://"):
+        return S3Store(url, cache=Path(home) / "cache" / "artifacts", endpoint_url=endpoint_url)
+    if url and "://" in url and not url.startswith("file://"):
+        raise ArtifactStoreError(f"unsupported artifact store {url}: use a directory or s3://bucket/prefix")
+    return LocalStore(url.removeprefix("file://") if url else Path(home) / "artifacts")
+
+
+def store_for(settings) -> Store:
+    """The store the settings configure (``DSQ_ARTIFACTS``)."""
+    return open_store(settings.artifacts_url, home=settings.home, endpoint_url=settings.s3_endpoint_url)
+
+
+def fetch(settings, location: str, sha256: str) -> Path:
+    """A verified local copy of the artifact at ``location``, whichever backend it lives in."""
+    if location.startswith("s3://"):
+        return open_store(location, home=settings.home, endpoint_url=settings.s3_endpoint_url).fetch(location, sha256)
+    return LocalStore(settings.home).fetch(location, sha256)

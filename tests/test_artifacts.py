@@ -1,0 +1,132 @@
+"""The artifact store: a local directory and a real S3-compatible server (moto, in server mode, on 127.0.0.1)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsq import artifacts, jobs, specs
+from dsq.db import repo
+from dsq.db.session import open_database, session_scope
+from dsq.errors import CheckpointError
+from dsq.settings import Settings
+from tests.conftest import free_port
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """URL of a moto S3 server on loopback, with fake credentials in the environment for boto3."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="dsq-test")
+    yield url
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def blob(tmp_path, content=b"weights"):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    return path
+
+
+def test_local_store_is_content_addressed_and_verifies(tmp_path):
+    store = artifacts.open_store(None, home=tmp_path / "home")
+    location, sha256 = store.put(blob(tmp_path))
+    assert location == str(tmp_path / "home" / "artifacts" / "sha256" / f"{sha256}.pt")
+    assert store.put(blob(tmp_path)) == (location, sha256)  # same bytes, same place
+    assert store.fetch(location, sha256).read_bytes() == b"weights"
+    Path(location).write_bytes(b"tampered")
+    with pytest.raises(CheckpointError, match=r"artifact .* sha256 mismatch"):
+        store.fetch(location, sha256)
+
+
+def test_s3_store_put_fetch_cache_and_mismatch(s3, tmp_path):
+    settings = Settings(database_url="sqlite://", home=tmp_path, artifacts_url="s3://dsq-test/runs",
+                        s3_endpoint_url=s3)
+    location, sha256 = artifacts.store_for(settings).put(blob(tmp_path))
+    assert location == f"s3://dsq-test/runs/sha256/{sha256}.pt"
+    local = artifacts.fetch(settings, location, sha256)
+    assert local.read_bytes() == b"weights" and local.is_relative_to(tmp_path / "cache")
+    local.write_bytes(b"corrupt cache")  # a bad cache entry is fetched again
+    assert artifacts.fetch(settings, location, sha256).read_bytes() == b"weights"
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3).put_object(Bucket="dsq-test", Key=location.split("/", 3)[3], Body=b"evil")
+    local.unlink()
+    with pytest.raises(CheckpointError, match=r"artifact s3://.* sha256 mismatch"):
+        artifacts.fetch(settings, location, sha256)
+    assert not local.exists()  # nothing half-written in the cache
+
+
+def test_s3_without_access_is_one_line(s3, tmp_path):
+    missing = artifacts.open_store("s3://no-such-bucket/x", home=tmp_path, endpoint_url=s3)
+    with pytest.raises(artifacts.ArtifactStoreError, match=r"^cannot use artifact s3://no-such-bucket/x: ") as info:
+        missing.check()
+    assert "\n" not in str(info.value)
+    with pytest.raises(artifacts.ArtifactStoreError, match="NoSuchBucket"):
+        missing.put(blob(tmp_path))
+    with pytest.raises(artifacts.ArtifactStoreError, match="no-such-bucket"):
+        missing.fetch("s3://no-such-bucket/x/a.pt", "0" * 64)
+
+
+def dsq(env, *args):
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], env=os.environ | env,
+                          capture_output=True, text=True, timeout=300)
+
+
+TRAIN = ["submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
+         "--objective", "standard", "--sigma", "0", "--epochs", "1"]
+
+
+def test_training_through_s3_then_certify_verifies_the_hash(s3, tmp_path):
+    env = {"DSQ_HOME": str(tmp_path), "DSQ_ARTIFACTS": "s3://dsq-test/jobs", "DSQ_S3_ENDPOINT_URL": s3,
+           "RAY_AUTH_MODE": "disabled", **CREDENTIALS}
+    out = dsq(env, *TRAIN)
+    assert out.returncode == 0, out.stderr
+    engine = open_database(f"sqlite:///{tmp_path / 'dsq.db'}")
+    with session_scope(engine) as session:
+        [artifact] = repo.artifacts_for_job(session, 1)
+        assert artifact.location.startswith("s3://dsq-test/jobs/sha256/")
+        settings = Settings.from_env(env)
+        assert Path(jobs.resolve_reference(session, "job:1", settings)).is_file()
+    import boto3
+
+    key = artifact.location.split("/", 3)[3]
+    boto3.client("s3", endpoint_url=s3).put_object(Bucket="dsq-test", Key=key, Body=b"swapped")
+    (tmp_path / "cache" / "artifacts" / f"{artifact.sha256}.pt").unlink()
+    out = dsq(env, "submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25",
+              "--n0", "10", "--n", "50", "--max-images", "1")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "sha256 mismatch" in out.stderr and "Traceback" not in out.stderr
+    with session_scope(engine) as session:
+        assert [job.id for job in repo.list_jobs(session)] == [1]  # nothing half-written
+    engine.dispose()
+
+
+def test_training_into_an_inaccessible_bucket_is_refused_at_submit(s3, tmp_path):
+    env = {"DSQ_HOME": str(tmp_path), "DSQ_ARTIFACTS": "s3://no-such-bucket/jobs", "DSQ_S3_ENDPOINT_URL": s3,
+           "RAY_AUTH_MODE": "disabled", **CREDENTIALS}
+    out = dsq(env, *TRAIN)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("error: cannot use artifact s3://no-such-bucket/jobs")
+    engine = open_database(f"sqlite:///{tmp_path / 'dsq.db'}")
+    with session_scope(engine) as session:
+        assert repo.list_jobs(session) == []
+    engine.dispose()

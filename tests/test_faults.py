@@ -1,0 +1,315 @@
+"""Fault injection on a real multi-node Ray (a CPU-less head and two worker nodes, each `ray start`ed on its own
+ports and in its own process group) with PostgreSQL as the database: kill a sampler, a worker node's raylet, the
+job runner; run jobs side by side; hammer the databases with concurrent writers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, make_url, text
+
+from dsq import jobs, smoothing
+from dsq.db import repo
+from dsq.db.session import open_database, session_scope
+from tests.conftest import free_port
+
+RAY = str(Path(sys.executable).parent / "ray")
+ENV = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_health_check_period_ms": "1000",
+                    "RAY_health_check_failure_threshold": "3", "RAY_health_check_timeout_ms": "1000"}
+CERTIFY = ["submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25", "--n0", "20",
+           "--n", "20000", "--batch-size", "1000", "--max-images", "10", "--workers", "2", "--seed", "7"]
+
+
+def node_ports() -> list[str]:
+    names = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "runtime-env-agent-port", "min-worker-port")
+    ports = {name: free_port() for name in names}
+    ports["max-worker-port"] = ports["min-worker-port"] + 40
+    return [f"--{name}={port}" for name, port in ports.items()]
+
+
+def start_node(args, temp) -> subprocess.Popen:
+    log = open(Path(temp) / f"node-{len(list(Path(temp).glob('node-*.log')))}.log", "w")
+    return subprocess.Popen(
+        [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--memory=3000000000",
+         "--object-store-memory=150000000", "--disable-usage-stats", *node_ports(), *args],
+        env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp)
+
+
+def node_logs(temp) -> str:
+    return "\n".join(f"{p.name}: {p.read_text()[-1500:]}" for p in sorted(Path(temp).glob("node-*.log")))
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+    try:  # the group's leftovers (a node's workers after its raylet was killed)
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+INSPECT = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+from ray._private.state import state
+actors = [{"cls": a["ActorClassName"], "pid": a["Pid"], "node": a["Address"]["NodeID"], "name": a["Name"]}
+          for a in state.actor_table(None).values() if a["State"] == "ALIVE"]
+nodes = [{"id": n["NodeID"], "port": n["NodeManagerPort"], "cpus": n["Resources"].get("CPU", 0)}
+         for n in ray.nodes() if n["Alive"]]
+print("DSQ-STATE " + json.dumps({"actors": actors, "nodes": nodes}))
+"""
+
+
+def inspect(address) -> dict:
+    out = subprocess.run([sys.executable, "-c", INSPECT, address], env=ENV, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    [line] = [line for line in out.stdout.splitlines() if line.startswith("DSQ-STATE ")]
+    return json.loads(line.removeprefix("DSQ-STATE "))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    temp = tmp_path_factory.mktemp("ray")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    head = start_node(["--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+                       f"--temp-dir={temp}", f"--ray-client-server-port={free_port()}"], temp)
+    workers = []
+    try:
+        deadline = time.monotonic() + 240
+        while subprocess.run([sys.executable, "-c", CHECK, address], env=ENV,
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and head.poll() is None, "ray head did not start"
+            time.sleep(1)
+        for nodes in (2, 3):  # one at a time: two nodes starting at once can starve each other on 2 cores
+            workers.append(start_node([f"--address={address}", "--num-cpus=1"], temp))
+            while len(inspect(address)["nodes"]) < nodes:
+                assert time.monotonic() < deadline, f"worker nodes did not join: {node_logs(temp)}"
+                time.sleep(1)
+        yield address, workers
+    finally:
+        for process in [*workers, head]:
+            stop(process)
+
+
+CHECK = "import sys; from workers.resources import check_reachable; check_reachable(sys.argv[1])"
+
+
+@pytest.fixture(scope="module")
+def world(cluster, postgres_server, tmp_path_factory):
+    """A PostgreSQL database with a trained classifier (job 1) and an undisturbed certify run (job 2)."""
+    address, _ = cluster
+    name = f"dsq_faults_{os.getpid()}"
+    admin = create_engine(make_url(f"{postgres_server}/postgres").set(drivername="postgresql+psycopg"),
+                          isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    home = tmp_path_factory.mktemp("faults-home")
+    env = {"DSQ_HOME": str(home), "DSQ_DATABASE_URL": f"{postgres_server}/{name}", "RAY_ADDRESS": address}
+    engine = open_database(env["DSQ_DATABASE_URL"])
+    try:
+        out = dsq(env, "submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
+                  "--objective", "standard", "--sigma", "0", "--epochs", "2", "--wait")
+        assert out.returncode == 0 and "job 1 succeeded" in out.stdout, out.stderr
+        reference = submit(env, *CERTIFY)
+        assert wait_for(engine, reference, ("succeeded", "failed")) == "succeeded", logs(engine, reference)
+        yield env, engine, rows(engine, reference)
+    finally:
+        engine.dispose()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def dsq(env, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], env=ENV | env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def submit(env, *args) -> int:
+    out = dsq(env, *args)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+def job_of(engine, job_id):
+    with session_scope(engine) as session:
+        return repo.get_job(session, job_id)
+
+
+def wait_for(engine, job_id, wanted, *, done=0, timeout=240) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = job_of(engine, job_id)
+        if job.status in wanted and job.progress_done >= done:
+            return job.status
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} not {wanted} within {timeout} s: {logs(engine, job_id)}")
+
+
+def logs(engine, job_id):
+    with session_scope(engine) as session:
+        return [line.message for line in repo.logs_for_job(session, job_id)]
+
+
+def rows(engine, job_id):
+    with session_scope(engine) as session:
+        return [(r.image_index, r.prediction, r.radius, r.counts_selection, r.counts_estimation)
+                for r in repo.results_for_job(session, job_id)]
+
+
+def assert_same_as_undisturbed(engine, job_id, reference):
+    found = rows(engine, job_id)
+    assert [r[0] for r in found] == sorted({r[0] for r in found})  # no duplicated rows
+    assert found == reference and len(found) == 10  # no missing rows, identical radii
+    with session_scope(engine) as session:
+        units = repo.work_units(session, job_id)
+        assert sorted(u.key for u in units) == sorted({u.key for u in units}) and len(units) == 10
+
+
+def raylet_pid(workers, port) -> int:
+    """The raylet of the worker node with this node-manager port (found in /proc, by process group)."""
+    groups = {w.pid for w in workers if w.poll() is None}
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if (entry.name.isdigit() and argv[0].endswith(b"/raylet") and os.getpgid(int(entry.name)) in groups
+                    and f"--node_manager_port={port}".encode() in argv):
+                return int(entry.name)
+        except (OSError, IndexError):
+            continue
+    raise AssertionError(f"no raylet with node manager port {port}")
+
+
+def actors(address, cls, *, at_least=1, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [a for a in inspect(address)["actors"] if a["cls"] == cls]
+        if len(found) >= at_least:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"no live {cls}")
+
+
+def test_killing_a_sampler_process_mid_job_changes_nothing(cluster, world):
+    address, _ = cluster
+    env, engine, reference = world
+    job_id = submit(env, *CERTIFY)
+    victim = actors(address, "SamplerActor", at_least=2)[0]
+    wait_for(engine, job_id, ("running",), done=1)
+    os.kill(victim["pid"], signal.SIGKILL)
+    assert job_of(engine, job_id).progress_done < 10  # it was killed mid-job
+    assert wait_for(engine, job_id, ("succeeded", "failed")) == "succeeded", logs(engine, job_id)
+    assert_same_as_undisturbed(engine, job_id, reference)
+
+
+def test_losing_a_worker_node_mid_job_changes_nothing(cluster, world):
+    address, workers = cluster
+    env, engine, reference = world
+    job_id = submit(env, *CERTIFY)
+    actors(address, "SamplerActor", at_least=2)
+    state = inspect(address)
+    sampler_nodes = {a["node"] for a in state["actors"] if a["cls"] == "SamplerActor"}
+    runner_nodes = {a["node"] for a in state["actors"] if a["cls"] == "JobRunner"}
+    victim_node = next(n for n in state["nodes"] if n["id"] in sampler_nodes - runner_nodes and n["cpus"] > 0)
+    pid = raylet_pid(workers, victim_node["port"])
+    wait_for(engine, job_id, ("running",), done=1)
+    os.kill(pid, signal.SIGKILL)
+    assert job_of(engine, job_id).progress_done < 10
+    assert wait_for(engine, job_id, ("succeeded", "failed")) == "succeeded", logs(engine, job_id)
+    assert_same_as_undisturbed(engine, job_id, reference)
+    assert len(inspect(address)["nodes"]) == 2  # the node is gone for good
+
+
+def test_killing_the_job_runner_mid_job_resumes_it(cluster, world):
+    address, _ = cluster
+    env, engine, reference = world
+    job_id = submit(env, *CERTIFY)
+    [runner] = [a for a in actors(address, "JobRunner") if a["name"].startswith(f"dsq-job-{job_id}-")]
+    wait_for(engine, job_id, ("running",), done=1)
+    os.kill(runner["pid"], signal.SIGKILL)
+    assert job_of(engine, job_id).progress_done < 10
+    assert wait_for(engine, job_id, ("succeeded", "failed")) == "succeeded", logs(engine, job_id)
+    assert job_of(engine, job_id).attempts == 2  # Ray restarted the runner, which resumed the job
+    assert_same_as_undisturbed(engine, job_id, reference)
+
+
+def test_two_certifications_and_a_training_at_once(cluster, world):
+    env, engine, reference = world
+    started = [submit(env, *CERTIFY), submit(env, *CERTIFY[:-2], "--seed", "7", "--workers", "1"),
+               submit(env, "submit", "train", "--dataset", "digits", "--target", "denoiser", "--arch", "dncnn",
+                      "--objective", "mse", "--sigma", "0.25", "--epochs", "1", "--arch-kwargs",
+                      '{"depth": 3, "width": 8}')]
+    for job_id in started:
+        assert wait_for(engine, job_id, ("succeeded", "failed")) == "succeeded", logs(engine, job_id)
+    for job_id in started[:2]:
+        assert_same_as_undisturbed(engine, job_id, reference)
+    with session_scope(engine) as session:
+        path = jobs.resolve_reference(session, f"job:{started[2]}")  # fetched and hash-verified
+    from dsq import checkpoints
+
+    assert checkpoints.load_checkpoint(path)[1]["kind"] == "denoiser"
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+def test_many_concurrent_writers_lose_nothing(dialect, request):
+    url = request.getfixturevalue(f"{dialect}_url")
+    engine = open_database(url)
+    with session_scope(engine) as session:
+        job_id = repo.create_job(session, kind="certify", spec={}, seed=0, total=40).id
+    cert = smoothing.certify_counts([0, 5], [1, 99], alpha=0.001, sigma=0.25)
+    writers, per_writer = 8, 20
+
+    def write(writer: int) -> None:
+        own = open_database(url)
+        try:
+            for step in range(per_writer):
+                image = (writer * 7 + step) % 40  # writers overlap on images: idempotent upserts
+                with session_scope(own) as session:
+                    jobs.record_certificate(session, job_id, image, 1, cert, seconds=0.1, worker=f"w{writer}",
+                                            device="cpu")
+                    repo.add_log(session, job_id, f"w{writer} s{step}")
+                    repo.heartbeat(session, job_id)
+        finally:
+            own.dispose()
+
+    with ThreadPoolExecutor(writers) as pool:
+        for future in [pool.submit(write, w) for w in range(writers)]:
+            future.result()  # re-raises "database is locked" or a lost transaction, if any
+    with session_scope(engine) as session:
+        assert sorted(r.image_index for r in repo.results_for_job(session, job_id)) == list(range(40))
+        assert len(repo.work_units(session, job_id, "done")) == 40
+        messages = [line.message for line in repo.logs_for_job(session, job_id)]
+        assert len(messages) == len(set(messages)) == writers * per_writer  # no update lost
+    engine.dispose()
+
+
+CLUSTER_CLI = ("import sys; from cli.main import app; from cli import cluster\n"
+               "if not any(c.name == 'cluster' for c in app.registered_commands): cluster.register(app)\n"
+               "app(prog_name='dsq')")
+
+
+def test_dsq_cluster_shows_nodes_actors_and_jobs(cluster, world, tmp_path):
+    address, _ = cluster
+    env, engine, _ = world
+    out = subprocess.run([sys.executable, "-c", CLUSTER_CLI, "cluster"], env=ENV | env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "(head)" in out.stdout and "/1 used" in out.stdout and "queued and running jobs" in out.stdout
+    local = subprocess.run([sys.executable, "-c", CLUSTER_CLI, "cluster"], capture_output=True, text=True,
+                           env={k: v for k, v in (ENV | {"DSQ_HOME": str(tmp_path)}).items() if k != "RAY_ADDRESS"})
+    assert local.returncode == 2 and local.stderr.startswith("error: no cluster configured")
