@@ -26,22 +26,28 @@ FINISHED = ("succeeded", "failed", "cancelled")
 STALE_AFTER = timedelta(seconds=60)
 
 
-def resolve_reference(session: Session, reference: str, settings: Settings | None = None) -> str:
-    """The local checkpoint file a model reference names: ``job:ID`` or a path.
-
-    A job's checkpoint is fetched from the artifact store it was put in (cached
-    under ``$DSQ_HOME``) and its sha256 checked against the recorded one.
-    """
+def checkpoint_source(session: Session, reference: str) -> tuple[str, str | None]:
+    """Where a model reference's checkpoint lives: (store location, sha256) for ``job:ID``, (path, None) for a file."""
     if specs.is_job_reference(reference):
         job = repo.get_job(session, int(reference.split(":")[1]))
         found = repo.artifacts_for_job(session, job.id)
         if job.status != "succeeded" or not found:
             raise CheckpointError(f"{reference} has no checkpoint: the job is {job.status}, not a succeeded training job")
-        settings = settings or Settings.from_env(os.environ)
-        return str(artifacts.fetch(settings, found[0].location, found[0].sha256))
+        return found[0].location, found[0].sha256
     if not Path(reference).is_file():
         raise CheckpointError(f"checkpoint not found: {reference}")
-    return reference
+    return reference, None
+
+
+def local_checkpoint(settings: Settings, source: tuple[str, str | None]) -> str:
+    """A local file for a checkpoint source: fetched from the store (cached) and its sha256 checked."""
+    location, sha256 = source
+    return location if sha256 is None else str(artifacts.fetch(settings, location, sha256))
+
+
+def resolve_reference(session: Session, reference: str, settings: Settings | None = None) -> str:
+    """The local checkpoint file a model reference names: ``job:ID`` or a path."""
+    return local_checkpoint(settings or Settings.from_env(os.environ), checkpoint_source(session, reference))
 
 
 def check_spec(session: Session, spec, settings: Settings) -> int:

@@ -118,15 +118,16 @@ class ImageState:
 
 def _run_certify(engine, settings: Settings, job_id: int, spec, on_progress: Progress | None) -> None:
     with session_scope(engine) as session:
-        paths = [jobs.resolve_reference(session, spec.classifier, settings),
-                 jobs.resolve_reference(session, spec.denoiser, settings) if spec.denoiser else None]
+        # Each sampler fetches (and hash-checks) the checkpoints on its own node.
+        sources = [jobs.checkpoint_source(session, spec.classifier),
+                   jobs.checkpoint_source(session, spec.denoiser) if spec.denoiser else None]
         done = repo.done_image_indices(session, job_id)
     dataset = datasets.get_dataset(spec.dataset, spec.split, root=spec.data_root or settings.data_root)
     plan = jobs.image_plan(spec, dataset)
     todo = collections.deque(i for i in plan if i not in done)
     options, threads = resources.actor_options(spec.workers)
     device = resources.device_for("num_gpus" in options)
-    actors = [SamplerActor.options(**options).remote(*paths, threads, device) for _ in range(spec.workers)]
+    actors = [SamplerActor.options(**options).remote(settings, *sources, threads, device) for _ in range(spec.workers)]
     try:
         CertifyLoop(engine, job_id, spec, dataset, actors, len(plan) - len(todo), len(plan), on_progress).run(todo)
     finally:

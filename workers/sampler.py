@@ -15,9 +15,11 @@ from dsq import fastpath, jobs, sampling
 class SamplerActor:
     """Loads the pipeline from its checkpoints once; each call is one shard."""
 
-    def __init__(self, classifier_path: str, denoiser_path: str | None, threads: int, device: str = "cpu"):
+    def __init__(self, settings, classifier_source, denoiser_source, threads: int, device: str = "cpu"):
         torch.set_num_threads(threads)
         self.device = device
+        classifier_path = jobs.local_checkpoint(settings, classifier_source)
+        denoiser_path = jobs.local_checkpoint(settings, denoiser_source) if denoiser_source else None
         # Prepared once per actor (BN folded, channels-last where it helps); fp32, so f is unchanged.
         self.model = fastpath.prepare_for_inference(jobs.load_pipeline(classifier_path, denoiser_path, device),
                                                     device=device)
