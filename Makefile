@@ -22,5 +22,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
+bench: $(STAMP)
+	$(VENV)/bin/dsq bench
+
 clean:
 	rm -rf $(VENV) *.egg-info dsq-demo-curves.png

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli import api, cluster, db, demo, jobs, results, submit
+from cli import api, bench, cluster, db, demo, jobs, results, submit
 from dsq.settings import Settings
 
 app = typer.Typer(help="dsq: certified robustness for any image classifier by denoised smoothing, as Ray jobs.",
@@ -30,3 +30,4 @@ jobs.register(app)
 results.register(app)
 demo.register(app)
 cluster.register(app)
+bench.register(app)

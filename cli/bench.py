@@ -1,0 +1,65 @@
+"""``dsq bench``: certification throughput against the forward-pass limit, the reference loop and Ray."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from cli import common
+from dsq import bench as benchmark
+from dsq import report
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(bench)
+
+
+def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(benchmark.PAIRS)}."),
+          batch_size: int = typer.Option(0, help="Samples per forward pass (0: the pair's measured default)."),
+          device: str = typer.Option("cpu", help="cpu or cuda."),
+          threads: int = typer.Option(0, help="Total CPU threads (in-process and Ray); 0: all cores."),
+          repeats: int = typer.Option(7, help="Interleaved rounds of the in-process measurements."),
+          samples: int = typer.Option(0, help="Samples per in-process measurement (0: the pair's default)."),
+          workers: int = typer.Option(2, help="K, the workers of the second Ray job (the first has 1)."),
+          ray_images: int = typer.Option(6, help="Images per Ray job."),
+          ray_n: int = typer.Option(0, help="Estimation samples per image in the Ray jobs (0: the pair's default)."),
+          memory_model: str = typer.Option("probe", help="probe (a linear layer on the same input) or pair."),
+          variants: bool = typer.Option(True, help="Also time each preparation step on its own."),
+          ray: bool = typer.Option(True, help="Run the Ray jobs (a local Ray, temp SQLite)."),
+          memory: bool = typer.Option(True, help="Measure peak RSS at n = 10^4 and 10^6 in fresh processes."),
+          batch_sweep: str = typer.Option("", help="Also time plain and prepared forward at these batch sizes, "
+                                          "e.g. 25,50,100,200,500."),
+          out: str = typer.Option("bench-results.json", help="Where to write the results.")):
+    """Benchmark certification throughput of one model pair; print a table and write JSON.
+
+    Random weights (speed does not depend on them). The Ray jobs run on a local Ray started here,
+    on a temporary SQLite database; the machine should otherwise be idle for meaningful numbers.
+    """
+    with common.boundary():
+        cfg = benchmark.BenchConfig(
+            pair=pair, batch_size=batch_size or None, device=device, threads=threads or os.cpu_count() or 1,
+            repeats=repeats, samples=samples or None, workers=workers, ray_images=ray_images, ray_n=ray_n or None,
+            memory_model=memory_model, variants=variants, ray=ray, memory=memory,
+            batch_sweep=parse_sizes(batch_sweep))
+        results = benchmark.run(cfg, log=lambda line: common.errors.print(line, markup=False, highlight=False))
+    benchmark.write_results(results, out)
+    title = f"{results['pair']}, batch {cfg.batch_size}, {cfg.threads} threads, {device}"
+    common.console.print(report.render_table(["quantity", "value", "note", "verdict"],
+                                             benchmark.summary_rows(results), title=title))
+    if variants:
+        common.console.print(report.render_table(["forward / loop variant", "samples/s", "vs plain"],
+                                                 benchmark.variant_rows(results), title="where the speed comes from"))
+    if cfg.batch_sweep:
+        common.console.print(report.render_table(["batch size", "plain samples/s", "prepared samples/s", "gain"],
+                                                 benchmark.sweep_rows(results), title="forward by batch size"))
+    common.console.print(f"results written to {out}")
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    from dsq.errors import InvalidArgument
+
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InvalidArgument(f"--batch-sweep must be comma-separated integers, got {text!r}") from None
