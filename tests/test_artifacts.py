@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dsq import artifacts, jobs, specs
+from dsq import artifacts, jobs
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import CheckpointError
