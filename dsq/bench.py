@@ -205,15 +205,14 @@ def reference_trial(model: nn.Module, x: torch.Tensor, cfg: BenchConfig, num_cla
     return trial
 
 
-def interleaved(trials: dict[str, Trial], cfg: BenchConfig, log: Log,
-                samples: int | None = None) -> dict[str, list[float]]:
+def interleaved(trials: dict[str, Trial], cfg: BenchConfig, log: Log) -> dict[str, list[float]]:
     """One warm-up batch per trial, then ``repeats`` rounds of every trial in turn; samples/s per round."""
     for trial in trials.values():
         trial(cfg.batch_size)
     rates: dict[str, list[float]] = {name: [] for name in trials}
     for round_ in range(cfg.repeats):
         for name, trial in trials.items():
-            rates[name].append(trial(samples or cfg.samples))
+            rates[name].append(trial(cfg.samples))
         log(f"  round {round_ + 1}/{cfg.repeats}: " + ", ".join(f"{n} {r[-1]:.0f}/s" for n, r in rates.items()))
     return rates
 
@@ -249,10 +248,10 @@ def batch_sweep(cfg: BenchConfig, pair: Pair, log: Log) -> dict:
     trials = {}
     for size in cfg.batch_sweep:
         batch = torch.rand(size, *pair.shape, generator=torch.Generator().manual_seed(size)).to(device)
-        trials[f"plain {size}"] = forward_trial(model, batch)
+        trials[f"plain {size}"] = forward_trial(model, batch)  # a trial runs at least one batch
         trials[f"prepared {size}"] = forward_trial(prepared, batch)
     log(f"batch sweep: {', '.join(map(str, cfg.batch_sweep))}")
-    rates = interleaved(trials, cfg, log, samples=max(cfg.samples, *cfg.batch_sweep))
+    rates = interleaved(trials, cfg, log)
     return {str(size): {kind: max(rates[f"{kind} {size}"]) for kind in ("plain", "prepared")}
             for size in cfg.batch_sweep}
 

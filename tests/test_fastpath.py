@@ -141,8 +141,22 @@ class InputDependentControlFlow(nn.Module):
         return self.tail(y)
 
 
+def weight_normed():
+    """A conv whose weight is recomputed from a parametrization at every call: folding would be undone."""
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3, padding=1))
+    return nn.Sequential(conv, nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+
+def hooked():
+    """An old-style hook on the conv (as torch.nn.utils.weight_norm installs): left alone."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    model[0].register_forward_pre_hook(lambda module, args: None)
+    return model
+
+
 @pytest.mark.parametrize("module, expected_folds", [
     (ConvFeedsBatchNormAndSum(), 1), (SharedBatchNorm(), 0), (InputDependentControlFlow(), 1),
+    (weight_normed(), 1), (hooked(), 0),
     (build_denoiser("memnet", 3, width=8, num_memblock=2, num_resblock=2), 0),  # BN -> ReLU -> conv
 ])
 def test_folds_only_where_the_conv_output_feeds_only_that_batch_norm(module, expected_folds):
