@@ -22,7 +22,7 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(benchm
           repeats: int = typer.Option(7, help="Interleaved rounds of the in-process measurements."),
           samples: int = typer.Option(0, help="Samples per in-process measurement (0: the pair's default)."),
           workers: int = typer.Option(2, help="K, the workers of the second Ray job (the first has 1)."),
-          ray_images: int = typer.Option(6, help="Images per Ray job."),
+          ray_images: int = typer.Option(6, help="Images per Ray job (>= 3; timed over images 2 .. N-1)."),
           ray_n: int = typer.Option(0, help="Estimation samples per image in the Ray jobs (0: the pair's default)."),
           memory_model: str = typer.Option("probe", help="probe (a linear layer on the same input) or pair."),
           variants: bool = typer.Option(True, help="Also time each preparation step on its own."),

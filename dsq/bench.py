@@ -8,22 +8,28 @@ device, measured in the same run:
 - ``reference``  a plain re-implementation of Cohen et al.'s ``Smooth._sample_noise`` (locuslab/smoothing
                  ``code/core.py``): NCHW, ``x.repeat`` + ``randn_like * sigma``, the unprepared model
 - ``ray``        certification jobs through the real job system (temp SQLite, local Ray) with 1 worker
-                 of T threads and K workers of T/K threads, timed from the first finished image (so
-                 actor start-up is excluded; the rate with start-up is reported too)
-- ``memory``     peak RSS (VmHWM, else ru_maxrss) of a fresh process running the loop at n = 10^4 and n = 10^6 with
-                 the same batch size; by default the model is a linear probe on the same input, since
-                 10^6 samples of f o D take an hour on a small CPU and the loop's memory is the question
+                 of T threads and K workers of T/K threads, timed from the first finished image to
+                 the second-to-last (so actor start-up is excluded; the rate with start-up is
+                 reported too)
+- ``memory``     peak RSS (VmHWM, else ru_maxrss) of a fresh process running the loop at n = 10^4 and
+                 n = 10^6 with the same batch size; by default the model is a linear probe on the same
+                 input, since 10^6 samples of f o D take an hour on a small CPU and the loop's memory
+                 is the question
 
-In-process quantities are timed interleaved (a, b, c, a, b, c, ...): throughputs are the best of the
-repeats, and the in-process ratios are the median over rounds of the ratio measured back to back,
-so load that comes and goes on a shared machine hits both sides of a ratio alike. A Ray job cannot
-be interleaved, so the in-process loop is re-measured right before and after each job and the job
-is compared with that (and, for information, with the best in-process figure). Ratios are checked
-against ``TARGETS``. ``batch_sweep`` optionally times plain and prepared forward per batch size.
+dsq's side runs in a worker process set up as a sampler actor is (prepared model, the CPU allocator
+tuned by ``fastpath.tune_cpu_allocator``); the reference runs in a plain worker process, as the
+published script would. Only one of them works at a time, and their trials are interleaved
+(a, b, c, a, b, c, ...): throughputs are the best of the rounds, and the in-process ratios are the
+median over rounds of the ratio measured back to back, so load that comes and goes on a shared
+machine hits both sides of a ratio alike. A Ray job cannot be interleaved, so dsq's loop is
+re-measured right before and after each job and the job is compared with that (and, for
+information, with the best in-process figure). Ratios are checked against ``TARGETS``.
+``batch_sweep`` optionally times plain and prepared forward per batch size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -73,8 +80,10 @@ PAIRS = {
                      {"arch": "dncnn", "depth": 17, "width": 64}, "cifar_resnet110"),
     "digits": Pair("DnCNN (8 layers, 32 ch) + small_cnn, 1x8x8 (the demo's pair)", "digits", (1, 8, 8),
                    {"arch": "dncnn", "depth": 8, "width": 32}, "small_cnn", {"width": 32},
-                   batch_size=550, samples=5500, ray_n=20_000),
+                   batch_size=550, samples=5500, ray_n=40_000),
 }
+
+MIN_TIMED_WINDOW_S = 5.0  # a Ray job's steady rate over less time than this is mostly noise
 
 # (result key, threshold, "min" = value must be >= threshold, "max" = <=)
 TARGETS = (
@@ -97,7 +106,7 @@ class BenchConfig:
     variants: bool = True       # where the speed comes from: forward of each preparation
     ray: bool = True
     workers: int = 2            # K for the Ray job with K workers
-    ray_images: int = 6
+    ray_images: int = 6         # the steady rate is timed over images 2 .. N-1
     ray_n0: int = 100
     ray_n: int | None = None    # None: the pair's default
     memory: bool = True
@@ -116,6 +125,9 @@ class BenchConfig:
         object.__setattr__(self, "batch_sweep", tuple(self.batch_sweep))
         if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sweep):
             raise InvalidArgument(f"batch sweep sizes must be integers >= 1, got {list(self.batch_sweep)}")
+        if self.ray and self.ray_images < 3:
+            raise InvalidArgument(f"ray images must be >= 3 (the steady rate is timed over images 2 .. N-1), "
+                                  f"got {self.ray_images}")
         if self.memory_model not in ("probe", "pair"):
             raise InvalidArgument(f"memory model must be 'probe' or 'pair', got {self.memory_model!r}")
         for name in ("batch_size", "threads", "samples", "repeats", "workers", "ray_images", "ray_n0", "ray_n",
@@ -217,43 +229,49 @@ def interleaved(trials: dict[str, Trial], cfg: BenchConfig, log: Log) -> dict[st
     return rates
 
 
-def in_process(cfg: BenchConfig, pair: Pair, log: Log) -> tuple[dict, Trial]:
-    """Forward, sampling and reference throughput (and preparation variants), interleaved.
-
-    Also returns the sampling trial, to re-measure the in-process loop next to each Ray job.
-    """
-    device = torch.device(cfg.device)
-    model = nn.Sequential(*build_pair(pair, cfg.seed)).to(device).eval()
-    prepared = fastpath.prepare_for_inference(model, device=device)
-    x = torch.rand(pair.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    batch = (x + cfg.sigma * torch.randn(cfg.batch_size, *pair.shape, device=device)).contiguous()
-    trials = {"forward": forward_trial(prepared, batch),
-              "sampling": sampling_trial(prepared, x, cfg),
-              "reference": reference_trial(model, x, cfg, pair.num_classes)}
+def in_process(cfg: BenchConfig, pair: Pair, workers: dict, log: Log) -> dict:
+    """Forward, sampling and reference throughput (and preparation variants), interleaved."""
+    trials = {name: workers["dsq"].trial(name) for name in ("forward", "sampling")}
+    trials["reference"] = workers["reference"].trial("reference")
     if cfg.variants:
-        trials.update(variant_trials(model, batch, x, cfg))
+        trials.update({name: workers["dsq"].trial(name) for name in workers["dsq"].names
+                       if name.startswith(("forward ", "sampling, ", "reference loop, "))})
     log(f"in-process: {pair.label}, batch {cfg.batch_size}, {cfg.threads} threads, {cfg.device}")
     rates = interleaved(trials, cfg, log)
     best = {name: max(values) for name, values in rates.items()}
     out = {f"{name}_samples_per_s": best.pop(name) for name in ("forward", "sampling", "reference")}
-    return ({**out, "variant_samples_per_s_by_name": best, "prepared": prepared.describe(),
-             "in_process_rates": rates}, trials["sampling"])
+    return {**out, "variant_samples_per_s_by_name": best, "prepared": workers["dsq"].info,
+            "in_process_rates": rates}
 
 
-def batch_sweep(cfg: BenchConfig, pair: Pair, log: Log) -> dict:
+def batch_sweep(cfg: BenchConfig, worker: "TrialProcess", log: Log) -> dict:
     """Forward samples/s of the plain and the prepared f o D at each batch size of ``cfg.batch_sweep``."""
+    log(f"batch sweep: {', '.join(map(str, cfg.batch_sweep))}")
+    rates = interleaved({name: worker.trial(name) for name in worker.names if name.startswith("sweep ")}, cfg, log)
+    return {str(size): {kind: max(rates[f"sweep {kind} {size}"]) for kind in ("plain", "prepared")}
+            for size in cfg.batch_sweep}
+
+
+def build_trials(cfg: BenchConfig, role: str) -> tuple[dict[str, Trial], dict]:
+    """The trials one worker process runs: ``dsq`` (as a sampler actor runs) or ``reference``."""
+    pair = PAIRS[cfg.pair]
     device = torch.device(cfg.device)
     model = nn.Sequential(*build_pair(pair, cfg.seed)).to(device).eval()
+    x = torch.rand(pair.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    if role == "reference":
+        return {"reference": reference_trial(model, x, cfg, pair.num_classes)}, {}
+    tuned = device.type == "cpu" and fastpath.tune_cpu_allocator()
     prepared = fastpath.prepare_for_inference(model, device=device)
-    trials = {}
-    for size in cfg.batch_sweep:
-        batch = torch.rand(size, *pair.shape, generator=torch.Generator().manual_seed(size)).to(device)
-        trials[f"plain {size}"] = forward_trial(model, batch)  # a trial runs at least one batch
-        trials[f"prepared {size}"] = forward_trial(prepared, batch)
-    log(f"batch sweep: {', '.join(map(str, cfg.batch_sweep))}")
-    rates = interleaved(trials, cfg, log)
-    return {str(size): {kind: max(rates[f"{kind} {size}"]) for kind in ("plain", "prepared")}
-            for size in cfg.batch_sweep}
+    batch = (x + cfg.sigma * torch.randn(cfg.batch_size, *pair.shape, device=device)).contiguous()
+    trials = {"forward": forward_trial(prepared, batch), "sampling": sampling_trial(prepared, x, cfg)}
+    if cfg.variants:
+        trials.update(variant_trials(model, batch, x, cfg))
+        trials["reference loop, this process"] = reference_trial(model, x, cfg, pair.num_classes)
+    for size in cfg.batch_sweep:  # a trial runs at least one batch
+        sized = torch.rand(size, *pair.shape, generator=torch.Generator().manual_seed(size)).to(device)
+        trials[f"sweep plain {size}"] = forward_trial(model, sized)
+        trials[f"sweep prepared {size}"] = forward_trial(prepared, sized)
+    return trials, {**prepared.describe(), "allocator_tuned": tuned}
 
 
 def variant_trials(model: nn.Module, batch: torch.Tensor, x: torch.Tensor, cfg: BenchConfig) -> dict:
@@ -270,16 +288,77 @@ def variant_trials(model: nn.Module, batch: torch.Tensor, x: torch.Tensor, cfg: 
     return trials
 
 
+class TrialProcess:
+    """A child interpreter (``python -m dsq.bench worker``) that builds its trials once and runs them on request.
+
+    The dsq side runs in a process set up as a sampler actor is (``fastpath.tune_cpu_allocator``);
+    the reference runs in a plain process, as Cohen et al.'s script would. Only one of them works
+    at a time, so they can be interleaved like trials of one process. Requests and answers are
+    JSON lines on the child's stdin and stdout.
+    """
+
+    def __init__(self, cfg: BenchConfig, role: str):
+        self.process = _python_module(["worker", json.dumps({**asdict(cfg), "role": role})],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.names, self.info = self._receive()
+
+    def trial(self, name: str) -> Trial:
+        def run(samples: int) -> float:
+            self.process.stdin.write(json.dumps([name, samples]) + "\n")
+            self.process.stdin.flush()
+            return self._receive()
+        return run
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def _receive(self):
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker exited with status {self.process.wait()}")
+        kind, value = json.loads(line)
+        if kind == "error":
+            raise RuntimeError(f"benchmark worker failed:\n{value}")
+        return value
+
+
+def _worker_main(fields: dict) -> None:
+    answer = sys.stdout
+    sys.stdout = sys.stderr  # stray prints must not corrupt the answers
+    try:
+        role = fields.pop("role")
+        cfg = BenchConfig(**fields)
+        torch.set_num_threads(cfg.threads)
+        trials, info = build_trials(cfg, role)
+        print(json.dumps(["ok", [list(trials), info]]), file=answer, flush=True)
+        for line in sys.stdin:
+            name, samples = json.loads(line)
+            print(json.dumps(["ok", trials[name](samples)]), file=answer, flush=True)
+    except Exception:  # noqa: BLE001 - reported to the parent, which raises
+        print(json.dumps(["error", traceback.format_exc()]), file=answer, flush=True)
+
+
+def _python_module(args: list[str], **popen) -> subprocess.Popen:
+    """``python -m dsq.bench ARGS`` with this checkout first on the path."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-m", "dsq.bench", *args], text=True, env=env, **popen)
+
+
 # ----------------------------------------------------------------------------- memory
 def peak_rss_in_subprocess(cfg: BenchConfig, n: int) -> dict:
     """Run the loop at ``n`` samples in a fresh interpreter; its own peak RSS (see ``peak_rss_mb``) in MB."""
-    args = json.dumps({**asdict(cfg), "n": n})
-    done = subprocess.run([sys.executable, "-m", "dsq.bench", "memory", args], capture_output=True, text=True,
-                          check=False, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                              filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
-    if done.returncode != 0:
-        raise RuntimeError(f"memory probe at n={n} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    child = _python_module(["memory", json.dumps({**asdict(cfg), "n": n})], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    out, err = child.communicate()
+    if child.returncode != 0:
+        raise RuntimeError(f"memory probe at n={n} failed: {err.strip().splitlines()[-1:]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _memory_main(args: dict) -> None:
@@ -288,6 +367,8 @@ def _memory_main(args: dict) -> None:
     torch.set_num_threads(1)
     pair = PAIRS[cfg.pair]
     device = torch.device(cfg.device)
+    if device.type == "cpu":
+        fastpath.tune_cpu_allocator()  # as in a sampler actor
     model = probe(pair) if cfg.memory_model == "probe" else nn.Sequential(*build_pair(pair, cfg.seed))
     prepared = fastpath.prepare_for_inference(model.to(device), device=device)
     x = torch.rand(pair.shape).to(device)
@@ -403,30 +484,51 @@ def _one_job(cfg: BenchConfig, pair: Pair, tmp: Path, workers: int, log: Log) ->
     status = runner.run_job(settings, job_id, on_progress=lambda done, total: finished.append(time.perf_counter()))
     wall = time.perf_counter() - started
     per_image = cfg.ray_n0 + cfg.ray_n
-    steady = (len(finished) - 1) * per_image / (finished[-1] - finished[0]) if len(finished) > 1 else float("nan")
+    steady = steady_rate(finished, per_image)
+    window = finished[-2] - finished[0] if len(finished) >= 3 else 0.0
     result = {"status": status, "workers": workers, "threads_per_worker": max(1, cfg.threads // workers),
               "images": len(finished), "samples_per_image": per_image, "wall_s": wall,
               "first_image_s": finished[0] - started if finished else float("nan"),
-              "samples_per_s": steady, "samples_per_s_with_startup": len(finished) * per_image / wall}
-    log(f"  ray job, {workers} worker(s): {status}, {steady:.0f} samples/s from the first image "
+              "samples_per_s": steady, "timed_window_s": window,
+              "samples_per_s_with_startup": len(finished) * per_image / wall}
+    log(f"  ray job, {workers} worker(s): {status}, {steady:.0f} samples/s after the first image "
         f"({result['samples_per_s_with_startup']:.0f}/s with start-up, {wall:.0f} s)")
+    if window < MIN_TIMED_WINDOW_S:
+        log(f"  warning: only {window:.1f} s between the first and the second-to-last image; "
+            f"use more images (--ray-images) or samples (--ray-n) for a meaningful rate")
     return result
+
+
+def steady_rate(finished: list[float], per_image: int) -> float:
+    """Samples/s between the first and the second-to-last finished image.
+
+    Right after an image finishes, the next ones may already be partly sampled (several shards
+    are in flight); that state is alike after any image but the last, which drains the pipeline,
+    so timing from image 1 to image N-1 neither counts start-up nor in-flight work twice.
+    """
+    if len(finished) < 3:
+        return float("nan")
+    return (len(finished) - 2) * per_image / (finished[-2] - finished[0])
 
 
 # ----------------------------------------------------------------------------- the whole run
 def run(cfg: BenchConfig, log: Log = print) -> dict:
     """Every measurement of ``cfg``; the dict written to bench-results.json."""
     pair = PAIRS[cfg.pair]
-    torch.set_num_threads(cfg.threads)
     results = {"config": asdict(cfg), "pair": pair.label, "machine": machine(), "load_before": os.getloadavg()}
-    local, control = in_process(cfg, pair, log)
-    results.update(local)
-    if cfg.batch_sweep:
-        results["batch_sweep"] = batch_sweep(cfg, pair, log)
-    if cfg.ray:
-        log(f"ray: {cfg.ray_images} images x {cfg.ray_n0 + cfg.ray_n} samples per job")
-        results["ray_jobs"] = ray_jobs(cfg, pair, control, log)
-        results["ray_samples_per_s"] = max(job["samples_per_s"] for job in results["ray_jobs"].values())
+    log("starting the benchmark's worker processes")
+    with contextlib.ExitStack() as stack:
+        workers = {}
+        for role in ("dsq", "reference"):
+            workers[role] = TrialProcess(cfg, role)
+            stack.callback(workers[role].close)
+        results.update(in_process(cfg, pair, workers, log))
+        if cfg.batch_sweep:
+            results["batch_sweep"] = batch_sweep(cfg, workers["dsq"], log)
+        if cfg.ray:
+            log(f"ray: {cfg.ray_images} images x {cfg.ray_n0 + cfg.ray_n} samples per job")
+            results["ray_jobs"] = ray_jobs(cfg, pair, workers["dsq"].trial("sampling"), log)
+            results["ray_samples_per_s"] = max(job["samples_per_s"] for job in results["ray_jobs"].values())
     if cfg.memory:
         log(f"memory: fresh processes at n={cfg.memory_small_n} and n={cfg.memory_large_n} ({cfg.memory_model})")
         small, large = (peak_rss_in_subprocess(cfg, n) for n in (cfg.memory_small_n, cfg.memory_large_n))
@@ -520,5 +622,5 @@ def write_results(results: dict, path: str | os.PathLike) -> None:
     Path(path).write_text(json.dumps(results, indent=2, default=float) + "\n")
 
 
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "memory":
-    _memory_main(json.loads(sys.argv[2]))
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] in ("memory", "worker"):
+    {"memory": _memory_main, "worker": _worker_main}[sys.argv[1]](json.loads(sys.argv[2]))

@@ -264,3 +264,10 @@ def test_synthetic_cifar10_reads_as_cifar10(tmp_path):
     bench.write_synthetic_cifar10(tmp_path, images=3)
     test_set = datasets.get_dataset("cifar10", "test", root=str(tmp_path))
     assert len(test_set) == 3 and tuple(test_set[0][0].shape) == (3, 32, 32)
+
+
+def test_steady_rate_skips_start_up_and_the_draining_last_image():
+    from dsq import bench
+
+    assert bench.steady_rate([10.0, 12.0, 14.0, 14.5], per_image=100) == pytest.approx(50.0)
+    assert np.isnan(bench.steady_rate([10.0, 12.0], per_image=100))

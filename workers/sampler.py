@@ -17,6 +17,8 @@ class SamplerActor:
 
     def __init__(self, settings, classifier_source, denoiser_source, threads: int, device: str = "cpu"):
         torch.set_num_threads(threads)
+        if device == "cpu":
+            fastpath.tune_cpu_allocator()  # this process only samples: keep activation buffers resident
         self.device = device
         classifier_path = jobs.local_checkpoint(settings, classifier_source)
         denoiser_path = jobs.local_checkpoint(settings, denoiser_source) if denoiser_source else None
