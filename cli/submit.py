@@ -67,16 +67,21 @@ def certify(ctx: typer.Context,
             classifier: str = typer.Option(..., help="Base classifier: checkpoint file or job:ID."),
             denoiser: Optional[str] = typer.Option(None, help="Denoiser in front of it (none: plain smoothing)."),
             sigma: float = typer.Option(..., help="Noise level in [0,1] pixel units."),
-            n0: int = 100, n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000,
+            n0: int = 100, n: int = 100_000, alpha: float = 0.001,
+            batch_size: Optional[int] = typer.Option(
+                None, help="Samples per forward pass (default: chosen for the hardware when the job starts)."),
             split: str = "test", skip: int = 1, max_images: Optional[int] = None, seed: int = 0,
-            workers: int = typer.Option(1, help="Sampler actors sharing each image's samples."),
+            workers: Optional[int] = typer.Option(
+                None, help="Sampler actors sharing each image's samples (default: one per GPU, else one per CPU)."),
+            precision: str = typer.Option("fp32", help="fp32, or bf16/fp16 autocast (changes f; recorded)."),
+            compile: bool = typer.Option(False, "--compile", help="torch.compile the sampler's model."),
             data_root: Optional[str] = None, name: Optional[str] = None,
             wait: bool = typer.Option(False, help="On a cluster: follow the job until it ends.")):
     """Certify the smoothed classifier f(D(x + noise)) on a deterministic subset of a dataset."""
     launch(ctx, lambda: specs.CertifySpec(
         dataset=dataset, classifier=classifier, denoiser=denoiser, sigma=sigma, n0=n0, n=n, alpha=alpha,
         batch_size=batch_size, split=split, skip=skip, max_images=max_images, seed=seed, workers=workers,
-        data_root=data_root, name=name), wait)
+        precision=precision, compile=compile, data_root=data_root, name=name), wait)
 
 
 def parse_json(text: str) -> dict:

@@ -33,8 +33,8 @@ class DemoConfig:
     n: int = 1000
     alpha: float = 0.001
     max_images: int | None = None  # None: the whole digits test split (364 images)
-    batch_size: int = 550
-    workers: int = 2
+    batch_size: int | None = None  # None: dsq chooses (dsq.sizing)
+    workers: int | None = None  # None: one single-threaded sampler actor per CPU
     classifier_epochs: int = 20
     denoiser_epochs: int = 12
     stab_epochs: int = 6

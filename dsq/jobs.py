@@ -136,14 +136,18 @@ def load_pipeline(classifier_path: str, denoiser_path: str | None, device) -> to
 
 
 def record_certificate(session: Session, job_id: int, image_index: int, label: int, cert: Certificate,
-                       *, seconds: float, worker: str | None, device: str | None) -> None:
-    """Upsert one image's result and mark its work unit done (idempotent)."""
+                       *, seconds: float, worker: str | None, device: str | None, model: dict | None = None) -> None:
+    """Upsert one image's result and mark its work unit done (idempotent).
+
+    ``model`` is how the sampler ran f o D (``PreparedModel.describe()``: precision...), kept in ``extra``.
+    """
     repo.upsert_result(
         session, job_id, image_index, label=label, prediction=cert.prediction, radius=cert.radius,
         correct=cert.prediction == label, p_lower=cert.p_lower,
         counts_selection=[int(c) for c in cert.counts_selection],
         counts_estimation=[int(c) for c in cert.counts_estimation],
-        n0=cert.n0, n=cert.n, alpha=cert.alpha, sigma=cert.sigma, seconds=seconds, worker=worker, device=device)
+        n0=cert.n0, n=cert.n, alpha=cert.alpha, sigma=cert.sigma, seconds=seconds, worker=worker, device=device,
+        extra={"model": model} if model else None)
     repo.upsert_work_unit(session, job_id, f"image:{image_index}", status="done", worker=worker)
 
 
@@ -216,7 +220,9 @@ def labelled_results(session: Session, job_ids) -> list[tuple[str, list]]:
         rows = report.as_results(repo.results_for_job(session, job_id))
         if not rows:
             raise JobStateError(f"job {job_id} has no results yet (status {job.status})")
-        labelled.append((job.name or f"job {job.id}", rows))
+        precision = (job.spec or {}).get("precision", "fp32")  # reduced precision changes f: say so
+        label = job.name or f"job {job.id}"
+        labelled.append((label if precision == "fp32" else f"{label} ({precision})", rows))
     return labelled
 
 

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsq import objectives, smoothing
+from dsq import fastpath, objectives, smoothing
 from dsq.apis.spec import ApiCertifySpec
 from dsq.errors import InvalidArgument, UnknownName
 
@@ -111,22 +111,29 @@ class CertifySpec:
     n0: int = 100
     n: int = 100_000
     alpha: float = 0.001
-    batch_size: int = 1000
+    batch_size: int | None = None  # None: chosen for the hardware when the job starts (dsq.sizing), then kept
     split: str = "test"
     skip: int = 1
     max_images: int | None = None
     seed: int = 0
-    workers: int = 1
+    workers: int | None = None  # None: one sampler actor per GPU, else one single-threaded actor per CPU
+    precision: str = "fp32"  # bf16/fp16 autocast changes f: it is recorded with every result
+    compile: bool = False  # noqa: A003 - torch.compile the sampler's model
     data_root: str | None = None
     name: str | None = None
     kind: str = "certify"
 
     def __post_init__(self):
         _check_kind(self, "certify")
-        smoothing.validate(sigma=self.sigma, n0=self.n0, n=self.n, alpha=self.alpha, batch_size=self.batch_size)
+        batch_size = 1 if self.batch_size is None else self.batch_size
+        smoothing.validate(sigma=self.sigma, n0=self.n0, n=self.n, alpha=self.alpha, batch_size=batch_size)
         _check_choice("split", self.split, ("train", "test"))
         _check_positive_int("skip", self.skip)
-        _check_positive_int("workers", self.workers)
+        if self.workers is not None:
+            _check_positive_int("workers", self.workers)
+        _check_choice("precision", self.precision, tuple(fastpath.PRECISIONS))
+        if not isinstance(self.compile, bool):
+            raise InvalidArgument(f"compile must be true or false, got {self.compile!r}")
         _check_seed(self.seed)
         if self.max_images is not None:
             _check_positive_int("max images", self.max_images)

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from dsq import datasets, jobs, smoothing, specs
+from dsq import datasets, fastpath, jobs, sizing, smoothing, specs
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import CheckpointError, InvalidArgument, JobStateError
@@ -87,12 +87,45 @@ def test_job_equals_in_process_certify(world):
     with session_scope(engine) as session:
         pipeline = jobs.load_pipeline(jobs.resolve_reference(session, f"job:{f}"),
                                       jobs.resolve_reference(session, f"job:{d}"), "cpu")
+    pipeline = fastpath.prepare_for_inference(pipeline, device="cpu")  # as the sampler actors run it
     test_set = datasets.get_dataset("digits", "test")
     for index, prediction, radius, selection, estimation in rows_of(engine, job):
         cert = smoothing.certify(pipeline, test_set[index][0], sigma=0.25, n0=30, n=300, alpha=0.001,
                                  batch_size=50, seed=5, image=index)
         assert (cert.prediction, cert.radius) == (prediction, radius)
         assert list(cert.counts_estimation) == estimation and list(cert.counts_selection) == selection
+
+
+def test_automatic_sizing_is_recorded_and_kept(world):
+    """workers/batch left to dsq: one 1-thread actor per CPU, the measured batch, fixed in the spec."""
+    config, engine, f, d = world
+    auto = run(config, engine, certify_spec(f, d, batch_size=None, workers=None, max_images=3))
+    with session_scope(engine) as session:
+        pipeline = jobs.load_pipeline(jobs.resolve_reference(session, f"job:{f}"),
+                                      jobs.resolve_reference(session, f"job:{d}"), "cpu")
+        spec, log = jobs.load_spec(session, auto), [line.message for line in repo.logs_for_job(session, auto)]
+    per_sample = sizing.memory_per_sample(pipeline, datasets.get_dataset("digits", "test")[0][0], "cpu")
+    assert per_sample == 64 * 8 * 8 * 4  # the widest layer: small_cnn's second conv, 64 channels at 8x8, float32
+    expected = sizing.choose_batch(per_sample, sizing.CPU_ACTIVATION_BYTES, n=300, workers=2)
+    assert spec.batch_size == expected == 150 and spec.workers is None
+    assert any(f"2 sampler actor(s) x 1 thread(s) on cpu, fp32; batch {expected} (chosen" in m for m in log), log
+    given = run(config, engine, certify_spec(f, d, batch_size=expected, workers=1, max_images=3))
+    assert rows_of(engine, auto) == rows_of(engine, given)
+    with session_scope(engine) as session:
+        jobs.reopen(session, auto)  # a resumed job keeps the batch it was certified with
+    assert runner.run_job(config, auto) == "succeeded"
+    with session_scope(engine) as session:
+        assert jobs.load_spec(session, auto).batch_size == expected
+
+
+def test_reduced_precision_is_recorded_with_every_result(world):
+    config, engine, f, d = world
+    job = run(config, engine, certify_spec(f, d, precision="bf16", max_images=2, name="bf16 run"))
+    with session_scope(engine) as session:
+        extras = [r.extra for r in repo.results_for_job(session, job)]
+        [(label, _)] = jobs.labelled_results(session, [job])
+    assert len(extras) == 2 and all(e["model"]["precision"] == "bf16" for e in extras)
+    assert label == "bf16 run (bf16)"
 
 
 def run_in_thread(config, job_id):

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import ray
 
-from dsq import jobs
 from dsq.apis import base
 from dsq.apis import jobs as api_jobs
 from dsq.apis.errors import ApiQueryFailed, BudgetReached, UnreadableImage
@@ -24,8 +23,7 @@ from dsq.apis.ratelimit import limits_for
 from dsq.db import repo
 from dsq.db.session import session_scope
 from workers import api_actor
-
-POLL_SECONDS = 0.5
+from workers.loop import JobLoop
 
 
 @dataclass
@@ -57,21 +55,18 @@ def run(engine, settings, job_id: int, spec, on_progress=None) -> None:
     loop.run(todo)
 
 
-class ApiLoop:
+class ApiLoop(JobLoop):
     """Opens images, sends their missing queries within the budget, certifies complete images."""
 
     def __init__(self, engine, settings, job_id, spec, source, denoiser, actor, *, paid, window, done, on_progress):
-        self.engine, self.settings, self.job_id, self.spec = engine, settings, job_id, spec
-        self.source, self.denoiser, self.actor = source, denoiser, actor
-        self.paid, self.window, self.done, self.on_progress = paid, window, done, on_progress
-        self.total, self.service = len(source.indices), api_jobs.service_name(spec)
+        super().__init__(engine, job_id, done=done, total=len(source.indices), on_progress=on_progress)
+        self.settings, self.spec, self.source, self.denoiser, self.actor = settings, spec, source, denoiser, actor
+        self.paid, self.window, self.service = paid, window, api_jobs.service_name(spec)
         self.images: dict[int, ImageWork] = {}
         self.waiting: dict[str, set[int]] = collections.defaultdict(set)
         self.queue: collections.deque = collections.deque()
-        self.in_flight: dict = {}
         self.sent = 0
         self.over_budget = False
-        self.last_check = 0.0
 
     def run(self, todo: collections.deque) -> None:
         while (todo and not self.over_budget) or self.queue or self.in_flight:
@@ -80,13 +75,8 @@ class ApiLoop:
             self._dispatch()
             if self.over_budget and not self.in_flight:
                 break
-            if self.in_flight:
-                ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=POLL_SECONDS)
-                for ref in ready:
-                    self._collect(ref)
-            if time.monotonic() - self.last_check > POLL_SECONDS:
-                jobs.check_cancel(self.engine, self.job_id)
-                self.last_check = time.monotonic()
+            for ref in self.ready():
+                self._collect(ref)
         if self.over_budget:
             self._stop_for_budget()
 
@@ -167,12 +157,9 @@ class ApiLoop:
         self._progress()
 
     def _progress(self) -> None:
-        self.done += 1
         with session_scope(self.engine) as session:
-            repo.set_progress(session, self.job_id, self.done, self.total)
-            repo.heartbeat(session, self.job_id)
-        if self.on_progress:
-            self.on_progress(self.done, self.total)
+            self.advance(session)
+        self.report()
 
     def _stop_for_budget(self) -> None:
         with session_scope(self.engine) as session:

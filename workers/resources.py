@@ -7,6 +7,7 @@ import socket
 
 import ray
 
+from dsq import sizing
 from dsq.errors import ClusterUnreachable
 
 NAMESPACE = "dsq"
@@ -43,23 +44,26 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise ClusterUnreachable(f"cannot reach Ray at {address}: {error}") from None
 
 
-def has_gpus() -> bool:
-    return ray.cluster_resources().get("GPU", 0) >= 1
-
-
 def actor_options(workers: int) -> tuple[dict, int]:
     """Ray options for one of ``workers`` compute actors, and its torch thread count.
 
-    With GPUs each actor takes one GPU. On CPUs the actors share the cluster's
-    CPUs as fractions (never whole CPUs that could starve other tasks), and each
-    gets an equal share of intra-op threads.
+    With GPUs each actor takes one GPU, or an equal fraction of the GPUs when there are
+    more actors than GPUs. On CPUs the actors share the cluster's CPUs as fractions (never
+    whole CPUs that could starve other tasks), and each gets an equal share of intra-op
+    threads: one thread each when there are as many actors as CPUs (the default).
     """
-    if has_gpus():
-        return {"num_gpus": 1, "num_cpus": 0}, 1
-    cpus = ray.cluster_resources().get("CPU", 1)
+    cluster = ray.cluster_resources()
+    gpus = cluster.get("GPU", 0)
+    if gpus >= 1:
+        return {"num_gpus": min(1.0, round(gpus / workers, 4)), "num_cpus": 0}, 1
+    cpus = cluster.get("CPU", 1)
     share = max(0.01, min(0.5, round(cpus * 0.5 / workers, 2)))
     threads = max(1, int(cpus // workers))
     return {"num_cpus": share}, threads
+
+
+def default_workers() -> int:
+    return sizing.default_workers(ray.cluster_resources())
 
 
 def device_for(gpu: bool) -> str:

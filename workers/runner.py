@@ -9,6 +9,7 @@ what is missing.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 import traceback
@@ -19,17 +20,17 @@ from typing import Callable
 import numpy as np
 import ray
 
-from dsq import datasets, jobs, sampling, smoothing
+from dsq import datasets, jobs, sampling, sizing, smoothing
 from dsq.db import repo
 from dsq.db.session import make_engine, session_scope
 from dsq.errors import DsqError, JobCancelled
 from dsq.settings import Settings
 from workers import resources
+from workers.loop import POLL_SECONDS, JobLoop
 from workers.sampler import SamplerActor
 from workers.trainer import TrainerActor
 
 Progress = Callable[[int, int], None]
-POLL_SECONDS = 0.5
 TASKS_PER_ACTOR = 2
 RUNNER_RESTARTS = 3
 
@@ -125,39 +126,56 @@ def _run_certify(engine, settings: Settings, job_id: int, spec, on_progress: Pro
     dataset = datasets.get_dataset(spec.dataset, spec.split, root=spec.data_root or settings.data_root)
     plan = jobs.image_plan(spec, dataset)
     todo = collections.deque(i for i in plan if i not in done)
-    options, threads = resources.actor_options(spec.workers)
+    if not todo:
+        return
+    workers = spec.workers or resources.default_workers()
+    options, threads = resources.actor_options(workers)
     device = resources.device_for("num_gpus" in options)
-    actors = [SamplerActor.options(**options).remote(settings, *sources, threads, device) for _ in range(spec.workers)]
+    actors = [SamplerActor.options(**options).remote(settings, *sources, threads, device, spec.precision,
+                                                     spec.compile) for _ in range(workers)]
     try:
-        CertifyLoop(engine, job_id, spec, dataset, actors, len(plan) - len(todo), len(plan), on_progress).run(todo)
+        probe = ray.get(actors[0].memory_probe.remote(dataset[todo[0]][0], options.get("num_gpus", 1.0)))
+        spec = _size_job(engine, job_id, spec, workers, threads, probe)
+        CertifyLoop(engine, job_id, spec, dataset, actors, len(plan) - len(todo), len(plan), on_progress,
+                    model=probe["model"]).run(todo)
     finally:
         for actor in actors:
             ray.kill(actor)
 
 
-class CertifyLoop:
+def _size_job(engine, job_id: int, spec, workers: int, threads: int, probe: dict):
+    """Fix an automatic batch size in the job's spec (it shapes the noise); log the sizing either way."""
+    chosen = spec.batch_size or sizing.choose_batch(probe["bytes_per_sample"], probe["budget_bytes"],
+                                                    n=spec.n, workers=workers)
+    how = "chosen" if spec.batch_size is None else "given"
+    with session_scope(engine) as session:
+        if spec.batch_size is None:
+            spec = dataclasses.replace(spec, batch_size=chosen)
+            repo.set_spec(session, job_id, spec.to_dict())
+        repo.add_log(session, job_id, (
+            f"{workers} sampler actor(s) x {threads} thread(s) on {probe['device']}, {probe['model']['precision']}; "
+            f"batch {chosen} ({how}; {probe['bytes_per_sample'] / 1024:.0f} KiB per sample, "
+            f"budget {probe['budget_bytes'] / 2**20:.0f} MiB)"))
+    return spec
+
+
+class CertifyLoop(JobLoop):
     """Streams shards of several images over the actors and stores each image once complete."""
 
-    def __init__(self, engine, job_id, spec, dataset, actors, done, total, on_progress):
-        self.engine, self.job_id, self.spec, self.dataset = engine, job_id, spec, dataset
-        self.actors, self.done, self.total, self.on_progress = actors, done, total, on_progress
+    def __init__(self, engine, job_id, spec, dataset, actors, done, total, on_progress, model: dict | None = None):
+        super().__init__(engine, job_id, done=done, total=total, on_progress=on_progress)
+        self.spec, self.dataset, self.actors, self.model = spec, dataset, actors, model
         self.queue: collections.deque = collections.deque()
-        self.in_flight: dict = {}
         self.load = [0] * len(actors)
         self.images: dict[int, ImageState] = {}
-        self.last_check = 0.0
 
     def run(self, todo: collections.deque) -> None:
         while todo or self.queue or self.in_flight:
             while todo and len(self.queue) < TASKS_PER_ACTOR * len(self.actors):
                 self._open(todo.popleft())
             self._dispatch()
-            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=POLL_SECONDS)
-            for ref in ready:
+            for ref in self.ready():
                 self._collect(ref)
-            if time.monotonic() - self.last_check > POLL_SECONDS:
-                jobs.check_cancel(self.engine, self.job_id)
-                self.last_check = time.monotonic()
 
     def _open(self, index: int) -> None:
         x, label = self.dataset[index]
@@ -196,15 +214,12 @@ class CertifyLoop:
         cert = smoothing.certify_counts(smoothing.sum_counts(state.counts[sampling.SELECTION]),
                                         smoothing.sum_counts(state.counts[sampling.ESTIMATION]),
                                         alpha=spec.alpha, sigma=spec.sigma)
-        self.done += 1
         with session_scope(self.engine) as session:
             jobs.record_certificate(session, self.job_id, state.index, state.label, cert,
                                     seconds=time.perf_counter() - state.started,
-                                    worker=",".join(sorted(state.workers)), device=device)
-            repo.set_progress(session, self.job_id, self.done, self.total)
-            repo.heartbeat(session, self.job_id)
-        if self.on_progress:
-            self.on_progress(self.done, self.total)
+                                    worker=",".join(sorted(state.workers)), device=device, model=self.model)
+            self.advance(session)
+        self.report()
 
 
 @ray.remote(num_cpus=0, max_restarts=RUNNER_RESTARTS)

@@ -8,23 +8,25 @@ import time
 import ray
 import torch
 
-from dsq import fastpath, jobs, sampling
+from dsq import fastpath, jobs, sampling, sizing
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
 class SamplerActor:
     """Loads the pipeline from its checkpoints once; each call is one shard."""
 
-    def __init__(self, settings, classifier_source, denoiser_source, threads: int, device: str = "cpu"):
+    def __init__(self, settings, classifier_source, denoiser_source, threads: int, device: str = "cpu",
+                 precision: str = "fp32", compile: bool = False):  # noqa: A002
         torch.set_num_threads(threads)
         if device == "cpu":
             fastpath.tune_cpu_allocator()  # this process only samples: keep activation buffers resident
         self.device = device
         classifier_path = jobs.local_checkpoint(settings, classifier_source)
         denoiser_path = jobs.local_checkpoint(settings, denoiser_source) if denoiser_source else None
-        # Prepared once per actor (BN folded, channels-last where it helps); fp32, so f is unchanged.
+        # Prepared once per actor (BN folded, channels-last where it helps). fp32 leaves f unchanged;
+        # bf16/fp16 autocast changes it, so the runner records the precision with every result.
         self.model = fastpath.prepare_for_inference(jobs.load_pipeline(classifier_path, denoiser_path, device),
-                                                    device=device)
+                                                    device=device, precision=precision, compile=compile)
         self.name = f"{socket.gethostname()}:{ray.get_runtime_context().get_actor_id()[:8]}"
 
     def counts(self, x, *, sigma, start, count, batch_size, seed, image, phase) -> dict:
@@ -34,3 +36,8 @@ class SamplerActor:
                                         device=self.device)
         return {"counts": counts, "seconds": time.perf_counter() - started,
                 "worker": self.name, "device": self.device}
+
+    def memory_probe(self, x, share: float) -> dict:
+        """What one sample costs on this actor's device and what a batch may take (``dsq.sizing``)."""
+        return {**sizing.probe(self.model, x, self.device, share), "model": self.model.describe(),
+                "device": self.device}

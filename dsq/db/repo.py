@@ -155,6 +155,11 @@ def mark_queued(s: Session, job_id: int) -> Job:
     return _require_job(job, job_id)
 
 
+def set_spec(s: Session, job_id: int, spec: dict[str, Any]) -> Job:
+    """Replace a job's spec (the runner fixes choices left to it, such as an automatic batch size)."""
+    return _require_job(_update_job(s, job_id, spec=_plain(spec)), job_id)
+
+
 def set_progress(s: Session, job_id: int, done: int, total: int | None = None) -> Job:
     values = {"progress_done": int(done)}
     if total is not None:
