@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
 
 
 def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(benchmark.PAIRS)}."),
-          batch_size: int = typer.Option(0, help="Samples per forward pass (0: the pair's measured default)."),
+          batch_size: int = typer.Option(0, help="Samples per forward pass (0: what a certify job would choose)."),
+          reference_batch_size: int = typer.Option(1000, help="The reference loop's batch (its published default)."),
           device: str = typer.Option("cpu", help="cpu or cuda."),
           threads: int = typer.Option(0, help="Total CPU threads (in-process and Ray); 0: all cores."),
           repeats: int = typer.Option(7, help="Interleaved rounds of the in-process measurements."),
@@ -38,13 +39,14 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(benchm
     """
     with common.boundary():
         cfg = benchmark.BenchConfig(
-            pair=pair, batch_size=batch_size or None, device=device, threads=threads or os.cpu_count() or 1,
+            pair=pair, batch_size=batch_size or None, reference_batch_size=reference_batch_size, device=device,
+            threads=threads or os.cpu_count() or 1,
             repeats=repeats, samples=samples or None, workers=workers, ray_images=ray_images, ray_n=ray_n or None,
             memory_model=memory_model, variants=variants, ray=ray, memory=memory,
             batch_sweep=parse_sizes(batch_sweep))
         results = benchmark.run(cfg, log=lambda line: common.errors.print(line, markup=False, highlight=False))
     benchmark.write_results(results, out)
-    title = f"{results['pair']}, batch {cfg.batch_size}, {cfg.threads} threads, {device}"
+    title = f"{results['pair']}, batch {results['config']['batch_size']}, {cfg.threads} threads, {device}"
     common.console.print(report.render_table(["quantity", "value", "note", "verdict"],
                                              benchmark.summary_rows(results), title=title))
     if variants:

@@ -238,10 +238,10 @@ def test_counts_with_the_prepared_model_differ_at_most_by_rare_near_ties():
 
 # ----------------------------------------------------------------------------- the benchmark's helpers (not timed)
 def test_reference_loop_counts_every_sample():
-    from dsq import bench
+    from dsq.bench import trials
 
     model = pipeline()
-    counts = bench.reference_sample_noise(model, torch.rand(1, 8, 8), 250, 100, 0.5, 10)
+    counts = trials.reference_sample_noise(model, torch.rand(1, 8, 8), 250, 100, 0.5, 10)
     assert counts.sum() == 250 and len(counts) == 10
 
 
@@ -259,15 +259,26 @@ def test_benchmark_ratios_and_verdicts():
 
 
 def test_synthetic_cifar10_reads_as_cifar10(tmp_path):
-    from dsq import bench, datasets
+    from dsq import datasets
+    from dsq.bench import rayjobs
 
-    bench.write_synthetic_cifar10(tmp_path, images=3)
+    rayjobs.write_synthetic_cifar10(tmp_path, images=3)
     test_set = datasets.get_dataset("cifar10", "test", root=str(tmp_path))
     assert len(test_set) == 3 and tuple(test_set[0][0].shape) == (3, 32, 32)
 
 
 def test_steady_rate_skips_start_up_and_the_draining_last_image():
-    from dsq import bench
+    from dsq.bench import rayjobs
 
-    assert bench.steady_rate([10.0, 12.0, 14.0, 14.5], per_image=100) == pytest.approx(50.0)
-    assert np.isnan(bench.steady_rate([10.0, 12.0], per_image=100))
+    assert rayjobs.steady_rate([10.0, 12.0, 14.0, 14.5], per_image=100) == pytest.approx(50.0)
+    assert np.isnan(rayjobs.steady_rate([10.0, 12.0], per_image=100))
+
+
+def test_benchmark_batch_size_is_what_a_certify_job_would_choose():
+    from dsq import bench, sizing
+
+    digits = bench.with_batch_size(bench.BenchConfig(pair="digits"))
+    assert digits.batch_size == sizing.CPU_ACTIVATION_BYTES // (64 * 8 * 8 * 4) == 512  # small_cnn's widest layer
+    cifar = bench.with_batch_size(bench.BenchConfig(pair="cifar"))
+    assert cifar.batch_size == sizing.CPU_ACTIVATION_BYTES // (64 * 32 * 32 * 4) == 32  # DnCNN's 64 channels
+    assert bench.with_batch_size(bench.BenchConfig(batch_size=100)).batch_size == 100
