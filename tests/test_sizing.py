@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from dsq import sizing
+from workers import resources
 
 GIB = 1 << 30
 
@@ -43,3 +44,15 @@ def test_largest_activation_is_the_widest_layer_per_sample():
 
 def test_cpu_budget_is_the_measured_constant():
     assert sizing.memory_budget("cpu") == sizing.CPU_ACTIVATION_BYTES == 8 << 20
+
+
+@pytest.mark.parametrize("workers, cluster, options, threads", [
+    (2, {"CPU": 2.0}, {"num_cpus": 0.5}, 1),                        # the default on 2 CPUs: 2 actors x 1 thread
+    (1, {"CPU": 2.0}, {"num_cpus": 0.5}, 2),                        # one actor takes every thread
+    (16, {"CPU": 16.0}, {"num_cpus": 0.5}, 1),
+    (2, {"CPU": 16.0, "GPU": 2.0}, {"num_gpus": 1.0, "num_cpus": 0}, 1),
+    (4, {"CPU": 16.0, "GPU": 2.0}, {"num_gpus": 0.5, "num_cpus": 0}, 1),  # two actors share each GPU
+    (3, {"CPU": 16.0, "GPU": 1.0}, {"num_gpus": 0.3333, "num_cpus": 0}, 1),
+])
+def test_actor_options(workers, cluster, options, threads):
+    assert resources.actor_options(workers, cluster) == (options, threads)

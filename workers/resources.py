@@ -44,15 +44,16 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise ClusterUnreachable(f"cannot reach Ray at {address}: {error}") from None
 
 
-def actor_options(workers: int) -> tuple[dict, int]:
+def actor_options(workers: int, cluster: dict | None = None) -> tuple[dict, int]:
     """Ray options for one of ``workers`` compute actors, and its torch thread count.
 
     With GPUs each actor takes one GPU, or an equal fraction of the GPUs when there are
     more actors than GPUs. On CPUs the actors share the cluster's CPUs as fractions (never
     whole CPUs that could starve other tasks), and each gets an equal share of intra-op
     threads: one thread each when there are as many actors as CPUs (the default).
+    ``cluster`` is Ray's ``cluster_resources()`` (read when not given).
     """
-    cluster = ray.cluster_resources()
+    cluster = ray.cluster_resources() if cluster is None else cluster
     gpus = cluster.get("GPU", 0)
     if gpus >= 1:
         return {"num_gpus": min(1.0, round(gpus / workers, 4)), "num_cpus": 0}, 1
