@@ -22,13 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from dsq.errors import CheckpointError, DsqError
+from dsq.errors import ArtifactStoreError, CheckpointError, DsqError
 
 CHUNK = 1 << 20
-
-
-class ArtifactStoreError(DsqError):
-    """The artifact store cannot be reached or used (no access, no such bucket...)."""
 
 
 class Store(Protocol):

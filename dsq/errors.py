@@ -51,3 +51,28 @@ class ClusterUnreachable(DsqError):
 
 class JobCancelled(DsqError):
     """Raised inside a running job when a cancel was requested."""
+
+
+class ArtifactStoreError(DsqError):
+    """The artifact store cannot be reached or used (no access, no such bucket...)."""
+
+
+# Certifying vision APIs. No message ever holds a credential: they name the variable or profile to set.
+class MissingCredentials(DsqError):
+    """A real provider was asked for but its SDK finds no credentials."""
+
+
+class EndpointUnreachable(DsqError):
+    """The emulator or server named by ``--endpoint`` does not answer."""
+
+
+class BudgetReached(DsqError):
+    """The job stopped because its next query would exceed ``max_queries`` (resumable)."""
+
+
+class ApiQueryFailed(DsqError):
+    """A query kept failing after every retry (throttled, unavailable, or refused)."""
+
+
+class UnreadableImage(DsqError):
+    """An input is not a readable image (recorded for that image; the job goes on)."""

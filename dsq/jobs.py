@@ -7,7 +7,6 @@ the actors there call ``run_training`` and ``record_certificate``.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -45,9 +44,9 @@ def local_checkpoint(settings: Settings, source: tuple[str, str | None]) -> str:
     return location if sha256 is None else str(artifacts.fetch(settings, location, sha256))
 
 
-def resolve_reference(session: Session, reference: str, settings: Settings | None = None) -> str:
+def resolve_reference(session: Session, reference: str, settings: Settings) -> str:
     """The local checkpoint file a model reference names: ``job:ID`` or a path."""
-    return local_checkpoint(settings or Settings.from_env(os.environ), checkpoint_source(session, reference))
+    return local_checkpoint(settings, checkpoint_source(session, reference))
 
 
 def check_spec(session: Session, spec, settings: Settings) -> int:

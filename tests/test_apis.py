@@ -17,7 +17,7 @@ from PIL import Image
 from dsq import datasets, jobs, specs
 from dsq.apis import base, emulators, providers, ratelimit
 from dsq.apis import jobs as api_jobs
-from dsq.apis.errors import MissingCredentials
+from dsq.errors import MissingCredentials
 from dsq.apis.spec import ApiCertifySpec
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope

@@ -10,7 +10,7 @@ import pytest
 from dsq import artifacts, jobs
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
-from dsq.errors import CheckpointError
+from dsq.errors import ArtifactStoreError, CheckpointError
 from dsq.settings import Settings
 from tests.conftest import free_port
 
@@ -77,12 +77,12 @@ def test_s3_store_put_fetch_cache_and_mismatch(s3, tmp_path):
 
 def test_s3_without_access_is_one_line(s3, tmp_path):
     missing = artifacts.open_store("s3://no-such-bucket/x", home=tmp_path, endpoint_url=s3)
-    with pytest.raises(artifacts.ArtifactStoreError, match=r"^cannot use artifact s3://no-such-bucket/x: ") as info:
+    with pytest.raises(ArtifactStoreError, match=r"^cannot use artifact s3://no-such-bucket/x: ") as info:
         missing.check()
     assert "\n" not in str(info.value)
-    with pytest.raises(artifacts.ArtifactStoreError, match="NoSuchBucket"):
+    with pytest.raises(ArtifactStoreError, match="NoSuchBucket"):
         missing.put(blob(tmp_path))
-    with pytest.raises(artifacts.ArtifactStoreError, match="no-such-bucket"):
+    with pytest.raises(ArtifactStoreError, match="no-such-bucket"):
         missing.fetch("s3://no-such-bucket/x/a.pt", "0" * 64)
 
 

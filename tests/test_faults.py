@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, make_url, text
 from dsq import jobs, smoothing
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
+from dsq.settings import Settings
 from tests.conftest import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -258,7 +259,7 @@ def test_two_certifications_and_a_training_at_once(cluster, world):
     for job_id in started[:2]:
         assert_same_as_undisturbed(engine, job_id, reference)
     with session_scope(engine) as session:
-        path = jobs.resolve_reference(session, f"job:{started[2]}")  # fetched and hash-verified
+        path = jobs.resolve_reference(session, f"job:{started[2]}", Settings.from_env(env))  # fetched, hash-verified
     from dsq import checkpoints
 
     assert checkpoints.load_checkpoint(path)[1]["kind"] == "denoiser"

@@ -18,7 +18,7 @@ import ray
 
 from dsq.apis import emulators, providers, ratelimit
 from dsq.apis.answers import AnswerDesk
-from dsq.apis.errors import MissingCredentials
+from dsq.errors import MissingCredentials
 from dsq.apis.spec import EMBEDDED, MAX_CONCURRENCY
 from dsq.db.session import make_engine
 from dsq.errors import DsqError

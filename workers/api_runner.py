@@ -18,7 +18,7 @@ import ray
 
 from dsq.apis import base
 from dsq.apis import jobs as api_jobs
-from dsq.apis.errors import ApiQueryFailed, BudgetReached, UnreadableImage
+from dsq.errors import ApiQueryFailed, BudgetReached, UnreadableImage
 from dsq.apis.ratelimit import limits_for
 from dsq.db import repo
 from dsq.db.session import session_scope
@@ -38,7 +38,7 @@ class ImageWork:
 
 def run(engine, settings, job_id: int, spec, on_progress=None) -> None:
     with session_scope(engine) as session:
-        denoiser = api_jobs.load_denoiser(session, spec)
+        denoiser = api_jobs.load_denoiser(session, spec, settings)
         done = repo.done_image_indices(session, job_id)
         paid = repo.count_paid_api_answers(session, job_id)
     source = api_jobs.ImageSource(spec, settings)

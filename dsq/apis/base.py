@@ -32,7 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dsq import sampling, smoothing
-from dsq.apis.errors import UnreadableImage
+from dsq.errors import UnreadableImage
 
 CLEAN, SELECTION, ESTIMATION = "clean", sampling.SELECTION, sampling.ESTIMATION
 NO_LABEL = "<none>"

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from dsq import checkpoints, datasets, smoothing
 from dsq.apis import base, providers
-from dsq.apis.errors import EndpointUnreachable, UnreadableImage
+from dsq.errors import EndpointUnreachable, UnreadableImage
 from dsq.apis.ratelimit import limits_for
 from dsq.apis.spec import EMBEDDED, ApiCertifySpec
 from dsq.db import repo
@@ -75,12 +75,12 @@ class ImageSource:
         return {"input": self.spec.inputs[index]}
 
 
-def load_denoiser(session: Session, spec: ApiCertifySpec) -> torch.nn.Module | None:
+def load_denoiser(session: Session, spec: ApiCertifySpec, settings: Settings) -> torch.nn.Module | None:
     if not spec.denoiser:
         return None
     from dsq import jobs
 
-    return checkpoints.load_checkpoint(jobs.resolve_reference(session, spec.denoiser))[0].eval()
+    return checkpoints.load_checkpoint(jobs.resolve_reference(session, spec.denoiser, settings))[0].eval()
 
 
 # -- checks and estimates ----------------------------------------------------------------
@@ -100,7 +100,7 @@ def check_spec(session: Session, spec: ApiCertifySpec, settings: Settings, env: 
     source = ImageSource(spec, settings)
     if not source.indices:
         raise InvalidArgument("no images to certify")
-    denoiser = load_denoiser(session, spec)
+    denoiser = load_denoiser(session, spec, settings)
     if denoiser is not None:
         _check_denoiser(denoiser, source)
     return len(source.indices)

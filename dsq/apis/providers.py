@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Mapping
 
 from dsq.apis import ratelimit
-from dsq.apis.errors import MissingCredentials
+from dsq.errors import MissingCredentials
 from dsq.apis.ratelimit import FATAL, THROTTLE, TRANSIENT, Decision
 from dsq.apis.spec import EMBEDDED
 

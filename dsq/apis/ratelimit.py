@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, TypeVar
 
-from dsq.apis.errors import ApiQueryFailed
+from dsq.errors import ApiQueryFailed
 from dsq.errors import InvalidArgument
 
 T = TypeVar("T")
