@@ -1,13 +1,18 @@
 """The job system on a real local Ray and a real SQLite file: train, certify, shard, cancel, resume, fail."""
 
+import collections
+import os
+import pathlib
 import threading
 import time
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
+import ray
+import torch
 
-from dsq import datasets, fastpath, jobs, sizing, smoothing, specs
+from dsq import datasets, fastpath, jobs, sampling, sizing, smoothing, specs
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import CheckpointError, InvalidArgument, JobStateError
@@ -85,8 +90,8 @@ def test_job_equals_in_process_certify(world):
     config, engine, f, d = world
     job = run(config, engine, certify_spec(f, d, workers=2, max_images=2))
     with session_scope(engine) as session:
-        pipeline = jobs.load_pipeline(jobs.resolve_reference(session, f"job:{f}"),
-                                      jobs.resolve_reference(session, f"job:{d}"), "cpu")
+        pipeline = jobs.load_pipeline(jobs.resolve_reference(session, f"job:{f}", config),
+                                      jobs.resolve_reference(session, f"job:{d}", config), "cpu")
     pipeline = fastpath.prepare_for_inference(pipeline, device="cpu")  # as the sampler actors run it
     test_set = datasets.get_dataset("digits", "test")
     for index, prediction, radius, selection, estimation in rows_of(engine, job):
@@ -101,8 +106,8 @@ def test_automatic_sizing_is_recorded_and_kept(world):
     config, engine, f, d = world
     auto = run(config, engine, certify_spec(f, d, batch_size=None, workers=None, max_images=3))
     with session_scope(engine) as session:
-        pipeline = jobs.load_pipeline(jobs.resolve_reference(session, f"job:{f}"),
-                                      jobs.resolve_reference(session, f"job:{d}"), "cpu")
+        pipeline = jobs.load_pipeline(jobs.resolve_reference(session, f"job:{f}", config),
+                                      jobs.resolve_reference(session, f"job:{d}", config), "cpu")
         spec, log = jobs.load_spec(session, auto), [line.message for line in repo.logs_for_job(session, auto)]
     per_sample = sizing.memory_per_sample(pipeline, datasets.get_dataset("digits", "test")[0][0], "cpu")
     assert per_sample == 64 * 8 * 8 * 4  # the widest layer: small_cnn's second conv, 64 channels at 8x8, float32
@@ -126,6 +131,42 @@ def test_reduced_precision_is_recorded_with_every_result(world):
         [(label, _)] = jobs.labelled_results(session, [job])
     assert len(extras) == 2 and all(e["model"]["precision"] == "bf16" for e in extras)
     assert label == "bf16 run (bf16)"
+
+
+@ray.remote(max_restarts=1, max_task_retries=0)
+class SamplerThatCrashesOnce:
+    """Samples like a SamplerActor, but its process dies in the middle of its first shard."""
+
+    def __init__(self, classifier_path, denoiser_path, marker):
+        torch.set_num_threads(1)
+        self.model = fastpath.prepare_for_inference(jobs.load_pipeline(classifier_path, denoiser_path, "cpu"),
+                                                    device="cpu")
+        self.marker = pathlib.Path(marker)
+
+    def counts(self, x, **shard):
+        if not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+        return {"counts": sampling.sample_counts(self.model, x, device="cpu", **shard), "worker": "w", "device": "cpu"}
+
+
+def test_a_shard_lost_with_its_actor_is_sampled_again(world, tmp_path):
+    """Ray does not retry this actor's tasks: the loop redoes the lost shard, with the same counts."""
+    config, engine, f, d = world
+    spec = certify_spec(f, d, workers=1, max_images=2)
+    undisturbed = run(config, engine, spec)
+    job_id = submit(config, engine, spec)
+    with session_scope(engine) as session:
+        paths = [jobs.resolve_reference(session, f"job:{r}", config) for r in (f, d)]
+    actor = SamplerThatCrashesOnce.remote(*paths, str(tmp_path / "crashed"))
+    test_set = datasets.get_dataset("digits", "test")
+    runner.CertifyLoop(engine, job_id, spec, test_set, [actor], 0, 2, None).run(collections.deque([0, 1]))
+    assert (tmp_path / "crashed").exists() and rows_of(engine, job_id) == rows_of(engine, undisturbed)
+    with session_scope(engine) as session:
+        warnings = [line.message for line in repo.logs_for_job(session, job_id) if line.level == "warning"]
+    # the crash takes the shards queued on the actor with it (ActorDiedError or ActorUnavailableError)
+    assert 1 <= len(warnings) <= runner.TASKS_PER_ACTOR, warnings
+    assert all(" lost its sampler (Actor" in w and w.endswith("retrying") for w in warnings), warnings
 
 
 def run_in_thread(config, job_id):
@@ -192,7 +233,7 @@ def test_resume_refuses_a_live_runner_and_accepts_a_dead_one(world):
 def test_failed_job_keeps_error_and_traceback(world, tmp_path):
     config, engine, f, d = world
     with session_scope(engine) as session:
-        path = jobs.resolve_reference(session, f"job:{f}")
+        path = jobs.resolve_reference(session, f"job:{f}", config)
     copy = tmp_path / "f.pt"
     copy.write_bytes(open(path, "rb").read())
     job_id = submit(config, engine, certify_spec(f, max_images=1, classifier=str(copy)))

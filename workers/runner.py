@@ -32,6 +32,7 @@ from workers.trainer import TrainerActor
 
 Progress = Callable[[int, int], None]
 TASKS_PER_ACTOR = 2
+SHARD_RETRY_SECONDS = 180.0  # how long a shard lost with its actor is tried again while Ray restarts the actor
 RUNNER_RESTARTS = 3
 
 
@@ -185,29 +186,51 @@ class CertifyLoop(JobLoop):
         self.images[index] = ImageState(index, int(label), ray.put(x), len(shards))
         with session_scope(self.engine) as session:
             repo.upsert_work_unit(session, self.job_id, f"image:{index}", status="running")
-        self.queue.extend((index, shard) for shard in shards)
+        self.queue.extend((index, shard, None) for shard in shards)
 
     def _dispatch(self) -> None:
         while self.queue and min(self.load) < TASKS_PER_ACTOR:
             slot = int(np.argmin(self.load))
-            index, shard = self.queue.popleft()
+            index, shard, lost_at = self.queue.popleft()
             state, spec = self.images[index], self.spec
             ref = self.actors[slot].counts.remote(
                 state.x, sigma=spec.sigma, start=shard.start, count=shard.count, batch_size=spec.batch_size,
                 seed=spec.seed, image=index, phase=shard.phase)
-            self.in_flight[ref] = (index, shard.phase, slot)
+            self.in_flight[ref] = (index, shard, slot, lost_at)
             self.load[slot] += 1
 
     def _collect(self, ref) -> None:
-        index, phase, slot = self.in_flight.pop(ref)
+        index, shard, slot, lost_at = self.in_flight.pop(ref)
         self.load[slot] -= 1
-        reply = ray.get(ref)
+        try:
+            reply = ray.get(ref)
+        except ray.exceptions.RayActorError as lost:  # its process or node went away: Ray restarts the actor
+            self._retry(index, shard, lost_at, lost)
+            return
         state = self.images[index]
-        state.counts[phase].append(reply["counts"])
+        state.counts[shard.phase].append(reply["counts"])
         state.workers.add(reply["worker"])
         state.shards_left -= 1
         if state.shards_left == 0:
             self._finish(self.images.pop(index), reply["device"])
+
+    def _retry(self, index: int, shard, lost_at: float | None, lost: Exception) -> None:
+        """Sample the shard again: its counts depend only on its identity, so a redo gives the same counts.
+
+        Ray may not retry it itself (a task on an unreachable process "may or may not have been
+        executed"), and calls fail at once while the actor restarts: wait a little between tries.
+        """
+        now = time.monotonic()
+        if lost_at is not None and now - lost_at > SHARD_RETRY_SECONDS:
+            raise lost
+        if lost_at is None:
+            reason = str(lost).strip().splitlines()[-1][:200] if str(lost).strip() else ""
+            with session_scope(self.engine) as session:
+                repo.add_log(session, self.job_id, f"image {index}: {shard.phase} shard {shard.index} lost its "
+                                                   f"sampler ({type(lost).__name__}: {reason}); retrying",
+                             level="warning")
+        time.sleep(POLL_SECONDS)
+        self.queue.appendleft((index, shard, lost_at or now))
 
     def _finish(self, state: ImageState, device: str) -> None:
         spec = self.spec
