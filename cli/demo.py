@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import typer
@@ -20,12 +21,15 @@ def register(app: typer.Typer) -> None:
 def demo(ctx: typer.Context,
          plot: str = typer.Option("dsq-demo-curves.png", help="Where to write the certification curves."),
          max_images: int = typer.Option(0, help="Certify at most this many test digits (0: all 364)."),
-         n: int = typer.Option(1000, help="Estimation samples per image.")):
+         n: int = typer.Option(1000, help="Estimation samples per image."),
+         quick: bool = typer.Option(False, "--quick", help="One epoch per model: checks the pipeline, not the numbers.")):
     """Train f, denoisers and Cohen's classifiers on digits, certify them all, compare."""
     config = common.settings(ctx)
     started = time.monotonic()
     with common.boundary():
         cfg = plan.DemoConfig(n=n, max_images=max_images or None)
+        if quick:
+            cfg = dataclasses.replace(cfg, classifier_epochs=1, denoiser_epochs=1, stab_epochs=1)
         engine = common.database(config)
 
         def execute(spec) -> int:

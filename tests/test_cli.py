@@ -144,3 +144,22 @@ def test_resume_of_a_running_job_is_refused(dsq, trained):
         repo.mark_running(session, job.id, "elsewhere")
     out = dsq("resume", job.id)
     assert out.exit_code == 2 and "is running" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_quick_demo_runs_every_step_end_to_end(tmp_path):
+    """`dsq demo --quick`: every training and certification job of `make demo`, one epoch each, few images."""
+    home = tmp_path / "demo-home"
+    plot = tmp_path / "demo.png"
+    out = CliRunner().invoke(app, ["--db", f"sqlite:///{home / 'dsq.db'}", "demo", "--quick", "--max-images", "4",
+                                   "--n", "100", "--plot", str(plot)], env={"DSQ_HOME": str(home), "RAY_ADDRESS": ""})
+    assert out.exit_code == 0, out.output
+    assert "sigma = 0.25: certified accuracy" in out.output and "envelope across sigma" in out.output
+    for method in ("no denoiser", "MSE", "STAB+MSE white-box", "STAB+MSE black-box", "Cohen et al."):
+        assert method in out.output
+    assert "dsq compare 7 8 9 10 11 16 17 18 19 20" in out.output and plot.stat().st_size > 1000
+    engine = open_database(f"sqlite:///{home / 'dsq.db'}")
+    with session_scope(engine) as session:
+        finished = [repo.get_job(session, job_id) for job_id in range(1, 21)]
+        assert all(job.status == "succeeded" for job in finished)
+        assert sum(len(repo.results_for_job(session, job.id)) for job in finished if job.kind == "certify") == 40
+    engine.dispose()
