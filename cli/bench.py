@@ -46,15 +46,8 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(benchm
             batch_sweep=parse_sizes(batch_sweep))
         results = benchmark.run(cfg, log=lambda line: common.errors.print(line, markup=False, highlight=False))
     benchmark.write_results(results, out)
-    title = f"{results['pair']}, batch {results['config']['batch_size']}, {cfg.threads} threads, {device}"
-    common.console.print(report.render_table(["quantity", "value", "note", "verdict"],
-                                             benchmark.summary_rows(results), title=title))
-    if variants:
-        common.console.print(report.render_table(["forward / loop variant", "samples/s", "vs plain"],
-                                                 benchmark.variant_rows(results), title="where the speed comes from"))
-    if cfg.batch_sweep:
-        common.console.print(report.render_table(["batch size", "plain samples/s", "prepared samples/s", "gain"],
-                                                 benchmark.sweep_rows(results), title="forward by batch size"))
+    for header, rows, title in benchmark.tables(results):
+        common.console.print(report.render_table(header, rows, title=title))
     common.console.print(f"results written to {out}")
 
 

@@ -250,8 +250,14 @@ def test_benchmark_ratios_and_verdicts():
 
     results = {"forward_samples_per_s": 100.0, "sampling_samples_per_s": 95.0, "reference_samples_per_s": 70.0,
                "peak_rss_mb_small_n": 1000.0, "peak_rss_mb_large_n": 1050.0,
-               "ray_jobs": {"workers_1": {"samples_per_s": 80.0, "in_process_control_samples_per_s": 100.0}}}
+               "ray_jobs": {"workers_1": {"samples_per_s": 80.0, "in_process_control_samples_per_s": 100.0,
+                                            "workers": 1, "threads_per_worker": 2,
+                                            "samples_per_s_with_startup": 60.0}}}
     out = bench.ratios(results)
+    results |= out | {"pair": "p", "config": {"batch_size": 32, "threads": 2, "device": "cpu"}}
+    [(header, rows, title)] = bench.tables(results)  # no variants or sweep measured: the summary only
+    assert title == "p, batch 32, 2 threads, cpu" and len(header) == 4
+    assert ["sampling_over_reference", "1.357", "target >= 1.5", "FAIL"] in rows
     assert out["sampling_over_forward"] == pytest.approx(0.95)
     assert out["ray_over_in_process"] == pytest.approx(0.8)
     assert out["verdicts"] == {"sampling_over_forward": "PASS", "ray_over_in_process": "FAIL",

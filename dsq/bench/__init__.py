@@ -47,7 +47,7 @@ from dsq.bench.config import PAIRS, TARGETS, BenchConfig, Log
 from dsq.bench.rayjobs import ray_jobs
 from dsq.bench.trials import TrialProcess, batch_sweep, build_pair, in_process, peak_rss_in_subprocess
 
-__all__ = ["PAIRS", "BenchConfig", "run", "ratios", "summary_rows", "variant_rows", "sweep_rows", "write_results"]
+__all__ = ["PAIRS", "BenchConfig", "run", "ratios", "tables", "write_results"]
 
 
 CERTIFY_N = 100_000  # a certify job's default n: the batch size is chosen for it
@@ -136,6 +136,20 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def tables(results: dict) -> list[tuple[list[str], list[list[str]], str]]:
+    """(header, rows, title) of each table to print: the summary, then the variants and the sweep if measured."""
+    cfg = results["config"]
+    out = [(["quantity", "value", "note", "verdict"], summary_rows(results),
+            f"{results['pair']}, batch {cfg['batch_size']}, {cfg['threads']} threads, {cfg['device']}")]
+    if results.get("variant_samples_per_s_by_name"):
+        out.append((["forward / loop variant", "samples/s", "vs plain"], variant_rows(results),
+                    "where the speed comes from"))
+    if results.get("batch_sweep"):
+        out.append((["batch size", "plain samples/s", "prepared samples/s", "gain"], sweep_rows(results),
+                    "forward by batch size"))
+    return out
 
 
 def summary_rows(results: dict) -> list[list[str]]:
