@@ -116,6 +116,12 @@ def test_automatic_sizing_is_recorded_and_kept(world):
     assert any(f"2 sampler actor(s) x 1 thread(s) on cpu, fp32; batch {expected} (chosen" in m for m in log), log
     given = run(config, engine, certify_spec(f, d, batch_size=expected, workers=1, max_images=3))
     assert rows_of(engine, auto) == rows_of(engine, given)
+    tiny = run(config, engine, certify_spec(f, d, batch_size=8, workers=1, max_images=1))
+    with session_scope(engine) as session:
+        given_log, tiny_log = ([(line.level, line.message) for line in repo.logs_for_job(session, job)
+                                if "sampler actor" in line.message] for job in (given, tiny))
+    assert given_log[0][0] == "info" and "batch 150 (from the spec; automatic here: 300;" in given_log[0][1]
+    assert tiny_log[0][0] == "warning" and "batch 8 (from the spec; automatic here: 300;" in tiny_log[0][1]
     with session_scope(engine) as session:
         jobs.reopen(session, auto)  # a resumed job keeps the batch it was certified with
     assert runner.run_job(config, auto) == "succeeded"

@@ -145,18 +145,21 @@ def _run_certify(engine, settings: Settings, job_id: int, spec, on_progress: Pro
 
 
 def _size_job(engine, job_id: int, spec, workers: int, threads: int, probe: dict):
-    """Fix an automatic batch size in the job's spec (it shapes the noise); log the sizing either way."""
-    chosen = spec.batch_size or sizing.choose_batch(probe["bytes_per_sample"], probe["budget_bytes"],
-                                                    n=spec.n, workers=workers)
-    how = "chosen" if spec.batch_size is None else "given"
+    """Fix an automatic batch size in the job's spec (it shapes the noise); log the sizing either way.
+
+    A batch from the spec far below what dsq would choose here is logged as a warning, not silently used.
+    """
+    automatic = sizing.choose_batch(probe["bytes_per_sample"], probe["budget_bytes"], n=spec.n, workers=workers)
+    how = "chosen" if spec.batch_size is None else f"from the spec; automatic here: {automatic}"
+    small = spec.batch_size is not None and spec.batch_size * 4 <= automatic
     with session_scope(engine) as session:
         if spec.batch_size is None:
-            spec = dataclasses.replace(spec, batch_size=chosen)
+            spec = dataclasses.replace(spec, batch_size=automatic)
             repo.set_spec(session, job_id, spec.to_dict())
         repo.add_log(session, job_id, (
             f"{workers} sampler actor(s) x {threads} thread(s) on {probe['device']}, {probe['model']['precision']}; "
-            f"batch {chosen} ({how}; {probe['bytes_per_sample'] / 1024:.0f} KiB per sample, "
-            f"budget {probe['budget_bytes'] / 2**20:.0f} MiB)"))
+            f"batch {spec.batch_size} ({how}; {probe['bytes_per_sample'] / 1024:.0f} KiB per sample, "
+            f"budget {probe['budget_bytes'] / 2**20:.0f} MiB)"), level="warning" if small else "info")
     return spec
 
 
