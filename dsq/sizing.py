@@ -27,6 +27,8 @@ import math
 import torch
 from torch import nn
 
+from dsq.fastpath import PreparedModel
+
 ACTOR_MEMORY = 3 << 29          # 1.5 GiB: torch in a process (~0.7 GB) plus a model and its batches
 CPU_ACTIVATION_BYTES = 8 << 20
 GPU_MEMORY_SHARE = 0.6          # of the memory free on the device when the actor starts
@@ -40,7 +42,8 @@ def default_workers(cluster: dict) -> int:
     if gpus:
         return gpus
     cpus = int(cluster.get("CPU", 1))
-    by_memory = int(cluster.get("memory", math.inf) // ACTOR_MEMORY) if cluster.get("memory") else cpus
+    memory = cluster.get("memory")
+    by_memory = int(memory // ACTOR_MEMORY) if memory else cpus
     return max(1, min(cpus, by_memory))
 
 
@@ -55,7 +58,7 @@ def probe(model: nn.Module, x: torch.Tensor, device: torch.device | str, share: 
 
     On a CPU the fp32 network is probed (a bound from above when autocast is on).
     """
-    net = model.net if torch.device(device).type == "cpu" and hasattr(model, "net") else model
+    net = model.net if torch.device(device).type == "cpu" and isinstance(model, PreparedModel) else model
     return {"bytes_per_sample": memory_per_sample(net, x, device), "budget_bytes": memory_budget(device, share)}
 
 

@@ -104,6 +104,8 @@ def bad_inputs(home, tmp_path):
         "n0 zero": ([*CERTIFY, "--n0", "0"], "n0"),
         "n zero": ([*CERTIFY, "--n", "0"], "n must"),
         "batch zero": ([*CERTIFY, "--batch-size", "0"], "batch size"),
+        "workers zero": ([*CERTIFY, "--workers", "0"], "workers must"),
+        "unknown precision": ([*CERTIFY, "--precision", "fp8"], "precision must be one of fp32, bf16, fp16"),
         "alpha zero": ([*CERTIFY, "--alpha", "0"], "alpha"),
         "alpha one": ([*CERTIFY, "--alpha", "1.5"], "alpha"),
         "missing checkpoint": ([*CERTIFY, "--denoiser", tmp_path / "nope.pt"], "not found"),

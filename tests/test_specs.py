@@ -102,6 +102,8 @@ def test_bad_sigma(sigma):
     ("alpha", 1.5, "alpha must be in (0, 1)"),
     ("skip", 0, "skip must be an integer >= 1"),
     ("workers", 0, "workers must be an integer >= 1"),
+    ("precision", "fp8", "precision must be one of fp32, bf16, fp16"),
+    ("compile", "yes", "compile must be true or false"),
     ("max_images", 0, "max images must be an integer >= 1"),
     ("split", "val", "split must be one of train, test"),
     ("seed", 1.5, "seed must be an integer"),
