@@ -76,3 +76,11 @@ class ApiQueryFailed(DsqError):
 
 class UnreadableImage(DsqError):
     """An input is not a readable image (recorded for that image; the job goes on)."""
+
+
+class NonFiniteOutput(DsqError):
+    """A model returned NaN or inf where dsq needs a finite image (a denoiser's output on the API path)."""
+
+
+class TrainingDiverged(DsqError):
+    """The training loss or the weights became NaN or inf; the job stops before anything is saved."""

@@ -11,6 +11,11 @@ shards' counts reproduces the single-process plan exactly.
 
 Noise is added in [0, 1] pixel space (x + delta, delta ~ N(0, sigma^2 I)); the
 model (denoiser and classifier, normalization inside) sees the noisy image.
+
+A sample whose logits are not all finite (NaN or +-inf anywhere in its row)
+votes for no class: argmax would silently pick a class for it. It is still a
+sample drawn, so a count vector may sum to less than the samples of its shard;
+the caller passes the number drawn to ``smoothing.certify_counts`` (``n``).
 """
 
 from __future__ import annotations
@@ -95,8 +100,10 @@ def sample_counts(
 ) -> np.ndarray:
     """Count the model's top-1 votes on samples ``[start, start+count)`` of one phase.
 
-    Returns an int64 vector of length K (the number of logits). Memory does not
-    depend on ``count``: batches stream through, counts accumulate on the device.
+    Returns an int64 vector of length K (the number of logits); samples with a
+    non-finite logit vote for no class, so it sums to at most ``count``. Memory
+    does not depend on ``count``: batches stream through, counts accumulate on the
+    device (no host sync per batch).
     """
     _check_positive(count=count, batch_size=batch_size)
     if start % batch_size:
@@ -111,10 +118,19 @@ def sample_counts(
             generator.manual_seed(stream_seed(seed, image, phase, batch_start // batch_size))
             noisy = torch.randn((size, *x.shape), generator=generator, device=device, dtype=x.dtype)
             noisy.mul_(sigma).add_(x)
-            logits = model(noisy)
-            votes = torch.bincount(logits.argmax(dim=1), minlength=logits.shape[1])
+            votes = top_class_votes(model(noisy))
             counts = votes if counts is None else counts + votes
     return counts.cpu().numpy().astype(np.int64)
+
+
+def top_class_votes(logits: torch.Tensor) -> torch.Tensor:
+    """Votes per class of a batch of logits [B, K]; a row with any non-finite value votes for none.
+
+    Such rows go to an extra bin K that is dropped (a mask would cost a device sync).
+    """
+    classes = logits.shape[1]
+    top = torch.where(torch.isfinite(logits).all(dim=1), logits.argmax(dim=1), classes)
+    return torch.bincount(top, minlength=classes + 1)[:classes]
 
 
 def sample_phase(model, x, *, sigma, num, batch_size, seed, image, phase, device=None) -> np.ndarray:

@@ -15,6 +15,17 @@ Symbols, as in the paper:
 The statistics (``lower_confidence_bound``, ``radius``, ``certify_counts``,
 ``predict_counts``, ``sum_counts``) are pure functions of counts, so shards
 computed anywhere can be summed and the bound computed once per image.
+
+Non-finite numbers. An image with a NaN or inf pixel is refused
+(``check_image`` raises InvalidArgument): x + delta would be NaN or inf
+whatever delta, and no model output on it means anything. A noisy sample whose
+logits contain a NaN or inf is drawn but votes for no class (``sampling``):
+argmax would otherwise hand it to some class, and a model that returns NaN
+everywhere would be certified with a large radius. It stays in the binomial
+denominator n as an abstaining sample, which is sound: it counts as a failure
+for cA, so it can only lower p_lower (never raise it), and a model with no
+finite logits always abstains. This is why ``certify_counts`` takes the number
+of samples drawn (``n``, ``n0``) rather than the counts' sum.
 """
 
 from __future__ import annotations
@@ -76,16 +87,21 @@ def radius(p_lower: float, sigma: float) -> float:
     return float(sigma * norm.ppf(p_lower))
 
 
-def certify_counts(counts_selection, counts_estimation, *, alpha: float, sigma: float) -> Certificate:
-    """CERTIFY from vote counts: cA from selection, nA from estimation.
+def certify_counts(counts_selection, counts_estimation, *, alpha: float, sigma: float,
+                   n: int | None = None, n0: int | None = None) -> Certificate:
+    """CERTIFY from vote counts: cA from selection, nA of n from estimation.
 
-    Ties in the selection counts go to the lowest class index.
+    ``n`` and ``n0`` are the numbers of samples drawn in each phase (default: the
+    counts' sums); samples that voted for no class (non-finite logits) are the
+    difference and count as failures for cA. Ties in the selection counts go to
+    the lowest class index.
     """
     selection = np.asarray(counts_selection, dtype=np.int64)
     estimation = np.asarray(counts_estimation, dtype=np.int64)
     selection, estimation = _same_length(selection, estimation)
+    n0 = _samples_drawn("n0", n0, selection)
+    n = _samples_drawn("n", n, estimation)
     c_a = int(np.argmax(selection))
-    n = int(estimation.sum())
     p_lower = lower_confidence_bound(int(estimation[c_a]), n, alpha)
     prediction = c_a if p_lower >= 0.5 else ABSTAIN
     return Certificate(
@@ -94,11 +110,23 @@ def certify_counts(counts_selection, counts_estimation, *, alpha: float, sigma: 
         p_lower=p_lower,
         counts_selection=selection,
         counts_estimation=estimation,
-        n0=int(selection.sum()),
+        n0=n0,
         n=n,
         alpha=float(alpha),
         sigma=float(sigma),
     )
+
+
+def _samples_drawn(name: str, drawn: int | None, counts: np.ndarray) -> int:
+    """The number of samples drawn in a phase: ``drawn``, or the counts' sum if None."""
+    votes = int(counts.sum())
+    if drawn is None:
+        return votes
+    if not isinstance(drawn, (int, np.integer)) or isinstance(drawn, bool):
+        raise InvalidArgument(f"{name} (samples drawn) must be an integer, got {drawn!r}")
+    if drawn < votes:
+        raise InvalidArgument(f"{name} = {drawn} samples drawn is fewer samples than the {votes} votes counted")
+    return int(drawn)
 
 
 def predict_counts(counts, *, alpha: float) -> int:
@@ -134,7 +162,7 @@ def certify(model, x, *, sigma, n0, n, alpha, batch_size, seed, device=None, ima
     common = dict(sigma=sigma, batch_size=batch_size, seed=seed, image=image, device=device)
     selection = sampling.sample_phase(model, x, num=n0, phase=sampling.SELECTION, **common)
     estimation = sampling.sample_phase(model, x, num=n, phase=sampling.ESTIMATION, **common)
-    return certify_counts(selection, estimation, alpha=alpha, sigma=sigma)
+    return certify_counts(selection, estimation, alpha=alpha, sigma=sigma, n0=n0, n=n)
 
 
 def predict(model, x, *, sigma, n, alpha, batch_size, seed, device=None, image=0) -> int:
@@ -158,10 +186,14 @@ def validate(*, sigma, n0, n, alpha, batch_size) -> None:
 
 
 def check_image(model, x, device=None) -> int:
-    """Check that ``x`` is one [C, H, W] image the model accepts; return K (number of classes)."""
+    """Check that ``x`` is one finite [C, H, W] image the model accepts; return K (number of classes)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise InvalidArgument(f"expected one image of shape [C, H, W], got {shape}")
+    non_finite = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
+    if non_finite:
+        raise InvalidArgument(f"{non_finite} of {x.numel()} pixels are not finite (NaN or inf); "
+                              f"the image must be finite, in [0, 1]")
     device = torch.device(device) if device is not None else sampling.model_device(model)
     with sampling.eval_mode(model), torch.inference_mode():
         try:

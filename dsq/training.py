@@ -5,6 +5,10 @@ each come from a generator seeded by (spec seed, purpose, epoch), never from
 global RNG state; the caller's global RNG state is left as it was.
 Progress is reported through a callback ``on_progress(done, total, metrics)``
 so the caller (a Ray trainer, the CLI) decides how to show it.
+
+A batch loss that is NaN or inf, or weights that hold NaN or inf after an
+epoch, stop training with ``TrainingDiverged`` (naming the epoch, and the batch
+for a loss): the model is never returned, so no broken checkpoint is saved.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import math
 import time
 from typing import Callable, Sequence
 
@@ -22,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from dsq import classifiers as classifier_registry
 from dsq import denoisers as denoiser_registry
 from dsq import objectives
-from dsq.errors import InvalidArgument
+from dsq.errors import InvalidArgument, TrainingDiverged
 from dsq.specs import TrainSpec
 
 Progress = Callable[[int, int, dict], None]
@@ -92,7 +97,10 @@ def train(spec: TrainSpec, train_set: Dataset, test_set: Dataset, info, *,
 
 
 def fit(model, loss_fn, train_set, spec: TrainSpec, device, on_progress: Progress | None) -> float:
-    """Run ``spec.epochs`` epochs; return the mean loss of the last epoch."""
+    """Run ``spec.epochs`` epochs; return the mean loss of the last epoch.
+
+    Raises TrainingDiverged as soon as a batch loss, or the weights after an epoch, are not finite.
+    """
     optimizer, scheduler = make_optimizer(spec, [p for p in model.parameters() if p.requires_grad])
     noise = torch.Generator(device=device)
     mean_loss = float("nan")
@@ -100,23 +108,40 @@ def fit(model, loss_fn, train_set, spec: TrainSpec, device, on_progress: Progres
         model.train()
         noise.manual_seed(seeded(spec.seed, "noise", epoch))
         with private_cpu_rng(seeded(spec.seed, "augment", epoch)):
-            mean_loss = _epoch(model, loss_fn, optimizer, _loader(train_set, spec, epoch), device, noise)
+            mean_loss = _epoch(model, loss_fn, optimizer, _loader(train_set, spec, epoch), device, noise, epoch + 1)
+        _check_weights(model, optimizer, epoch + 1)
         scheduler.step()
         if on_progress:
             on_progress(epoch + 1, spec.epochs, {"epoch": epoch + 1, "loss": mean_loss})
     return mean_loss
 
 
-def _epoch(model, loss_fn, optimizer, loader, device, noise) -> float:
-    """One pass over the training data; return the mean batch loss."""
+def _epoch(model, loss_fn, optimizer, loader, device, noise, epoch: int) -> float:
+    """One pass over the training data; return the mean batch loss (TrainingDiverged on a non-finite one)."""
     total, batches = 0.0, 0
     for x, y in loader:
         loss = loss_fn(x.to(device), y.to(device), noise)
+        value, batches = float(loss.detach()), batches + 1
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"training diverged: the loss is {value} at epoch {epoch}, batch {batches}; "
+                                   f"try a lower learning rate (it is {_learning_rate(optimizer):g})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total, batches = total + float(loss.detach()), batches + 1
+        total += value
     return total / max(batches, 1)
+
+
+def _check_weights(model: nn.Module, optimizer, epoch: int) -> None:
+    """Raise TrainingDiverged if a parameter or floating buffer holds NaN or inf (a finite loss with NaN gradients)."""
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise TrainingDiverged(f"training diverged: the model's weights are not finite after epoch {epoch}; "
+                               f"try a lower learning rate (it is {_learning_rate(optimizer):g})")
+
+
+def _learning_rate(optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def evaluate(spec: TrainSpec, model, classifiers, test_set, device, batch_size: int = 256) -> dict:

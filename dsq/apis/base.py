@@ -11,6 +11,12 @@ f(x + delta) = top_label(API(encode(clamp(D(clip(x + delta))))))
 - top_label the most confident label; ties go to the lexicographically smallest label; an empty
             answer is its own class ``"<none>"``
 
+Non-finite numbers: a denoiser output with a NaN or inf pixel fails its image (``NonFiniteOutput``,
+raised by ``phase_queries`` before anything is encoded), and ``encode_png`` refuses non-finite pixels.
+Clamping would hide them (inf clamps to 1; NaN stays NaN and becomes arbitrary bytes) and the query would
+then be a vote for whatever the API answers to an image the denoiser never produced. Failing the image is
+sound (no certificate at all) and keeps queries and labels one to one; a denoiser that returns NaN is broken.
+
 Randomness has an identity: sample ``i`` of phase ``p`` of image ``j`` draws its noise from a generator
 seeded by ``stream_seed(seed, j, p, i)``, so a query that is retried, resumed or repeated re-sends the
 same bytes; it is never a new draw. The clean query (x itself, no noise and no denoiser) gives the
@@ -32,7 +38,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dsq import sampling, smoothing
-from dsq.errors import UnreadableImage
+from dsq.errors import InvalidArgument, NonFiniteOutput, UnreadableImage
 
 CLEAN, SELECTION, ESTIMATION = "clean", sampling.SELECTION, sampling.ESTIMATION
 NO_LABEL = "<none>"
@@ -55,7 +61,13 @@ def sha256(data: bytes) -> str:
 
 
 def encode_png(x: torch.Tensor, scale: int = 1) -> bytes:
-    """An image [C, H, W] in [0, 1] (C = 1 or 3) as 8-bit PNG bytes of round(x * 255)."""
+    """An image [C, H, W] in [0, 1] (C = 1 or 3) as 8-bit PNG bytes of round(x * 255).
+
+    Finite values outside [0, 1] are clamped; NaN or inf is refused (InvalidArgument).
+    """
+    if not bool(torch.isfinite(x).all()):
+        raise InvalidArgument(f"cannot encode an image whose pixels are not finite "
+                              f"({int((~torch.isfinite(x)).sum())} NaN or inf)")
     pixels = torch.round(x.detach().clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
     pixels = np.ascontiguousarray(np.transpose(pixels, (1, 2, 0)))
     if scale > 1:
@@ -79,7 +91,10 @@ def noisy_copies(x: torch.Tensor, *, sigma: float, seed: int, image: int, phase:
 
 def phase_queries(x: torch.Tensor, denoiser: torch.nn.Module | None, *, sigma: float, seed: int, image: int,
                   phase: str, num: int, scale: int = 1) -> list[Query]:
-    """The ``num`` encoded queries of one phase (the denoiser runs in eval mode, in batches)."""
+    """The ``num`` encoded queries of one phase (the denoiser runs in eval mode, in batches).
+
+    Raises NonFiniteOutput if the denoiser returns NaN or inf on any sample (the image fails).
+    """
     queries = []
     for start in range(0, num, DENOISE_BATCH):
         count = min(DENOISE_BATCH, num - start)
@@ -87,10 +102,21 @@ def phase_queries(x: torch.Tensor, denoiser: torch.nn.Module | None, *, sigma: f
         if denoiser is not None:
             with sampling.eval_mode(denoiser), torch.inference_mode():
                 batch = denoiser(batch.to(sampling.model_device(denoiser))).cpu()
+            _check_finite(batch, phase=phase, start=start, image=image)
         for offset, sample in enumerate(batch.clamp(0, 1)):
             data = encode_png(sample, scale)
             queries.append(Query(phase, start + offset, data, sha256(data)))
     return queries
+
+
+def _check_finite(batch: torch.Tensor, *, phase: str, start: int, image: int) -> None:
+    """Raise NonFiniteOutput naming the first sample of ``batch`` with a NaN or inf pixel."""
+    finite = torch.isfinite(batch).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        sample = start + int((~finite).nonzero()[0])
+        raise NonFiniteOutput(f"the denoiser returned NaN or inf on {phase} sample {sample} of image {image} "
+                              f"({int((~finite).sum())} of {len(batch)} samples in its batch); "
+                              f"the image cannot be certified with this denoiser")
 
 
 def image_queries(x: torch.Tensor, denoiser: torch.nn.Module | None, *, sigma: float, seed: int, image: int,
@@ -140,7 +166,8 @@ def certify_labels(clean_label: str, selection: Sequence[str], estimation: Seque
     position = {label: i for i, label in enumerate(labels)}
     counts_selection = np.bincount([position[label] for label in selection], minlength=len(labels))
     counts_estimation = np.bincount([position[label] for label in estimation], minlength=len(labels))
-    cert = smoothing.certify_counts(counts_selection, counts_estimation, alpha=alpha, sigma=sigma)
+    cert = smoothing.certify_counts(counts_selection, counts_estimation, alpha=alpha, sigma=sigma,
+                                    n0=len(selection), n=len(estimation))
     return ApiCertificate(cert, labels, clean_label)
 
 
