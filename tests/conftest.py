@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import itertools
 import os
 import pwd
-import shlex
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +24,13 @@ from dsq.db.session import open_database
 # ---------------------------------------------------------------------------------------
 # Databases: a temp SQLite file, and a throw-away PostgreSQL server for the session.
 #
-# The server is started with the PostgreSQL binaries found in $DSQ_PG_BIN, on PATH, or
-# under /usr/lib/postgresql/*/bin (Debian's `postgresql` package).  As root it runs as
-# the `postgres` user (initdb refuses root).  It fails the tests, never skips them, when
-# it cannot start.  DSQ_TEST_POSTGRES_URL=postgresql://... uses an existing server instead.
+# DSQ_TEST_POSTGRES_URL=postgresql://... uses an existing server.  Otherwise the tests start
+# one with the server binaries (initdb, pg_ctl) of $DSQ_PG_BIN if set, else those shipped in
+# the `pgserver` wheel (a requirement: `make test` needs nothing but Python), else on PATH
+# or under /usr/lib/postgresql/*/bin (Debian's `postgresql`).  initdb refuses root: as root
+# the server runs as the `postgres` user if there is one, else as `pgserver`, made as
+# pgserver itself does when run as root (useradd, and read and traverse rights on its
+# binaries for that user).  It fails the tests, never skips them, when it cannot start.
 # ---------------------------------------------------------------------------------------
 
 
@@ -35,29 +40,57 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _pgserver_bin() -> Path | None:
+    """The folder of the PostgreSQL binaries in the pgserver wheel (None if it is not installed).
+
+    Found without importing pgserver, whose import looks up a runtime folder and warns without one.
+    """
+    spec = importlib.util.find_spec("pgserver")
+    return Path(spec.origin).parent / "pginstall" / "bin" if spec and spec.origin else None
+
+
 def _pg_bin() -> Path:
-    candidates = [os.environ.get("DSQ_PG_BIN", "")]
+    candidates = [os.environ.get("DSQ_PG_BIN", ""), str(_pgserver_bin() or "")]
     on_path = shutil.which("pg_ctl")
     candidates.append(str(Path(on_path).parent) if on_path else "")
     candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True)
     for candidate in filter(None, candidates):
         if (Path(candidate) / "initdb").exists() and (Path(candidate) / "pg_ctl").exists():
             return Path(candidate)
-    pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) not found: install Debian's `postgresql`")
+    pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) not found: `pip install pgserver` "
+                "(in requirements.txt) or install Debian's `postgresql`")
 
 
-def _as_postgres(args: list[str]) -> list[str]:
+def _server_user(bin_dir: Path) -> pwd.struct_passwd | None:
+    """The user who runs the server: None (this process's) unless it is root."""
     if os.geteuid() != 0:
-        return args
+        return None
     try:
-        pwd.getpwnam("postgres")
+        user = pwd.getpwnam("postgres")
     except KeyError:
-        pytest.fail("running as root and there is no `postgres` user to run the PostgreSQL server")
-    return ["su", "postgres", "-c", shlex.join(args)]
+        user = None
+    if bin_dir == _pgserver_bin():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from pgserver import utils
+
+        user = user or utils.ensure_user_exists("pgserver")
+        utils.ensure_prefix_permissions(bin_dir)
+        utils.ensure_folder_permissions(bin_dir, stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH)
+        utils.ensure_folder_permissions(bin_dir.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
+    if user is None:
+        pytest.fail("running as root and there is no `postgres` user to run the PostgreSQL server "
+                    "(`pip install pgserver` makes one)")
+    return user
 
 
-def _run(args: list[str], what: str, log: Path | None = None) -> None:
-    done = subprocess.run(_as_postgres(args), capture_output=True, text=True, timeout=60)
+def _run_as(user: pwd.struct_passwd | None, args: list[str]) -> subprocess.CompletedProcess:
+    as_user = dict(user=user.pw_uid, group=user.pw_gid, extra_groups=[]) if user else {}
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, cwd="/", **as_user)
+
+
+def _run(args: list[str], what: str, user: pwd.struct_passwd | None, log: Path | None = None) -> None:
+    done = _run_as(user, args)
     if done.returncode != 0:
         extra = log.read_text() if log and log.exists() else ""
         pytest.fail(f"{what} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}\n{extra}")
@@ -70,20 +103,20 @@ def postgres_server() -> Iterator[str]:
         yield os.environ["DSQ_TEST_POSTGRES_URL"].rstrip("/")
         return
     bin_dir, port = _pg_bin(), free_port()
+    user = _server_user(bin_dir)
     root = Path(tempfile.mkdtemp(prefix="dsq-pg-"))
     data, log = root / "data", root / "server.log"
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
+    if user is not None:
+        os.chown(root, user.pw_uid, user.pw_gid)
     options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
+    pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data)]
     try:
-        _run([str(bin_dir / "initdb"), "-A", "trust", "-U", "postgres", "-D", str(data), "--no-sync"], "initdb")
-        pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data)]
-        _run([*pg_ctl, "-l", str(log), "-o", options, "-w", "-t", "30", "start"], "pg_ctl start", log)
+        _run([str(bin_dir / "initdb"), "-A", "trust", "-U", "postgres", "-D", str(data), "--no-sync"], "initdb", user)
+        _run([*pg_ctl, "-l", str(log), "-o", options, "-w", "-t", "30", "start"], "pg_ctl start", user, log)
         yield f"postgresql://postgres@127.0.0.1:{port}"
     finally:
         if (data / "postmaster.pid").exists():
-            stop = [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]
-            subprocess.run(_as_postgres(stop), capture_output=True, timeout=60)
+            _run_as(user, [*pg_ctl, "-m", "immediate", "-w", "stop"])
         shutil.rmtree(root, ignore_errors=True)
 
 
