@@ -1,0 +1,308 @@
+"""Sequential certification at a target radius: anytime-valid, stops as soon as it knows.
+
+CERTIFY (``dsq.smoothing``) draws a fixed n and reports the largest radius it can.
+Often the question is only "is g robust at x within r?" and most images answer it
+after a few hundred samples. This module asks that question batch by batch and stops
+when it is answered, without losing the guarantee (Voracek, NeurIPS 2024, asks it
+with confidence sequences; this is one of them).
+
+Symbols, as in dsq.smoothing (Cohen et al. 2019), plus the sequential test:
+
+- r        the target radius; g is robust at x within r when pA > p0
+- p0       Phi(r / sigma), since R = sigma * Phi^-1(pA) >= r  <=>  pA >= p0
+- S, F, t  after t estimation samples: S votes for cA, F = t - S failures
+           (votes for other classes and samples that vote for no class)
+- W_t(p)   the wealth of the test of H0: pA <= p, a one-sided beta-binomial mixture
+           (Robbins 1970; Howard et al. 2021): the likelihood ratio of the uniform
+           prior on [p, 1] against p,
+               W_t(p) = int_p^1 q^S (1-q)^F dq / ((1 - p) p^S (1-p)^F)
+                      = B(S+1, F+1) P(Beta(S+1, F+1) > p) / ((1 - p) p^S (1-p)^F)
+- Ville    under H0 every q^S (1-q)^F / (p^S (1-p)^F) with q >= p is a nonnegative
+           supermartingale with value 1 at t = 0, so is their mixture, and
+           P(exists t: W_t(p) >= 1/alpha) <= alpha
+- p_lower  inf {p : W_t(p) < 1/alpha}: a confidence sequence, P(exists t: pA < p_lower_t) <= alpha
+- certify  at the first batch end where W_t(p0) >= 1/alpha, i.e. p_lower >= p0; the
+           certified radius is sigma * Phi^-1(p_lower) >= r
+- futile   stop without a certificate: the mirror test on the failures (H0: pA >= p0)
+           rejects at level ``futility_alpha``, or r is out of reach even if every
+           remaining sample votes for cA, or max_n samples are drawn. At max_n the
+           decision is the anytime test itself: alpha is not split with a final
+           fixed-n bound, so the whole alpha goes to the sequential part.
+
+With u = (q - p) / (1 - p), W_t(p) = E_{u ~ U(0,1)} [(1 + u (1-p)/p)^S (1-u)^F]: it
+falls as p grows and grows with S (and with t at fixed F). So the set where H0 is
+rejected is an interval [0, p_lower), "W_t(p0) >= 1/alpha" and "p_lower >= p0" are the
+same decision, and the best any run of max_n samples can do is all of them for cA.
+
+Guarantee. A certificate is wrong only if pA < p_lower at the time it is returned,
+and P(exists t: pA < p_lower_t) <= alpha, whatever the stopping rule, so stopping
+early (to certify or not), at max_n, or on the runner's schedule keeps it. The test is
+evaluated only at batch ends, in batch order, so the same batches give the same
+decision on any number of workers.
+
+The statistics (``log_wealth``, ``lower_bound``, ``SequentialTest``, ``decide``,
+``max_radius``, ``min_n``, ``max_sequential_radius``) are pure functions of counts;
+``certify_radius`` is a thin loop over ``dsq.sampling``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+from scipy.special import betaincc, betaln
+from scipy.stats import norm
+
+from dsq import sampling, smoothing
+from dsq.errors import InvalidArgument
+
+CONTINUE, CERTIFIED, FUTILE = "continue", "certified", "futile"
+
+# Bisection steps for p_lower on [0, 1]: 2^-64 is below the spacing of doubles near 1
+# (1.1e-16), where bounds on pA live, so the bound is as tight as a float allows there.
+# A bound below 2^-64 rounds down to 0.0, which is still a valid lower bound.
+BISECTION_STEPS = 64
+
+
+def log_wealth(successes: int, failures: int, p: float) -> float:
+    """log W_t(p): evidence against H0: pA <= p from S successes and F failures.
+
+    -inf when p >= 1 (nothing can reject pA <= 1) or when the posterior tail underflows
+    (W is then far below 1); +inf when p <= 0 and S >= 1.
+    """
+    if p >= 1.0:
+        return -math.inf
+    if p <= 0.0:
+        return math.inf if successes > 0 else -math.log1p(failures)
+    tail = float(betaincc(successes + 1, failures + 1, p))
+    if tail <= 0.0:
+        return -math.inf
+    return (float(betaln(successes + 1, failures + 1)) + math.log(tail)
+            - successes * math.log(p) - (failures + 1) * math.log1p(-p))
+
+
+def lower_bound(successes: int, trials: int, alpha: float) -> float:
+    """p_lower = inf {p : W_t(p) < 1/alpha}, rounded down; 0.0 on zero successes (never NaN)."""
+    return _bisect(successes, trials - successes, math.log(1 / alpha), 0.0, 1.0)
+
+
+def _bisect(successes: int, failures: int, threshold: float, lo: float, hi: float) -> float:
+    """Largest p found in [lo, hi) with log W(p) >= threshold, given that W(lo) rejects and W(hi) does not."""
+    if successes <= 0:
+        return 0.0
+    for _ in range(BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        if not lo < mid < hi:
+            break
+        if log_wealth(successes, failures, mid) >= threshold:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass
+class SequentialTest:
+    """The sequential test of H0: pA <= p0 at level alpha within max_n samples.
+
+    Feed it the (successes, trials) of each completed estimation batch in batch order;
+    ``update`` returns the decision. Once it is not CONTINUE it stands: later batches
+    are ignored and not counted (a runner may have drawn them already).
+    """
+
+    p0: float
+    alpha: float
+    max_n: int
+    futility_alpha: float | None = None  # None: alpha, so both stops are equally sure
+    successes: int = field(default=0, init=False)
+    trials: int = field(default=0, init=False)
+    batches: int = field(default=0, init=False)
+    decision: str = field(default=CONTINUE, init=False)
+
+    def __post_init__(self) -> None:
+        if not _is_real(self.p0) or not 0 < self.p0 <= 1:
+            raise InvalidArgument(f"p0 must be in (0, 1], got {self.p0!r}")
+        _check_alpha(self.alpha, "alpha")
+        self.futility_alpha = self.alpha if self.futility_alpha is None else self.futility_alpha
+        _check_alpha(self.futility_alpha, "futility alpha")
+        _check_count(self.max_n, "max_n")
+        self._threshold = math.log(1 / self.alpha)
+        if not self._reachable():
+            self.decision = FUTILE
+
+    @classmethod
+    def at_radius(cls, radius: float, sigma: float, alpha: float, max_n: int) -> "SequentialTest":
+        """The test that certifies g at x within ``radius``: p0 = Phi(radius / sigma)."""
+        _check_radius(radius)
+        _check_sigma(sigma)
+        return cls(float(norm.cdf(radius / sigma)), alpha, max_n)
+
+    @property
+    def failures(self) -> int:
+        return self.trials - self.successes
+
+    def update(self, successes: int, trials: int) -> str:
+        """Add one batch (votes for cA, samples drawn) and return the decision."""
+        if self.decision != CONTINUE:
+            return self.decision
+        _check_count(trials, "batch trials")
+        if not isinstance(successes, (int, np.integer)) or isinstance(successes, bool) \
+                or not 0 <= successes <= trials:
+            raise InvalidArgument(f"batch successes must be an integer in [0, {trials}], got {successes!r}")
+        if self.trials + trials > self.max_n:
+            raise InvalidArgument(f"batches exceed max_n = {self.max_n}: {self.trials} + {trials} samples")
+        self.successes += int(successes)
+        self.trials += int(trials)
+        self.batches += 1
+        self.decision = self._decide()
+        return self.decision
+
+    def p_lower(self) -> float:
+        """The anytime-valid lower bound on pA now; >= p0 exactly when certified."""
+        if log_wealth(self.successes, self.failures, self.p0) >= self._threshold:
+            return _bisect(self.successes, self.failures, self._threshold, self.p0, 1.0)
+        return _bisect(self.successes, self.failures, self._threshold, 0.0, self.p0)
+
+    def _decide(self) -> str:
+        if log_wealth(self.successes, self.failures, self.p0) >= self._threshold:
+            return CERTIFIED
+        if self.trials >= self.max_n or not self._reachable():
+            return FUTILE
+        if log_wealth(self.failures, self.successes, 1 - self.p0) >= math.log(1 / self.futility_alpha):
+            return FUTILE
+        return CONTINUE
+
+    def _reachable(self) -> bool:
+        """Could the test still certify if every remaining sample voted for cA?"""
+        best = self.successes + self.max_n - self.trials
+        return log_wealth(best, self.failures, self.p0) >= self._threshold
+
+
+def decide(batches: Iterable[tuple[int, int]], *, p0: float, alpha: float, max_n: int,
+           futility_alpha: float | None = None) -> SequentialTest:
+    """Run the test over (successes, trials) batches in batch order; batches after a decision are ignored.
+
+    The returned test holds the decision, the samples counted (``trials``), the number of
+    batches used (``batches``) and ``p_lower()``.
+    """
+    test = SequentialTest(p0, alpha, max_n, futility_alpha)
+    for successes, trials in batches:
+        if test.update(successes, trials) != CONTINUE:
+            break
+    return test
+
+
+def to_certificate(test: SequentialTest, counts_selection, counts_estimation, *,
+                   n0: int, sigma: float, radius: float) -> smoothing.Certificate:
+    """The Certificate of a finished test: cA certified within >= radius, or abstain.
+
+    ``counts_estimation`` sums the batches the test used; its cA entry must be the test's successes.
+    """
+    counts = [np.asarray(c, dtype=np.int64) for c in (counts_selection, counts_estimation)]
+    size = max(len(c) for c in counts)
+    selection, estimation = (np.pad(c, (0, size - len(c))) for c in counts)
+    c_a = int(np.argmax(selection))
+    if int(estimation[c_a]) != test.successes or int(estimation.sum()) > test.trials \
+            or int(selection.sum()) > n0:
+        raise InvalidArgument(f"counts {selection.tolist()} (n0 = {n0}), {estimation.tolist()} do not match the "
+                              f"test ({test.successes} votes for class {c_a} of {test.trials} samples)")
+    p_lower = test.p_lower()
+    certified = test.decision == CERTIFIED
+    return smoothing.Certificate(
+        prediction=c_a if certified else smoothing.ABSTAIN,
+        # p_lower >= p0 = Phi(radius/sigma); max() only absorbs the round trip Phi^-1(Phi(.)).
+        radius=max(smoothing.radius(p_lower, sigma), float(radius)) if certified else 0.0,
+        p_lower=p_lower,
+        counts_selection=selection,
+        counts_estimation=estimation,
+        n0=int(n0),
+        n=test.trials,
+        alpha=float(test.alpha),
+        sigma=float(sigma),
+    )
+
+
+def certify_radius(model, x, *, sigma, radius, n0, max_n, alpha, batch_size, seed,
+                   device=None, image=0) -> smoothing.Certificate:
+    """Certify g at one image ``x`` [C, H, W] within ``radius``, drawing at most ``max_n`` estimation samples.
+
+    cA comes from n0 selection samples as in CERTIFY; estimation batch b is samples
+    [b * batch_size, (b+1) * batch_size) of the same stream CERTIFY draws, so the noise
+    is the same as a fixed-n run's. P(wrong certificate) <= alpha whatever the stopping time.
+    """
+    _check_radius(radius)
+    _check_count(max_n, "max_n")
+    smoothing.validate(sigma=sigma, n0=n0, n=max_n, alpha=alpha, batch_size=batch_size)
+    smoothing.check_image(model, x, device)
+    common = dict(sigma=sigma, batch_size=batch_size, seed=seed, image=image, device=device)
+    selection = sampling.sample_phase(model, x, num=n0, phase=sampling.SELECTION, **common)
+    c_a = int(np.argmax(selection))
+    test = SequentialTest.at_radius(radius, sigma, alpha, max_n)
+    estimation = np.zeros_like(selection)
+    while test.decision == CONTINUE:
+        count = min(batch_size, max_n - test.trials)
+        counts = sampling.sample_counts(model, x, start=test.trials, count=count,
+                                        phase=sampling.ESTIMATION, **common)
+        estimation = estimation + counts
+        test.update(int(counts[c_a]), count)
+    return to_certificate(test, selection, estimation, n0=n0, sigma=sigma, radius=radius)
+
+
+def max_radius(n: int, alpha: float, sigma: float) -> float:
+    """The largest radius fixed-n CERTIFY can give (n of n votes): sigma * Phi^-1(alpha^(1/n)), 0 if <= 1/2."""
+    _check_count(n, "n")
+    _check_alpha(alpha, "alpha")
+    _check_sigma(sigma)
+    fail = -math.expm1(math.log(alpha) / n)  # 1 - alpha^(1/n), exact for large n
+    return 0.0 if fail >= 0.5 else float(sigma * norm.isf(fail))
+
+
+def min_n(alpha: float, radius: float = 0.0, sigma: float = 1.0) -> int:
+    """The smallest n for which fixed-n CERTIFY can certify a radius > ``radius``."""
+    _check_alpha(alpha, "alpha")
+    _check_sigma(sigma)
+    if not _is_real(radius) or not 0 <= radius < math.inf:
+        raise InvalidArgument(f"radius must be a finite number >= 0, got {radius!r}")
+    log_p0 = float(norm.logcdf(radius / sigma))
+    if log_p0 >= 0.0:
+        raise InvalidArgument(f"no number of samples can certify a radius of {radius} at sigma {sigma}")
+    n = max(1, math.floor(math.log(alpha) / log_p0) + 1)
+    while max_radius(n, alpha, sigma) <= radius:  # the float quotient may be off by one
+        n += 1
+    while n > 1 and max_radius(n - 1, alpha, sigma) > radius:
+        n -= 1
+    return n
+
+
+def max_sequential_radius(max_n: int, alpha: float, sigma: float) -> float:
+    """The largest target radius ``certify_radius`` can ever certify within max_n samples (all for cA)."""
+    _check_count(max_n, "max_n")
+    _check_alpha(alpha, "alpha")
+    _check_sigma(sigma)
+    return smoothing.radius(lower_bound(max_n, max_n, alpha), sigma)
+
+
+def _check_radius(radius) -> None:
+    if not _is_real(radius) or not 0 < radius < math.inf:
+        raise InvalidArgument(f"radius must be a finite number > 0, got {radius!r}")
+
+
+def _check_sigma(sigma) -> None:
+    if not _is_real(sigma) or not 0 < sigma < math.inf:
+        raise InvalidArgument(f"sigma must be a finite number > 0, got {sigma!r}")
+
+
+def _check_alpha(alpha, name: str) -> None:
+    if not _is_real(alpha) or not 0 < alpha < 1:
+        raise InvalidArgument(f"{name} must be in (0, 1), got {alpha!r}")
+
+
+def _check_count(value, name: str) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
