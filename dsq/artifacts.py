@@ -35,7 +35,12 @@ class Store(Protocol):
     def fetch(self, location: str, sha256: str) -> Path: ...
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def os_reason(error: OSError) -> str:
+    """An OSError in a few words: ``permission denied``, ``no such file or directory``..."""
+    return (error.strerror or type(error).__name__).lower()
+
+
+def _sha256_of(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(CHUNK), b""):
@@ -43,11 +48,22 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a checkpoint file; one that cannot be read is a one-line ``CheckpointError``."""
+    try:
+        return _sha256_of(path)
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {os_reason(error)}") from None
+
+
 def verify(path: Path, sha256: str, location: str) -> Path:
     """``path`` if its bytes hash to ``sha256``; raises ``CheckpointError`` otherwise."""
     if not path.is_file():
         raise CheckpointError(f"artifact {location} not found")
-    found = file_sha256(path)
+    try:
+        found = _sha256_of(path)
+    except OSError as error:
+        raise ArtifactStoreError(f"artifact {location} cannot be read ({path}): {os_reason(error)}") from None
     if found != sha256:
         raise CheckpointError(f"artifact {location} sha256 mismatch: expected {sha256[:12]}, found {found[:12]}")
     return path
@@ -83,7 +99,7 @@ class LocalStore:
     def put(self, path: str | os.PathLike) -> tuple[str, str]:
         sha256 = file_sha256(path)
         target = self.root / "sha256" / f"{sha256}.pt"
-        if not (target.is_file() and file_sha256(target) == sha256):
+        if not (target.is_file() and self._holds(target, sha256)):
             try:
                 _copy_atomically(path, target)
             except OSError as error:
@@ -92,6 +108,12 @@ class LocalStore:
 
     def fetch(self, location: str, sha256: str) -> Path:
         return verify(Path(location.removeprefix("file://")), sha256, location)
+
+    def _holds(self, target: Path, sha256: str) -> bool:
+        try:
+            return _sha256_of(target) == sha256
+        except OSError as error:
+            raise ArtifactStoreError(f"artifact {target} cannot be read: {os_reason(error)}") from None
 
 
 def split_s3(url: str) -> tuple[str, str]:

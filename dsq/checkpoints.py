@@ -29,12 +29,16 @@ import hashlib
 import io
 import numbers
 import os
-import re
+import pickle
 import tempfile
+import warnings
+import zipfile
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
+from dsq import artifacts
 from dsq.classifiers import NormalizeLayer, build_classifier
 from dsq.denoisers import build_denoiser
 from dsq.errors import CheckpointError, DsqError, InvalidArgument
@@ -68,12 +72,8 @@ _HEAD_KEYS = ("fc.weight", "classifier.weight")  # last linear layer: [num_class
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of a file's bytes; a file that cannot be read is a one-line CheckpointError."""
+    return artifacts.file_sha256(path)
 
 
 # ----------------------------------------------------------------------------- building
@@ -206,26 +206,126 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> tuple[nn.Module, d
 def _read(path: str) -> tuple[object, str]:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
-    with open(path, "rb") as handle:
-        data = handle.read()
     try:
-        raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {artifacts.os_reason(error)}") from None
+    try:
+        with warnings.catch_warnings():  # torch warns of a newer pickle protocol, then refuses it: _refusal says so
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {_load_failure(error)}; "
-                              f"expected a file written by torch.save holding tensors and plain data") from None
+        raise CheckpointError(_refusal(path, data, error)) from None
     return raw, hashlib.sha256(data).hexdigest()
 
 
+# How to turn a file one trusts into one a safe load reads (its architecture name and weights are what dsq needs).
+CONVERT = ("if you trust the file, convert it once in a trusted session: c = torch.load(PATH, weights_only=False), "
+           "then torch.save({'arch': ARCH, 'state_dict': STATE}, NEW) with its architecture name and state_dict "
+           "(model.state_dict() for a whole model), or re-save the model with dsq.checkpoints.save_checkpoint")
+
+
+def _refusal(path: str, data: bytes, error: Exception) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` refused ``data``: Python objects, or a broken file.
+
+    torch's message alone cannot tell them apart (random bytes also fail as 'unsupported' pickle operations,
+    and a cut file fails on its objects before its end), so a refused file is loaded once more for its
+    structure only, with every Python object replaced by an inert stand-in.
+    """
+    objects, broken = _pickled_objects(data)
+    if broken is not None:
+        return (f"{path} is not a readable torch checkpoint: {_load_failure(broken)}; "
+                f"expected a file written by torch.save holding tensors and plain data")
+    if objects:
+        shown = ", ".join(objects[:3]) + (f" and {len(objects) - 3} more" if len(objects) > 3 else "")
+        return (f"{path} holds Python objects ({shown}) that a safe load (torch.load weights_only=True) "
+                f"refuses; {CONVERT}")
+    protocol = _pickle_protocol(data)
+    if protocol is not None and protocol > 2:
+        return (f"{path} uses pickle protocol {protocol}, which a safe load (torch.load weights_only=True) does "
+                f"not read; if you trust the file, re-save it once in a trusted session: "
+                f"torch.save(torch.load(PATH, weights_only=False), NEW) (torch.save's default protocol is 2)")
+    return (f"{path} is not a readable torch checkpoint: {_load_failure(error)}; "
+            f"expected a file written by torch.save holding tensors and plain data")
+
+
 def _load_failure(error: Exception) -> str:
-    """Why torch.load failed, in a few words (torch's own messages span many lines)."""
+    """Why a load failed, in a few words (torch's own messages span many lines)."""
     message = str(error)
-    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
-    if unsupported:
-        return f"it holds a Python object ({unsupported.group(1)}), refused by weights_only loading"
     if "WeightsUnpickler" in message or "magic number" in message:
         return "the file is corrupt or not a torch.save file"
     first_line = message.strip().splitlines()[0][:120] if message.strip() else "unexpected end of file"
     return f"the file is truncated or corrupt ({type(error).__name__}: {first_line})"
+
+
+def _pickled_objects(data: bytes) -> tuple[list[str], Exception | None]:
+    """(names of the Python objects pickled in a torch.save file, why the file does not load at all or None).
+
+    The file is loaded through an unpickler that resolves only the globals a weights-only load allows;
+    every other class or function becomes an inert stand-in that records its name (none of its code runs).
+    """
+    found: list[str] = []
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=_recording_pickle(found))
+    except Exception as error:
+        return list(dict.fromkeys(found)), error
+    return list(dict.fromkeys(found)), None
+
+
+def _recording_pickle(found: list[str]) -> SimpleNamespace:
+    """A ``pickle`` module for torch.load whose unpickler records and stubs every global it does not allow."""
+    from torch import _weights_only_unpickler as safe
+
+    allowed = {**safe._get_allowed_globals(), **safe._get_user_allowed_globals()}
+
+    class RecordingUnpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            full_name = f"{module}.{name}"
+            if full_name in allowed:
+                return allowed[full_name]
+            found.append(full_name)
+            return type(name, (_Inert,), {})
+
+    def load(file, **options):
+        return RecordingUnpickler(file, **options).load()
+
+    return SimpleNamespace(__name__="pickle", Unpickler=RecordingUnpickler, load=load)
+
+
+class _Inert:
+    """Stands in for a pickled object while a refused file's structure is read: accepts anything, runs nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+
+def _pickle_protocol(data: bytes) -> int | None:
+    """The pickle protocol of a torch.save file (zip: its ``data.pkl``; legacy: the file itself)."""
+    stream = data
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                stream = archive.read(name)[:2]
+        except (zipfile.BadZipFile, StopIteration, OSError):
+            return None
+    return stream[1] if len(stream) > 1 and stream[0] == pickle.PROTO[0] else None
 
 
 def _dsq_parts(path, raw: dict) -> tuple[dict, dict]:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,47 @@ def test_local_store_is_content_addressed_and_verifies(tmp_path):
     Path(location).write_bytes(b"tampered")
     with pytest.raises(CheckpointError, match=r"artifact .* sha256 mismatch"):
         store.fetch(location, sha256)
+
+
+def run_without_file_access(code: str, *paths) -> subprocess.CompletedProcess:
+    """Run Python ``code`` (argv: paths) with root's power to ignore file modes dropped (a root test runner)."""
+    capabilities = "-dac_override,-dac_read_search"
+    command = [sys.executable, "-c", textwrap.dedent(code), *map(str, paths)]
+    if os.geteuid() == 0:
+        command = ["setpriv", f"--bounding-set={capabilities}", f"--inh-caps={capabilities}", *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+PUT_AND_FETCH = """
+    import sys
+    from dsq import artifacts
+    from dsq.errors import DsqError
+    store = artifacts.open_store(None, home=sys.argv[2])
+    try:
+        if sys.argv[1] == "put":
+            store.put(sys.argv[3])
+        else:
+            store.fetch(sys.argv[3], sys.argv[4])
+    except DsqError as error:
+        print(type(error).__name__, error)
+"""
+
+
+def test_an_unreadable_checkpoint_is_one_line_when_stored(tmp_path):
+    path = blob(tmp_path)
+    path.chmod(0)
+    done = run_without_file_access(PUT_AND_FETCH, "put", tmp_path / "home", path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout == f"CheckpointError checkpoint {path} cannot be read: permission denied\n"
+
+
+def test_an_unreadable_artifact_is_one_line_when_fetched(tmp_path):
+    location, sha256 = artifacts.open_store(None, home=tmp_path / "home").put(blob(tmp_path))
+    (tmp_path / "home" / "artifacts" / location).chmod(0)
+    done = run_without_file_access(PUT_AND_FETCH, "fetch", tmp_path / "home", location, sha256)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.startswith(f"ArtifactStoreError artifact {location} cannot be read")
+    assert done.stdout.endswith("permission denied\n") and done.stdout.count("\n") == 1
 
 
 def test_s3_store_put_fetch_cache_and_mismatch(s3, tmp_path):

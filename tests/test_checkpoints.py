@@ -1,5 +1,10 @@
 """Checkpoints: round trips, reference formats, and clear errors for bad files."""
 
+import argparse
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -153,8 +158,83 @@ class NotPlainData:
 
 def test_pickled_objects_are_refused(tmp_path):
     torch.save({"arch": "dncnn", "state_dict": {}, "extra": NotPlainData()}, tmp_path / "x.pt")
-    with pytest.raises(CheckpointError, match="Python object .*NotPlainData"):
+    with pytest.raises(CheckpointError, match="Python object.*NotPlainData"):
         load_checkpoint(tmp_path / "x.pt")
+
+
+def _reference_with(extra, **save_options):
+    return lambda path: torch.save({"arch": "dncnn", "state_dict": tiny_denoiser().state_dict(), **extra},
+                                   path, **save_options)
+
+
+# Files that hold pickled Python objects, in the ways real checkpoints do: training arguments, a whole model,
+# an object of a module the safe loader blocks outright (os), newer pickle protocols, the pre-1.6 torch format.
+PICKLED_OBJECTS = {
+    "namespace": (_reference_with({"args": argparse.Namespace(lr=0.1)}), "argparse.Namespace"),
+    "whole model": (lambda path: torch.save(tiny_denoiser(), path), "DnCNN"),
+    "blocked module": (_reference_with({"stat": os.stat(__file__)}), "stat_result"),
+    "protocol 4": (_reference_with({"args": argparse.Namespace(lr=0.1)}, pickle_protocol=4), "argparse.Namespace"),
+    "legacy format": (_reference_with({"args": argparse.Namespace(lr=0.1)}, _use_new_zipfile_serialization=False),
+                      "argparse.Namespace"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PICKLED_OBJECTS))
+def test_python_objects_are_refused_with_how_to_convert_a_trusted_file(tmp_path, case):
+    write, name = PICKLED_OBJECTS[case]
+    path = tmp_path / "trusted.pt"
+    write(path)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+    assert "Python object" in message and name in message and "weights_only=True" in message
+    assert "weights_only=False" in message and "state_dict" in message  # how to convert a file one trusts
+    assert "truncated" not in message and "corrupt" not in message
+
+
+def test_plain_data_in_a_newer_pickle_protocol_says_how_to_resave(tmp_path):
+    path = tmp_path / "p4.pt"
+    _reference_with({}, pickle_protocol=4)(path)
+    with pytest.raises(CheckpointError, match=r"pickle protocol 4.*re-save") as caught:
+        load_checkpoint(path)
+    assert "corrupt" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_truncated_file_with_python_objects_is_still_truncated(tmp_path):
+    path = tmp_path / "cut.pt"
+    _reference_with({"args": argparse.Namespace(lr=0.1)}, _use_new_zipfile_serialization=False)(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def run_without_file_access(code: str, *paths) -> subprocess.CompletedProcess:
+    """Run Python ``code`` (argv: paths) with root's power to ignore file modes dropped (a root test runner)."""
+    capabilities = "-dac_override,-dac_read_search"
+    command = [sys.executable, "-c", textwrap.dedent(code), *map(str, paths)]
+    if os.geteuid() == 0:
+        command = ["setpriv", f"--bounding-set={capabilities}", f"--inh-caps={capabilities}", *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path):
+    path = tmp_path / "locked.pt"
+    save_tiny_denoiser(path)
+    path.chmod(0)
+    done = run_without_file_access("""
+        import sys
+        from dsq.checkpoints import load_checkpoint
+        from dsq.errors import CheckpointError
+        try:
+            load_checkpoint(sys.argv[1])
+        except CheckpointError as error:
+            print(error)
+    """, path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.count("\n") == 1
+    assert str(path) in done.stdout and "cannot be read" in done.stdout and "permission denied" in done.stdout
 
 
 def dsq_payload(**overrides):
