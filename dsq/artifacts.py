@@ -7,16 +7,23 @@ Two backends behind one interface:
 - ``S3Store`` (``s3://bucket/prefix``, boto3, credentials from boto3's usual chain,
   ``DSQ_S3_ENDPOINT_URL`` for an S3-compatible server).
 
-``put(path)`` copies a file in under ``sha256/<hex>`` and returns ``(location, sha256)``;
+``put(path)`` copies a file in under ``sha256/<hex>.pt`` and returns ``(location, sha256)``;
 ``fetch(location, sha256)`` returns a local path and verifies the bytes against
 ``sha256`` on every call (S3 objects are cached under ``$DSQ_HOME/cache/artifacts``),
 so a worker never loads a checkpoint other than the one that was recorded.
+
+Locations: ``s3://bucket/prefix/sha256/<hex>.pt`` for S3; for a local store the path
+*relative to the store* (``sha256/<hex>.pt``), resolved against the store's root when
+fetched, so a home (or store folder) can be moved, copied or restored from a backup as
+a whole. Absolute locations recorded by older versions still load: the file itself
+when it is there, else the same content address under the current root.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -82,7 +89,7 @@ def _copy_atomically(source: str | os.PathLike, target: Path) -> None:
 
 
 class LocalStore:
-    """A directory; the location of an artifact is its absolute path."""
+    """A directory; the location of an artifact is its path relative to the directory."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().absolute()
@@ -98,22 +105,46 @@ class LocalStore:
 
     def put(self, path: str | os.PathLike) -> tuple[str, str]:
         sha256 = file_sha256(path)
-        target = self.root / "sha256" / f"{sha256}.pt"
+        location = content_address(sha256)
+        target = self.root / location
         if not (target.is_file() and self._holds(target, sha256)):
             try:
                 _copy_atomically(path, target)
             except OSError as error:
                 raise ArtifactStoreError(f"cannot write artifact to {self.root}: {error.strerror or error}") from None
-        return str(target), sha256
+        return location, sha256
 
     def fetch(self, location: str, sha256: str) -> Path:
-        return verify(Path(location.removeprefix("file://")), sha256, location)
+        path = self.path_of(location, sha256)
+        if not path.is_file():
+            raise CheckpointError(f"artifact {location} not found in the artifact store ({self.root})")
+        return verify(path, sha256, location)
+
+    def path_of(self, location: str, sha256: str) -> Path:
+        """Where ``location`` is now: relative ones under this root; an absolute one (older dsq) as it is,
+        or, once its folder was moved away, the same content address under this root."""
+        path = Path(location.removeprefix("file://"))
+        if ".." in path.parts:
+            raise ArtifactStoreError(f"artifact location {location} leaves the store: '..' is not allowed")
+        if not path.is_absolute():
+            return self.root / path
+        if path.is_file() or not _SHA256.fullmatch(sha256 or ""):
+            return path
+        return self.root / content_address(sha256)
 
     def _holds(self, target: Path, sha256: str) -> bool:
         try:
             return _sha256_of(target) == sha256
         except OSError as error:
             raise ArtifactStoreError(f"artifact {target} cannot be read: {os_reason(error)}") from None
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def content_address(sha256: str) -> str:
+    """Where a store keeps the bytes with this sha256, relative to its root (its layout)."""
+    return f"sha256/{sha256}.pt"
 
 
 def split_s3(url: str) -> tuple[str, str]:
@@ -219,7 +250,18 @@ def store_for(settings) -> Store:
 
 
 def fetch(settings, location: str, sha256: str) -> Path:
-    """A verified local copy of the artifact at ``location``, whichever backend it lives in."""
+    """A verified local copy of the artifact at ``location``, whichever backend it lives in.
+
+    A local location is looked up in the configured local store, then in ``$DSQ_HOME/artifacts``
+    (where it was put if the store has since been switched to S3 or another folder).
+    """
     if location.startswith("s3://"):
         return open_store(location, home=settings.home, endpoint_url=settings.s3_endpoint_url).fetch(location, sha256)
-    return LocalStore(settings.home).fetch(location, sha256)
+    stores = [store for store in (store_for(settings), LocalStore(Path(settings.home) / "artifacts"))
+              if isinstance(store, LocalStore)]
+    paths = [store.path_of(location, sha256) for store in stores]
+    found = next((path for path in paths if path.is_file()), paths[0])
+    if not found.is_file():
+        roots = " or ".join(dict.fromkeys(str(store.root) for store in stores))
+        raise CheckpointError(f"artifact {location} not found in the artifact store ({roots})")
+    return verify(found, sha256, location)

@@ -1,6 +1,7 @@
 """The artifact store: a local directory and a real S3-compatible server (moto, in server mode, on 127.0.0.1)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -50,12 +51,46 @@ def blob(tmp_path, content=b"weights"):
 def test_local_store_is_content_addressed_and_verifies(tmp_path):
     store = artifacts.open_store(None, home=tmp_path / "home")
     location, sha256 = store.put(blob(tmp_path))
-    assert location == str(tmp_path / "home" / "artifacts" / "sha256" / f"{sha256}.pt")
+    assert location == f"sha256/{sha256}.pt"  # relative to the store, not to where the store is today
+    assert (tmp_path / "home" / "artifacts" / location).read_bytes() == b"weights"
     assert store.put(blob(tmp_path)) == (location, sha256)  # same bytes, same place
     assert store.fetch(location, sha256).read_bytes() == b"weights"
-    Path(location).write_bytes(b"tampered")
+    (tmp_path / "home" / "artifacts" / location).write_bytes(b"tampered")
     with pytest.raises(CheckpointError, match=r"artifact .* sha256 mismatch"):
         store.fetch(location, sha256)
+
+
+def test_a_home_copied_elsewhere_keeps_its_artifacts(tmp_path):
+    home_a, home_b = tmp_path / "a", tmp_path / "b"
+    location, sha256 = artifacts.store_for(Settings(database_url="sqlite://", home=home_a)).put(blob(tmp_path))
+    shutil.copytree(home_a, home_b)
+    shutil.rmtree(home_a)
+    fetched = artifacts.fetch(Settings(database_url="sqlite://", home=home_b), location, sha256)
+    assert fetched.read_bytes() == b"weights" and fetched.is_relative_to(home_b)
+
+
+def test_absolute_locations_of_older_versions_still_load(tmp_path):
+    home_a, home_b = tmp_path / "a", tmp_path / "b"
+    location, sha256 = artifacts.store_for(Settings(database_url="sqlite://", home=home_a)).put(blob(tmp_path))
+    old_location = str(home_a / "artifacts" / location)  # what dsq recorded before locations were relative
+    assert artifacts.fetch(Settings(database_url="sqlite://", home=home_a), old_location, sha256).read_bytes() \
+        == b"weights"
+    shutil.copytree(home_a, home_b)
+    shutil.rmtree(home_a)
+    fetched = artifacts.fetch(Settings(database_url="sqlite://", home=home_b), old_location, sha256)
+    assert fetched.read_bytes() == b"weights" and fetched.is_relative_to(home_b)  # the same bytes, where they are now
+
+
+def test_a_store_folder_outside_the_home_is_relative_to_itself(tmp_path):
+    settings = Settings(database_url="sqlite://", home=tmp_path / "home", artifacts_url=str(tmp_path / "store"))
+    location, sha256 = artifacts.store_for(settings).put(blob(tmp_path))
+    shutil.move(tmp_path / "store", tmp_path / "restored")
+    moved = Settings(database_url="sqlite://", home=tmp_path / "home", artifacts_url=str(tmp_path / "restored"))
+    assert artifacts.fetch(moved, location, sha256).read_bytes() == b"weights"
+    with pytest.raises(CheckpointError, match=r"artifact sha256/.* not found in the artifact store"):
+        artifacts.fetch(settings, location, sha256)
+    with pytest.raises(ArtifactStoreError, match="leaves the store"):
+        artifacts.fetch(moved, "../home/x.pt", sha256)
 
 
 def run_without_file_access(code: str, *paths) -> subprocess.CompletedProcess:
