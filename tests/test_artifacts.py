@@ -5,11 +5,10 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-from dsq import artifacts, jobs
+from dsq import artifacts
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import ArtifactStoreError, CheckpointError
@@ -169,7 +168,7 @@ def dsq(env, *args):
 
 
 TRAIN = ["submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
-         "--objective", "standard", "--sigma", "0", "--epochs", "1"]
+         "--objective", "standard", "--sigma", "0", "--epochs", "1", "--wait"]
 
 
 def test_training_through_s3_then_certify_verifies_the_hash(s3, tmp_path):
@@ -182,7 +181,7 @@ def test_training_through_s3_then_certify_verifies_the_hash(s3, tmp_path):
         [artifact] = repo.artifacts_for_job(session, 1)
         assert artifact.location.startswith("s3://dsq-test/jobs/sha256/")
         settings = Settings.from_env(env)
-        assert Path(jobs.resolve_reference(session, "job:1", settings)).is_file()
+        assert artifacts.fetch(settings, artifact.location, artifact.sha256).is_file()
     import boto3
 
     key = artifact.location.split("/", 3)[3]
