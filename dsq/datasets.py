@@ -21,10 +21,17 @@ Registered names
     ``ImageFolder`` over ``ROOT/train`` and ``ROOT/val`` (the ``test`` split). Train: RandomResizedCrop(224)
     and a horizontal flip; test: Resize(256), CenterCrop(224).
 ``folder`` or ``folder:PATH``
-    Any image folder in ImageFolder layout (one subfolder per class). ``PATH`` (or ``root``) is used for a
-    split unless it has a subfolder named after the split (``train``; ``test`` or ``val``), which is then
-    used. Both splits are deterministic: Resize(256), CenterCrop(224), or Resize(size), CenterCrop(size)
-    with the ``size`` option. ImageNet's mean/std.
+    Any image folder in ImageFolder layout (one subfolder per class, ``CLASS/IMAGE``). Accepted forms:
+
+    - ``folder:PATH`` with ``PATH/train/`` and ``PATH/test/`` (or ``PATH/val/``): each split is its subfolder.
+    - ``folder:PATH`` with class folders directly under ``PATH``: the ``test`` split only (images to certify).
+      Training on it is refused, as it would train on the very images it then certifies.
+    - ``folder:train=TRAIN_DIR,test=TEST_DIR``: the split folders named explicitly (either may be left out,
+      and that split is then refused). Naming the same folder twice trains on the test images, as written.
+      Paths in this form cannot contain commas.
+
+    ``folder`` alone takes ``PATH`` from ``root``. Both splits are deterministic: Resize(256), CenterCrop(224),
+    or Resize(size), CenterCrop(size) with the ``size`` option. ImageNet's mean/std.
 
 Roots: the ``root`` argument, else ``default_root(name, env)`` with ``env`` a mapping the caller passes
 (e.g. ``os.environ``): ``$DSQ_DATA/<name>`` (``$DSQ_DATA/cifar10/cifar-10-batches-py/``,
@@ -286,15 +293,56 @@ def _imagenet_transform(split: str):
     return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
 
 
+FOLDER_SPLITS = {"train": ("train",), "test": ("test", "val")}  # subfolder names of each split, first found wins
+
+
 def _folder_split_dir(root: str, split: str) -> str:
-    """``root/train`` or ``root/test`` (``root/val``) when present, else ``root`` itself."""
+    """The folder of ``split`` in a ``folder`` dataset's root (the forms in the module docstring).
+
+    Raises DatasetMissing rather than fall back on another split's images: a folder without ``train/``
+    has no training images, so that training never sees the images it is then certified on.
+    """
+    explicit = _explicit_splits(root)
+    if explicit is not None:
+        return _named_split_dir(explicit, split, root)
     if not os.path.isdir(root):
         raise DatasetMissing(f"image folder {root} not found: expected a folder with one subfolder per class")
-    names = ("train",) if split == "train" else ("test", "val")
-    for sub in names:
-        if os.path.isdir(os.path.join(root, sub)):
+    present = {sub for subs in FOLDER_SPLITS.values() for sub in subs if os.path.isdir(os.path.join(root, sub))}
+    for sub in FOLDER_SPLITS[split]:
+        if sub in present:
             return os.path.join(root, sub)
+    if split == "train":
+        raise DatasetMissing(
+            f"image folder {root} has no train/ subfolder, so no images to train on (its images are the test "
+            f"split): use folder:PATH with PATH/train/ and PATH/test/, or folder:train=TRAIN_DIR,test=TEST_DIR")
+    if present:
+        raise DatasetMissing(f"image folder {root} has {'/, '.join(sorted(present))}/ but no test/ or val/ "
+                             f"subfolder for the test split: add one, or use folder:train=TRAIN_DIR,test=TEST_DIR")
     return root
+
+
+def _explicit_splits(text: str) -> dict[str, str] | None:
+    """``{"train": DIR, "test": DIR}`` from ``train=DIR,test=DIR``; None when ``text`` is a plain path."""
+    if not text.startswith(tuple(f"{split}=" for split in SPLITS)):
+        return None
+    splits: dict[str, str] = {}
+    for part in text.split(","):
+        split, equals, folder = part.partition("=")
+        if split not in SPLITS or not equals or not folder:
+            raise InvalidArgument(f"folder split {part!r} in {text!r}: expected train=TRAIN_DIR,test=TEST_DIR")
+        if split in splits:
+            raise InvalidArgument(f"folder split {split!r} is named twice in {text!r}")
+        splits[split] = folder
+    return splits
+
+
+def _named_split_dir(splits: dict[str, str], split: str, text: str) -> str:
+    if split not in splits:
+        raise DatasetMissing(f"no {split} folder in folder:{text}: add {split}={split.upper()}_DIR")
+    folder = splits[split]
+    if not os.path.isdir(folder):
+        raise DatasetMissing(f"{split} folder {folder} not found: expected a folder with one subfolder per class")
+    return folder
 
 
 def _folder_transform(size: int | None):

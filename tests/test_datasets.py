@@ -164,13 +164,47 @@ def test_folder_dataset_with_size_and_splits(tmp_path):
     _write_image_folder(tmp_path / "pets", classes=("a", "b", "c"), per_class=1)
     data = get_dataset(f"folder:{tmp_path / 'pets'}", "test", size=32)
     assert len(data) == 3 and data[2][0].shape == (3, 32, 32) and data[2][1] == 2
-    assert get_dataset("folder", "train", root=str(tmp_path / "pets"))[0][0].shape == (3, 224, 224)
+    assert get_dataset("folder", "test", root=str(tmp_path / "pets"))[0][0].shape == (3, 224, 224)
     info = dataset_info(f"folder:{tmp_path / 'pets'}", size=32)
     assert (info.num_classes, info.shape) == (3, (3, 32, 32))
     _write_image_folder(tmp_path / "split" / "val", per_class=1)
     _write_image_folder(tmp_path / "split" / "train", per_class=3)
     assert len(get_dataset("folder", "test", root=str(tmp_path / "split"))) == 2
     assert len(get_dataset("folder", "train", root=str(tmp_path / "split"))) == 6
+
+
+def test_a_folder_without_train_subfolder_is_not_trained_on(tmp_path):
+    """Its images are the ones certified: training on them too would report accuracy on the training set."""
+    _write_image_folder(tmp_path / "pets", per_class=2)
+    for name, root in ((f"folder:{tmp_path / 'pets'}", None), ("folder", str(tmp_path / "pets"))):
+        with pytest.raises(DatasetMissing, match=r"no train/ subfolder.*folder:train=TRAIN_DIR,test=TEST_DIR") as e:
+            get_dataset(name, "train", root=root)
+        assert "\n" not in str(e.value) and str(tmp_path / "pets") in str(e.value)
+        assert len(get_dataset(name, "test", root=root)) == 4  # still certifiable
+
+
+def test_a_folder_with_only_train_has_no_test_split(tmp_path):
+    _write_image_folder(tmp_path / "data" / "train", per_class=2)
+    assert len(get_dataset(f"folder:{tmp_path / 'data'}", "train")) == 4
+    with pytest.raises(DatasetMissing, match=r"has train/ but no test/ or val/"):
+        get_dataset(f"folder:{tmp_path / 'data'}", "test")  # not its class folder 'train' as one class
+
+
+def test_folder_splits_named_explicitly(tmp_path):
+    _write_image_folder(tmp_path / "mine", per_class=3)
+    _write_image_folder(tmp_path / "held-out", per_class=1)
+    name = f"folder:train={tmp_path / 'mine'},test={tmp_path / 'held-out'}"
+    assert len(get_dataset(name, "train")) == 6 and len(get_dataset(name, "test")) == 2
+    assert dataset_info(name).num_classes == 2
+    same = f"folder:train={tmp_path / 'mine'},test={tmp_path / 'mine'}"  # on purpose, in so many words
+    assert len(get_dataset(same, "train")) == len(get_dataset(same, "test")) == 6
+    with pytest.raises(DatasetMissing, match=r"no train folder in folder:test="):
+        get_dataset(f"folder:test={tmp_path / 'held-out'}", "train")
+    with pytest.raises(DatasetMissing, match=r"train folder .*nope not found"):
+        get_dataset(f"folder:train={tmp_path / 'nope'},test={tmp_path / 'mine'}", "train")
+    for bad in (f"train={tmp_path},val={tmp_path}", f"train={tmp_path},train={tmp_path}", "train="):
+        with pytest.raises(InvalidArgument, match="folder split"):
+            get_dataset(f"folder:{bad}", "test")
 
 
 def test_folder_dataset_errors(tmp_path):
