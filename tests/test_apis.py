@@ -226,6 +226,36 @@ def test_missing_credentials_name_what_to_set(provider, monkeypatch, tmp_path):
             "clarifai": "CLARIFAI_PAT"}[provider] in message
 
 
+def _aws_keys_only(monkeypatch, tmp_path):
+    """AWS keys in the environment and nothing else: no region, no profile, no config files, no metadata server."""
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLEKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example-secret-key")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_aws_keys_without_a_region_say_the_region_is_missing(monkeypatch, tmp_path):
+    _aws_keys_only(monkeypatch, tmp_path)
+    with pytest.raises(MissingCredentials) as missing:
+        providers.check_credentials("aws", os.environ)
+    message = str(missing.value)
+    assert "no aws credentials" not in message.lower() and "\n" not in message
+    assert "region" in message and "AWS_REGION" in message and "AWS_DEFAULT_REGION" in message
+    assert "example-secret-key" not in message and "AKIDEXAMPLEKEY" not in message
+
+
+@pytest.mark.parametrize("variable", ["AWS_REGION", "AWS_DEFAULT_REGION"])
+def test_aws_region_from_either_variable_reaches_the_client(monkeypatch, tmp_path, variable):
+    _aws_keys_only(monkeypatch, tmp_path)
+    monkeypatch.setenv(variable, "eu-west-1")
+    providers.check_credentials("aws", os.environ)
+    client = providers.make_client("aws", None, os.environ)  # builds the client; sends nothing
+    assert client.client.meta.region_name == "eu-west-1"
+
+
 # -- the spec --------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ provider   credentials (standard configuration)                       call
 =========  =========================================================  ===================================
 aws        AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_   boto3 rekognition ``detect_labels``
            TOKEN), or AWS_PROFILE / ~/.aws/credentials; region from
-           AWS_DEFAULT_REGION / AWS_REGION / the profile
+           AWS_DEFAULT_REGION / the profile (boto3), else AWS_REGION
 google     GOOGLE_APPLICATION_CREDENTIALS (service-account key file)   google-cloud-vision ``label_detection``
            or ``gcloud auth application-default login``
 azure      VISION_ENDPOINT + VISION_KEY (the SDK's documented names)   azure-ai-vision-imageanalysis
@@ -43,6 +43,8 @@ SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
 NEEDED = {
     "aws": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_DEFAULT_REGION), "
            "or AWS_PROFILE / ~/.aws/credentials",
+    "aws region": "set AWS_REGION or AWS_DEFAULT_REGION (e.g. us-east-1), or a region in the profile "
+                  "(~/.aws/config)",
     "google": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run "
               "`gcloud auth application-default login`",
     "azure": "set VISION_ENDPOINT (https://NAME.cognitiveservices.azure.com) and VISION_KEY",
@@ -84,11 +86,13 @@ def check_credentials(provider: str, env: Mapping[str, str]) -> None:
 
         try:
             session = boto3.session.Session()
-            found = session.get_credentials() is not None and bool(session.region_name)
+            found = session.get_credentials() is not None
         except BotoCoreError as error:  # a profile that does not exist...
             raise MissingCredentials(f"AWS configuration unusable ({_first_line(error)}): {NEEDED[provider]}") from None
         if not found:
             _missing(provider)
+        if not aws_region(session, env):
+            raise MissingCredentials(f"AWS credentials found but no region: {NEEDED['aws region']}")
     elif provider == "google":
         import google.auth
         from google.auth.exceptions import DefaultCredentialsError
@@ -99,6 +103,11 @@ def check_credentials(provider: str, env: Mapping[str, str]) -> None:
             _missing(provider)
     elif not has_credentials(provider, env):
         _missing(provider)
+
+
+def aws_region(session, env: Mapping[str, str]) -> str | None:
+    """The region boto3 finds (AWS_DEFAULT_REGION, the profile), else AWS_REGION, which boto3 does not read."""
+    return session.region_name or env.get("AWS_REGION") or None
 
 
 def _missing(provider: str):
@@ -155,10 +164,10 @@ class AwsClient:
                         read_timeout=TIMEOUT_S)
         try:
             session = boto3.session.Session()
-            options = {"config": config}
+            options = {"config": config, "region_name": aws_region(session, env)}
             if endpoint is not None:
                 options.update(endpoint_url=f"http://{host_port(endpoint)}",
-                               region_name=session.region_name or "us-east-1")
+                               region_name=options["region_name"] or "us-east-1")
                 if session.get_credentials() is None:
                     options.update(aws_access_key_id=PLACEHOLDER, aws_secret_access_key=PLACEHOLDER)
             self.client = session.client("rekognition", **options)
