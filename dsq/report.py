@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from dsq.errors import InvalidArgument
+from dsq.text import safe
 
 RESULT_FIELDS = ("image_index", "label", "prediction", "radius", "correct", "seconds")
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -187,14 +188,18 @@ def envelope_row(jobs: Jobs, radii: Sequence[float], *, label: str = "envelope",
 
 
 def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, title: str | None = None):
-    """A ``rich.table.Table`` with ``header`` and string ``rows`` (first column left, the others right-aligned)."""
+    """A ``rich.table.Table`` with ``header`` and string ``rows`` (first column left, the others right-aligned).
+
+    Every string is printed as it is: job names, labels and titles are user text, so control characters show
+    as escapes and rich markup as written (``dsq.text.safe``), never as colours or terminal commands.
+    """
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=None if title is None else safe(title))
     for k, name in enumerate(header):
-        table.add_column(name, justify="left" if k == 0 else "right", no_wrap=True)
+        table.add_column(safe(name), justify="left" if k == 0 else "right", no_wrap=True)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(safe(cell) for cell in row))
     return table
 
 

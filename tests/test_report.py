@@ -94,6 +94,20 @@ def test_compare_table_cells_and_render():
     assert "digits" in text and "r = 0.5" in text and "30.0 (60.0)" in text
 
 
+@pytest.mark.parametrize("name, printed", [
+    ("[red]evil[/red]", "[red]evil[/red]"),
+    ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+    ("two\nlines", "two\\nlines"),
+])
+def test_render_table_prints_job_names_and_titles_literally(name, printed):
+    table = report.compare_table([(name, ROWS)], [0.5])
+    console = Console(file=io.StringIO(), width=120, force_terminal=True, color_system="truecolor")
+    console.print(report.render_table(report.compare_header([0.5]), table, title=name))
+    text = console.file.getvalue()
+    assert text.count(printed) == 2  # the title and the row label, as typed
+    assert "\x1b[31m" not in text and "two\nlines" not in text  # no colour from the name, no broken row
+
+
 def test_tsv_is_cohen_certify_log_format():
     rows = [row(20, 7, -1, 0.0, seconds=15.6), row(0, 3, 3, 0.37812345, seconds=15.4), row(40, 4, 4, 0.0831234)]
     lines = report.to_tsv(rows).splitlines()
