@@ -9,9 +9,9 @@ from typing import List, Optional
 import typer
 
 from cli import common
-from dsq.apis import jobs as api_jobs
-from dsq.apis.spec import EMBEDDED, PROVIDERS, ApiCertifySpec
-from dsq.db.session import session_scope
+from cli.submit import AFTER_HELP, PRIORITY_HELP, WAIT_HELP
+
+PROVIDERS = ("aws", "google", "azure", "clarifai")  # dsq.apis.spec.PROVIDERS, without importing torch for --help
 
 ENDPOINT_HELP = ("vendor (the real service; needs credentials), embedded (an emulator inside the job), or "
                  "HOST:PORT / http://HOST:PORT of `dsq emulate`. Default: vendor if credentials are configured, "
@@ -43,9 +43,13 @@ def certify_api(ctx: typer.Context,
                 scale: int = typer.Option(1, help="Upscale the encoded image by this factor (nearest)."),
                 seed: int = 0, data_root: Optional[str] = None, name: Optional[str] = None,
                 dry_run: bool = typer.Option(False, help="Check and estimate cost; submit nothing."),
-                wait: bool = typer.Option(False, help="On a cluster: follow the job until it ends.")):
+                priority: int = typer.Option(0, help=PRIORITY_HELP),
+                after: List[int] = typer.Option([], help=AFTER_HELP),
+                wait: bool = typer.Option(False, help=WAIT_HELP)):
     """Certify a vision API's smoothed top label (with an optional denoiser in front), within a budget."""
     from cli.submit import launch
+    from dsq.apis import jobs as api_jobs
+    from dsq.apis.spec import ApiCertifySpec
 
     def spec_of() -> ApiCertifySpec:
         where = api_jobs.default_endpoint(provider, os.environ) if endpoint is None else endpoint
@@ -62,11 +66,15 @@ def certify_api(ctx: typer.Context,
             spec_of()
         common.console.print("dry run: nothing submitted")
         return
-    launch(ctx, spec_of, wait)
+    launch(ctx, spec_of, wait, priority, tuple(after))
 
 
-def show_estimate(ctx: typer.Context, spec: ApiCertifySpec) -> None:
+def show_estimate(ctx: typer.Context, spec) -> None:
     """Check the spec against the database and disk, then print its cost estimate on stderr."""
+    from dsq.apis import jobs as api_jobs
+    from dsq.apis.spec import EMBEDDED
+    from dsq.db.session import session_scope
+
     config = common.settings(ctx)
     engine = common.database(config)
     with session_scope(engine) as session:

@@ -10,7 +10,7 @@ from dsq.db import repo
 from dsq.db.session import session_scope
 from dsq.errors import ClusterUnreachable
 
-DSQ_ACTORS = ("JobRunner", "SamplerActor", "TrainerActor", "ApiActor")
+DSQ_ACTORS = ("WorkerActor", "SamplerActor", "TrainerActor", "ApiActor")
 
 
 def register(app: typer.Typer) -> None:

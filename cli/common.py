@@ -1,9 +1,14 @@
-"""What every command shares: settings, the error boundary, running a job with a progress bar."""
+"""What every command shares: settings, the error boundary, following a job, signals.
+
+Heavy imports (torch, Ray) happen inside the commands that need them, so the commands that only
+read the database answer at once.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import time
 from typing import Iterator
@@ -12,7 +17,6 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dsq import jobs
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import DsqError
@@ -22,10 +26,16 @@ from dsq.settings import Settings
 console = Console(width=None if sys.stdout.isatty() else 200)
 errors = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+FINISHED = ("succeeded", "failed", "cancelled")
 
 
 def settings(ctx: typer.Context) -> Settings:
     return ctx.obj
+
+
+def say(line: str, *, err: bool = False) -> None:
+    """Print a line as it is (no markup, no highlighting)."""
+    (errors if err else console).print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -34,7 +44,9 @@ def boundary() -> Iterator[None]:
     try:
         yield
     except DsqError as error:
-        errors.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        from dsq.text import escape_controls
+
+        say(f"error: {escape_controls(str(error))}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
@@ -43,48 +55,62 @@ def database(config: Settings):
     return open_database(config.database_url)
 
 
+def check_cluster(config: Settings) -> None:
+    """Fail fast (exit 2, nothing written) when the configured Ray address does not answer."""
+    if config.ray_address:
+        from workers import resources
+
+        resources.check_reachable(config.ray_address)
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM raise ``Stopped`` (no traceback, no Ray signal dump)."""
+    def handler(number, frame):
+        raise Stopped(signal.Signals(number).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
 def progress_bar() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=errors, transient=False,
                     disable=not sys.stderr.isatty() and os.environ.get("DSQ_PROGRESS") != "1")
 
 
-def run_local(config: Settings, job_id: int, label: str) -> str:
-    """Run a job in this process on a local Ray, with a progress bar; return its status."""
-    from workers import resources, runner  # Ray only where a job runs
-
-    resources.connect(None)
-    with progress_bar() as bar:
-        task = bar.add_task(label, total=None)
-        status = runner.run_job(config, job_id, on_progress=lambda done, total: bar.update(
-            task, completed=done, total=total))
-    return status
-
-
-def start_on_cluster(config: Settings, job_id: int) -> None:
-    from workers import runner
-
-    runner.start_detached(config, job_id)
-
-
 def follow(engine, job_id: int, label: str) -> str:
-    """Poll a job that runs elsewhere until it ends, with a progress bar; return its status."""
-    with progress_bar() as bar:
-        task = bar.add_task(label, total=None)
-        while True:
-            with session_scope(engine) as session:
-                job = repo.get_job(session, job_id)
-                bar.update(task, completed=job.progress_done, total=job.progress_total or None)
-                if job.status in jobs.FINISHED:
-                    return job.status
-            time.sleep(1.0)
+    """Poll a job until it ends, with a progress bar; return its status. A signal stops following only."""
+    try:
+        with signals_raise(), progress_bar() as bar:
+            task = bar.add_task(label, total=None)
+            while True:
+                with session_scope(engine) as session:
+                    job = repo.get_job(session, job_id)
+                    bar.update(task, completed=job.progress_done, total=job.progress_total or None,
+                               description=f"{label} ({job.status})")
+                    if job.status in FINISHED:
+                        return job.status
+                time.sleep(1.0)
+    except Stopped as stop:
+        say(f"{stop}: stopped following job {job_id}; it goes on (dsq status {job_id})", err=True)
+        raise typer.Exit(128 + getattr(signal, str(stop)).value) from None
 
 
 def finish(engine, job_id: int, status: str) -> None:
-    """Report a job's end; exit 1 if it failed."""
+    """Report a job's end; exit 1 unless it succeeded."""
     with session_scope(engine) as session:
         job = repo.get_job(session, job_id)
-        if status == "failed":
-            errors.print(f"job {job_id} failed: {job.error}", markup=False)
-            raise typer.Exit(EXIT_FAILED)
-        console.print(f"job {job_id} {status}")
+    if status == "succeeded":
+        console.print(f"job {job_id} succeeded")
+        return
+    say(f"job {job_id} {status}" + (f": {job.error}" if job.error else ""), err=True)
+    raise typer.Exit(EXIT_FAILED)

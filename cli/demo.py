@@ -1,16 +1,13 @@
-"""``dsq demo``: the embedded end-to-end job on real handwritten digits."""
+"""``dsq demo``: the digits preset submitted as one experiment and drained by a worker in this process."""
 
 from __future__ import annotations
 
-import dataclasses
+import signal
 import time
 
 import typer
 
 from cli import common
-from dsq import demo as plan
-from dsq import jobs
-from dsq.db.session import session_scope
 from dsq.errors import DsqError
 
 
@@ -23,43 +20,46 @@ def demo(ctx: typer.Context,
          max_images: int = typer.Option(0, help="Certify at most this many test digits (0: all 364)."),
          n: int = typer.Option(1000, help="Estimation samples per image."),
          quick: bool = typer.Option(False, "--quick", help="One epoch per model: checks the pipeline, not the numbers.")):
-    """Train f, denoisers and Cohen's classifiers on digits, certify them all, compare."""
+    """Train f, denoisers and Cohen's classifiers on digits, certify them all, compare (jobs run side by side)."""
+    from dsq import demo as preset, experiments, views
+    from dsq.db.session import session_scope
+    from workers import resources, worker
+
     config = common.settings(ctx)
     started = time.monotonic()
     with common.boundary():
-        cfg = plan.DemoConfig(n=n, max_images=max_images or None)
-        if quick:
-            cfg = dataclasses.replace(cfg, classifier_epochs=1, denoiser_epochs=1, stab_epochs=1)
+        plan = preset.plan(n=n, max_images=max_images or None, quick=quick)
         engine = common.database(config)
-
-        def execute(spec) -> int:
-            with session_scope(engine) as session:
-                job_id = jobs.submit(session, spec, config).id
-            if common.run_local(config, job_id, f"job {job_id}: {spec.name}") != "succeeded":
-                raise DsqError(f"demo step {spec.name!r} (job {job_id}) did not succeed; see dsq logs {job_id}")
-            return job_id
-
-        rows = plan.run(execute, cfg)
+        name = f"{plan.name}-demo-{time.strftime('%Y%m%d-%H%M%S')}"
         with session_scope(engine) as session:
-            tables = {s: jobs.labelled_results(session, [j for _, j in r]) for s, r in rows.items()}
-    _print(tables, plot)
-    common.console.print(f"demo finished in {time.monotonic() - started:.0f} s; "
-                         f"query it again with: dsq compare {' '.join(str(j) for r in rows.values() for _, j in r)}")
+            ids = experiments.submit(session, plan, config, experiment=name)
+        common.say(f"experiment {name}: jobs {min(ids.values())}-{max(ids.values())} queued")
+        resources.connect(config.ray_address)
+        runner = worker.QueueWorker(config, drain=True, only=set(ids.values()),
+                                    log=lambda line: common.say(f"{time.monotonic() - started:5.0f} s  {line}"))
+    previous = {number: signal.signal(number, lambda n_, f: runner.stop(signal.Signals(n_).name))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        summary = runner.run()
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+    if runner.stopping.is_set():
+        common.say(f"demo stopped ({summary.reason}); handed back: jobs {summary.handed_back or 'none'}. "
+                   f"`dsq worker --drain` finishes it; then `dsq results --experiment {name}`", err=True)
+        raise typer.Exit(common.EXIT_FAILED)
+    with common.boundary():
+        failed = {job_id: status for job_id, status in summary.ran.items() if status != "succeeded"}
+        if failed:
+            raise DsqError(f"demo jobs did not succeed: {failed}; see dsq logs JOB")
+        with session_scope(engine) as session:
+            runs = views.experiment_runs(session, name)
+        for table in views.experiment_tables(runs, plan.radii, by_sigma=True):
+            common.console.print(table)
+        from dsq import report
 
-
-def _print(tables, plot: str) -> None:
-    """A table per sigma, then per method the envelope (best job per radius) across sigma, then the curves."""
-    from dsq import report
-
-    by_method: dict[str, list] = {}
-    for sigma, labelled in tables.items():
-        named = [(label.rsplit(" s=", 1)[0], rows) for label, rows in labelled]
-        common.console.print(jobs.comparison(named, plan.RADII, title=f"sigma = {sigma}: certified accuracy % (clean)"))
-        for (method, rows), (label, _) in zip(named, labelled):
-            by_method.setdefault(method, []).append((label, rows))
-    envelope = [report.envelope_row(runs, plan.RADII, label=method) for method, runs in by_method.items()]
-    common.console.print(report.render_table(report.compare_header(plan.RADII, "method"), envelope,
-                                             title="envelope across sigma: best certified accuracy % (clean)"))
-    everything = [run for runs in by_method.values() for run in runs]
-    report.plot_curves(everything, plot, title="dsq demo: digits, certified accuracy vs L2 radius")
+        everything = [(label, rows) for found in runs.values() for _, label, rows in found]
+        report.plot_curves(everything, plot, title="dsq demo: digits, certified accuracy vs L2 radius")
     common.console.print(f"curves written to {plot}")
+    common.console.print(f"demo finished in {time.monotonic() - started:.0f} s; "
+                         f"query it again with: dsq results --experiment {name} --by-sigma")

@@ -1,16 +1,15 @@
-"""``dsq jobs|status|logs|cancel|resume``: follow and steer jobs."""
+"""``dsq jobs|status|logs|cancel|resume``: follow and steer jobs (no torch, no Ray)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Optional
 
 import typer
 from rich.table import Table
 
 from cli import common
-from dsq import jobs as lifecycle
 from dsq.db import repo
+from dsq.db.models import utcnow
 from dsq.db.session import session_scope
 
 
@@ -19,74 +18,84 @@ def register(app: typer.Typer) -> None:
         app.command(name=command.__name__.replace("list_", ""))(command)
 
 
-def list_jobs(ctx: typer.Context, limit: int = typer.Option(50, help="Newest jobs shown.")):
-    """List jobs, newest first."""
+def list_jobs(ctx: typer.Context, limit: int = typer.Option(50, help="Newest jobs shown."),
+              status: Optional[str] = typer.Option(None, "--status", help="Only jobs in this status."),
+              kind: Optional[str] = typer.Option(None, "--kind", help="Only jobs of this kind."),
+              experiment: Optional[str] = typer.Option(None, "--experiment", help="Only this experiment's jobs.")):
+    """List jobs, newest first: state (queued at position P, waiting for job N, stale...), priority, progress."""
+    from dsq import views
+
+    config = common.settings(ctx)
     with common.boundary():
-        engine = common.database(common.settings(ctx))
-        table = Table("id", "kind", "name", "status", "progress", "created")
+        engine = common.database(config)
+        table = Table("id", "kind", "name", "state", "prio", "progress", "created")
         with session_scope(engine) as session:
-            for job in repo.list_jobs(session, limit=limit):
-                table.add_row(str(job.id), job.kind, job.name or "", job.status,
-                              f"{job.progress_done}/{job.progress_total}", f"{job.created_at:%Y-%m-%d %H:%M:%S}")
+            listed = repo.list_jobs(session, limit=limit, status=status, kind=kind, experiment=experiment)
+            for row in views.job_rows(session, listed, utcnow(), config.stale_after):
+                table.add_row(*row)
         common.console.print(table)
 
 
 def status(ctx: typer.Context, job: int = typer.Argument(..., help="Job id.")):
-    """Show a job's state, progress, rate and ETA."""
+    """Show a job's state (and why it is not running yet), progress, rate and ETA."""
+    from dsq import views
+
+    config = common.settings(ctx)
     with common.boundary():
-        engine = common.database(common.settings(ctx))
+        engine = common.database(config)
         with session_scope(engine) as session:
-            for line in lifecycle.describe(repo.get_job(session, job), datetime.now(timezone.utc)):
-                common.console.print(line, markup=False, highlight=False)
+            for line in views.describe(session, repo.get_job(session, job), utcnow(), config.stale_after):
+                common.say(line)
 
 
 def logs(ctx: typer.Context, job: int = typer.Argument(..., help="Job id.")):
     """Print a job's log lines (and its traceback if it failed)."""
+    from dsq.text import safe
+
     with common.boundary():
         engine = common.database(common.settings(ctx))
         with session_scope(engine) as session:
             record = repo.get_job(session, job)
             for line in repo.logs_for_job(session, job):
-                common.console.print(f"{line.created_at:%H:%M:%S} {line.level:5} {line.message}",
-                                     markup=False, highlight=False)
+                common.say(f"{line.created_at:%H:%M:%S} {line.level:5} {safe(line.message)}")
             if record.traceback:
-                common.console.print(record.traceback, markup=False, highlight=False)
+                common.say(record.traceback)
 
 
 def cancel(ctx: typer.Context, job: int = typer.Argument(..., help="Job id.")):
-    """Stop a queued or running job; its runner stops within seconds."""
+    """Cancel a queued, waiting, running or stale job; jobs that wait for it fail."""
+    from dsq import jobs as lifecycle
+
+    config = common.settings(ctx)
     with common.boundary():
-        engine = common.database(common.settings(ctx))
+        engine = common.database(config)
         with session_scope(engine) as session:
-            lifecycle.cancel(session, job)
-        common.console.print(f"job {job}: cancel requested")
+            record = lifecycle.cancel(session, job, config.stale_after)
+        said = "cancelled" if record.status == "cancelled" else "cancel requested (its runner stops within seconds)"
+        common.console.print(f"job {job}: {said}")
 
 
 def resume(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
-           wait: bool = typer.Option(False, help="On a cluster: follow the job until it ends."),
+           wait: bool = typer.Option(False, help="Follow the job until it ends."),
            max_queries: Optional[int] = typer.Option(None, "--max-queries",
                                                      help="certify-api: raise the query budget first.")):
-    """Continue a job whose runner died (or that failed or was cancelled), skipping stored results."""
+    """Queue a failed, cancelled or stale job again; it skips stored results. Jobs its failure failed are queued too."""
+    from dsq import jobs as lifecycle
+    from workers import background
+
     config = common.settings(ctx)
     with common.boundary():
-        if config.ray_address:
-            from workers import resources
-
-            resources.connect(config.ray_address)
+        common.check_cluster(config)
         engine = common.database(config)
         with session_scope(engine) as session:
-            lifecycle.check_resumable(session, job)
             if max_queries is not None:
                 from dsq.apis import jobs as api_jobs
 
                 api_jobs.raise_budget(session, job, max_queries)
-            lifecycle.reopen(session, job)
-    if config.ray_address:
-        common.start_on_cluster(config, job)
-        if not wait:
-            common.console.print(f"job {job} resumed")
-            return
-        final = common.follow(engine, job, f"job {job}")
-    else:
-        final = common.run_local(config, job, f"job {job}")
-    common.finish(engine, job, final)
+            requeued = lifecycle.resume(session, job, config.stale_after)
+        common.console.print(f"job {job} queued" + (f"; queued again: jobs {requeued}" if requeued else ""))
+        started = background.ensure_worker(config, engine)
+    if started:
+        common.say(started, err=True)
+    if wait:
+        common.finish(engine, job, common.follow(engine, job, f"job {job}"))

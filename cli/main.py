@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli import api, bench, cluster, db, demo, jobs, results, submit
+from cli import api, bench, cluster, common, db, demo, jobs, results, submit, worker
 from dsq.settings import Settings
 
 app = typer.Typer(help="dsq: certified robustness for any image classifier by denoised smoothing, as Ray jobs.",
@@ -20,7 +20,8 @@ def main(ctx: typer.Context,
                                                 "else sqlite:///$DSQ_HOME/dsq.db, DSQ_HOME=~/.dsq)."),
          address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: "
                                                "$RAY_ADDRESS, else a local Ray in this process).")):
-    ctx.obj = Settings.from_env(os.environ, db=database, address=address)
+    with common.boundary():
+        ctx.obj = Settings.from_env(os.environ, db=database, address=address)
 
 
 app.add_typer(submit.app, name="submit")
@@ -31,3 +32,4 @@ results.register(app)
 demo.register(app)
 cluster.register(app)
 bench.register(app)
+worker.register(app)

@@ -1,4 +1,4 @@
-"""``dsq results|compare``: certified accuracy tables, per-image rows and curves."""
+"""``dsq results|compare``: certified accuracy tables, per-image rows and curves (no torch, no Ray)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from cli import common
-from dsq import jobs, report
+from dsq import report, views
 from dsq.db.session import session_scope
 from dsq.errors import InvalidArgument
 
@@ -20,19 +20,27 @@ def register(app: typer.Typer) -> None:
     app.command()(compare)
 
 
-def results(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
-            radii: str = typer.Option(",".join(map(str, report.DEFAULT_RADII)), help=RADII_HELP),
+def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="Job id."),
+            radii: Optional[str] = typer.Option(None, help=RADII_HELP + f" Default: {report.DEFAULT_RADII}."),
             format: str = typer.Option("table", "--format", help="table, csv, json or tsv (Cohen et al.'s log)."),
             alpha: Optional[float] = typer.Option(None, help="certify-api: re-certify offline from the stored "
-                                                  "answers at this alpha (no query is sent).")):
-    """Certified accuracy of one job (table) or its per-image results (csv, json, tsv)."""
+                                                  "answers at this alpha (no query is sent)."),
+            experiment: Optional[str] = typer.Option(None, help="The paper's table of an experiment: per method, "
+                                                     "the envelope across sigma."),
+            by_sigma: bool = typer.Option(False, help="--experiment: also one table per sigma."),
+            plot: Optional[str] = typer.Option(None, help="--experiment: write the curves to this PNG.")):
+    """Certified accuracy of one job (table) or its per-image results (csv, json, tsv); or of an experiment."""
     with common.boundary():
         if format not in FORMATS:
             raise InvalidArgument(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-        radius_list = report.parse_radii(radii)
+        if (job is None) == (experiment is None):
+            raise InvalidArgument("give a job id or --experiment NAME (one of them)")
+        radius_list = report.parse_radii(radii or ",".join(map(str, report.DEFAULT_RADII)))
         engine = common.database(common.settings(ctx))
+        if experiment is not None:
+            return _experiment(engine, experiment, radius_list, by_sigma, plot)
         with session_scope(engine) as session:
-            [(label, rows)] = jobs.labelled_results(session, [job])
+            [(label, rows)] = views.labelled_results(session, [job])
             if alpha is not None:
                 from dsq.apis import jobs as api_jobs
 
@@ -46,6 +54,17 @@ def results(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
                                                  title=f"{label}: certified accuracy % (clean), {len(rows)} images"))
 
 
+def _experiment(engine, name: str, radii, by_sigma: bool, plot: str | None) -> None:
+    with session_scope(engine) as session:
+        runs = views.experiment_runs(session, name)
+    for table in views.experiment_tables(runs, radii, by_sigma=by_sigma):
+        common.console.print(table)
+    if plot:
+        everything = [(label, rows) for found in runs.values() for _, label, rows in found]
+        report.plot_curves(everything, plot, title=f"{name}: certified accuracy vs L2 radius")
+        common.console.print(f"curves written to {plot}")
+
+
 def compare(ctx: typer.Context, job_ids: List[int] = typer.Argument(..., help="Job ids."),
             radii: str = typer.Option(",".join(map(str, report.DEFAULT_RADII)), help=RADII_HELP),
             envelope: bool = typer.Option(False, help="Add the best job per radius (e.g. across sigma)."),
@@ -55,8 +74,8 @@ def compare(ctx: typer.Context, job_ids: List[int] = typer.Argument(..., help="J
         radius_list = report.parse_radii(radii)
         engine = common.database(common.settings(ctx))
         with session_scope(engine) as session:
-            labelled = jobs.labelled_results(session, job_ids)
-        common.console.print(jobs.comparison(labelled, radius_list, envelope=envelope))
+            labelled = views.labelled_results(session, job_ids)
+        common.console.print(views.comparison(labelled, radius_list, envelope=envelope))
         if plot:
             report.plot_curves(labelled, plot, title="certified accuracy")
             common.console.print(f"curves written to {plot}")

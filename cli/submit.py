@@ -1,4 +1,4 @@
-"""``dsq submit``: queue a training or certification job and run it."""
+"""``dsq submit``: queue a training or certification job; a worker runs it."""
 
 from __future__ import annotations
 
@@ -8,34 +8,40 @@ from typing import List, Optional
 import typer
 
 from cli import common
-from dsq import jobs, specs
-from dsq.db.session import session_scope
 
 app = typer.Typer(help="Submit a job: train a denoiser or classifier, or certify a smoothed classifier.",
                   no_args_is_help=True)
 
+PRIORITY_HELP = "Higher runs first (default 0); equal priorities run oldest first."
+AFTER_HELP = "Run only after this job succeeded (repeatable); job:N references add this by themselves."
+WAIT_HELP = "Follow the job until it ends (exit 1 unless it succeeded)."
 
-def launch(ctx: typer.Context, spec_of, wait: bool) -> None:
-    """Validate, queue and run (locally) or start (on a cluster) a job; print its id."""
+
+def launch(ctx: typer.Context, spec_of, wait: bool, priority: int = 0, after: tuple[int, ...] = ()) -> None:
+    """Validate and queue a job, print its id, make sure a worker serves the queue; follow it with --wait."""
+    from dsq import jobs
+    from dsq.db.session import session_scope
+    from workers import background
+
+    from dsq.specs import WARN_SIGMA
+
     config = common.settings(ctx)
     with common.boundary():
         spec = spec_of()
-        if config.ray_address:
-            from workers import resources
-
-            resources.connect(config.ray_address)
+        common.check_cluster(config)  # refuse before anything is written
+        if spec.sigma > WARN_SIGMA:
+            common.say(f"warning: sigma {spec.sigma:g} is above {WARN_SIGMA:g} pixel range units; "
+                       f"if you meant 0-255 units, sigma is {spec.sigma:g}/255 = {spec.sigma / 255:.4g}", err=True)
         engine = common.database(config)
         with session_scope(engine) as session:
-            job_id = jobs.submit(session, spec, config).id
+            job_id = jobs.submit(session, spec, config, priority=priority, after=after).id
     common.console.print(f"job {job_id}")
-    if config.ray_address:
-        common.start_on_cluster(config, job_id)
-        if not wait:
-            return
-        status = common.follow(engine, job_id, f"job {job_id}")
-    else:
-        status = common.run_local(config, job_id, f"job {job_id}")
-    common.finish(engine, job_id, status)
+    with common.boundary():
+        started = background.ensure_worker(config, engine)
+    if started:
+        common.say(started, err=True)
+    if wait:
+        common.finish(engine, job_id, common.follow(engine, job_id, f"job {job_id}"))
 
 
 @app.command()
@@ -52,13 +58,17 @@ def train(ctx: typer.Context,
           optimizer: str = "adam", lr: float = 1e-3, epochs: int = 10, batch_size: int = 128,
           lr_step: int = 30, lr_gamma: float = 0.1, seed: int = 0,
           data_root: Optional[str] = None, name: Optional[str] = None,
-          wait: bool = typer.Option(False, help="On a cluster: follow the job until it ends.")):
+          priority: int = typer.Option(0, help=PRIORITY_HELP),
+          after: List[int] = typer.Option([], help=AFTER_HELP),
+          wait: bool = typer.Option(False, help=WAIT_HELP)):
     """Train a denoiser in front of frozen classifier(s), or a classifier (standard or Gaussian)."""
+    from dsq import specs
+
     launch(ctx, lambda: specs.TrainSpec(
         dataset=dataset, target=target, arch=arch, objective=objective, sigma=sigma,
         arch_kwargs=parse_json(arch_kwargs), classifier=classifier, surrogates=tuple(surrogate), init=init,
         optimizer=optimizer, lr=lr, epochs=epochs, batch_size=batch_size, lr_step=lr_step,
-        lr_gamma=lr_gamma, seed=seed, data_root=data_root, name=name), wait)
+        lr_gamma=lr_gamma, seed=seed, data_root=data_root, name=name), wait, priority, tuple(after))
 
 
 @app.command()
@@ -76,12 +86,16 @@ def certify(ctx: typer.Context,
             precision: str = typer.Option("fp32", help="fp32, or bf16/fp16 autocast (changes f; recorded)."),
             compile: bool = typer.Option(False, "--compile", help="torch.compile the sampler's model."),
             data_root: Optional[str] = None, name: Optional[str] = None,
-            wait: bool = typer.Option(False, help="On a cluster: follow the job until it ends.")):
+            priority: int = typer.Option(0, help=PRIORITY_HELP),
+            after: List[int] = typer.Option([], help=AFTER_HELP),
+            wait: bool = typer.Option(False, help=WAIT_HELP)):
     """Certify the smoothed classifier f(D(x + noise)) on a deterministic subset of a dataset."""
+    from dsq import specs
+
     launch(ctx, lambda: specs.CertifySpec(
         dataset=dataset, classifier=classifier, denoiser=denoiser, sigma=sigma, n0=n0, n=n, alpha=alpha,
         batch_size=batch_size, split=split, skip=skip, max_images=max_images, seed=seed, workers=workers,
-        precision=precision, compile=compile, data_root=data_root, name=name), wait)
+        precision=precision, compile=compile, data_root=data_root, name=name), wait, priority, tuple(after))
 
 
 def parse_json(text: str) -> dict:
@@ -94,3 +108,32 @@ def parse_json(text: str) -> dict:
     if not isinstance(value, dict):
         raise InvalidArgument(f"--arch-kwargs must be a JSON object, got {text!r}")
     return value
+
+
+@app.command()
+def experiment(ctx: typer.Context, file: str = typer.Argument(..., help="An experiment file (TOML); see experiments/."),
+               name: Optional[str] = typer.Option(None, help="Group name (default: the file's `name`)."),
+               dry_run: bool = typer.Option(False, help="Print the job graph and sample counts; submit nothing."),
+               priority: int = typer.Option(0, help=PRIORITY_HELP)):
+    """Queue a whole plan (models to train, a sigma grid, methods to certify) as jobs with their dependencies."""
+    from dsq import experiments
+    from dsq.db.session import session_scope
+    from workers import background
+
+    config = common.settings(ctx)
+    with common.boundary():
+        plan = experiments.load(file)
+        for line in experiments.describe(plan):
+            common.say(line)
+        if dry_run:
+            common.say("dry run: nothing submitted")
+            return
+        common.check_cluster(config)
+        engine = common.database(config)
+        with session_scope(engine) as session:
+            ids = experiments.submit(session, plan, config, experiment=name or plan.name, priority=priority)
+        common.say(f"experiment {name or plan.name}: jobs {min(ids.values())}-{max(ids.values())} queued; "
+                   f"see dsq jobs --experiment {name or plan.name}")
+        started = background.ensure_worker(config, engine)
+    if started:
+        common.say(started, err=True)

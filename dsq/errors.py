@@ -84,3 +84,7 @@ class NonFiniteOutput(DsqError):
 
 class TrainingDiverged(DsqError):
     """The training loss or the weights became NaN or inf; the job stops before anything is saved."""
+
+
+class JobInterrupted(DsqError):
+    """Raised inside a running job when its worker stops: the job goes back to the queue, nothing is lost."""

@@ -9,11 +9,15 @@ never read at import time.
 - ``DSQ_DATA``          default root for dataset folders (cifar10, imagenet)
 - ``DSQ_ARTIFACTS``     artifact store: a directory or ``s3://bucket/prefix``; default ``$DSQ_HOME/artifacts``
 - ``DSQ_S3_ENDPOINT_URL`` an S3-compatible server instead of AWS (MinIO, moto...)
+- ``DSQ_STALE_SECONDS`` a running job whose heartbeat is older is taken over by another worker (default 60)
+- ``DSQ_WORKER_IDLE_SECONDS`` a background worker started by ``dsq submit`` exits after this long
+  with nothing to run (default 180)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Mapping
 
@@ -28,6 +32,10 @@ class Settings:
     data_root: str | None = None
     artifacts_url: str | None = None
     s3_endpoint_url: str | None = None
+    # Runners heartbeat every few seconds (workers.worker.HEARTBEAT_SECONDS); a minute of silence is a dead worker.
+    stale_seconds: float = 60.0
+    # A background worker lives a few minutes past its last job, so a plan submitted step by step reuses it.
+    idle_seconds: float = 180.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, db: str | None = None, address: str | None = None) -> "Settings":
@@ -39,9 +47,30 @@ class Settings:
             data_root=env.get("DSQ_DATA") or None,
             artifacts_url=env.get("DSQ_ARTIFACTS") or None,
             s3_endpoint_url=env.get("DSQ_S3_ENDPOINT_URL") or None,
+            stale_seconds=_seconds(env, "DSQ_STALE_SECONDS", 60.0),
+            idle_seconds=_seconds(env, "DSQ_WORKER_IDLE_SECONDS", 180.0),
         )
+
+    @property
+    def stale_after(self) -> timedelta:
+        return timedelta(seconds=self.stale_seconds)
 
     @property
     def artifacts(self) -> Path:
         return self.home / "artifacts"
 
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    from dsq.errors import InvalidArgument
+
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise InvalidArgument(f"{name} must be a number of seconds > 0, got {text!r}")
+    return value

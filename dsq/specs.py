@@ -18,8 +18,11 @@ from typing import Any
 from dsq import fastpath, objectives, smoothing
 from dsq.apis.spec import ApiCertifySpec
 from dsq.errors import InvalidArgument, UnknownName
+from dsq.text import check_name
 
 TARGETS = ("denoiser", "classifier")
+MAX_SIGMA = 4.0  # noise 4x the pixel range: every image is drowned; larger values are 0-255 units by mistake
+WARN_SIGMA = 1.0  # the largest sigma of the papers' grids; above it, say so
 OPTIMIZERS = ("adam", "sgd")
 REFERENCE = re.compile(r"^job:\d+$")
 OPTIMIZER_NUMBERS = {  # name: (accepts the value, the rule in words)
@@ -67,6 +70,9 @@ class TrainSpec:
         if self.objective not in allowed:
             raise UnknownName(f"unknown {self.target} objective {self.objective!r}; expected one of {', '.join(allowed)}")
         _check_sigma(self.sigma, allow_zero=self.objective == "standard")
+        check_sigma_scale(self.sigma)
+        if self.name is not None:
+            check_name(self.name, "job name")
         for name in ("epochs", "batch_size", "lr_step"):
             _check_positive_int(name, getattr(self, name))
         _check_seed(self.seed)
@@ -95,6 +101,10 @@ class TrainSpec:
 
     def references(self) -> tuple[str, ...]:
         return tuple(r for r in (*self.classifiers, self.init) if r)
+
+    def model_roles(self) -> list[tuple[str, str]]:
+        """(reference, the kind of model it must be) for each model this job loads."""
+        return [(r, "classifier") for r in self.classifiers] + ([(self.init, self.target)] if self.init else [])
 
     def to_dict(self) -> dict:
         return _to_dict(self)
@@ -127,6 +137,9 @@ class CertifySpec:
         _check_kind(self, "certify")
         batch_size = 1 if self.batch_size is None else self.batch_size
         smoothing.validate(sigma=self.sigma, n0=self.n0, n=self.n, alpha=self.alpha, batch_size=batch_size)
+        check_sigma_scale(self.sigma)
+        if self.name is not None:
+            check_name(self.name, "job name")
         _check_choice("split", self.split, ("train", "test"))
         _check_positive_int("skip", self.skip)
         if self.workers is not None:
@@ -140,6 +153,9 @@ class CertifySpec:
 
     def references(self) -> tuple[str, ...]:
         return tuple(r for r in (self.classifier, self.denoiser) if r)
+
+    def model_roles(self) -> list[tuple[str, str]]:
+        return [(self.classifier, "classifier")] + ([(self.denoiser, "denoiser")] if self.denoiser else [])
 
     def to_dict(self) -> dict:
         return _to_dict(self)
@@ -173,6 +189,13 @@ def is_job_reference(reference: str) -> bool:
 def _to_dict(spec) -> dict:
     data = dataclasses.asdict(spec)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+def check_sigma_scale(sigma) -> None:
+    """sigma is in [0, 1] pixel units: refuse values no one can mean (noise 4x the whole pixel range)."""
+    if _is_real(sigma) and sigma > MAX_SIGMA:
+        raise InvalidArgument(f"sigma {sigma:g} is far above the [0, 1] pixel range (sigma is in [0, 1] pixel "
+                              f"units; did you mean {sigma:g}/255 = {sigma / 255:.4g}?)")
 
 
 def _check_choice(name, value, choices):

@@ -164,6 +164,8 @@ def engine(db_url: str) -> Iterator[Engine]:
 # ---------------------------------------------------------------------------------------
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Background workers that `dsq submit` starts exit soon after the queue is empty, not minutes later.
+os.environ.setdefault("DSQ_WORKER_IDLE_SECONDS", "10")
 
 
 @pytest.fixture(scope="session")

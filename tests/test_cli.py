@@ -34,13 +34,13 @@ def dsq(home):
 def trained(dsq, home):
     """Job 1: a digits classifier; job 2: a certification with its results; job 3: a denoiser."""
     out = dsq("submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
-              "--objective", "standard", "--sigma", "0", "--epochs", "2", "--name", "f")
+              "--objective", "standard", "--sigma", "0", "--epochs", "2", "--name", "f", "--wait")
     assert out.exit_code == 0, out.output
     out = dsq("submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25",
-              "--n0", "20", "--n", "200", "--batch-size", "100", "--max-images", "5", "--workers", "2")
+              "--n0", "20", "--n", "200", "--batch-size", "100", "--max-images", "5", "--workers", "2", "--wait")
     assert out.exit_code == 0, out.output
     out = dsq("submit", "train", "--dataset", "digits", "--arch", "dncnn", "--objective", "mse",
-              "--arch-kwargs", '{"depth": 3, "width": 8}', "--epochs", "1")
+              "--arch-kwargs", '{"depth": 3, "width": 8}', "--epochs", "1", "--wait")
     assert out.exit_code == 0, out.output
     return home
 
@@ -74,7 +74,11 @@ def corrupt_and_mismatched(home, tmp_path):
     engine = open_database(f"sqlite:///{home / 'dsq.db'}")
     with session_scope(engine) as session:
         [artifact] = repo.artifacts_for_job(session, 1)
-    original = torch.load(artifact.location, weights_only=True)
+    from dsq import artifacts
+    from dsq.settings import Settings
+
+    local = artifacts.fetch(Settings(database_url="", home=home), artifact.location, artifact.sha256)
+    original = torch.load(local, weights_only=True)
     original["arch_kwargs"] = original["arch_kwargs"] | {"width": 48}
     mismatched = tmp_path / "mismatched.pt"
     torch.save(original, mismatched)
@@ -111,7 +115,7 @@ def bad_inputs(home, tmp_path):
         "missing checkpoint": ([*CERTIFY, "--denoiser", tmp_path / "nope.pt"], "not found"),
         "corrupt checkpoint": ([*CERTIFY, "--denoiser", corrupt], "corrupt"),
         "mismatched checkpoint": ([*CERTIFY[:5], mismatched, *CERTIFY[6:]], "match"),
-        "denoiser as classifier": ([*CERTIFY[:5], "job:3", *CERTIFY[6:]], "logits"),
+        "denoiser as classifier": ([*CERTIFY[:5], "job:3", *CERTIFY[6:]], "trains a denoiser, not a classifier"),
         "unknown radii": (["results", 2, "--radii", "a,b"], "radius"),
         "unknown format": (["results", 2, "--format", "xml"], "format"),
         "cancel finished job": (["cancel", 1], "already succeeded"),
@@ -158,7 +162,7 @@ def test_quick_demo_runs_every_step_end_to_end(tmp_path):
     assert "sigma = 0.25: certified accuracy" in out.output and "envelope across sigma" in out.output
     for method in ("no denoiser", "MSE", "STAB+MSE white-box", "STAB+MSE black-box", "Cohen et al."):
         assert method in out.output
-    assert "dsq compare 7 8 9 10 11 16 17 18 19 20" in out.output and plot.stat().st_size > 1000
+    assert "dsq results --experiment digits-demo-" in out.output and plot.stat().st_size > 1000
     engine = open_database(f"sqlite:///{home / 'dsq.db'}")
     with session_scope(engine) as session:
         finished = [repo.get_job(session, job_id) for job_id in range(1, 21)]

@@ -12,12 +12,14 @@ import pytest
 import ray
 import torch
 
-from dsq import datasets, fastpath, jobs, sampling, sizing, smoothing, specs
+from dsq import datasets, fastpath, jobs, queue, references, sampling, sizing, smoothing, specs, views
+from dsq.kinds import certify
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import CheckpointError, InvalidArgument, JobStateError
 from dsq.settings import Settings
-from workers import runner
+from workers import certify_loop, runner
+from workers.loop import Control
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -72,8 +74,8 @@ def test_training_job_stores_a_self_describing_checkpoint(world):
         job = repo.get_job(session, f)
         assert job.status == "succeeded" and job.progress_done == job.progress_total == 2
         assert artifact.kind == "classifier" and artifact.metrics["clean_accuracy"] > 0.5
-    from dsq import checkpoints
-    _, meta = checkpoints.load_checkpoint(artifact.location)
+    from dsq import artifacts, checkpoints
+    _, meta = checkpoints.load_checkpoint(artifacts.fetch(config, artifact.location, artifact.sha256))
     assert meta["sha256"] == artifact.sha256 and meta["training_spec"]["name"] == "f"
 
 
@@ -90,8 +92,8 @@ def test_job_equals_in_process_certify(world):
     config, engine, f, d = world
     job = run(config, engine, certify_spec(f, d, workers=2, max_images=2))
     with session_scope(engine) as session:
-        pipeline = jobs.load_pipeline(jobs.resolve_reference(session, f"job:{f}", config),
-                                      jobs.resolve_reference(session, f"job:{d}", config), "cpu")
+        pipeline = certify.load_pipeline(references.resolve(session, f"job:{f}", config),
+                                      references.resolve(session, f"job:{d}", config), "cpu")
     pipeline = fastpath.prepare_for_inference(pipeline, device="cpu")  # as the sampler actors run it
     test_set = datasets.get_dataset("digits", "test")
     for index, prediction, radius, selection, estimation in rows_of(engine, job):
@@ -106,8 +108,8 @@ def test_automatic_sizing_is_recorded_and_kept(world):
     config, engine, f, d = world
     auto = run(config, engine, certify_spec(f, d, batch_size=None, workers=None, max_images=3))
     with session_scope(engine) as session:
-        pipeline = jobs.load_pipeline(jobs.resolve_reference(session, f"job:{f}", config),
-                                      jobs.resolve_reference(session, f"job:{d}", config), "cpu")
+        pipeline = certify.load_pipeline(references.resolve(session, f"job:{f}", config),
+                                      references.resolve(session, f"job:{d}", config), "cpu")
         spec, log = jobs.load_spec(session, auto), [line.message for line in repo.logs_for_job(session, auto)]
     per_sample = sizing.memory_per_sample(pipeline, datasets.get_dataset("digits", "test")[0][0], "cpu")
     assert per_sample == 64 * 8 * 8 * 4  # the widest layer: small_cnn's second conv, 64 channels at 8x8, float32
@@ -123,7 +125,7 @@ def test_automatic_sizing_is_recorded_and_kept(world):
     assert given_log[0][0] == "info" and "batch 150 (from the spec; automatic here: 300;" in given_log[0][1]
     assert tiny_log[0][0] == "warning" and "batch 8 (from the spec; automatic here: 300;" in tiny_log[0][1]
     with session_scope(engine) as session:
-        jobs.reopen(session, auto)  # a resumed job keeps the batch it was certified with
+        repo.mark_queued(session, auto)  # a job run again keeps the batch it was certified with
     assert runner.run_job(config, auto) == "succeeded"
     with session_scope(engine) as session:
         assert jobs.load_spec(session, auto).batch_size == expected
@@ -134,7 +136,7 @@ def test_reduced_precision_is_recorded_with_every_result(world):
     job = run(config, engine, certify_spec(f, d, precision="bf16", max_images=2, name="bf16 run"))
     with session_scope(engine) as session:
         extras = [r.extra for r in repo.results_for_job(session, job)]
-        [(label, _)] = jobs.labelled_results(session, [job])
+        [(label, _)] = views.labelled_results(session, [job])
     assert len(extras) == 2 and all(e["model"]["precision"] == "bf16" for e in extras)
     assert label == "bf16 run (bf16)"
 
@@ -145,7 +147,7 @@ class SamplerThatCrashesOnce:
 
     def __init__(self, classifier_path, denoiser_path, marker):
         torch.set_num_threads(1)
-        self.model = fastpath.prepare_for_inference(jobs.load_pipeline(classifier_path, denoiser_path, "cpu"),
+        self.model = fastpath.prepare_for_inference(certify.load_pipeline(classifier_path, denoiser_path, "cpu"),
                                                     device="cpu")
         self.marker = pathlib.Path(marker)
 
@@ -163,15 +165,17 @@ def test_a_shard_lost_with_its_actor_is_sampled_again(world, tmp_path):
     undisturbed = run(config, engine, spec)
     job_id = submit(config, engine, spec)
     with session_scope(engine) as session:
-        paths = [jobs.resolve_reference(session, f"job:{r}", config) for r in (f, d)]
+        paths = [references.resolve(session, f"job:{r}", config) for r in (f, d)]
     actor = SamplerThatCrashesOnce.remote(*paths, str(tmp_path / "crashed"))
     test_set = datasets.get_dataset("digits", "test")
-    runner.CertifyLoop(engine, job_id, spec, test_set, [actor], 0, 2, None).run(collections.deque([0, 1]))
+    with session_scope(engine) as session:
+        queue.take(session, job_id, "local")
+    certify_loop.CertifyLoop(engine, job_id, Control(), spec, test_set, [actor], 0, 2).run(collections.deque([0, 1]))
     assert (tmp_path / "crashed").exists() and rows_of(engine, job_id) == rows_of(engine, undisturbed)
     with session_scope(engine) as session:
         warnings = [line.message for line in repo.logs_for_job(session, job_id) if line.level == "warning"]
     # the crash takes the shards queued on the actor with it (ActorDiedError or ActorUnavailableError)
-    assert 1 <= len(warnings) <= runner.TASKS_PER_ACTOR, warnings
+    assert 1 <= len(warnings) <= certify_loop.TASKS_PER_ACTOR, warnings
     assert all(" lost its sampler (Actor" in w and w.endswith("retrying") for w in warnings), warnings
 
 
@@ -199,7 +203,7 @@ def test_cancel_stops_within_seconds_then_resume_completes_without_duplicates(wo
     thread, outcome = run_in_thread(config, job_id)
     wait_for_results(engine, job_id, 2)
     with session_scope(engine) as session:
-        jobs.cancel(session, job_id)
+        jobs.cancel(session, job_id, config.stale_after)
     asked = time.monotonic()
     thread.join(timeout=30)
     assert not thread.is_alive() and time.monotonic() - asked < 10
@@ -208,8 +212,7 @@ def test_cancel_stops_within_seconds_then_resume_completes_without_duplicates(wo
     assert 2 <= len(before) < 40
     with session_scope(engine) as session:
         stored_ids = {r.image_index: r.id for r in repo.results_for_job(session, job_id)}
-        jobs.check_resumable(session, job_id)
-        jobs.reopen(session, job_id)
+        jobs.resume(session, job_id, config.stale_after)
     assert runner.run_job(config, job_id) == "succeeded"
     after = rows_of(engine, job_id)
     assert len(after) == 40 and len({r[0] for r in after}) == 40
@@ -225,21 +228,20 @@ def test_resume_refuses_a_live_runner_and_accepts_a_dead_one(world):
     with session_scope(engine) as session:
         repo.mark_running(session, job_id, "somewhere", now=now)
         with pytest.raises(JobStateError, match="is running"):
-            jobs.check_resumable(session, job_id, now=now + timedelta(seconds=5))
-        jobs.check_resumable(session, job_id, now=now + timedelta(minutes=5))  # heartbeat stale: runner died
-        jobs.reopen(session, job_id)
+            jobs.resume(session, job_id, config.stale_after, now=now + timedelta(seconds=5))
+        jobs.resume(session, job_id, config.stale_after, now=now + timedelta(minutes=5))  # stale: runner died
     assert runner.run_job(config, job_id) == "succeeded"
     with session_scope(engine) as session:
         with pytest.raises(JobStateError, match="already succeeded"):
-            jobs.check_resumable(session, job_id)
+            jobs.resume(session, job_id, config.stale_after)
         with pytest.raises(JobStateError):
-            jobs.cancel(session, job_id)
+            jobs.cancel(session, job_id, config.stale_after)
 
 
 def test_failed_job_keeps_error_and_traceback(world, tmp_path):
     config, engine, f, d = world
     with session_scope(engine) as session:
-        path = jobs.resolve_reference(session, f"job:{f}", config)
+        path = references.resolve(session, f"job:{f}", config)
     copy = tmp_path / "f.pt"
     copy.write_bytes(open(path, "rb").read())
     job_id = submit(config, engine, certify_spec(f, max_images=1, classifier=str(copy)))

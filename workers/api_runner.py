@@ -18,7 +18,7 @@ import ray
 
 from dsq.apis import base
 from dsq.apis import jobs as api_jobs
-from dsq.errors import ApiQueryFailed, BudgetReached, UnreadableImage
+from dsq.errors import ApiQueryFailed, BudgetReached, NonFiniteOutput, UnreadableImage
 from dsq.apis.ratelimit import limits_for
 from dsq.db import repo
 from dsq.db.session import session_scope
@@ -36,7 +36,7 @@ class ImageWork:
     started: float = field(default_factory=time.perf_counter)
 
 
-def run(engine, settings, job_id: int, spec, on_progress=None) -> None:
+def run(engine, settings, job_id: int, spec, control) -> None:
     with session_scope(engine) as session:
         denoiser = api_jobs.load_denoiser(session, spec, settings)
         done = repo.done_image_indices(session, job_id)
@@ -51,15 +51,15 @@ def run(engine, settings, job_id: int, spec, on_progress=None) -> None:
                                       f"{paid} queries paid so far; qps {limits.qps:g}, burst {limits.burst}, "
                                       f"concurrency {limits.concurrency}")
     loop = ApiLoop(engine, settings, job_id, spec, source, denoiser, actor, paid=paid,
-                   window=2 * limits.concurrency, done=len(source.indices) - len(todo), on_progress=on_progress)
+                   window=2 * limits.concurrency, done=len(source.indices) - len(todo), control=control)
     loop.run(todo)
 
 
 class ApiLoop(JobLoop):
     """Opens images, sends their missing queries within the budget, certifies complete images."""
 
-    def __init__(self, engine, settings, job_id, spec, source, denoiser, actor, *, paid, window, done, on_progress):
-        super().__init__(engine, job_id, done=done, total=len(source.indices), on_progress=on_progress)
+    def __init__(self, engine, settings, job_id, spec, source, denoiser, actor, *, paid, window, done, control):
+        super().__init__(engine, job_id, control, done=done, total=len(source.indices))
         self.settings, self.spec, self.source, self.denoiser, self.actor = settings, spec, source, denoiser, actor
         self.paid, self.window, self.service = paid, window, api_jobs.service_name(spec)
         self.images: dict[int, ImageWork] = {}
@@ -86,8 +86,11 @@ class ApiLoop(JobLoop):
             x = self.source.image(index)
         except UnreadableImage as error:
             return self._image_failed(index, str(error))
-        queries = base.image_queries(x, self.denoiser, sigma=spec.sigma, seed=spec.seed, image=index,
-                                     n0=spec.n0, n=spec.n, scale=spec.scale)
+        try:
+            queries = base.image_queries(x, self.denoiser, sigma=spec.sigma, seed=spec.seed, image=index,
+                                         n0=spec.n0, n=spec.n, scale=spec.scale)
+        except NonFiniteOutput as error:
+            return self._image_failed(index, str(error))
         digests = {q.sha256 for q in queries}
         with session_scope(self.engine) as session:
             stored = repo.api_answers(session, spec.provider, self.service, digests)

@@ -1,42 +1,69 @@
-"""What the certify loops share: wait for one reply at a time, honour cancel, record progress."""
+"""What the job loops share: how a running job is steered, and one reply at a time with cancel honoured."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import ray
 
-from dsq import jobs
+from dsq import queue
 from dsq.db import repo
+from dsq.db.session import session_scope
+from dsq.errors import JobCancelled, JobInterrupted
 
 POLL_SECONDS = 0.5
+
+
+class Control:
+    """A running job's link to its worker: who runs it, a progress callback, and a stop request.
+
+    ``check`` is called every POLL_SECONDS by the loops: it writes the heartbeat, and raises
+    JobCancelled after ``dsq cancel``, or JobInterrupted when the worker stops (or another
+    worker took the job over after a stale heartbeat).
+    """
+
+    def __init__(self, runner: str = "local", on_progress=None):
+        self.runner, self.on_progress = runner, on_progress
+        self.stop = threading.Event()
+
+    def check(self, engine, job_id: int) -> None:
+        if self.stop.is_set():
+            raise JobInterrupted(f"job {job_id}: its worker is stopping")
+        with session_scope(engine) as session:
+            if repo.is_cancel_requested(session, job_id):
+                raise JobCancelled(f"job {job_id} was cancelled")
+            if not queue.beat(session, job_id, self.runner):
+                raise JobInterrupted(f"job {job_id} is no longer run by {self.runner}")
+
+    def report(self, done: int, total: int) -> None:
+        if self.on_progress:
+            self.on_progress(done, total)
 
 
 class JobLoop:
     """Holds the Ray references in flight (``in_flight``) and the job's progress."""
 
-    def __init__(self, engine, job_id: int, *, done: int, total: int, on_progress=None):
-        self.engine, self.job_id = engine, job_id
-        self.done, self.total, self.on_progress = done, total, on_progress
+    def __init__(self, engine, job_id: int, control: Control, *, done: int, total: int):
+        self.engine, self.job_id, self.control = engine, job_id, control
+        self.done, self.total = done, total
         self.in_flight: dict = {}
         self.last_check = 0.0
 
     def ready(self) -> list:
-        """Replies ready within POLL_SECONDS (at most one); raises JobCancelled once the job is cancelled."""
+        """Replies ready within POLL_SECONDS (at most one); raises once the job is cancelled or handed back."""
         ready = []
         if self.in_flight:
             ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=POLL_SECONDS)
         if time.monotonic() - self.last_check > POLL_SECONDS:
-            jobs.check_cancel(self.engine, self.job_id)
+            self.control.check(self.engine, self.job_id)
             self.last_check = time.monotonic()
         return ready
 
     def advance(self, session) -> None:
-        """One more work item done: store the progress and a heartbeat in ``session`` (call ``report`` after)."""
+        """One more work item done: store the progress in ``session`` (call ``report`` after)."""
         self.done += 1
         repo.set_progress(session, self.job_id, self.done, self.total)
-        repo.heartbeat(session, self.job_id)
 
     def report(self) -> None:
-        if self.on_progress:
-            self.on_progress(self.done, self.total)
+        self.control.report(self.done, self.total)

@@ -1,70 +1,68 @@
-"""The job runner: drives one job on Ray and writes its results to the database.
+"""Run one job to its end on the connected Ray, and record how it ended.
 
-Locally it runs in the CLI process; on a cluster it runs inside a detached
-``JobRunner`` actor so the CLI can disconnect. Either way the database is the
-source of truth: images already stored are skipped, so a resumed job does only
-what is missing.
+The worker (``workers/worker.py``) calls ``run_job`` in a thread per job it claimed. The job's
+kind (``dsq.kinds``) names the loop that does the work. The database is the source of truth:
+images already stored are skipped, so a job that was handed back or taken over resumes with
+only what is missing.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import threading
-import time
 import traceback
-import uuid
-from dataclasses import dataclass, field
-from typing import Callable
 
-import numpy as np
 import ray
 
-from dsq import datasets, jobs, sampling, sizing, smoothing
+from dsq import jobs, kinds, queue, specs
 from dsq.db import repo
 from dsq.db.session import make_engine, session_scope
-from dsq.errors import DsqError, JobCancelled
+from dsq.errors import DsqError, JobCancelled, JobInterrupted, JobStateError
 from dsq.settings import Settings
-from workers import resources
-from workers.loop import POLL_SECONDS, JobLoop
-from workers.sampler import SamplerActor
-from workers.trainer import TrainerActor
-
-Progress = Callable[[int, int], None]
-TASKS_PER_ACTOR = 2
-SHARD_RETRY_SECONDS = 180.0  # how long a shard lost with its actor is tried again while Ray restarts the actor
-RUNNER_RESTARTS = 3
+from workers.loop import Control
 
 
-def run_job(settings: Settings, job_id: int, *, runner: str = "local", on_progress: Progress | None = None) -> str:
-    """Run a queued job to its end; return its final status."""
+def run_job(settings: Settings, job_id: int, control: Control | None = None) -> str:
+    """Run a job claimed by ``control.runner`` (or still queued) to its end; return its status.
+
+    A job whose worker stops goes back to the queue (status ``queued``).
+    """
+    control = control or Control()
     engine = make_engine(settings.database_url)
     try:
-        with session_scope(engine) as session:
-            spec = jobs.load_spec(session, job_id)
-            repo.mark_running(session, job_id, runner)
-            repo.add_log(session, job_id, f"running on {runner}")
-        status, error, trace = "succeeded", None, None
+        spec = _start(engine, job_id, control.runner)
         try:
-            if spec.kind == "train":
-                _run_training(engine, settings, job_id, on_progress)
-            elif spec.kind == "certify_api":
-                from workers import api_runner
-
-                api_runner.run(engine, settings, job_id, spec, on_progress)
-            else:
-                _run_certify(engine, settings, job_id, spec, on_progress)
+            kinds.get(spec.kind).runner()(engine, settings, job_id, spec, control)
         except Exception as failure:  # noqa: BLE001 - a job keeps any failure with its traceback
-            status, error = _outcome(failure), _message(failure)
+            cause = _cause(failure)
+            if isinstance(cause, JobInterrupted):
+                return _hand_back(engine, job_id, control.runner, cause)
+            status = "cancelled" if isinstance(cause, JobCancelled) else "failed"
+            error = None if status == "cancelled" else _message(cause)
             trace = traceback.format_exc() if error else None
-        except KeyboardInterrupt:
-            status = "cancelled"
+        else:
+            status, error, trace = "succeeded", None, None
         with session_scope(engine) as session:
-            repo.mark_finished(session, job_id, status, error=error, traceback=trace)
-            repo.add_log(session, job_id, status + (f": {error}" if error else ""), level="error" if error else "info")
+            jobs.finish(session, job_id, status, error=error, traceback=trace)
         return status
     finally:
         engine.dispose()
+
+
+def _start(engine, job_id: int, runner: str):
+    with session_scope(engine) as session:
+        job = repo.get_job(session, job_id)
+        if job.status == "queued":
+            job = queue.take(session, job_id, runner)
+        if job is None or job.status != "running" or job.runner != runner:
+            raise JobStateError(f"job {job_id} is not for {runner} to run")
+        repo.add_log(session, job_id, f"running on {runner} (attempt {job.attempts})")
+        return specs.from_dict(job.spec)
+
+
+def _hand_back(engine, job_id: int, runner: str, why: JobInterrupted) -> str:
+    with session_scope(engine) as session:
+        if queue.release(session, job_id, runner):
+            repo.add_log(session, job_id, f"handed back to the queue ({why}); it resumes from its stored results")
+        return repo.get_job(session, job_id).status
 
 
 def _cause(failure: BaseException) -> BaseException:
@@ -74,229 +72,5 @@ def _cause(failure: BaseException) -> BaseException:
     return failure
 
 
-def _outcome(failure: BaseException) -> str:
-    return "cancelled" if isinstance(_cause(failure), JobCancelled) else "failed"
-
-
-def _message(failure: BaseException) -> str | None:
-    cause = _cause(failure)
-    if isinstance(cause, JobCancelled):
-        return None
+def _message(cause: BaseException) -> str:
     return str(cause) if isinstance(cause, DsqError) else f"{type(cause).__name__}: {cause}"
-
-
-def _run_training(engine, settings: Settings, job_id: int, on_progress: Progress | None) -> None:
-    options, threads = resources.actor_options(1)
-    gpu = "num_gpus" in options
-    actor = TrainerActor.options(**options).remote(settings, threads, resources.device_for(gpu))
-    try:
-        pending = actor.train.remote(job_id)
-        while not ray.wait([pending], timeout=POLL_SECONDS)[0]:
-            jobs.check_cancel(engine, job_id)
-            _report(engine, job_id, on_progress)
-        ray.get(pending)
-        _report(engine, job_id, on_progress)
-    finally:
-        ray.kill(actor)
-
-
-def _report(engine, job_id: int, on_progress: Progress | None) -> None:
-    if on_progress:
-        with session_scope(engine) as session:
-            job = repo.get_job(session, job_id)
-            on_progress(job.progress_done, job.progress_total)
-
-
-@dataclass
-class ImageState:
-    index: int
-    label: int
-    x: object
-    shards_left: int
-    started: float = field(default_factory=time.perf_counter)
-    counts: dict = field(default_factory=lambda: collections.defaultdict(list))
-    workers: set = field(default_factory=set)
-
-
-def _run_certify(engine, settings: Settings, job_id: int, spec, on_progress: Progress | None) -> None:
-    with session_scope(engine) as session:
-        # Each sampler fetches (and hash-checks) the checkpoints on its own node.
-        sources = [jobs.checkpoint_source(session, spec.classifier),
-                   jobs.checkpoint_source(session, spec.denoiser) if spec.denoiser else None]
-        done = repo.done_image_indices(session, job_id)
-    dataset = datasets.get_dataset(spec.dataset, spec.split, root=spec.data_root or settings.data_root)
-    plan = jobs.image_plan(spec, dataset)
-    todo = collections.deque(i for i in plan if i not in done)
-    if not todo:
-        return
-    workers = spec.workers or resources.default_workers()
-    options, threads = resources.actor_options(workers)
-    device = resources.device_for("num_gpus" in options)
-    actors = [SamplerActor.options(**options).remote(settings, *sources, threads, device, spec.precision,
-                                                     spec.compile) for _ in range(workers)]
-    try:
-        probe = ray.get(actors[0].memory_probe.remote(dataset[todo[0]][0], options.get("num_gpus", 1.0)))
-        spec = _size_job(engine, job_id, spec, workers, threads, probe)
-        CertifyLoop(engine, job_id, spec, dataset, actors, len(plan) - len(todo), len(plan), on_progress,
-                    model=probe["model"]).run(todo)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-
-
-def _size_job(engine, job_id: int, spec, workers: int, threads: int, probe: dict):
-    """Fix an automatic batch size in the job's spec (it shapes the noise); log the sizing either way.
-
-    A batch from the spec far below what dsq would choose here is logged as a warning, not silently used.
-    """
-    automatic = sizing.choose_batch(probe["bytes_per_sample"], probe["budget_bytes"], n=spec.n, workers=workers)
-    how = "chosen" if spec.batch_size is None else f"from the spec; automatic here: {automatic}"
-    small = spec.batch_size is not None and spec.batch_size * 4 <= automatic
-    with session_scope(engine) as session:
-        if spec.batch_size is None:
-            spec = dataclasses.replace(spec, batch_size=automatic)
-            repo.set_spec(session, job_id, spec.to_dict())
-        repo.add_log(session, job_id, (
-            f"{workers} sampler actor(s) x {threads} thread(s) on {probe['device']}, {probe['model']['precision']}; "
-            f"batch {spec.batch_size} ({how}; {probe['bytes_per_sample'] / 1024:.0f} KiB per sample, "
-            f"budget {probe['budget_bytes'] / 2**20:.0f} MiB)"), level="warning" if small else "info")
-    return spec
-
-
-class CertifyLoop(JobLoop):
-    """Streams shards of several images over the actors and stores each image once complete."""
-
-    def __init__(self, engine, job_id, spec, dataset, actors, done, total, on_progress, model: dict | None = None):
-        super().__init__(engine, job_id, done=done, total=total, on_progress=on_progress)
-        self.spec, self.dataset, self.actors, self.model = spec, dataset, actors, model
-        self.queue: collections.deque = collections.deque()
-        self.load = [0] * len(actors)
-        self.images: dict[int, ImageState] = {}
-
-    def run(self, todo: collections.deque) -> None:
-        while todo or self.queue or self.in_flight:
-            while todo and len(self.queue) < TASKS_PER_ACTOR * len(self.actors):
-                self._open(todo.popleft())
-            self._dispatch()
-            for ref in self.ready():
-                self._collect(ref)
-
-    def _open(self, index: int) -> None:
-        x, label = self.dataset[index]
-        spec = self.spec
-        shards = (sampling.plan_shards(spec.n0, spec.batch_size, len(self.actors), sampling.SELECTION)
-                  + sampling.plan_shards(spec.n, spec.batch_size, len(self.actors), sampling.ESTIMATION))
-        self.images[index] = ImageState(index, int(label), ray.put(x), len(shards))
-        with session_scope(self.engine) as session:
-            repo.upsert_work_unit(session, self.job_id, f"image:{index}", status="running")
-        self.queue.extend((index, shard, None) for shard in shards)
-
-    def _dispatch(self) -> None:
-        while self.queue and min(self.load) < TASKS_PER_ACTOR:
-            slot = int(np.argmin(self.load))
-            index, shard, lost_at = self.queue.popleft()
-            state, spec = self.images[index], self.spec
-            ref = self.actors[slot].counts.remote(
-                state.x, sigma=spec.sigma, start=shard.start, count=shard.count, batch_size=spec.batch_size,
-                seed=spec.seed, image=index, phase=shard.phase)
-            self.in_flight[ref] = (index, shard, slot, lost_at)
-            self.load[slot] += 1
-
-    def _collect(self, ref) -> None:
-        index, shard, slot, lost_at = self.in_flight.pop(ref)
-        self.load[slot] -= 1
-        try:
-            reply = ray.get(ref)
-        except ray.exceptions.RayActorError as lost:  # its process or node went away: Ray restarts the actor
-            self._retry(index, shard, lost_at, lost)
-            return
-        state = self.images[index]
-        state.counts[shard.phase].append(reply["counts"])
-        state.workers.add(reply["worker"])
-        state.shards_left -= 1
-        if state.shards_left == 0:
-            self._finish(self.images.pop(index), reply["device"])
-
-    def _retry(self, index: int, shard, lost_at: float | None, lost: Exception) -> None:
-        """Sample the shard again: its counts depend only on its identity, so a redo gives the same counts.
-
-        Ray may not retry it itself (a task on an unreachable process "may or may not have been
-        executed"), and calls fail at once while the actor restarts: wait a little between tries.
-        """
-        now = time.monotonic()
-        if lost_at is not None and now - lost_at > SHARD_RETRY_SECONDS:
-            raise lost
-        if lost_at is None:
-            reason = str(lost).strip().splitlines()[-1][:200] if str(lost).strip() else ""
-            with session_scope(self.engine) as session:
-                repo.add_log(session, self.job_id, f"image {index}: {shard.phase} shard {shard.index} lost its "
-                                                   f"sampler ({type(lost).__name__}: {reason}); retrying",
-                             level="warning")
-        time.sleep(POLL_SECONDS)
-        self.queue.appendleft((index, shard, lost_at or now))
-
-    def _finish(self, state: ImageState, device: str) -> None:
-        spec = self.spec
-        cert = smoothing.certify_counts(smoothing.sum_counts(state.counts[sampling.SELECTION]),
-                                        smoothing.sum_counts(state.counts[sampling.ESTIMATION]),
-                                        alpha=spec.alpha, sigma=spec.sigma)
-        with session_scope(self.engine) as session:
-            jobs.record_certificate(session, self.job_id, state.index, state.label, cert,
-                                    seconds=time.perf_counter() - state.started,
-                                    worker=",".join(sorted(state.workers)), device=device, model=self.model)
-            self.advance(session)
-        self.report()
-
-
-@ray.remote(num_cpus=0, max_restarts=RUNNER_RESTARTS)
-class JobRunner:
-    """Detached driver of one job on a cluster.
-
-    The job starts in the constructor: an actor's creation belongs to the
-    cluster, while a method call would belong to the CLI process that may exit.
-    If the runner's process dies, Ray runs the constructor again (a restart):
-    the job resumes from what the database holds, as ``dsq resume`` would.
-    """
-
-    def __init__(self, settings: Settings, job_id: int):
-        self.thread = threading.Thread(target=self._run, args=(settings, job_id), daemon=True)
-        self.thread.start()
-
-    def _run(self, settings: Settings, job_id: int) -> None:
-        try:
-            if not _finished(settings, job_id):  # a restart after the job ended does nothing
-                run_job(settings, job_id, runner=f"ray:{ray.get_runtime_context().get_actor_id()[:8]}")
-        finally:
-            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
-
-    def ready(self) -> bool:
-        return True
-
-
-def _finished(settings: Settings, job_id: int) -> bool:
-    engine = make_engine(settings.database_url)
-    try:
-        with session_scope(engine) as session:
-            return repo.get_job(session, job_id).status in jobs.FINISHED
-    finally:
-        engine.dispose()
-
-
-def start_detached(settings: Settings, job_id: int) -> None:
-    """Start a job on the connected cluster; return once its runner exists.
-
-    The runner prefers the head node: losing the head loses the cluster anyway,
-    so a worker node's loss then never takes a job's runner with it.
-    """
-    runner = JobRunner.options(name=f"dsq-job-{job_id}-{uuid.uuid4().hex[:6]}", lifetime="detached",
-                               scheduling_strategy=_on_head_node()).remote(settings, job_id)
-    ray.get(runner.ready.remote())
-
-
-def _on_head_node():
-    """A soft affinity to the head node (None when the head is unknown: Ray's default)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    heads = [node["NodeID"] for node in ray.nodes()
-             if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {})]
-    return NodeAffinitySchedulingStrategy(node_id=heads[0], soft=True) if heads else None

@@ -8,7 +8,8 @@ import time
 import ray
 import torch
 
-from dsq import fastpath, jobs, sampling, sizing
+from dsq import fastpath, references, sampling, sizing
+from dsq.kinds import certify
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
@@ -21,11 +22,11 @@ class SamplerActor:
         if device == "cpu":
             fastpath.tune_cpu_allocator()  # this process only samples: keep activation buffers resident
         self.device = device
-        classifier_path = jobs.local_checkpoint(settings, classifier_source)
-        denoiser_path = jobs.local_checkpoint(settings, denoiser_source) if denoiser_source else None
+        classifier_path = references.local_checkpoint(settings, classifier_source)
+        denoiser_path = references.local_checkpoint(settings, denoiser_source) if denoiser_source else None
         # Prepared once per actor (BN folded, channels-last where it helps). fp32 leaves f unchanged;
         # bf16/fp16 autocast changes it, so the runner records the precision with every result.
-        self.model = fastpath.prepare_for_inference(jobs.load_pipeline(classifier_path, denoiser_path, device),
+        self.model = fastpath.prepare_for_inference(certify.load_pipeline(classifier_path, denoiser_path, device),
                                                     device=device, precision=precision, compile=compile)
         self.name = f"{socket.gethostname()}:{ray.get_runtime_context().get_actor_id()[:8]}"
 

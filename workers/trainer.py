@@ -5,8 +5,8 @@ from __future__ import annotations
 import ray
 import torch
 
-from dsq import jobs
 from dsq.db.session import make_engine
+from dsq.kinds import train
 
 
 @ray.remote(max_restarts=0)
@@ -18,6 +18,6 @@ class TrainerActor:
     def train(self, job_id: int) -> dict:
         engine = make_engine(self.settings.database_url)
         try:
-            return jobs.run_training(engine, self.settings, job_id, self.device)
+            return train.run_training(engine, self.settings, job_id, self.device)
         finally:
             engine.dispose()

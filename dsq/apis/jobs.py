@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from sqlalchemy.orm import Session
 
-from dsq import checkpoints, datasets, smoothing
+from dsq import checkpoints, datasets, references, smoothing
 from dsq.apis import base, providers
 from dsq.errors import EndpointUnreachable, UnreadableImage
 from dsq.apis.ratelimit import limits_for
@@ -78,9 +78,7 @@ class ImageSource:
 def load_denoiser(session: Session, spec: ApiCertifySpec, settings: Settings) -> torch.nn.Module | None:
     if not spec.denoiser:
         return None
-    from dsq import jobs
-
-    return checkpoints.load_checkpoint(jobs.resolve_reference(session, spec.denoiser, settings))[0].eval()
+    return checkpoints.load_checkpoint(references.resolve(session, spec.denoiser, settings))[0].eval()
 
 
 # -- checks and estimates ----------------------------------------------------------------
@@ -100,7 +98,8 @@ def check_spec(session: Session, spec: ApiCertifySpec, settings: Settings, env: 
     source = ImageSource(spec, settings)
     if not source.indices:
         raise InvalidArgument("no images to certify")
-    denoiser = load_denoiser(session, spec, settings)
+    ready = spec.denoiser is None or references.available(session, spec.denoiser)
+    denoiser = load_denoiser(session, spec, settings) if ready else None  # else checked when the job runs
     if denoiser is not None:
         _check_denoiser(denoiser, source)
     return len(source.indices)

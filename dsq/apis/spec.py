@@ -24,6 +24,7 @@ from typing import Any
 
 from dsq import smoothing
 from dsq.errors import InvalidArgument, UnknownName
+from dsq.text import check_name
 
 PROVIDERS = ("aws", "google", "azure", "clarifai")
 EMBEDDED = "embedded"
@@ -66,6 +67,11 @@ class ApiCertifySpec:
         if self.kind != "certify_api":
             raise InvalidArgument(f"an API certification spec has kind 'certify_api', got {self.kind!r}")
         smoothing.validate(sigma=self.sigma, n0=self.n0, n=self.n, alpha=self.alpha, batch_size=1)
+        from dsq.specs import check_sigma_scale
+
+        check_sigma_scale(self.sigma)
+        if self.name is not None:
+            check_name(self.name, "job name")
         self._check_images()
         self._check_endpoint()
         self._check_limits()
@@ -77,6 +83,9 @@ class ApiCertifySpec:
 
     def references(self) -> tuple[str, ...]:
         return (self.denoiser,) if self.denoiser else ()
+
+    def model_roles(self) -> list[tuple[str, str]]:
+        return [(self.denoiser, "denoiser")] if self.denoiser else []
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

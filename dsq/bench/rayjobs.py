@@ -73,6 +73,7 @@ def _one_job(cfg: BenchConfig, pair: Pair, tmp: Path, workers: int, log: Log) ->
     from dsq.db.session import open_database, session_scope
     from dsq.settings import Settings
     from workers import runner
+    from workers.loop import Control
 
     home = tmp / f"home-{workers}"
     settings = Settings(database_url=f"sqlite:///{home / 'bench.db'}", home=home, data_root=str(tmp / "data"))
@@ -90,7 +91,7 @@ def _one_job(cfg: BenchConfig, pair: Pair, tmp: Path, workers: int, log: Log) ->
     engine.dispose()
     finished: list[float] = []
     started = time.perf_counter()
-    status = runner.run_job(settings, job_id, on_progress=lambda done, total: finished.append(time.perf_counter()))
+    status = runner.run_job(settings, job_id, Control(on_progress=lambda done, total: finished.append(time.perf_counter())))
     wall = time.perf_counter() - started
     per_image = cfg.ray_n0 + cfg.ray_n
     steady = steady_rate(finished, per_image)

@@ -1,8 +1,10 @@
 """Tables of the job system (SQLAlchemy 2 declarative).
 
-``jobs`` holds one row per submitted job and its lifecycle, ``work_units`` is the
-task queue a runner works through, ``results`` holds one certificate per image,
-``artifacts`` the checkpoints jobs produce, and ``job_logs`` what a job said.
+``jobs`` holds one row per submitted job, its lifecycle and its place in the queue
+(priority, experiment), ``job_dependencies`` the edges a job waits on, ``workers``
+the queue workers that claim jobs, ``work_units`` the units a runner works through,
+``results`` one certificate per image, ``artifacts`` the checkpoints jobs produce,
+and ``job_logs`` what a job said.
 
 Every timestamp is a timezone-aware UTC ``datetime`` on the Python side, whatever
 the database stores (SQLite has no time zones).  Every change to these classes
@@ -111,6 +113,12 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    experiment: Mapped[str | None] = mapped_column(String(200), index=True)
+    # What an experiment says of the job (method label, sigma, step name); None outside experiments.
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The dependency whose failure or cancellation failed this job; resuming it re-queues this one.
+    blocked_by: Mapped[int | None] = mapped_column(Integer)  # a job id (jobs are never deleted)
 
     @property
     def finished(self) -> bool:
@@ -118,6 +126,34 @@ class Job(Base):
 
     def __repr__(self) -> str:
         return f"Job(id={self.id}, kind={self.kind!r}, status={self.status!r})"
+
+
+class JobDependency(Base):
+    """Job ``job_id`` runs only once job ``depends_on`` has succeeded."""
+
+    __tablename__ = "job_dependencies"
+
+    job_id: Mapped[int] = mapped_column(Integer, _job_fk(), primary_key=True)
+    depends_on: Mapped[int] = mapped_column(Integer, _job_fk(), primary_key=True, index=True)
+
+
+class Worker(Base):
+    """A queue worker: where it runs and when it was last alive."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    address: Mapped[str | None] = mapped_column(String(200))  # the Ray cluster it drives (None: a local Ray)
+    max_jobs: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    def __repr__(self) -> str:
+        return f"Worker(name={self.name!r}, stopped_at={self.stopped_at!r})"
 
 
 class WorkUnit(Base):

@@ -97,13 +97,15 @@ def _require_job(job: Job | None, job_id: int) -> Job:
 
 
 def create_job(
-    s: Session, *, kind: str, spec: dict[str, Any], seed: int, name: str | None = None, total: int = 0
+    s: Session, *, kind: str, spec: dict[str, Any], seed: int, name: str | None = None, total: int = 0,
+    priority: int = 0, experiment: str | None = None, meta: dict[str, Any] | None = None,
 ) -> Job:
     """Add a queued job and return it (its ``id`` is set)."""
     _check_choice("job kind", kind, JOB_KINDS)
     job = Job(
         kind=kind, name=name, spec=_plain(spec), seed=int(seed), status="queued", cancel_requested=False,
-        progress_done=0, progress_total=int(total), attempts=0, created_at=utcnow(),
+        progress_done=0, progress_total=int(total), attempts=0, created_at=utcnow(), priority=int(priority),
+        experiment=experiment, meta=_plain(meta) if meta is not None else None,
     )
     s.add(job)
     s.flush()
@@ -115,11 +117,13 @@ def get_job(s: Session, job_id: int) -> Job:
     return _require_job(s.get(Job, job_id), job_id)
 
 
-def list_jobs(s: Session, limit: int = 50, status: str | None = None) -> list[Job]:
-    """The newest jobs first, optionally only those in one status."""
+def list_jobs(s: Session, limit: int = 50, status: str | None = None, kind: str | None = None,
+              experiment: str | None = None) -> list[Job]:
+    """The newest jobs first, optionally only those in one status, of one kind or of one experiment."""
     stmt: Select = select(Job).order_by(Job.id.desc()).limit(limit)
-    if status is not None:
-        stmt = stmt.where(Job.status == status)
+    for column, value in ((Job.status, status), (Job.kind, kind), (Job.experiment, experiment)):
+        if value is not None:
+            stmt = stmt.where(column == value)
     return list(s.scalars(stmt))
 
 

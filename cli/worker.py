@@ -1,0 +1,57 @@
+"""``dsq worker``: drain the queue on a local Ray or a cluster."""
+
+from __future__ import annotations
+
+import signal
+from typing import Optional
+
+import typer
+
+from cli import common
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(worker)
+
+
+def worker(ctx: typer.Context,
+           drain: bool = typer.Option(False, help="Exit once nothing is left to run (scripts, tests)."),
+           max_jobs: Optional[int] = typer.Option(None, help="Run at most K jobs at once (default: as the "
+                                                  "cluster's CPUs/GPUs allow)."),
+           idle_exit: Optional[float] = typer.Option(None, help="Exit after this many seconds with nothing to run."),
+           detach: bool = typer.Option(False, help="Start the worker as a detached actor on the cluster "
+                                       "(--address) and return.")):
+    """Run queued jobs whose dependencies have succeeded, highest priority first, several at once when they fit.
+
+    SIGINT or SIGTERM: stop claiming, hand running jobs back to the queue (stored results are kept), exit.
+    """
+    from dsq.errors import InvalidArgument
+
+    config = common.settings(ctx)
+    with common.boundary():
+        if max_jobs is not None and max_jobs < 1:
+            raise InvalidArgument(f"--max-jobs must be an integer >= 1, got {max_jobs}")
+        if idle_exit is not None and not idle_exit > 0:
+            raise InvalidArgument(f"--idle-exit must be a number of seconds > 0, got {idle_exit}")
+        if detach and not config.ray_address:
+            raise InvalidArgument("--detach needs a cluster: pass --address or set RAY_ADDRESS")
+        common.database(config)  # a bad URL is one line here, before Ray starts
+        from workers import resources, worker as queue_worker
+
+        resources.connect(config.ray_address)
+        if detach:
+            name = queue_worker.start_detached(config, max_jobs=max_jobs, idle_exit=idle_exit)
+            common.console.print(f"worker {name} started on the cluster")
+            return
+        runner = queue_worker.QueueWorker(config, max_jobs=max_jobs, drain=drain, idle_exit=idle_exit,
+                                          log=lambda line: common.say(f"worker: {line}"))
+    previous = {number: signal.signal(number, lambda n, f: runner.stop(signal.Signals(n).name))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    common.say(f"worker {runner.name}: serving {config.database_url.split('@')[-1]}")
+    try:
+        summary = runner.run()
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+    back = f"; handed back to the queue: jobs {', '.join(map(str, summary.handed_back))}" if summary.handed_back else ""
+    common.say(f"worker {runner.name} stopped ({summary.reason}); ran {len(summary.ran)} job(s){back}")

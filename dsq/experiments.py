@@ -1,0 +1,282 @@
+"""Experiment files: a whole plan (models to train, a sigma grid, methods to certify) as one submission.
+
+An experiment is a TOML file::
+
+    name = "digits"              # groups the jobs: dsq results --experiment NAME
+    dataset = "digits"
+    sigmas = [0.25, 0.5]
+    radii = [0.0, 0.25, 0.5]     # optional: the table's radii
+
+    [models.f]                   # a train job (any `dsq submit train` option)
+    target = "classifier"
+    arch = "small_cnn"
+    objective = "standard"
+
+    [models.mse]                 # no `sigma`: trained once per sigma of the grid
+    arch = "dncnn"
+    objective = "mse"
+
+    [models.stab]
+    arch = "dncnn"
+    objective = "stab_mse"
+    classifier = "f"             # a model of this file (or a checkpoint path, or job:N)
+    init = "mse"                 # the same sigma's mse denoiser
+
+    [certify]                    # defaults of every certify job (any `dsq submit certify` option)
+    n = 10000
+
+    [[methods]]                  # one certify job per method and sigma
+    label = "STAB+MSE"
+    classifier = "f"
+    denoiser = "stab"
+
+A model is trained once per sigma unless it sets ``sigma`` or its objective is ``standard``
+(no noise); a model that uses a per-sigma model is per-sigma too. References to models of the
+file become ``job:N`` references, so every job waits for the jobs it needs; in a checkpoint path
+``{sigma}`` stands for the sigma at hand (``models/cohen-{sigma}.pt``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dsq.errors import DsqError, InvalidArgument
+from dsq.specs import CertifySpec, TrainSpec
+from dsq.text import check_name
+
+TOP_KEYS = {"name", "dataset", "sigmas", "radii", "data_root", "seed", "models", "certify", "methods"}
+MODEL_REFERENCES = ("classifier", "init")  # plus "surrogates", a list
+METHOD_REFERENCES = ("classifier", "denoiser")
+TEST_IMAGES = {"digits": 364, "cifar10": 10_000, "imagenet": 50_000}  # test split sizes, for the estimate
+
+
+@dataclass
+class Step:
+    """One job of the plan: its key (``mse@0.25``), its spec (references to keys as ``step:KEY``), what it needs."""
+
+    key: str
+    spec: object
+    needs: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    name: str
+    steps: list[Step]
+    radii: tuple[float, ...] | None = None
+
+
+def load(path: str | Path) -> Plan:
+    """Read and expand an experiment file; every mistake is one line naming the file and the key."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidArgument(f"{path}: no such experiment file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise InvalidArgument(f"{path}: not a readable TOML file: {error}") from None
+    try:
+        return expand(data)
+    except DsqError as error:
+        raise InvalidArgument(f"{path}: {error}") from None
+
+
+def expand(data: dict) -> Plan:
+    _keys("the file", data, TOP_KEYS, required=("name", "dataset", "sigmas", "methods"))
+    sigmas = data["sigmas"]
+    if not isinstance(sigmas, list) or not sigmas or not all(_number(s) and s > 0 for s in sigmas):
+        raise InvalidArgument(f"sigmas must be a non-empty list of numbers > 0, got {sigmas!r}")
+    models = _table(data, "models")
+    common = {k: data[k] for k in ("dataset", "data_root", "seed") if k in data}
+    order = _model_order(models)
+    per_sigma = _per_sigma(models, order)
+    steps: dict[str, Step] = {}
+    for name in order:
+        for sigma in (sigmas if per_sigma[name] else [None]):
+            steps.update([_model_step(name, models[name], sigma, per_sigma, common)])
+    certify = _table(data, "certify")
+    methods = data["methods"]
+    if not isinstance(methods, list) or not methods or not all(isinstance(m, dict) for m in methods):
+        raise InvalidArgument("methods must be a list of tables ([[methods]] with a label and a classifier)")
+    for method in methods:
+        for sigma in sigmas:
+            step = _method_step(method, certify, sigma, models, per_sigma, common)
+            if step.key in steps:
+                raise InvalidArgument(f"two methods are labelled {method['label']!r}")
+            steps[step.key] = step
+    radii = tuple(data["radii"]) if "radii" in data else None
+    return Plan(check_name(data["name"], "experiment name"), list(steps.values()), radii)
+
+
+def _keys(where: str, table: dict, allowed, required=()) -> None:
+    if not isinstance(table, dict):
+        raise InvalidArgument(f"{where} must be a table, got {table!r}")
+    for key in table:
+        if key not in allowed:
+            raise InvalidArgument(f"{where}: unknown key {key!r}; expected one of {', '.join(sorted(allowed))}")
+    for key in required:
+        if key not in table:
+            raise InvalidArgument(f"{where}: missing key {key!r}")
+
+
+def _table(data: dict, name: str) -> dict:
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise InvalidArgument(f"[{name}] must be a table, got {table!r}")
+    return table
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _uses(table: dict) -> list[str]:
+    used = [table[k] for k in MODEL_REFERENCES + METHOD_REFERENCES if isinstance(table.get(k), str)]
+    return used + [s for s in table.get("surrogates", []) if isinstance(s, str)]
+
+
+def _model_order(models: dict) -> list[str]:
+    """Models so that each comes after the models it uses; a cycle is an error."""
+    order, visiting = [], set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise InvalidArgument(f"[models.{name}] uses itself through other models")
+        visiting.add(name)
+        _keys(f"[models.{name}]", models[name], _fields(TrainSpec) - {"dataset", "name"})
+        for used in _uses(models[name]):
+            if used in models:
+                visit(used)
+        order.append(name)
+
+    for name in models:
+        visit(name)
+    return order
+
+
+def _per_sigma(models: dict, order: list[str]) -> dict[str, bool]:
+    per = {}
+    for name in order:
+        table = models[name]
+        noisy = "sigma" not in table and table.get("objective") != "standard"
+        per[name] = noisy or any(per.get(used, False) for used in _uses(table))
+    return per
+
+
+def _fields(spec_class) -> set[str]:
+    return {f.name for f in dataclasses.fields(spec_class)} - {"kind"}
+
+
+def _key(name: str, sigma: float | None) -> str:
+    return name if sigma is None else f"{name}@{sigma:g}"
+
+
+def _ref(value: str, sigma: float, per_sigma: dict) -> tuple[str, str | None]:
+    """(spec value, needed step key) for a reference: a model of the file (a key of ``per_sigma``) or a path / job:N."""
+    if value not in per_sigma:
+        return value.replace("{sigma}", f"{sigma:g}"), None  # a checkpoint per sigma: cohen-{sigma}.pt
+    key = _key(value, sigma if per_sigma[value] else None)
+    return f"step:{key}", key
+
+
+def _model_step(name: str, table: dict, sigma, per_sigma: dict, common: dict) -> tuple[str, Step]:
+    fields, needs = {"target": "denoiser", **common, **table}, []
+    for reference in MODEL_REFERENCES:
+        if isinstance(fields.get(reference), str):
+            fields[reference], need = _ref(fields[reference], sigma, per_sigma)
+            needs += [need] if need else []
+    if "surrogates" in fields:
+        pairs = [_ref(s, sigma, per_sigma) for s in fields["surrogates"]]
+        fields["surrogates"] = tuple(value for value, _ in pairs)
+        needs += [need for _, need in pairs if need]
+    if sigma is not None:
+        fields["sigma"] = sigma
+    elif table.get("objective") == "standard":
+        fields.setdefault("sigma", 0.0)
+    key = _key(name, sigma)
+    label = name if sigma is None else f"{name} s={sigma:g}"
+    try:
+        spec = TrainSpec(name=label, **fields)
+    except (DsqError, TypeError) as error:
+        raise InvalidArgument(f"[models.{name}]: {error}") from None
+    return key, Step(key, spec, needs, {"step": name, "sigma": fields.get("sigma")})
+
+
+def _method_step(method: dict, certify: dict, sigma: float, models: dict, per_sigma: dict, common: dict) -> Step:
+    label = method.get("label")
+    where = f"[[methods]] {label!r}" if label else "[[methods]]"
+    _keys(where, method, (_fields(CertifySpec) - {"dataset", "name", "sigma"}) | {"label"},
+          required=("label", "classifier"))
+    _keys("[certify]", certify, _fields(CertifySpec) - {"classifier", "denoiser", "name", "sigma"})
+    fields = {**common, **certify, **{k: v for k, v in method.items() if k != "label"}}
+    needs = []
+    for reference in METHOD_REFERENCES:
+        if isinstance(fields.get(reference), str):
+            fields[reference], need = _ref(fields[reference], sigma, per_sigma)
+            needs += [need] if need else []
+    try:
+        spec = CertifySpec(name=f"{label} s={sigma:g}", sigma=sigma, **fields)
+    except (DsqError, TypeError) as error:
+        raise InvalidArgument(f"{where}: {error}") from None
+    return Step(f"{label}@{sigma:g}", spec, needs, {"method": label, "sigma": sigma})
+
+
+def resolve(spec, ids: dict[str, int]):
+    """The spec with ``step:KEY`` references replaced by ``job:N``."""
+    def one(value):
+        return f"job:{ids[value[5:]]}" if isinstance(value, str) and value.startswith("step:") else value
+
+    changes = {name: one(getattr(spec, name)) for name in ("classifier", "denoiser", "init")
+               if hasattr(spec, name)}
+    if hasattr(spec, "surrogates"):
+        changes["surrogates"] = tuple(one(s) for s in spec.surrogates)
+    return dataclasses.replace(spec, **changes)
+
+
+def submit(session, plan: Plan, settings, *, experiment: str, priority: int = 0) -> dict[str, int]:
+    """Queue every job of the plan in one transaction; return job ids by step key."""
+    from dsq import jobs
+
+    ids: dict[str, int] = {}
+    for step in plan.steps:
+        job = jobs.submit(session, resolve(step.spec, ids), settings, priority=priority, experiment=experiment,
+                          meta=step.meta)
+        ids[step.key] = job.id
+    return ids
+
+
+def describe(plan: Plan) -> list[str]:
+    """The job graph with sample counts, for --dry-run (needs no data)."""
+    lines, position = [], {step.key: i + 1 for i, step in enumerate(plan.steps)}
+    total = 0
+    for i, step in enumerate(plan.steps, 1):
+        after = f"  after #{', #'.join(str(position[k]) for k in step.needs)}" if step.needs else ""
+        spec = step.spec
+        if isinstance(spec, TrainSpec):
+            what = f"train    {spec.name}: {spec.target} {spec.arch} {spec.objective}, {spec.epochs} epochs"
+        else:
+            images = _images(spec)
+            samples = None if images is None else images * (spec.n0 + spec.n)
+            total += samples or 0
+            count = "? images (folder)" if images is None else f"{images} images x {spec.n0 + spec.n:,} = {samples:,} samples"
+            what = f"certify  {spec.name}: sigma {spec.sigma:g}, {count}"
+        lines.append(f"#{i:<3} {what}{after}")
+    trains = sum(isinstance(s.spec, TrainSpec) for s in plan.steps)
+    lines.append(f"{len(plan.steps)} jobs ({trains} train, {len(plan.steps) - trains} certify); "
+                 f"{total:,} Monte-Carlo samples to certify")
+    return lines
+
+
+def _images(spec: CertifySpec) -> int | None:
+    size = TEST_IMAGES.get(spec.dataset) if spec.split == "test" else None
+    if size is None:
+        return None
+    images = math.ceil(size / spec.skip)
+    return min(images, spec.max_images) if spec.max_images else images

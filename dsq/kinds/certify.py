@@ -1,0 +1,64 @@
+"""The ``certify`` kind: certify the smoothed f o D on a deterministic subset of a dataset."""
+
+from __future__ import annotations
+
+import torch
+from sqlalchemy.orm import Session
+
+from dsq import checkpoints, datasets, references, sizing, smoothing
+from dsq.db import repo
+from dsq.kinds import Kind, on_gpu
+from dsq.settings import Settings
+from dsq.smoothing import Certificate
+from dsq.specs import CertifySpec
+
+
+def check(session: Session, spec: CertifySpec, settings: Settings) -> int:
+    """Data is there and, when its models exist now, f o D takes its images; work = images."""
+    dataset = datasets.get_dataset(spec.dataset, spec.split, root=spec.data_root or settings.data_root)
+    if all(references.available(session, r) for r in spec.references()):
+        paths = [references.resolve(session, r, settings) for r in spec.references()]
+        models = [checkpoints.load_checkpoint(p)[0] for p in paths]
+        smoothing.check_image(torch.nn.Sequential(*reversed(models)), dataset[0][0])
+    return len(image_plan(spec, dataset))
+
+
+def demand(spec: CertifySpec, cluster: dict) -> dict:
+    """Its sampler actors: one GPU each (at most the cluster's), else one CPU each."""
+    workers = spec.workers or sizing.default_workers(cluster)
+    if on_gpu(cluster):
+        return {"GPU": float(min(workers, cluster["GPU"]))}
+    return {"CPU": float(workers)}
+
+
+def image_plan(spec: CertifySpec, dataset) -> list[int]:
+    """The dataset indices a certify job covers, in order (every skip-th, at most max)."""
+    return datasets.test_subset(dataset, skip=spec.skip, max=spec.max_images)
+
+
+def load_pipeline(classifier_path: str, denoiser_path: str | None, device) -> torch.nn.Module:
+    """f o D (or f alone), in eval mode on ``device``."""
+    classifier, _ = checkpoints.load_checkpoint(classifier_path, device=device)
+    if denoiser_path is None:
+        return classifier.eval()
+    denoiser, _ = checkpoints.load_checkpoint(denoiser_path, device=device)
+    return torch.nn.Sequential(denoiser, classifier).eval()
+
+
+def record_certificate(session: Session, job_id: int, image_index: int, label: int, cert: Certificate,
+                       *, seconds: float, worker: str | None, device: str | None, model: dict | None = None) -> None:
+    """Upsert one image's result and mark its work unit done (idempotent).
+
+    ``model`` is how the sampler ran f o D (``PreparedModel.describe()``: precision...), kept in ``extra``.
+    """
+    repo.upsert_result(
+        session, job_id, image_index, label=label, prediction=cert.prediction, radius=cert.radius,
+        correct=cert.prediction == label, p_lower=cert.p_lower,
+        counts_selection=[int(c) for c in cert.counts_selection],
+        counts_estimation=[int(c) for c in cert.counts_estimation],
+        n0=cert.n0, n=cert.n, alpha=cert.alpha, sigma=cert.sigma, seconds=seconds, worker=worker, device=device,
+        extra={"model": model} if model else None)
+    repo.upsert_work_unit(session, job_id, f"image:{image_index}", status="done", worker=worker)
+
+
+KIND = Kind(name="certify", spec=CertifySpec, check=check, demand=demand, run="workers.certify_loop:run")

@@ -1,0 +1,211 @@
+"""The task queue, in the database: dependencies, priorities, atomic claims, stale jobs, workers.
+
+A job is *runnable* when it is queued and every job it depends on has succeeded. Workers take
+runnable jobs highest ``priority`` first, then oldest first. A claim is one statement whose
+effect decides who won, so two workers never run the same job:
+
+- PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` picks a row no other transaction holds;
+- SQLite: ``UPDATE jobs SET status = 'running' ... WHERE id = ? AND status = 'queued'``; the
+  row count says whether this worker won (SQLite serialises writers).
+
+A running job's runner writes a heartbeat; a job whose heartbeat is older than ``stale_after``
+lost its worker (killed, machine gone) and goes back to the queue, where the next claim resumes
+it from what the database holds. A failed or cancelled job fails its dependents, transitively,
+with the reason; they remember it in ``blocked_by`` and are queued again when it is resumed.
+
+Every function takes a Session first and never commits (the caller owns the transaction), and
+nothing here imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy.orm import Session, aliased
+
+from dsq.db.models import Job, JobDependency, Worker, utcnow
+from dsq.db.repo import _REFRESH, get_job
+
+SQLITE_CANDIDATES = 16  # runnable ids tried per claim on SQLite before giving up (others won them)
+
+
+def _unmet():
+    """SQL: the job has a dependency that has not succeeded."""
+    dependency = aliased(Job)
+    return exists(select(JobDependency.job_id).join(dependency, dependency.id == JobDependency.depends_on)
+                  .where(JobDependency.job_id == Job.id, dependency.status != "succeeded"))
+
+
+def _runnable(only: Iterable[int] | None = None):
+    """SQL: runnable job ids in the order workers take them (``only``: among these jobs)."""
+    stmt = select(Job.id).where(Job.status == "queued", Job.cancel_requested.is_(False), ~_unmet())
+    if only is not None:
+        stmt = stmt.where(Job.id.in_(sorted(only)))
+    return stmt.order_by(Job.priority.desc(), Job.id)
+
+
+# -- dependencies ------------------------------------------------------------------------
+
+
+def add_dependencies(s: Session, job_id: int, depends_on: Iterable[int]) -> None:
+    for other in sorted(set(depends_on)):
+        s.add(JobDependency(job_id=job_id, depends_on=int(other)))
+    s.flush()
+
+
+def dependencies(s: Session, job_id: int) -> list[Job]:
+    stmt = (select(Job).join(JobDependency, JobDependency.depends_on == Job.id)
+            .where(JobDependency.job_id == job_id).order_by(Job.id))
+    return list(s.scalars(stmt, execution_options=_REFRESH))
+
+
+def dependents(s: Session, job_id: int) -> list[int]:
+    return list(s.scalars(select(JobDependency.job_id).where(JobDependency.depends_on == job_id)
+                          .order_by(JobDependency.job_id)))
+
+
+def unmet(s: Session, job_id: int) -> list[Job]:
+    """The dependencies of a job that have not succeeded (what it waits for)."""
+    return [job for job in dependencies(s, job_id) if job.status != "succeeded"]
+
+
+def fail_dependents(s: Session, job_id: int, reason: str, *, now: datetime | None = None) -> list[int]:
+    """Fail every queued job that (transitively) depends on ``job_id``; return their ids."""
+    now, failed, frontier = now or utcnow(), [], [job_id]
+    while frontier:
+        parent = frontier.pop()
+        for child in dependents(s, parent):
+            stmt = (update(Job).where(Job.id == child, Job.status == "queued")
+                    .values(status="failed", error=f"dependency job {job_id} {reason}", blocked_by=job_id,
+                            finished_at=now).returning(Job.id))
+            if s.execute(stmt).first() is not None:
+                failed.append(child)
+                frontier.append(child)
+    return failed
+
+
+def requeue_blocked(s: Session, job_id: int) -> list[int]:
+    """Queue again the jobs that failed because ``job_id`` did (it is being resumed)."""
+    stmt = (update(Job).where(Job.blocked_by == job_id, Job.status == "failed")
+            .values(status="queued", error=None, traceback=None, blocked_by=None, finished_at=None,
+                    cancel_requested=False).returning(Job.id))
+    return sorted(s.scalars(stmt))
+
+
+# -- claims ------------------------------------------------------------------------------
+
+
+def claim(s: Session, worker: str, *, only: Iterable[int] | None = None,
+          now: datetime | None = None) -> Job | None:
+    """Take the next runnable job for ``worker`` (it is then ``running``), or None."""
+    if s.get_bind().dialect.name == "postgresql":
+        candidates = [s.scalar(_runnable(only).limit(1).with_for_update(skip_locked=True, of=Job))]
+    else:
+        candidates = list(s.scalars(_runnable(only).limit(SQLITE_CANDIDATES)))
+    for job_id in filter(None, candidates):
+        job = take(s, job_id, worker, now=now)
+        if job is not None:
+            return job
+    return None
+
+
+def take(s: Session, job_id: int, worker: str, *, now: datetime | None = None) -> Job | None:
+    """Start this queued job for ``worker``; None if it is not queued (another worker took it)."""
+    now = now or utcnow()
+    stmt = (update(Job).where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False))
+            .values(status="running", runner=worker, attempts=Job.attempts + 1, started_at=now, heartbeat_at=now,
+                    finished_at=None, error=None, traceback=None).returning(Job))
+    return s.scalars(stmt, execution_options=_REFRESH).one_or_none()
+
+
+def beat(s: Session, job_id: int, worker: str, *, now: datetime | None = None) -> bool:
+    """Heartbeat of a running job; False when ``worker`` no longer runs it (it was taken over)."""
+    stmt = (update(Job).where(Job.id == job_id, Job.status == "running", Job.runner == worker)
+            .values(heartbeat_at=now or utcnow()).returning(Job.id))
+    return s.execute(stmt).first() is not None
+
+
+def release(s: Session, job_id: int, worker: str) -> bool:
+    """Hand a running job back to the queue (its worker stops); True if it was this worker's."""
+    stmt = (update(Job).where(Job.id == job_id, Job.status == "running", Job.runner == worker)
+            .values(status="queued", runner=None).returning(Job.id))
+    return s.execute(stmt).first() is not None
+
+
+def stale_jobs(s: Session, stale_after: timedelta, *, now: datetime | None = None) -> list[Job]:
+    cutoff = (now or utcnow()) - stale_after
+    stmt = select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff).order_by(Job.id)
+    return list(s.scalars(stmt, execution_options=_REFRESH))
+
+
+def is_stale(job: Job, stale_after: timedelta, now: datetime | None = None) -> bool:
+    beat = job.heartbeat_at or job.started_at
+    return job.status == "running" and beat is not None and (now or utcnow()) - beat > stale_after
+
+
+def requeue_stale(s: Session, stale_after: timedelta, *, now: datetime | None = None) -> list[int]:
+    """Put running jobs whose heartbeat is stale back in the queue; return their ids.
+
+    Only the rows still stale when updated move, so two workers doing this at once agree.
+    """
+    cutoff = (now or utcnow()) - stale_after
+    stmt = (update(Job).where(Job.status == "running", Job.heartbeat_at < cutoff, Job.cancel_requested.is_(False))
+            .values(status="queued", runner=None).returning(Job.id))
+    return sorted(s.scalars(stmt))
+
+
+# -- what the queue looks like ------------------------------------------------------------
+
+
+def position(s: Session, job: Job) -> int | None:
+    """1 for the next runnable job, 2 for the one after...; None if the job is not runnable."""
+    ahead = _runnable().subquery()
+    ids = list(s.scalars(select(ahead.c.id)))
+    return ids.index(job.id) + 1 if job.id in ids else None
+
+
+def queued_counts(s: Session) -> dict[str, int]:
+    """How many queued jobs are runnable and how many wait for a dependency."""
+    total = s.scalar(select(func.count()).select_from(Job).where(Job.status == "queued")) or 0
+    waiting = s.scalar(select(func.count()).select_from(Job).where(Job.status == "queued", _unmet())) or 0
+    return {"runnable": total - waiting, "waiting": waiting}
+
+
+def runnable_jobs(s: Session, limit: int = 100, only: Iterable[int] | None = None) -> list[Job]:
+    ids = list(s.scalars(_runnable(only).limit(limit)))
+    return [get_job(s, job_id) for job_id in ids]
+
+
+# -- workers -----------------------------------------------------------------------------
+
+
+def register_worker(s: Session, *, name: str, host: str, pid: int, address: str | None, max_jobs: int,
+                    now: datetime | None = None) -> Worker:
+    now = now or utcnow()
+    worker = Worker(name=name, host=host, pid=pid, address=address, max_jobs=max_jobs, started_at=now,
+                    heartbeat_at=now)
+    s.add(worker)
+    s.flush()
+    return worker
+
+
+def worker_heartbeat(s: Session, name: str, job_ids: Iterable[int] = (), *, now: datetime | None = None) -> None:
+    """The worker and the jobs it runs are alive."""
+    now = now or utcnow()
+    s.execute(update(Worker).where(Worker.name == name).values(heartbeat_at=now))
+    ids = list(job_ids)
+    if ids:
+        s.execute(update(Job).where(Job.id.in_(ids), Job.status == "running", Job.runner == name)
+                  .values(heartbeat_at=now))
+
+
+def stop_worker(s: Session, name: str, *, now: datetime | None = None) -> None:
+    s.execute(update(Worker).where(Worker.name == name).values(stopped_at=now or utcnow()))
+
+
+def live_workers(s: Session, stale_after: timedelta, *, now: datetime | None = None) -> list[Worker]:
+    cutoff = (now or utcnow()) - stale_after
+    stmt = select(Worker).where(and_(Worker.stopped_at.is_(None), Worker.heartbeat_at >= cutoff)).order_by(Worker.id)
+    return list(s.scalars(stmt))

@@ -1,0 +1,113 @@
+"""What the read-only commands show: job states in the queue's words, result tables.
+
+Nothing here imports torch or Ray, so ``dsq jobs``, ``status``, ``results`` and ``compare``
+answer at once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session
+
+from dsq import queue, report
+from dsq.db import repo
+from dsq.db.models import Job
+from dsq.errors import JobStateError
+from dsq.text import escape_controls, safe
+
+
+def state(session: Session, job: Job, now: datetime, stale_after: timedelta, workers_alive: bool) -> str:
+    """A job's status as a user needs it: stale, waiting for job N, queued at position P, ..."""
+    if queue.is_stale(job, stale_after, now):
+        age = (now - (job.heartbeat_at or job.started_at)).total_seconds()
+        return f"stale (no heartbeat for {age:.0f} s: its worker is gone; another worker takes it over)"
+    if job.status != "queued":
+        return job.status + (" (cancel requested)" if job.cancel_requested and job.status == "running" else "")
+    waiting = queue.unmet(session, job.id)
+    if waiting:
+        return "waiting for " + ", ".join(f"job {d.id} ({d.status})" for d in waiting)
+    place = queue.position(session, job)
+    where = f"queued, position {place}" if place else "queued"
+    return where if workers_alive else f"{where}; no worker alive (start one: dsq worker)"
+
+
+def describe(session: Session, job: Job, now: datetime, stale_after: timedelta) -> list[str]:
+    """Lines for ``dsq status`` (printed without markup): state, progress, rate and ETA (never for a stale job)."""
+    alive = bool(queue.live_workers(session, stale_after, now=now))
+    title = f"job {job.id} ({job.kind}{', ' + escape_controls(job.name) if job.name else ''})"
+    lines = [f"{title}: {state(session, job, now, stale_after, alive)}",
+             f"priority {job.priority}" + (f", experiment {escape_controls(job.experiment)}" if job.experiment else ""),
+             f"progress {job.progress_done}/{job.progress_total}, attempts {job.attempts}"
+             + (f", runner {job.runner}" if job.runner and job.status == "running" else "")]
+    if job.started_at and job.progress_done and not queue.is_stale(job, stale_after, now):
+        elapsed = ((job.finished_at or now) - job.started_at).total_seconds()
+        rate = job.progress_done / max(elapsed, 1e-9)
+        lines.append(f"rate {rate:.2f} items/s over {elapsed:.0f} s")
+        if job.status == "running" and rate > 0:
+            lines.append(f"eta {(job.progress_total - job.progress_done) / rate:.0f} s")
+    if job.error:
+        lines.append(f"error: {escape_controls(job.error)}")
+    return lines
+
+
+def job_rows(session: Session, jobs: list[Job], now: datetime, stale_after: timedelta) -> list[list[str]]:
+    """Rows for ``dsq jobs``: id, kind, name, state, priority, progress, created."""
+    alive = bool(queue.live_workers(session, stale_after, now=now))
+    return [[str(job.id), job.kind, safe(job.name or ""), state(session, job, now, stale_after, alive),
+             str(job.priority), f"{job.progress_done}/{job.progress_total}", f"{job.created_at:%Y-%m-%d %H:%M:%S}"]
+            for job in jobs]
+
+
+def labelled_results(session: Session, job_ids) -> list[tuple[str, list]]:
+    """(label, per-image results) for each job, label = its name or ``job N``."""
+    labelled = []
+    for job_id in job_ids:
+        job = repo.get_job(session, job_id)
+        rows = report.as_results(repo.results_for_job(session, job_id))
+        if not rows:
+            raise JobStateError(f"job {job_id} has no results yet (status {job.status})")
+        precision = (job.spec or {}).get("precision", "fp32")  # reduced precision changes f: say so
+        label = job.name or f"job {job.id}"
+        labelled.append((label if precision == "fp32" else f"{label} ({precision})", rows))
+    return labelled
+
+
+def comparison(labelled, radii, *, envelope: bool = False, title: str = "certified accuracy % (clean)"):
+    """A rich table: a row per job and, optionally, the envelope across them."""
+    rows = report.compare_table(labelled, radii)
+    if envelope:
+        rows.append(report.envelope_row(labelled, radii))
+    return report.render_table(report.compare_header(radii), rows, title=title)
+
+
+def experiment_runs(session: Session, experiment: str) -> dict[str, list[tuple[float, str, list]]]:
+    """Per method of an experiment, its certify jobs with results: (sigma, label, rows), by sigma."""
+    jobs = repo.list_jobs(session, limit=100_000, kind="certify", experiment=experiment)
+    jobs += repo.list_jobs(session, limit=100_000, kind="certify_api", experiment=experiment)
+    if not jobs:
+        raise JobStateError(f"no certify jobs in experiment {experiment!r}")
+    runs: dict[str, list] = {}
+    for job in sorted(jobs, key=lambda j: j.id):
+        rows = report.as_results(repo.results_for_job(session, job.id))
+        meta = job.meta or {}
+        if rows:
+            runs.setdefault(meta.get("method", job.name or f"job {job.id}"), []).append(
+                (meta.get("sigma", job.spec.get("sigma")), job.name or f"job {job.id}", rows))
+    if not runs:
+        raise JobStateError(f"experiment {experiment!r} has no results yet")
+    return {method: sorted(found, key=lambda run: run[0]) for method, found in runs.items()}
+
+
+def experiment_tables(runs: dict, radii, *, by_sigma: bool = False) -> list:
+    """The paper's table (per method, the envelope across sigma), and per-sigma tables on request."""
+    tables = []
+    if by_sigma:
+        for sigma in sorted({s for found in runs.values() for s, _, _ in found}):
+            labelled = [(method, rows) for method, found in runs.items() for s, _, rows in found if s == sigma]
+            tables.append(comparison(labelled, radii, title=f"sigma = {sigma:g}: certified accuracy % (clean)"))
+    envelope = [report.envelope_row([(label, rows) for _, label, rows in found], radii, label=safe(method))
+                for method, found in runs.items()]
+    tables.append(report.render_table(report.compare_header(radii, "method"), envelope,
+                                      title="envelope across sigma: best certified accuracy % (clean)"))
+    return tables

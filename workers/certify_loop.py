@@ -1,0 +1,164 @@
+"""Run a certify job: stream shards of each image's samples over sampler actors, store each image once complete."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+
+from dsq import datasets, references, sampling, sizing, smoothing
+from dsq.db import repo
+from dsq.db.session import session_scope
+from dsq.kinds import certify
+from dsq.settings import Settings
+from workers import resources
+from workers.loop import POLL_SECONDS, Control, JobLoop
+from workers.sampler import SamplerActor
+
+TASKS_PER_ACTOR = 2
+SHARD_RETRY_SECONDS = 180.0  # how long a shard lost with its actor is tried again while Ray restarts the actor
+
+
+@dataclass
+class ImageState:
+    index: int
+    label: int
+    x: object
+    shards_left: int
+    started: float = field(default_factory=time.perf_counter)
+    counts: dict = field(default_factory=lambda: collections.defaultdict(list))
+    workers: set = field(default_factory=set)
+
+
+def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None:
+    with session_scope(engine) as session:
+        # Each sampler fetches (and hash-checks) the checkpoints on its own node.
+        sources = [references.checkpoint_source(session, spec.classifier),
+                   references.checkpoint_source(session, spec.denoiser) if spec.denoiser else None]
+        done = repo.done_image_indices(session, job_id)
+    dataset = datasets.get_dataset(spec.dataset, spec.split, root=spec.data_root or settings.data_root)
+    plan = certify.image_plan(spec, dataset)
+    todo = collections.deque(i for i in plan if i not in done)
+    if not todo:
+        return
+    workers = spec.workers or resources.default_workers()
+    options, threads = resources.actor_options(workers)
+    device = resources.device_for("num_gpus" in options)
+    actors = [SamplerActor.options(**options).remote(settings, *sources, threads, device, spec.precision,
+                                                     spec.compile) for _ in range(workers)]
+    try:
+        probe = ray.get(actors[0].memory_probe.remote(dataset[todo[0]][0], options.get("num_gpus", 1.0)))
+        spec = _size_job(engine, job_id, spec, workers, threads, probe)
+        CertifyLoop(engine, job_id, control, spec, dataset, actors, len(plan) - len(todo), len(plan),
+                    model=probe["model"]).run(todo)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _size_job(engine, job_id: int, spec, workers: int, threads: int, probe: dict):
+    """Fix an automatic batch size in the job's spec (it shapes the noise); log the sizing either way.
+
+    A batch from the spec far below what dsq would choose here is logged as a warning, not silently used.
+    """
+    automatic = sizing.choose_batch(probe["bytes_per_sample"], probe["budget_bytes"], n=spec.n, workers=workers)
+    how = "chosen" if spec.batch_size is None else f"from the spec; automatic here: {automatic}"
+    small = spec.batch_size is not None and spec.batch_size * 4 <= automatic
+    with session_scope(engine) as session:
+        if spec.batch_size is None:
+            spec = dataclasses.replace(spec, batch_size=automatic)
+            repo.set_spec(session, job_id, spec.to_dict())
+        repo.add_log(session, job_id, (
+            f"{workers} sampler actor(s) x {threads} thread(s) on {probe['device']}, {probe['model']['precision']}; "
+            f"batch {spec.batch_size} ({how}; {probe['bytes_per_sample'] / 1024:.0f} KiB per sample, "
+            f"budget {probe['budget_bytes'] / 2**20:.0f} MiB)"), level="warning" if small else "info")
+    return spec
+
+
+class CertifyLoop(JobLoop):
+    """Streams shards of several images over the actors and stores each image once complete."""
+
+    def __init__(self, engine, job_id, control, spec, dataset, actors, done, total, model: dict | None = None):
+        super().__init__(engine, job_id, control, done=done, total=total)
+        self.spec, self.dataset, self.actors, self.model = spec, dataset, actors, model
+        self.queue: collections.deque = collections.deque()
+        self.load = [0] * len(actors)
+        self.images: dict[int, ImageState] = {}
+
+    def run(self, todo: collections.deque) -> None:
+        while todo or self.queue or self.in_flight:
+            while todo and len(self.queue) < TASKS_PER_ACTOR * len(self.actors):
+                self._open(todo.popleft())
+            self._dispatch()
+            for ref in self.ready():
+                self._collect(ref)
+
+    def _open(self, index: int) -> None:
+        x, label = self.dataset[index]
+        spec = self.spec
+        shards = (sampling.plan_shards(spec.n0, spec.batch_size, len(self.actors), sampling.SELECTION)
+                  + sampling.plan_shards(spec.n, spec.batch_size, len(self.actors), sampling.ESTIMATION))
+        self.images[index] = ImageState(index, int(label), ray.put(x), len(shards))
+        with session_scope(self.engine) as session:
+            repo.upsert_work_unit(session, self.job_id, f"image:{index}", status="running")
+        self.queue.extend((index, shard, None) for shard in shards)
+
+    def _dispatch(self) -> None:
+        while self.queue and min(self.load) < TASKS_PER_ACTOR:
+            slot = int(np.argmin(self.load))
+            index, shard, lost_at = self.queue.popleft()
+            state, spec = self.images[index], self.spec
+            ref = self.actors[slot].counts.remote(
+                state.x, sigma=spec.sigma, start=shard.start, count=shard.count, batch_size=spec.batch_size,
+                seed=spec.seed, image=index, phase=shard.phase)
+            self.in_flight[ref] = (index, shard, slot, lost_at)
+            self.load[slot] += 1
+
+    def _collect(self, ref) -> None:
+        index, shard, slot, lost_at = self.in_flight.pop(ref)
+        self.load[slot] -= 1
+        try:
+            reply = ray.get(ref)
+        except ray.exceptions.RayActorError as lost:  # its process or node went away: Ray restarts the actor
+            self._retry(index, shard, lost_at, lost)
+            return
+        state = self.images[index]
+        state.counts[shard.phase].append(reply["counts"])
+        state.workers.add(reply["worker"])
+        state.shards_left -= 1
+        if state.shards_left == 0:
+            self._finish(self.images.pop(index), reply["device"])
+
+    def _retry(self, index: int, shard, lost_at: float | None, lost: Exception) -> None:
+        """Sample the shard again: its counts depend only on its identity, so a redo gives the same counts.
+
+        Ray may not retry it itself (a task on an unreachable process "may or may not have been
+        executed"), and calls fail at once while the actor restarts: wait a little between tries.
+        """
+        now = time.monotonic()
+        if lost_at is not None and now - lost_at > SHARD_RETRY_SECONDS:
+            raise lost
+        if lost_at is None:
+            reason = str(lost).strip().splitlines()[-1][:200] if str(lost).strip() else ""
+            with session_scope(self.engine) as session:
+                repo.add_log(session, self.job_id, f"image {index}: {shard.phase} shard {shard.index} lost its "
+                                                   f"sampler ({type(lost).__name__}: {reason}); retrying",
+                             level="warning")
+        time.sleep(POLL_SECONDS)
+        self.queue.appendleft((index, shard, lost_at or now))
+
+    def _finish(self, state: ImageState, device: str) -> None:
+        spec = self.spec
+        cert = smoothing.certify_counts(smoothing.sum_counts(state.counts[sampling.SELECTION]),
+                                        smoothing.sum_counts(state.counts[sampling.ESTIMATION]),
+                                        alpha=spec.alpha, sigma=spec.sigma, n0=spec.n0, n=spec.n)
+        with session_scope(self.engine) as session:
+            certify.record_certificate(session, self.job_id, state.index, state.label, cert,
+                                    seconds=time.perf_counter() - state.started,
+                                    worker=",".join(sorted(state.workers)), device=device, model=self.model)
+            self.advance(session)
+        self.report()

@@ -1,0 +1,33 @@
+"""Run a train job: one TrainerActor trains the model while the loop watches cancel and stop requests."""
+
+from __future__ import annotations
+
+import ray
+
+from dsq.db import repo
+from dsq.db.session import session_scope
+from workers import resources
+from workers.loop import POLL_SECONDS, Control
+from workers.trainer import TrainerActor
+
+
+def run(engine, settings, job_id: int, spec, control: Control) -> None:
+    options, threads = resources.actor_options(1)
+    gpu = "num_gpus" in options
+    actor = TrainerActor.options(**options).remote(settings, 1 if not gpu else threads, resources.device_for(gpu))
+    try:
+        pending = actor.train.remote(job_id)
+        while not ray.wait([pending], timeout=POLL_SECONDS)[0]:
+            control.check(engine, job_id)
+            _report(engine, job_id, control)
+        ray.get(pending)
+        _report(engine, job_id, control)
+    finally:
+        ray.kill(actor)
+
+
+def _report(engine, job_id: int, control: Control) -> None:
+    if control.on_progress:
+        with session_scope(engine) as session:
+            job = repo.get_job(session, job_id)
+            control.report(job.progress_done, job.progress_total)

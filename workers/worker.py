@@ -1,0 +1,212 @@
+"""The queue worker: claims runnable jobs, runs each in a thread on Ray, keeps heartbeats, stops cleanly.
+
+One worker drives one Ray (the cluster it is connected to). It starts jobs highest priority first
+while the resources of the jobs it runs leave room (``dsq.kinds``: a train job holds a CPU or a GPU,
+a certify job its sampler actors), and at least one job whatever its size. Several workers may
+share a database: claims are atomic (``dsq.queue``). A stopping worker hands its jobs back to the
+queue; a killed one leaves stale heartbeats, and any worker requeues such jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import ray
+
+from dsq import kinds, queue, specs
+from dsq.db import repo
+from dsq.db.session import open_database, session_scope
+from dsq.settings import Settings
+from workers import runner
+from workers.loop import Control
+
+TICK_SECONDS = 0.5  # how often the worker looks at the queue; a claim costs one small transaction
+HEARTBEAT_SECONDS = 5.0  # a dozen beats fit in the default 60 s stale limit
+JOIN_SECONDS = 60.0  # a stopping job hands itself back within a poll; this bounds a stuck one
+
+
+@dataclass
+class Running:
+    job_id: int
+    kind: str
+    demand: dict
+    control: Control
+    thread: threading.Thread | None = None
+    status: str | None = None
+
+
+@dataclass
+class Summary:
+    ran: dict = field(default_factory=dict)  # job id -> final status ("queued" when handed back)
+    handed_back: list = field(default_factory=list)
+    reason: str = "queue drained"
+
+
+class QueueWorker:
+    """Drains the queue of ``settings.database_url`` on the Ray this process is connected to."""
+
+    def __init__(self, settings: Settings, *, max_jobs: int | None = None, drain: bool = False,
+                 idle_exit: float | None = None, only: set[int] | None = None,
+                 log: Callable[[str], None] = print, name: str | None = None):
+        self.settings, self.max_jobs, self.drain, self.idle_exit = settings, max_jobs, drain, idle_exit
+        self.only, self.log = only, log
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.running: dict[int, Running] = {}
+        self.stopping = threading.Event()
+        self.summary = Summary()
+
+    def stop(self, reason: str) -> None:
+        """Stop claiming and hand running jobs back (safe from a signal handler)."""
+        self.summary.reason = reason
+        self.stopping.set()
+
+    def run(self) -> Summary:
+        engine = open_database(self.settings.database_url)
+        with session_scope(engine) as session:
+            queue.register_worker(session, name=self.name, host=socket.gethostname(), pid=os.getpid(),
+                                  address=self.settings.ray_address, max_jobs=self.max_jobs or 0)
+        try:
+            self._loop(engine)
+        finally:
+            self._hand_back_all()
+            with session_scope(engine) as session:
+                queue.stop_worker(session, self.name)
+            engine.dispose()
+        return self.summary
+
+    def _loop(self, engine) -> None:
+        cluster = ray.cluster_resources()
+        last_beat = last_scan = 0.0
+        idle_since = time.monotonic()
+        while not self.stopping.is_set():
+            self._reap()
+            now = time.monotonic()
+            if now - last_beat >= HEARTBEAT_SECONDS:
+                with session_scope(engine) as session:
+                    queue.worker_heartbeat(session, self.name, list(self.running))
+                last_beat = now
+            if now - last_scan >= HEARTBEAT_SECONDS:
+                self._requeue_stale(engine)
+                last_scan = now
+            self._fill(engine, cluster)
+            if self.running:
+                idle_since = now
+            elif self._finished(engine):
+                return
+            elif self.idle_exit is not None and now - idle_since > self.idle_exit:
+                self.summary.reason = f"idle for {self.idle_exit:.0f} s"
+                return
+            self.stopping.wait(TICK_SECONDS)
+
+    def _finished(self, engine) -> bool:
+        """With --drain: nothing queued is left (for this worker's jobs, when it has a list)."""
+        if not self.drain:
+            return False
+        with session_scope(engine) as session:
+            if self.only is not None:
+                return all(repo.get_job(session, job_id).finished for job_id in self.only)
+            return sum(queue.queued_counts(session).values()) == 0
+
+    def _requeue_stale(self, engine) -> None:
+        with session_scope(engine) as session:
+            for job_id in queue.requeue_stale(session, self.settings.stale_after):
+                repo.add_log(session, job_id, f"heartbeat stale: queued again (seen by {self.name})", level="warning")
+                self.log(f"job {job_id}: its worker is gone (stale heartbeat); queued again")
+
+    def _fill(self, engine, cluster: dict) -> None:
+        while not self.stopping.is_set() and (self.max_jobs is None or len(self.running) < self.max_jobs):
+            with session_scope(engine) as session:
+                head = queue.runnable_jobs(session, limit=1, only=self.only)
+                if not head or (self.running and not self._fits(self._demand(head[0], cluster), cluster)):
+                    return
+                job = queue.claim(session, self.name, only=self.only)
+                if job is None:
+                    return
+            self._start(job, self._demand(job, cluster))
+
+    @staticmethod
+    def _demand(job, cluster: dict) -> dict:
+        return kinds.get(job.kind).demand(specs.from_dict(job.spec), cluster)
+
+    def _fits(self, demand: dict, cluster: dict) -> bool:
+        held = {}
+        for work in self.running.values():
+            for resource, amount in work.demand.items():
+                held[resource] = held.get(resource, 0.0) + amount
+        return all(held.get(r, 0.0) + amount <= cluster.get(r, 0.0) + 1e-9 for r, amount in demand.items())
+
+    def _start(self, job, demand: dict) -> None:
+        work = Running(job.id, job.kind, demand, Control(runner=self.name))
+        work.thread = threading.Thread(target=self._run_one, args=(work,), name=f"dsq-job-{job.id}", daemon=True)
+        self.running[job.id] = work
+        self.log(f"job {job.id} ({job.kind}{': ' + job.name if job.name else ''}): started")
+        work.thread.start()
+
+    def _run_one(self, work: Running) -> None:
+        try:
+            work.status = runner.run_job(self.settings, work.job_id, work.control)
+        except Exception as error:  # noqa: BLE001 - the job is left for the stale scan; the worker goes on
+            work.status = f"error: {type(error).__name__}: {error}"
+
+    def _reap(self) -> None:
+        for job_id in [j for j, work in self.running.items() if not work.thread.is_alive()]:
+            work = self.running.pop(job_id)
+            self.summary.ran[job_id] = work.status
+            self.log(f"job {job_id} ({work.kind}): {work.status}")
+
+    def _hand_back_all(self) -> None:
+        for work in self.running.values():
+            work.control.stop.set()
+        deadline = time.monotonic() + JOIN_SECONDS
+        for work in list(self.running.values()):
+            work.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        for job_id, work in self.running.items():
+            self.summary.ran[job_id] = work.status
+            if work.status == "queued":
+                self.summary.handed_back.append(job_id)
+        self.running.clear()
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class WorkerActor:
+    """A detached queue worker on a cluster (``dsq worker --detach``); Ray restarts it if its process dies.
+
+    It works in its constructor's thread: an actor's creation belongs to the cluster, a method
+    call would belong to the CLI process that may exit. It ends itself when it has been idle.
+    """
+
+    def __init__(self, settings: Settings, max_jobs: int | None, idle_exit: float | None):
+        self.worker = QueueWorker(settings, max_jobs=max_jobs, idle_exit=idle_exit, log=lambda line: None)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.worker.run()
+        finally:
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def name(self) -> str:
+        return self.worker.name
+
+
+def start_detached(settings: Settings, *, max_jobs: int | None = None, idle_exit: float | None = None) -> str:
+    """Start a worker on the connected cluster, preferring the head node; return its name."""
+    actor = WorkerActor.options(name=f"dsq-worker-{uuid.uuid4().hex[:8]}", lifetime="detached",
+                                scheduling_strategy=_on_head_node()).remote(settings, max_jobs, idle_exit)
+    return ray.get(actor.name.remote())
+
+
+def _on_head_node():
+    """A soft affinity to the head node (None when the head is unknown: Ray's default)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    heads = [node["NodeID"] for node in ray.nodes()
+             if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {})]
+    return NodeAffinitySchedulingStrategy(node_id=heads[0], soft=True) if heads else None
