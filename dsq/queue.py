@@ -26,7 +26,7 @@ from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import Session, aliased
 
 from dsq.db.models import Job, JobDependency, Worker, utcnow
-from dsq.db.repo import _REFRESH, get_job
+from dsq.db.repo import _REFRESH, _upsert, get_job
 
 SQLITE_CANDIDATES = 16  # runnable ids tried per claim on SQLite before giving up (others won them)
 
@@ -134,6 +134,13 @@ def release(s: Session, job_id: int, worker: str) -> bool:
     return s.execute(stmt).first() is not None
 
 
+def requeue_runner(s: Session, worker: str) -> list[int]:
+    """Queue again the jobs a worker of this name left running (it restarted after its process died)."""
+    stmt = (update(Job).where(Job.status == "running", Job.runner == worker)
+            .values(status="queued", runner=None).returning(Job.id))
+    return sorted(s.scalars(stmt))
+
+
 def stale_jobs(s: Session, stale_after: timedelta, *, now: datetime | None = None) -> list[Job]:
     cutoff = (now or utcnow()) - stale_after
     stmt = select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff).order_by(Job.id)
@@ -183,12 +190,11 @@ def runnable_jobs(s: Session, limit: int = 100, only: Iterable[int] | None = Non
 
 def register_worker(s: Session, *, name: str, host: str, pid: int, address: str | None, max_jobs: int,
                     now: datetime | None = None) -> Worker:
+    """Record a worker (again, when a restarted actor keeps its name)."""
     now = now or utcnow()
-    worker = Worker(name=name, host=host, pid=pid, address=address, max_jobs=max_jobs, started_at=now,
-                    heartbeat_at=now)
-    s.add(worker)
-    s.flush()
-    return worker
+    values = dict(host=host, pid=pid, address=address, max_jobs=max_jobs, started_at=now, heartbeat_at=now,
+                  stopped_at=None)
+    return _upsert(s, Worker, {"name": name}, values, values)
 
 
 def worker_heartbeat(s: Session, name: str, job_ids: Iterable[int] = (), *, now: datetime | None = None) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, make_url, text
 
-from dsq import jobs, smoothing
+from dsq import references, smoothing
+from dsq.kinds import certify
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.settings import Settings
@@ -224,7 +225,7 @@ def test_losing_a_worker_node_mid_job_changes_nothing(cluster, world):
     actors(address, "SamplerActor", at_least=2)
     state = inspect(address)
     sampler_nodes = {a["node"] for a in state["actors"] if a["cls"] == "SamplerActor"}
-    runner_nodes = {a["node"] for a in state["actors"] if a["cls"] == "JobRunner"}
+    runner_nodes = {a["node"] for a in state["actors"] if a["cls"] == "WorkerActor"}
     victim_node = next(n for n in state["nodes"] if n["id"] in sampler_nodes - runner_nodes and n["cpus"] > 0)
     pid = raylet_pid(workers, victim_node["port"])
     wait_for(engine, job_id, ("running",), done=1)
@@ -235,16 +236,16 @@ def test_losing_a_worker_node_mid_job_changes_nothing(cluster, world):
     assert len(inspect(address)["nodes"]) == 2  # the node is gone for good
 
 
-def test_killing_the_job_runner_mid_job_resumes_it(cluster, world):
+def test_killing_the_queue_worker_mid_job_resumes_it(cluster, world):
     address, _ = cluster
     env, engine, reference = world
     job_id = submit(env, *CERTIFY)
-    [runner] = [a for a in actors(address, "JobRunner") if a["name"].startswith(f"dsq-job-{job_id}-")]
+    [runner] = actors(address, "WorkerActor")
     wait_for(engine, job_id, ("running",), done=1)
     os.kill(runner["pid"], signal.SIGKILL)
     assert job_of(engine, job_id).progress_done < 10
     assert wait_for(engine, job_id, ("succeeded", "failed")) == "succeeded", logs(engine, job_id)
-    assert job_of(engine, job_id).attempts == 2  # Ray restarted the runner, which resumed the job
+    assert job_of(engine, job_id).attempts == 2  # Ray restarted the worker, which took its job back
     assert_same_as_undisturbed(engine, job_id, reference)
 
 
@@ -259,7 +260,7 @@ def test_two_certifications_and_a_training_at_once(cluster, world):
     for job_id in started[:2]:
         assert_same_as_undisturbed(engine, job_id, reference)
     with session_scope(engine) as session:
-        path = jobs.resolve_reference(session, f"job:{started[2]}", Settings.from_env(env))  # fetched, hash-verified
+        path = references.resolve(session, f"job:{started[2]}", Settings.from_env(env))  # fetched, hash-verified
     from dsq import checkpoints
 
     assert checkpoints.load_checkpoint(path)[1]["kind"] == "denoiser"
@@ -280,7 +281,7 @@ def test_many_concurrent_writers_lose_nothing(dialect, request):
             for step in range(per_writer):
                 image = (writer * 7 + step) % 40  # writers overlap on images: idempotent upserts
                 with session_scope(own) as session:
-                    jobs.record_certificate(session, job_id, image, 1, cert, seconds=0.1, worker=f"w{writer}",
+                    certify.record_certificate(session, job_id, image, 1, cert, seconds=0.1, worker=f"w{writer}",
                                             device="cpu")
                     repo.add_log(session, job_id, f"w{writer} s{step}")
                     repo.heartbeat(session, job_id)

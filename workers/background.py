@@ -22,6 +22,8 @@ from dsq.settings import Settings
 
 def ensure_worker(settings: Settings, engine) -> str | None:
     """Start a worker for this database and cluster unless one is alive; return what was started, as a line."""
+    if not settings.autostart:
+        return None
     with session_scope(engine) as session:
         if any(w.address == settings.ray_address for w in queue.live_workers(session, settings.stale_after)):
             return None

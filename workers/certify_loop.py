@@ -16,7 +16,7 @@ from dsq.db.session import session_scope
 from dsq.kinds import certify
 from dsq.settings import Settings
 from workers import resources
-from workers.loop import POLL_SECONDS, Control, JobLoop
+from workers.loop import POLL_SECONDS, Control, JobLoop, settle
 from workers.sampler import SamplerActor
 
 TASKS_PER_ACTOR = 2
@@ -50,12 +50,15 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     device = resources.device_for("num_gpus" in options)
     actors = [SamplerActor.options(**options).remote(settings, *sources, threads, device, spec.precision,
                                                      spec.compile) for _ in range(workers)]
+    loop = None
     try:
         probe = ray.get(actors[0].memory_probe.remote(dataset[todo[0]][0], options.get("num_gpus", 1.0)))
         spec = _size_job(engine, job_id, spec, workers, threads, probe)
-        CertifyLoop(engine, job_id, control, spec, dataset, actors, len(plan) - len(todo), len(plan),
-                    model=probe["model"]).run(todo)
+        loop = CertifyLoop(engine, job_id, control, spec, dataset, actors, len(plan) - len(todo), len(plan),
+                           model=probe["model"])
+        loop.run(todo)
     finally:
+        settle(loop.in_flight if loop else {})  # a shard killed mid-task makes Ray print its own failure
         for actor in actors:
             ray.kill(actor)
 

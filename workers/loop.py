@@ -13,6 +13,7 @@ from dsq.db.session import session_scope
 from dsq.errors import JobCancelled, JobInterrupted
 
 POLL_SECONDS = 0.5
+SETTLE_SECONDS = 5.0  # a shard takes well under a second on the default batch; a stop waits no longer than this
 
 
 class Control:
@@ -67,3 +68,9 @@ class JobLoop:
 
     def report(self) -> None:
         self.control.report(self.done, self.total)
+
+
+def settle(in_flight, seconds: float = SETTLE_SECONDS) -> None:
+    """Let the tasks in flight finish (their results are dropped) before their actors are killed."""
+    if in_flight:
+        ray.wait(list(in_flight), num_returns=len(in_flight), timeout=seconds)

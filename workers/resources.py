@@ -19,6 +19,8 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
         check_reachable(address)
     if ray.is_initialized():
         return
+    # dsq handles every task's failure itself; Ray's own report of an unread failed reference is noise.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     try:
         if address:
             ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)

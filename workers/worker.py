@@ -69,6 +69,8 @@ class QueueWorker:
     def run(self) -> Summary:
         engine = open_database(self.settings.database_url)
         with session_scope(engine) as session:
+            for job_id in queue.requeue_runner(session, self.name):  # a restarted actor keeps its name
+                repo.add_log(session, job_id, f"{self.name} restarted: queued again", level="warning")
             queue.register_worker(session, name=self.name, host=socket.gethostname(), pid=os.getpid(),
                                   address=self.settings.ray_address, max_jobs=self.max_jobs or 0)
         try:
@@ -182,7 +184,8 @@ class WorkerActor:
     """
 
     def __init__(self, settings: Settings, max_jobs: int | None, idle_exit: float | None):
-        self.worker = QueueWorker(settings, max_jobs=max_jobs, idle_exit=idle_exit, log=lambda line: None)
+        name = ray.get_runtime_context().get_actor_name()  # stable across restarts: it takes its jobs back
+        self.worker = QueueWorker(settings, max_jobs=max_jobs, idle_exit=idle_exit, log=lambda line: None, name=name)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 

@@ -1,0 +1,191 @@
+"""The queue worker on a real local Ray: order, hand-back on signals, take-over after kill -9, --wait, submit."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dsq import jobs, specs
+from dsq.db import repo
+from dsq.db.session import open_database, session_scope
+from dsq.settings import Settings
+from workers.worker import QueueWorker
+
+DSQ = [sys.executable, "-m", "cli"]
+DIGITS_F = ["--dataset", "digits", "--target", "classifier", "--arch", "small_cnn", "--objective", "standard",
+            "--sigma", "0", "--epochs", "1"]
+LONG_CERTIFY = ["--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25", "--n0", "20", "--n", "3000",
+                "--batch-size", "500", "--max-images", "60", "--workers", "1"]
+NOISE = ("Traceback", "*** SIG", "Aborted", "core dumped", "signal_handler", "(raylet)")
+
+
+def env_for(home: Path, **extra) -> dict:
+    return os.environ | {"DSQ_HOME": str(home), "RAY_ADDRESS": "", "DSQ_DATABASE_URL": "", **extra}
+
+
+def dsq(home, *args, timeout=300, **extra):
+    return subprocess.run(DSQ + [str(a) for a in args], env=env_for(home, **extra), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start(home, *args, **extra) -> subprocess.Popen:
+    return subprocess.Popen(DSQ + [str(a) for a in args], env=env_for(home, **extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def engine_of(home):
+    return open_database(f"sqlite:///{home / 'dsq.db'}")
+
+
+def job(engine, job_id):
+    with session_scope(engine) as session:
+        return repo.get_job(session, job_id)
+
+
+def stored(engine, job_id) -> dict[int, int]:
+    with session_scope(engine) as session:
+        return {r.image_index: r.id for r in repo.results_for_job(session, job_id)}
+
+
+def wait_until(condition, timeout=180, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{what} not met within {timeout} s")
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop what a test started, by process group (its local Ray included)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+@pytest.fixture
+def home_with_f(tmp_path):
+    """A home whose job 1 (a digits classifier) succeeded, trained by `dsq worker --drain`."""
+    assert dsq(tmp_path, "submit", "train", *DIGITS_F, DSQ_WORKER_AUTOSTART="0").returncode == 0
+    out = dsq(tmp_path, "worker", "--drain")
+    assert out.returncode == 0 and "ran 1 job(s)" in out.stdout, out.stdout + out.stderr
+    return tmp_path
+
+
+def serving(home, *args, **extra) -> subprocess.Popen:
+    """A `dsq worker` process, once it is registered."""
+    from dsq import queue
+
+    worker = start(home, "worker", *args, **extra)
+    engine = engine_of(home)
+
+    def registered():
+        assert worker.poll() is None, worker.communicate()
+        with session_scope(engine) as session:
+            return bool(queue.live_workers(session, Settings.from_env({}).stale_after))
+    wait_until(registered, what="worker registered")
+    return worker
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_worker_runs_jobs_by_priority_then_age_once_their_dependencies_succeed(tmp_path):
+    home = tmp_path / "home"
+    config = Settings(database_url=f"sqlite:///{home / 'dsq.db'}", home=home)
+    engine = open_database(config.database_url)
+    train = dict(dataset="digits", target="classifier", arch="small_cnn", objective="standard", sigma=0.0, epochs=1)
+    with session_scope(engine) as session:
+        a = jobs.submit(session, specs.TrainSpec(**train, name="a"), config).id
+        b = jobs.submit(session, specs.TrainSpec(**train, name="b"), config, priority=5).id
+        c = jobs.submit(session, specs.CertifySpec(dataset="digits", classifier=f"job:{a}", sigma=0.25, n0=10, n=50,
+                                                   max_images=2, batch_size=50, workers=1), config, priority=9).id
+    summary = QueueWorker(config, drain=True, max_jobs=1, log=lambda line: None).run()
+    assert summary.ran == {a: "succeeded", b: "succeeded", c: "succeeded"}
+    started = sorted((job(engine, j).started_at, j) for j in (a, b, c))
+    assert [j for _, j in started] == [b, a, c]  # b outranks a; c outranks both but waits for a
+    assert all(job(engine, j).attempts == 1 for j in (a, b, c))
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_hands_running_jobs_back_and_a_later_worker_finishes_them(home_with_f, how):
+    home, engine = home_with_f, engine_of(home_with_f)
+    worker = serving(home)
+    try:
+        out = dsq(home, "submit", "certify", *LONG_CERTIFY)
+        assert out.returncode == 0 and out.stdout.strip() == "job 2" and "background worker" not in out.stderr
+        wait_until(lambda: len(stored(engine, 2)) >= 3, what="3 results")
+        worker.send_signal(how)
+        stdout, stderr = worker.communicate(timeout=60)
+    finally:
+        stop_group(worker)
+    assert worker.returncode == 0 and not any(noise in stdout + stderr for noise in NOISE), stdout + stderr
+    assert f"stopped ({how.name}); ran 1 job(s); handed back to the queue: jobs 2" in stdout
+    before = stored(engine, 2)
+    assert job(engine, 2).status == "queued" and 3 <= len(before) < 60
+    with session_scope(engine) as session:
+        assert any("handed back to the queue" in line.message for line in repo.logs_for_job(session, 2))
+    out = dsq(home, "worker", "--drain")
+    assert out.returncode == 0, out.stdout + out.stderr
+    after = stored(engine, 2)
+    assert job(engine, 2).status == "succeeded" and len(after) == 60 and job(engine, 2).attempts == 2
+    assert {i: after[i] for i in before} == before  # nothing stored was redone
+
+
+def test_a_killed_worker_leaves_a_stale_job_that_another_worker_takes_over(home_with_f):
+    home, engine = home_with_f, engine_of(home_with_f)
+    fast_stale = {"DSQ_STALE_SECONDS": "4"}
+    worker = serving(home, **fast_stale)
+    try:
+        assert dsq(home, "submit", "certify", *LONG_CERTIFY).returncode == 0
+        wait_until(lambda: len(stored(engine, 2)) >= 3, what="3 results")
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+    finally:
+        stop_group(worker)
+    before = stored(engine, 2)
+    assert job(engine, 2).status == "running"
+    shown = {}
+    wait_until(lambda: "stale (no heartbeat for" in shown.setdefault("out", dsq(home, "status", 2, **fast_stale).stdout)
+               or shown.pop("out") is None, timeout=30, what="status says stale")
+    assert "eta" not in shown["out"] and "rate" not in shown["out"]  # nothing live-looking about a dead job
+    out = dsq(home, "worker", "--drain", **fast_stale)
+    assert out.returncode == 0 and "its worker is gone (stale heartbeat); queued again" in out.stdout, out.stdout
+    after = stored(engine, 2)
+    assert job(engine, 2).status == "succeeded" and len(after) == 60 and job(engine, 2).attempts == 2
+    assert {i: after[i] for i in before} == before
+
+
+def test_submit_returns_at_once_and_wait_stops_following_on_a_signal(home_with_f):
+    home, engine = home_with_f, engine_of(home_with_f)
+    started = time.monotonic()
+    out = dsq(home, "submit", "certify", *LONG_CERTIFY)  # no worker alive: submit starts one in the background
+    assert out.returncode == 0 and out.stdout.strip() == "job 2", out.stderr
+    assert "started a background worker" in out.stderr and time.monotonic() - started < 30
+    assert job(engine, 2).status in ("queued", "running")  # the command returned before the job ended
+    waiting = start(home, "submit", "certify", *LONG_CERTIFY, "--seed", "3", "--wait")
+    try:
+        wait_until(lambda: status_of(engine, 3) == "running", what="job 3 running")
+        waiting.send_signal(signal.SIGTERM)
+        stdout, stderr = waiting.communicate(timeout=30)
+    finally:
+        stop_group(waiting)
+    assert waiting.returncode == 128 + signal.SIGTERM and not any(n in stdout + stderr for n in NOISE), stderr
+    assert "SIGTERM: stopped following job 3; it goes on" in stderr
+    wait_until(lambda: status_of(engine, 3) == "succeeded" and status_of(engine, 2) == "succeeded", timeout=300,
+               what="both jobs done by the background worker")
+    assert dsq(home, "submit", "certify", *LONG_CERTIFY, "--seed", "4").returncode == 0
+    assert dsq(home, "cancel", 4).returncode == 0
+    wait_until(lambda: status_of(engine, 4) == "cancelled", what="job 4 cancelled")
+    failed = dsq(home, "resume", 4, "--wait")  # a cancelled job resumes and runs to its end
+    assert failed.returncode == 0 and status_of(engine, 4) == "succeeded", failed.stderr
+
+
+def status_of(engine, job_id) -> str | None:
+    with session_scope(engine) as session:
+        found = repo.list_jobs(session, limit=1_000)
+        return next((j.status for j in found if j.id == job_id), None)
