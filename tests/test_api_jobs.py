@@ -56,8 +56,7 @@ def test_a_repeated_spec_and_a_runner_killed_midway_send_no_stored_query_again(e
         runner.wait(timeout=30)
     with session_scope(db) as session:
         assert repo.get_job(session, job_id).status == "running"
-        jobs.check_resumable(session, job_id, now=utcnow() + 2 * jobs.STALE_AFTER)
-        jobs.reopen(session, job_id)
+        jobs.resume(session, job_id, settings.stale_after, now=utcnow() + 2 * settings.stale_after)
     assert run(settings, job_id) == "succeeded"
     rows = results(db, job_id)
     assert len(rows) == 4
@@ -79,6 +78,7 @@ def test_budget_stops_the_job_before_it_is_exceeded_and_a_raised_budget_finishes
     with session_scope(db) as session:
         job = repo.get_job(session, job_id)
         assert job.error.startswith("query budget reached") and f"dsq resume {job_id} --max-queries" in job.error
+        assert job.traceback is None  # a budget is a reason to stop, not a crash
         assert repo.count_paid_api_answers(session, job_id) <= budget
     assert server.ledger.billed <= budget
     assert len(results(db, job_id)) == 2  # partial results kept
@@ -87,9 +87,8 @@ def test_budget_stops_the_job_before_it_is_exceeded_and_a_raised_budget_finishes
         with pytest.raises(Exception, match="must be larger"):
             api_jobs.raise_budget(session, job_id, PER_IMAGE + 1)
     with session_scope(db) as session:
-        jobs.check_resumable(session, job_id)
         api_jobs.raise_budget(session, job_id, 3 * PER_IMAGE)
-        jobs.reopen(session, job_id)
+        jobs.resume(session, job_id, settings.stale_after)
     assert run(settings, job_id) == "succeeded"
     rows = results(db, job_id)
     assert len(rows) == 3

@@ -15,7 +15,7 @@ import ray
 from dsq import jobs, kinds, queue, specs
 from dsq.db import repo
 from dsq.db.session import make_engine, session_scope
-from dsq.errors import DsqError, JobCancelled, JobInterrupted, JobStateError
+from dsq.errors import BudgetReached, DsqError, JobCancelled, JobInterrupted, JobStateError
 from dsq.settings import Settings
 from workers.loop import Control
 
@@ -37,7 +37,7 @@ def run_job(settings: Settings, job_id: int, control: Control | None = None) -> 
                 return _hand_back(engine, job_id, control.runner, cause)
             status = "cancelled" if isinstance(cause, JobCancelled) else "failed"
             error = None if status == "cancelled" else _message(cause)
-            trace = traceback.format_exc() if error else None
+            trace = traceback.format_exc() if error and not isinstance(cause, BudgetReached) else None
         else:
             status, error, trace = "succeeded", None, None
         with session_scope(engine) as session:
