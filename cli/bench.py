@@ -31,7 +31,9 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
           memory: bool = typer.Option(True, help="Measure peak RSS at n = 10^4 and 10^6 in fresh processes."),
           batch_sweep: str = typer.Option("", help="Also time plain and prepared forward at these batch sizes, "
                                           "e.g. 25,50,100,200,500."),
-          out: str = typer.Option("bench-results.json", help="Where to write the results.")):
+          out: str = typer.Option("bench-results.json", help="Where to write the results."),
+          queue: int = typer.Option(0, help="Only the queue overhead: drain this many tiny certify jobs "
+                                    "with one warm worker.")):
     """Benchmark certification throughput of one model pair; print a table and write JSON.
 
     Random weights (speed does not depend on them). The Ray jobs run on a local Ray started here,
@@ -40,6 +42,8 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
     from dsq import bench as benchmark
     from dsq import report
 
+    if queue:
+        return queue_overhead(queue, threads)
     with common.boundary():
         cfg = benchmark.BenchConfig(
             pair=pair, batch_size=batch_size or None, reference_batch_size=reference_batch_size, device=device,
@@ -61,3 +65,15 @@ def parse_sizes(text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise InvalidArgument(f"--batch-sweep must be comma-separated integers, got {text!r}") from None
+
+
+def queue_overhead(count: int, threads: int) -> None:
+    from dsq import report
+    from workers import queue_bench
+
+    found = queue_bench.measure(count, threads=threads or None,
+                                log=lambda line: common.errors.print(line, markup=False, highlight=False))
+    rows = [[f"{found['succeeded']}/{found['jobs']}", f"{found['wall_s']:.1f}", f"{found['sampling_s']:.1f}",
+             f"{found['overhead_per_job_s']:.2f}", f"{found['first_job_s']:.1f}", f"{found['jobs_per_s']:.2f}"]]
+    header = ["jobs ok", "wall s", "sampling s", "overhead s/job", "first job s", "jobs/s"]
+    common.console.print(report.render_table(header, rows, title="queue overhead (one warm worker)"))

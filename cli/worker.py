@@ -20,7 +20,9 @@ def worker(ctx: typer.Context,
                                                   "cluster's CPUs/GPUs allow)."),
            idle_exit: Optional[float] = typer.Option(None, help="Exit after this many seconds with nothing to run."),
            detach: bool = typer.Option(False, help="Start the worker as a detached actor on the cluster "
-                                       "(--address) and return.")):
+                                       "(--address) and return."),
+           max_request: Optional[str] = typer.Option(None, help="Autoscaling: ask Ray's autoscaler for what queued "
+                                                     "jobs need, up to this total, e.g. GPU=8,CPU=64.")):
     """Run queued jobs whose dependencies have succeeded, highest priority first, several at once when they fit.
 
     SIGINT or SIGTERM: stop claiming, hand running jobs back to the queue (stored results are kept), exit.
@@ -35,16 +37,17 @@ def worker(ctx: typer.Context,
             raise InvalidArgument(f"--idle-exit must be a number of seconds > 0, got {idle_exit}")
         if detach and not config.ray_address:
             raise InvalidArgument("--detach needs a cluster: pass --address or set RAY_ADDRESS")
+        cap = parse_resources(max_request) if max_request is not None else None
         common.database(config)  # a bad URL is one line here, before Ray starts
         from workers import resources, worker as queue_worker
 
         resources.connect(config.ray_address)
         if detach:
-            name = queue_worker.start_detached(config, max_jobs=max_jobs, idle_exit=idle_exit)
+            name = queue_worker.start_detached(config, max_jobs=max_jobs, idle_exit=idle_exit, max_request=cap)
             common.console.print(f"worker {name} started on the cluster")
             return
         runner = queue_worker.QueueWorker(config, max_jobs=max_jobs, drain=drain, idle_exit=idle_exit,
-                                          log=lambda line: common.say(f"worker: {line}"))
+                                          log=lambda line: common.say(f"worker: {line}"), max_request=cap)
     previous = {number: signal.signal(number, lambda n, f: runner.stop(signal.Signals(n).name))
                 for number in (signal.SIGINT, signal.SIGTERM)}
     common.say(f"worker {runner.name}: serving {config.database_url.split('@')[-1]}")
@@ -55,3 +58,20 @@ def worker(ctx: typer.Context,
             signal.signal(number, old)
     back = f"; handed back to the queue: jobs {', '.join(map(str, summary.handed_back))}" if summary.handed_back else ""
     common.say(f"worker {runner.name} stopped ({summary.reason}); ran {len(summary.ran)} job(s){back}")
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """``GPU=8,CPU=64`` as {"GPU": 8.0, "CPU": 64.0}; one clear line for anything else."""
+    from dsq.errors import InvalidArgument
+
+    cap = {}
+    for part in text.split(","):
+        name, _, amount = part.strip().partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not name or not value > 0 or value == float("inf"):
+            raise InvalidArgument(f"--max-request must look like GPU=8,CPU=64 (positive amounts), got {text!r}")
+        cap[name] = value
+    return cap

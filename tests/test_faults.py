@@ -314,3 +314,55 @@ def test_dsq_cluster_shows_nodes_actors_and_jobs(cluster, world, tmp_path):
     local = subprocess.run([sys.executable, "-c", CLUSTER_CLI, "cluster"], capture_output=True, text=True,
                            env={k: v for k, v in (ENV | {"DSQ_HOME": str(tmp_path)}).items() if k != "RAY_ADDRESS"})
     assert local.returncode == 2 and local.stderr.startswith("error: no cluster configured")
+
+
+REQUESTED = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+from ray.autoscaler.v2.utils import is_autoscaler_v2
+from ray.experimental.internal_kv import _internal_kv_get
+raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+print("DSQ-REQUEST " + json.dumps({"v2": is_autoscaler_v2(), "bundles": json.loads(raw) if raw else None}))
+"""
+
+
+def requested(address):
+    out = subprocess.run([sys.executable, "-c", REQUESTED, address], env=ENV, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    [line] = [line for line in out.stdout.splitlines() if line.startswith("DSQ-REQUEST ")]
+    found = json.loads(line.removeprefix("DSQ-REQUEST "))
+    assert not found["v2"]  # a local cluster runs no autoscaler v2: the request sits in the GCS key-value store
+    return found["bundles"]
+
+
+def test_a_worker_asks_the_autoscaler_for_what_queued_jobs_need_within_its_cap(cluster, tmp_path):
+    """Two 1-CPU nodes; three certify jobs of 2 sampler CPUs each wait for a training; cap CPU=5."""
+    address, _ = cluster
+    env = {"DSQ_HOME": str(tmp_path), "DSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'dsq.db'}", "RAY_ADDRESS": address,
+           "DSQ_WORKER_AUTOSTART": "0"}
+    assert submit(env, "submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
+                  "--objective", "standard", "--sigma", "0", "--epochs", "3") == 1
+    for seed in range(3):
+        submit(env, *CERTIFY[:-2], "--seed", str(seed), "--max-images", "3", "--n", "4000")
+    worker = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--drain", "--max-request", "CPU=5"],
+                              env=ENV | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    seen = []
+    try:
+        deadline = time.monotonic() + 300
+        while worker.poll() is None and time.monotonic() < deadline:
+            bundles = requested(address)
+            if bundles and bundles not in seen:
+                seen.append(bundles)
+        out = worker.communicate(timeout=60)[0]
+    finally:
+        stop(worker)
+    assert worker.returncode == 0, out
+    # while f trains, the certify jobs wait for it: only the running training is asked for;
+    # then one certify job runs (2 CPUs) and the next fits (4), the third would pass the cap (6)
+    assert [{"CPU": 1.0}] in seen and [{"CPU": 2.0}, {"CPU": 2.0}] in seen, (seen, out)
+    assert all(sum(b["CPU"] for b in bundles) <= 5 for bundles in seen)
+    assert requested(address) == []  # an empty queue lets the cluster shrink
+    assert "asked the autoscaler for 2 bundle(s): CPU 4" in out

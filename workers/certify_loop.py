@@ -17,7 +17,7 @@ from dsq.kinds import certify
 from dsq.settings import Settings
 from workers import resources
 from workers.loop import POLL_SECONDS, Control, JobLoop, settle
-from workers.sampler import SamplerActor
+from workers.sampler import SamplerActor, SamplerPool, source_key
 
 TASKS_PER_ACTOR = 2
 SHARD_RETRY_SECONDS = 180.0  # how long a shard lost with its actor is tried again while Ray restarts the actor
@@ -48,19 +48,24 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     workers = spec.workers or resources.default_workers()
     options, threads = resources.actor_options(workers)
     device = resources.device_for("num_gpus" in options)
-    actors = [SamplerActor.options(**options).remote(settings, *sources, threads, device, spec.precision,
-                                                     spec.compile) for _ in range(workers)]
-    loop = None
+    def start():
+        return SamplerActor.options(**options).remote(settings, *sources, threads, device, spec.precision,
+                                                      spec.compile)
+
+    pool = control.pool or SamplerPool()
+    key = (*map(source_key, sources), threads, device, spec.precision, spec.compile, tuple(sorted(options.items())))
+    actors = pool.acquire(key, workers, start)
+    loop, healthy = None, False
     try:
         probe = ray.get(actors[0].memory_probe.remote(dataset[todo[0]][0], options.get("num_gpus", 1.0)))
         spec = _size_job(engine, job_id, spec, workers, threads, probe)
         loop = CertifyLoop(engine, job_id, control, spec, dataset, actors, len(plan) - len(todo), len(plan),
                            model=probe["model"])
         loop.run(todo)
+        healthy = True
     finally:
         settle(loop.in_flight if loop else {})  # a shard killed mid-task makes Ray print its own failure
-        for actor in actors:
-            ray.kill(actor)
+        pool.release(key, actors, healthy and control.pool is not None)
 
 
 def _size_job(engine, job_id: int, spec, workers: int, threads: int, probe: dict):

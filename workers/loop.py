@@ -24,8 +24,9 @@ class Control:
     worker took the job over after a stale heartbeat).
     """
 
-    def __init__(self, runner: str = "local", on_progress=None):
+    def __init__(self, runner: str = "local", on_progress=None, pool=None):
         self.runner, self.on_progress = runner, on_progress
+        self.pool = pool  # a worker's SamplerPool, so jobs reuse sampler actors (None: each job starts its own)
         self.stop = threading.Event()
 
     def check(self, engine, job_id: int) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
 import time
 
 import ray
@@ -42,3 +44,52 @@ class SamplerActor:
         """What one sample costs on this actor's device and what a batch may take (``dsq.sizing``)."""
         return {**sizing.probe(self.model, x, self.device, share), "model": self.model.describe(),
                 "device": self.device}
+
+
+class SamplerPool:
+    """Sampler actors kept between jobs by a worker, keyed by what they hold (models, device, threads...).
+
+    A job that needs the same f o D as one before it reuses that job's actors instead of starting
+    processes and loading models again. Starting new actors first ends the idle ones of other keys,
+    so idle actors never hold the CPUs (or memory) that new ones need.
+    """
+
+    def __init__(self):
+        self.idle: dict[tuple, list] = {}
+        self.lock = threading.Lock()
+
+    def acquire(self, key: tuple, count: int, start) -> list:
+        with self.lock:
+            mine = self.idle.pop(key, [])
+            reused, spare = mine[:count], mine[count:]
+            if len(reused) < count:  # new actors start: idle ones of other keys end first
+                self._end([actor for actors in self.idle.values() for actor in actors])
+                self.idle.clear()
+            if spare:
+                self.idle[key] = spare
+        return reused + [start() for _ in range(count - len(reused))]
+
+    def release(self, key: tuple, actors: list, healthy: bool) -> None:
+        if not healthy:
+            self._end(actors)
+            return
+        with self.lock:
+            self.idle.setdefault(key, []).extend(actors)
+
+    def close(self) -> None:
+        with self.lock:
+            self._end([actor for actors in self.idle.values() for actor in actors])
+            self.idle.clear()
+
+    @staticmethod
+    def _end(actors: list) -> None:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def source_key(source: tuple[str, str | None] | None) -> tuple | None:
+    """A checkpoint source as a pool key: the sha256 of a stored one, a local file's path, size and mtime."""
+    if source is None or source[1] is not None:
+        return source
+    stat = os.stat(source[0])
+    return source[0], stat.st_size, stat.st_mtime_ns

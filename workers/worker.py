@@ -25,10 +25,27 @@ from dsq.db.session import open_database, session_scope
 from dsq.settings import Settings
 from workers import runner
 from workers.loop import Control
+from workers.sampler import SamplerPool
 
 TICK_SECONDS = 0.5  # how often the worker looks at the queue; a claim costs one small transaction
 HEARTBEAT_SECONDS = 5.0  # a dozen beats fit in the default 60 s stale limit
 JOIN_SECONDS = 60.0  # a stopping job hands itself back within a poll; this bounds a stuck one
+REQUEST_JOBS = 100  # runnable jobs looked at when asking an autoscaler for resources
+
+
+def demand_bundles(demands: list[dict], cap: dict) -> list[dict]:
+    """The resource bundles to ask an autoscaler for: jobs in queue order while their total fits in ``cap``.
+
+    A job whose demand would pass the cap is left out (later, smaller ones may still fit); resources
+    the cap does not name are not limited.
+    """
+    bundles, total = [], {}
+    for demand in demands:
+        grown = {r: total.get(r, 0.0) + amount for r, amount in demand.items()}
+        if all(grown[r] <= cap[r] + 1e-9 for r in grown if r in cap) and demand:
+            bundles.append(dict(demand))
+            total.update(grown)
+    return bundles
 
 
 @dataclass
@@ -53,18 +70,22 @@ class QueueWorker:
 
     def __init__(self, settings: Settings, *, max_jobs: int | None = None, drain: bool = False,
                  idle_exit: float | None = None, only: set[int] | None = None,
-                 log: Callable[[str], None] = print, name: str | None = None):
+                 log: Callable[[str], None] = print, name: str | None = None, max_request: dict | None = None):
         self.settings, self.max_jobs, self.drain, self.idle_exit = settings, max_jobs, drain, idle_exit
         self.only, self.log = only, log
+        self.max_request, self.requested = max_request, None  # autoscaling: the cap, and what was last asked
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.running: dict[int, Running] = {}
+        self.pool = SamplerPool()
         self.stopping = threading.Event()
+        self.wake = threading.Event()  # a job ended or a stop came: look at the queue now, not at the next tick
         self.summary = Summary()
 
     def stop(self, reason: str) -> None:
         """Stop claiming and hand running jobs back (safe from a signal handler)."""
         self.summary.reason = reason
         self.stopping.set()
+        self.wake.set()
 
     def run(self) -> Summary:
         engine = open_database(self.settings.database_url)
@@ -77,6 +98,9 @@ class QueueWorker:
             self._loop(engine)
         finally:
             self._hand_back_all()
+            self.pool.close()
+            if self.requested:
+                self._request([])  # nothing asked for any more: an autoscaler may shrink the cluster
             with session_scope(engine) as session:
                 queue.stop_worker(session, self.name)
             engine.dispose()
@@ -95,6 +119,7 @@ class QueueWorker:
                 last_beat = now
             if now - last_scan >= HEARTBEAT_SECONDS:
                 self._requeue_stale(engine)
+                self._ask_for_resources(engine, cluster)
                 last_scan = now
             self._fill(engine, cluster)
             if self.running:
@@ -104,7 +129,8 @@ class QueueWorker:
             elif self.idle_exit is not None and now - idle_since > self.idle_exit:
                 self.summary.reason = f"idle for {self.idle_exit:.0f} s"
                 return
-            self.stopping.wait(TICK_SECONDS)
+            self.wake.wait(TICK_SECONDS)
+            self.wake.clear()
 
     def _finished(self, engine) -> bool:
         """With --drain: nothing queued is left (for this worker's jobs, when it has a list)."""
@@ -114,6 +140,24 @@ class QueueWorker:
             if self.only is not None:
                 return all(repo.get_job(session, job_id).finished for job_id in self.only)
             return sum(queue.queued_counts(session).values()) == 0
+
+    def _ask_for_resources(self, engine, cluster: dict) -> None:
+        """With a cap (``--max-request``): ask the autoscaler for what running and runnable jobs need."""
+        if self.max_request is None:
+            return
+        grown = {**cluster, **{r: max(cluster.get(r, 0.0), amount) for r, amount in self.max_request.items()}}
+        with session_scope(engine) as session:
+            waiting = queue.runnable_jobs(session, limit=REQUEST_JOBS, only=self.only)
+            demands = [work.demand for work in self.running.values()] + [self._demand(j, grown) for j in waiting]
+        self._request(demand_bundles(demands, self.max_request))
+
+    def _request(self, bundles: list[dict]) -> None:
+        if bundles != self.requested:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=bundles)
+            self.requested = bundles
+            self.log(f"asked the autoscaler for {len(bundles)} bundle(s): {_total(bundles)}")
 
     def _requeue_stale(self, engine) -> None:
         with session_scope(engine) as session:
@@ -144,7 +188,7 @@ class QueueWorker:
         return all(held.get(r, 0.0) + amount <= cluster.get(r, 0.0) + 1e-9 for r, amount in demand.items())
 
     def _start(self, job, demand: dict) -> None:
-        work = Running(job.id, job.kind, demand, Control(runner=self.name))
+        work = Running(job.id, job.kind, demand, Control(runner=self.name, pool=self.pool))
         work.thread = threading.Thread(target=self._run_one, args=(work,), name=f"dsq-job-{job.id}", daemon=True)
         self.running[job.id] = work
         self.log(f"job {job.id} ({job.kind}{': ' + job.name if job.name else ''}): started")
@@ -155,6 +199,8 @@ class QueueWorker:
             work.status = runner.run_job(self.settings, work.job_id, work.control)
         except Exception as error:  # noqa: BLE001 - the job is left for the stale scan; the worker goes on
             work.status = f"error: {type(error).__name__}: {error}"
+        finally:
+            self.wake.set()
 
     def _reap(self) -> None:
         for job_id in [j for j, work in self.running.items() if not work.thread.is_alive()]:
@@ -175,6 +221,14 @@ class QueueWorker:
         self.running.clear()
 
 
+def _total(bundles: list[dict]) -> str:
+    total = {}
+    for bundle in bundles:
+        for resource, amount in bundle.items():
+            total[resource] = total.get(resource, 0.0) + amount
+    return ", ".join(f"{resource} {amount:g}" for resource, amount in sorted(total.items())) or "nothing"
+
+
 @ray.remote(num_cpus=0, max_restarts=-1)
 class WorkerActor:
     """A detached queue worker on a cluster (``dsq worker --detach``); Ray restarts it if its process dies.
@@ -183,9 +237,10 @@ class WorkerActor:
     call would belong to the CLI process that may exit. It ends itself when it has been idle.
     """
 
-    def __init__(self, settings: Settings, max_jobs: int | None, idle_exit: float | None):
+    def __init__(self, settings: Settings, max_jobs: int | None, idle_exit: float | None, max_request: dict | None):
         name = ray.get_runtime_context().get_actor_name()  # stable across restarts: it takes its jobs back
-        self.worker = QueueWorker(settings, max_jobs=max_jobs, idle_exit=idle_exit, log=lambda line: None, name=name)
+        self.worker = QueueWorker(settings, max_jobs=max_jobs, idle_exit=idle_exit, log=lambda line: None, name=name,
+                                  max_request=max_request)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -199,10 +254,12 @@ class WorkerActor:
         return self.worker.name
 
 
-def start_detached(settings: Settings, *, max_jobs: int | None = None, idle_exit: float | None = None) -> str:
+def start_detached(settings: Settings, *, max_jobs: int | None = None, idle_exit: float | None = None,
+                   max_request: dict | None = None) -> str:
     """Start a worker on the connected cluster, preferring the head node; return its name."""
     actor = WorkerActor.options(name=f"dsq-worker-{uuid.uuid4().hex[:8]}", lifetime="detached",
-                                scheduling_strategy=_on_head_node()).remote(settings, max_jobs, idle_exit)
+                                scheduling_strategy=_on_head_node()).remote(settings, max_jobs, idle_exit,
+                                                                            max_request)
     return ray.get(actor.name.remote())
 
 

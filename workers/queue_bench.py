@@ -1,0 +1,49 @@
+"""Queue overhead: many tiny certify jobs drained by one warm worker, against their own sampling time.
+
+A job's overhead is everything that is not sampling: the claim, loading its spec, its sampler
+actors (started or reused), the memory probe, the database writes and the worker's polling. It is
+measured as (wall time of the drain - sampling seconds the jobs stored) / jobs, with Ray already
+started (a warm worker), on a temporary SQLite database and the digits pair.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from dsq import jobs, specs
+from dsq.bench.config import PAIRS
+from dsq.bench.rayjobs import _save_pair
+from dsq.db import repo
+from dsq.db.session import open_database, session_scope
+from dsq.settings import Settings
+from workers import resources
+from workers.worker import QueueWorker
+
+
+def measure(jobs_count: int = 50, *, n: int = 100, threads: int | None = None, log=print) -> dict:
+    """Drain ``jobs_count`` one-image certify jobs (n0 = 10, n samples); return timings."""
+    resources.connect(None, num_cpus=threads)
+    with tempfile.TemporaryDirectory(prefix="dsq-queue-bench-") as tmp:
+        home = Path(tmp)
+        settings = Settings(database_url=f"sqlite:///{home / 'bench.db'}", home=home, autostart=False)
+        classifier, denoiser = _save_pair(PAIRS["digits"], 0, home)
+        engine = open_database(settings.database_url)
+        spec = specs.CertifySpec(dataset="digits", classifier=classifier, denoiser=denoiser, sigma=0.25, n0=10,
+                                 n=n, batch_size=100, max_images=1, workers=1)
+        with session_scope(engine) as session:
+            ids = [jobs.submit(session, spec, settings).id for _ in range(jobs_count)]
+        log(f"queue bench: {jobs_count} jobs of 1 image x {10 + n} samples queued")
+        started = time.perf_counter()
+        summary = QueueWorker(settings, drain=True, log=lambda line: None).run()
+        wall = time.perf_counter() - started
+        with session_scope(engine) as session:
+            sampling = sum(r.seconds for job_id in ids for r in repo.results_for_job(session, job_id))
+            first = repo.get_job(session, ids[0])
+            first_s = (first.finished_at - first.started_at).total_seconds()
+        engine.dispose()
+    succeeded = sum(status == "succeeded" for status in summary.ran.values())
+    return {"jobs": jobs_count, "succeeded": succeeded, "wall_s": wall, "sampling_s": sampling,
+            "overhead_per_job_s": (wall - sampling) / jobs_count, "first_job_s": first_s,
+            "jobs_per_s": jobs_count / wall}
