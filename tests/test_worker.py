@@ -189,3 +189,48 @@ def status_of(engine, job_id) -> str | None:
     with session_scope(engine) as session:
         found = repo.list_jobs(session, limit=1_000)
         return next((j.status for j in found if j.id == job_id), None)
+
+
+def test_the_autoscaler_is_asked_for_jobs_in_queue_order_within_the_cap():
+    from workers.worker import demand_bundles
+
+    demands = [{"GPU": 1.0}, {"GPU": 2.0}, {"GPU": 1.0}, {"CPU": 1.0}, {"GPU": 1.0}]
+    assert demand_bundles(demands, {"GPU": 3}) == [{"GPU": 1.0}, {"GPU": 2.0}, {"CPU": 1.0}]
+    assert demand_bundles(demands, {"GPU": 3, "CPU": 0.5}) == [{"GPU": 1.0}, {"GPU": 2.0}]
+    assert demand_bundles([], {"GPU": 3}) == []
+
+
+@pytest.mark.parametrize("text", ["GPU", "GPU=0", "GPU=-1", "GPU=x", "=3", "GPU=inf", "GPU=1,,CPU=2"])
+def test_a_bad_resource_cap_is_one_line_exit_2(tmp_path, text):
+    out = dsq(tmp_path, "worker", "--drain", "--max-request", text)
+    assert out.returncode == 2 and out.stderr.startswith("error: --max-request must look like")
+    assert out.stderr.count("\n") == 1
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_sampler_actors_are_reused_only_for_the_same_models():
+    import ray
+
+    from workers.sampler import SamplerPool
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def pid(self):
+            return os.getpid()
+
+    pool, started = SamplerPool(), []
+
+    def start():
+        started.append(Probe.remote())
+        return started[-1]
+
+    first = pool.acquire("f o D", 2, start)
+    pool.release("f o D", first, healthy=True)
+    assert pool.acquire("f o D", 1, start) == first[:1] and len(started) == 2  # reused, nothing started
+    pool.release("f o D", first[:1], healthy=True)
+    other = pool.acquire("f o D2", 1, start)  # other models: a new actor, and the idle ones end
+    assert len(started) == 3 and pool.idle == {}
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(first[0].pid.remote(), timeout=30)
+    pool.release("f o D2", other, healthy=False)  # a job that failed does not hand its actors on
+    assert pool.idle == {}
