@@ -51,7 +51,10 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
             repeats=repeats, samples=samples or None, workers=workers, ray_images=ray_images, ray_n=ray_n or None,
             memory_model=memory_model, variants=variants, ray=ray, memory=memory,
             batch_sweep=parse_sizes(batch_sweep))
-        results = benchmark.run(cfg, log=lambda line: common.errors.print(line, markup=False, highlight=False))
+        from workers.bench_jobs import ray_jobs
+
+        results = benchmark.run(cfg, log=lambda line: common.errors.print(line, markup=False, highlight=False),
+                                ray_jobs=ray_jobs)
     benchmark.write_results(results, out)
     for header, rows, title in benchmark.tables(results):
         common.console.print(report.render_table(header, rows, title=title))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dsq import jobs, specs
 from dsq.bench.config import PAIRS
-from dsq.bench.rayjobs import _save_pair
+from dsq.bench.rayjobs import save_pair
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.settings import Settings
@@ -28,7 +28,7 @@ def measure(jobs_count: int = 50, *, n: int = 100, threads: int | None = None, l
     with tempfile.TemporaryDirectory(prefix="dsq-queue-bench-") as tmp:
         home = Path(tmp)
         settings = Settings(database_url=f"sqlite:///{home / 'bench.db'}", home=home, autostart=False)
-        classifier, denoiser = _save_pair(PAIRS["digits"], 0, home)
+        classifier, denoiser = save_pair(PAIRS["digits"], 0, home)
         engine = open_database(settings.database_url)
         spec = specs.CertifySpec(dataset="digits", classifier=classifier, denoiser=denoiser, sigma=0.25, n0=10,
                                  n=n, batch_size=100, max_images=1, workers=1)

@@ -44,7 +44,6 @@ import torch
 
 from dsq import fastpath, sizing
 from dsq.bench.config import PAIRS, TARGETS, BenchConfig, Log
-from dsq.bench.rayjobs import ray_jobs
 from dsq.bench.trials import TrialProcess, batch_sweep, build_pair, in_process, peak_rss_in_subprocess
 
 __all__ = ["PAIRS", "BenchConfig", "run", "ratios", "tables", "write_results"]
@@ -64,8 +63,11 @@ def with_batch_size(cfg: BenchConfig) -> BenchConfig:
                                                                    n=CERTIFY_N, workers=1))
 
 
-def run(cfg: BenchConfig, log: Log = print) -> dict:
-    """Every measurement of ``cfg``; the dict written to bench-results.json."""
+def run(cfg: BenchConfig, log: Log = print, ray_jobs=None) -> dict:
+    """Every measurement of ``cfg``; the dict written to bench-results.json.
+
+    ``ray_jobs`` (``workers.bench_jobs.ray_jobs``) times real jobs when ``cfg.ray`` asks for them.
+    """
     cfg = with_batch_size(cfg)
     pair = PAIRS[cfg.pair]
     results = {"config": asdict(cfg), "pair": pair.label, "machine": machine(), "load_before": os.getloadavg()}
@@ -78,7 +80,7 @@ def run(cfg: BenchConfig, log: Log = print) -> dict:
         results.update(in_process(cfg, pair, workers, log))
         if cfg.batch_sweep:
             results["batch_sweep"] = batch_sweep(cfg, workers["dsq"], log)
-        if cfg.ray:
+        if cfg.ray and ray_jobs is not None:
             log(f"ray: {cfg.ray_images} images x {cfg.ray_n0 + cfg.ray_n} samples per job")
             results["ray_jobs"] = ray_jobs(cfg, pair, workers["dsq"].trial("sampling"), log)
             results["ray_samples_per_s"] = max(job["samples_per_s"] for job in results["ray_jobs"].values())
