@@ -17,6 +17,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from sqlalchemy import exc
+
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import DsqError
@@ -48,6 +50,14 @@ def boundary() -> Iterator[None]:
 
         say(f"error: {escape_controls(str(error))}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    except exc.DBAPIError as error:  # a read-only file, a full disk, a server that went away...
+        say(f"error: the database refused: {_first_line(error.orig or error)}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def database(config: Settings):
@@ -79,6 +89,16 @@ def signals_raise() -> Iterator[None]:
     finally:
         for number, old in previous.items():
             signal.signal(number, old)
+
+
+@contextlib.contextmanager
+def following() -> Iterator[None]:
+    """Ctrl-C or SIGTERM while following output ends the command quietly (exit 0: the job is not touched)."""
+    try:
+        with signals_raise():
+            yield
+    except Stopped:
+        raise typer.Exit(0) from None
 
 
 def progress_bar() -> Progress:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import typer
@@ -13,8 +14,11 @@ from dsq.db.models import utcnow
 from dsq.db.session import session_scope
 
 
+FOLLOW_SECONDS = 1.0  # how often --follow looks again: one small query
+
+
 def register(app: typer.Typer) -> None:
-    for command in (list_jobs, status, logs, cancel, resume):
+    for command in (list_jobs, status, logs, show, cancel, resume):
         app.command(name=command.__name__.replace("list_", ""))(command)
 
 
@@ -36,30 +40,61 @@ def list_jobs(ctx: typer.Context, limit: int = typer.Option(50, help="Newest job
         common.console.print(table)
 
 
-def status(ctx: typer.Context, job: int = typer.Argument(..., help="Job id.")):
+def status(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
+           follow: bool = typer.Option(False, "--follow", "-f", help="Print it again whenever it changes, "
+                                       "until the job ends (Ctrl-C stops following).")):
     """Show a job's state (and why it is not running yet), progress, rate and ETA."""
     from dsq import views
 
     config = common.settings(ctx)
     with common.boundary():
         engine = common.database(config)
-        with session_scope(engine) as session:
-            for line in views.describe(session, repo.get_job(session, job), utcnow(), config.stale_after):
-                common.say(line)
+        shown = None
+        with common.following():
+            while True:
+                with session_scope(engine) as session:
+                    record = repo.get_job(session, job)
+                    lines = views.describe(session, record, utcnow(), config.stale_after)
+                if lines != shown:
+                    for line in lines if shown is None else ["", *lines]:
+                        common.say(line)
+                    shown = lines
+                if not follow or record.finished:
+                    return
+                time.sleep(FOLLOW_SECONDS)
 
 
-def logs(ctx: typer.Context, job: int = typer.Argument(..., help="Job id.")):
+def logs(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines until the job ends.")):
     """Print a job's log lines (and its traceback if it failed)."""
-    from dsq.text import safe
+    from dsq.text import escape_controls
+
+    with common.boundary():
+        engine = common.database(common.settings(ctx))
+        last = 0
+        with common.following():
+            while True:
+                with session_scope(engine) as session:
+                    record = repo.get_job(session, job)
+                    for line in repo.logs_for_job(session, job, after_id=last):
+                        common.say(f"{line.created_at:%H:%M:%S} {line.level:5} {escape_controls(line.message)}")
+                        last = line.id
+                if not follow or record.finished:
+                    break
+                time.sleep(FOLLOW_SECONDS)
+        if record.traceback:
+            common.say(record.traceback)
+
+
+def show(ctx: typer.Context, job: int = typer.Argument(..., help="Job id.")):
+    """Everything about a job: its whole spec, dependencies, the models it uses and their training metrics, artifacts."""
+    from dsq import views
 
     with common.boundary():
         engine = common.database(common.settings(ctx))
         with session_scope(engine) as session:
-            record = repo.get_job(session, job)
-            for line in repo.logs_for_job(session, job):
-                common.say(f"{line.created_at:%H:%M:%S} {line.level:5} {safe(line.message)}")
-            if record.traceback:
-                common.say(record.traceback)
+            for line in views.show(session, repo.get_job(session, job)):
+                common.say(line)
 
 
 def cancel(ctx: typer.Context, job: int = typer.Argument(..., help="Job id.")):

@@ -14,12 +14,26 @@ app = typer.Typer(help="dsq: certified robustness for any image classifier by de
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("dsq")
+        except PackageNotFoundError:
+            found = "unknown (not installed)"
+        typer.echo(f"dsq {found}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(ctx: typer.Context,
+         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print dsq's version and exit."),
          database: Optional[str] = typer.Option(None, "--db", help="Database URL (default: $DSQ_DATABASE_URL, "
                                                 "else sqlite:///$DSQ_HOME/dsq.db, DSQ_HOME=~/.dsq)."),
          address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: "
-                                               "$RAY_ADDRESS, else a local Ray in this process).")):
+                                               "$RAY_ADDRESS, else a local Ray started by the worker).")):
     with common.boundary():
         ctx.obj = Settings.from_env(os.environ, db=database, address=address)
 

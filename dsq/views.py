@@ -40,15 +40,59 @@ def describe(session: Session, job: Job, now: datetime, stale_after: timedelta) 
              f"priority {job.priority}" + (f", experiment {escape_controls(job.experiment)}" if job.experiment else ""),
              f"progress {job.progress_done}/{job.progress_total}, attempts {job.attempts}"
              + (f", runner {job.runner}" if job.runner and job.status == "running" else "")]
-    if job.started_at and job.progress_done and not queue.is_stale(job, stale_after, now):
+    done_now = _done_this_run(session, job)
+    if job.started_at and done_now and not queue.is_stale(job, stale_after, now):
         elapsed = ((job.finished_at or now) - job.started_at).total_seconds()
-        rate = job.progress_done / max(elapsed, 1e-9)
-        lines.append(f"rate {rate:.2f} items/s over {elapsed:.0f} s")
+        rate = done_now / max(elapsed, 1e-9)
+        lines.append(f"rate {rate:.2f} items/s over the {elapsed:.0f} s of this run")
         if job.status == "running" and rate > 0:
             lines.append(f"eta {(job.progress_total - job.progress_done) / rate:.0f} s")
     if job.error:
         lines.append(f"error: {escape_controls(job.error)}")
     return lines
+
+
+def _done_this_run(session: Session, job: Job) -> int:
+    """Work done since the job (re)started: images stored in this run; a training's epochs."""
+    if job.kind == "train" or job.started_at is None:
+        return job.progress_done
+    return sum(1 for r in repo.results_for_job(session, job.id) if r.created_at >= job.started_at)
+
+
+def show(session: Session, job: Job) -> list[str]:
+    """Lines for ``dsq show``: the spec, what the job waits for or produced, its models and their metrics."""
+    lines = [f"job {job.id}: {job.kind}, {job.status}" + (f", name {escape_controls(job.name)}" if job.name else ""),
+             f"created {job.created_at:%Y-%m-%d %H:%M:%S} UTC, priority {job.priority}, attempts {job.attempts}"
+             + (f", experiment {escape_controls(job.experiment)}" if job.experiment else "")]
+    lines += ["spec:"] + [f"  {key} = {escape_controls(repr(value))}" for key, value in sorted((job.spec or {}).items())]
+    depends = queue.dependencies(session, job.id)
+    if depends:
+        lines.append("depends on: " + ", ".join(f"job {d.id} ({d.status})" for d in depends))
+    for key in ("classifier", "denoiser", "init", "surrogates"):
+        for reference in _as_list((job.spec or {}).get(key)):
+            lines.append(f"{key}: {escape_controls(reference)}" + _model_metrics(session, reference))
+    for artifact in repo.artifacts_for_job(session, job.id):
+        lines.append(f"artifact {escape_controls(artifact.name)}: {artifact.location} (sha256 {artifact.sha256[:12]})"
+                     + _metrics_text(artifact.metrics))
+    if job.error:
+        lines.append(f"error: {escape_controls(job.error)}")
+    return lines
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value] if value else []
+
+
+def _model_metrics(session: Session, reference: str) -> str:
+    if not (reference.startswith("job:") and reference[4:].isdigit()):
+        return ""
+    found = repo.artifacts_for_job(session, int(reference[4:]))
+    return _metrics_text(found[0].metrics) if found else " (not trained yet)"
+
+
+def _metrics_text(metrics: dict | None) -> str:
+    shown = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return (" — " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items()))) if shown else ""
 
 
 def job_rows(session: Session, jobs: list[Job], now: datetime, stale_after: timedelta) -> list[list[str]]:

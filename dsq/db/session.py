@@ -135,7 +135,8 @@ def _check_connection(engine: Engine, shown: str) -> None:
         reason = _one_line(getattr(err, "orig", None) or err)
         if engine.url.password:
             reason = reason.replace(str(engine.url.password), "***")
-        raise DatabaseUnreachable(f"cannot reach database {shown}: {reason}") from None
+        verb = "write to" if "readonly" in reason or "read-only" in reason else "reach"
+        raise DatabaseUnreachable(f"cannot {verb} database {shown}: {reason}") from None
 
 
 def _one_line(err: BaseException) -> str:
