@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sqlalchemy import exc
 
 from dsq.db import repo
-from dsq.db.session import open_database, session_scope
+from dsq.db.session import mask_url, open_database, session_scope
 from dsq.errors import DsqError
 from dsq.settings import Settings
 
@@ -51,7 +51,10 @@ def boundary() -> Iterator[None]:
         say(f"error: {escape_controls(str(error))}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except exc.DBAPIError as error:  # a read-only file, a full disk, a server that went away...
-        say(f"error: the database refused: {_first_line(error.orig or error)}", err=True)
+        reason = _first_line(error.orig or error)
+        where = OPENED[-1] if OPENED else "the database"
+        verb = "cannot write to" if "readonly" in reason or "read-only" in reason else "error from"
+        say(f"error: {verb} database {where}: {reason}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
@@ -60,8 +63,12 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+OPENED: list[str] = []  # the database this command opened (password masked), named in its error lines
+
+
 def database(config: Settings):
     """The engine, with migrations applied (first use creates the schema)."""
+    OPENED.append(mask_url(config.database_url))
     return open_database(config.database_url)
 
 
