@@ -114,18 +114,34 @@ def progress_bar() -> Progress:
                     disable=not sys.stderr.isatty() and os.environ.get("DSQ_PROGRESS") != "1")
 
 
+FOLLOW_GRACE_S = 60.0  # --wait rides out a database restart this long
+
+
 def follow(engine, job_id: int, label: str) -> str:
     """Poll a job until it ends, with a progress bar; return its status. A signal stops following only."""
+    lost_since = None
     try:
         with signals_raise(), progress_bar() as bar:
             task = bar.add_task(label, total=None)
             while True:
-                with session_scope(engine) as session:
-                    job = repo.get_job(session, job_id)
-                    bar.update(task, completed=job.progress_done, total=job.progress_total or None,
-                               description=f"{label} ({job.status})")
-                    if job.status in FINISHED:
-                        return job.status
+                try:
+                    with session_scope(engine) as session:
+                        job = repo.get_job(session, job_id)
+                        last = repo.logs_for_job(session, job_id)[-1:]
+                except exc.OperationalError:
+                    lost_since = lost_since or time.monotonic()
+                    if time.monotonic() - lost_since > FOLLOW_GRACE_S:
+                        say(f"error: database unreachable for {FOLLOW_GRACE_S:.0f} s: stopped following job "
+                            f"{job_id}; `dsq status {job_id}` once it is back", err=True)
+                        raise typer.Exit(EXIT_FAILED) from None
+                    time.sleep(1.0)
+                    continue
+                lost_since = None
+                doing = f": {last[0].message[:60]}" if last and job.status == "running" else ""
+                bar.update(task, completed=job.progress_done, total=job.progress_total or None,
+                           description=f"{label} ({job.status}{doing})")
+                if job.status in FINISHED:
+                    return job.status
                 time.sleep(1.0)
     except Stopped as stop:
         say(f"{stop}: stopped following job {job_id}; it goes on (dsq status {job_id})", err=True)

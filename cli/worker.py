@@ -57,7 +57,10 @@ def worker(ctx: typer.Context,
         for number, old in previous.items():
             signal.signal(number, old)
     back = f"; handed back to the queue: jobs {', '.join(map(str, summary.handed_back))}" if summary.handed_back else ""
-    common.say(f"worker {runner.name} stopped ({summary.reason}); ran {len(summary.ran)} job(s){back}")
+    common.say(f"worker {runner.name} stopped ({summary.reason}); ran {len(summary.ran)} job(s){back}",
+               err=summary.database_lost)
+    if summary.database_lost:
+        raise typer.Exit(common.EXIT_FAILED)
 
 
 def parse_resources(text: str) -> dict[str, float]:

@@ -12,6 +12,7 @@ never read at import time.
 - ``DSQ_STALE_SECONDS`` a running job whose heartbeat is older is taken over by another worker (default 60)
 - ``DSQ_WORKER_IDLE_SECONDS`` a background worker started by ``dsq submit`` exits after this long
   with nothing to run (default 180)
+- ``DSQ_DB_GRACE_SECONDS`` how long workers and jobs wait for a PostgreSQL server that went away (default 60)
 - ``DSQ_WORKER_AUTOSTART``  ``0``: ``dsq submit`` never starts a background worker (you run your own)
 """
 
@@ -38,6 +39,8 @@ class Settings:
     # A background worker lives a few minutes past its last job, so a plan submitted step by step reuses it.
     idle_seconds: float = 180.0
     autostart: bool = True
+    # A database restart or a failover takes seconds to a minute: wait that long before giving a job up.
+    db_grace_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, db: str | None = None, address: str | None = None) -> "Settings":
@@ -52,6 +55,7 @@ class Settings:
             stale_seconds=_seconds(env, "DSQ_STALE_SECONDS", 60.0),
             idle_seconds=_seconds(env, "DSQ_WORKER_IDLE_SECONDS", 180.0),
             autostart=env.get("DSQ_WORKER_AUTOSTART", "1") != "0",
+            db_grace_seconds=_seconds(env, "DSQ_DB_GRACE_SECONDS", 60.0),
         )
 
     @property

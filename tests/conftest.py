@@ -96,28 +96,50 @@ def _run(args: list[str], what: str, user: pwd.struct_passwd | None, log: Path |
         pytest.fail(f"{what} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}\n{extra}")
 
 
+class PgServer:
+    """A throw-away PostgreSQL server on 127.0.0.1 in a temp folder; it can be stopped and started again."""
+
+    def __init__(self):
+        self.bin_dir, self.port = _pg_bin(), free_port()
+        self.user = _server_user(self.bin_dir)
+        self.root = Path(tempfile.mkdtemp(prefix="dsq-pg-"))
+        self.data, self.log = self.root / "data", self.root / "server.log"
+        if self.user is not None:
+            os.chown(self.root, self.user.pw_uid, self.user.pw_gid)
+        self.pg_ctl = [str(self.bin_dir / "pg_ctl"), "-D", str(self.data)]
+        _run([str(self.bin_dir / "initdb"), "-A", "trust", "-U", "postgres", "-D", str(self.data), "--no-sync"],
+             "initdb", self.user)
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
+        _run([*self.pg_ctl, "-l", str(self.log), "-o", options, "-w", "-t", "30", "start"], "pg_ctl start",
+             self.user, self.log)
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            _run_as(self.user, [*self.pg_ctl, "-m", "immediate", "-w", "stop"])
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
     """URL (no database name) of a PostgreSQL server that lives for the test session."""
     if os.environ.get("DSQ_TEST_POSTGRES_URL"):
         yield os.environ["DSQ_TEST_POSTGRES_URL"].rstrip("/")
         return
-    bin_dir, port = _pg_bin(), free_port()
-    user = _server_user(bin_dir)
-    root = Path(tempfile.mkdtemp(prefix="dsq-pg-"))
-    data, log = root / "data", root / "server.log"
-    if user is not None:
-        os.chown(root, user.pw_uid, user.pw_gid)
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
-    pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data)]
+    server = PgServer()
     try:
-        _run([str(bin_dir / "initdb"), "-A", "trust", "-U", "postgres", "-D", str(data), "--no-sync"], "initdb", user)
-        _run([*pg_ctl, "-l", str(log), "-o", options, "-w", "-t", "30", "start"], "pg_ctl start", user, log)
-        yield f"postgresql://postgres@127.0.0.1:{port}"
+        yield server.url
     finally:
-        if (data / "postmaster.pid").exists():
-            _run_as(user, [*pg_ctl, "-m", "immediate", "-w", "stop"])
-        shutil.rmtree(root, ignore_errors=True)
+        server.remove()
 
 
 _database_numbers = itertools.count()

@@ -14,7 +14,7 @@ import ray
 
 from dsq import jobs, kinds, queue, specs
 from dsq.db import repo
-from dsq.db.session import make_engine, session_scope
+from dsq.db.session import is_outage, make_engine, session_scope
 from dsq.errors import BudgetReached, DsqError, JobCancelled, JobInterrupted, JobStateError
 from dsq.settings import Settings
 from workers.loop import Control
@@ -26,7 +26,7 @@ def run_job(settings: Settings, job_id: int, control: Control | None = None) -> 
     A job whose worker stops goes back to the queue (status ``queued``).
     """
     control = control or Control()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, retry_seconds=settings.db_grace_seconds)
     try:
         spec = _start(engine, job_id, control.runner)
         try:
@@ -35,6 +35,8 @@ def run_job(settings: Settings, job_id: int, control: Control | None = None) -> 
             cause = _cause(failure)
             if isinstance(cause, JobInterrupted):
                 return _hand_back(engine, job_id, control.runner, cause)
+            if is_outage(cause):  # nothing can be recorded: the job stays "running" and goes stale
+                return LOST
             status = "cancelled" if isinstance(cause, JobCancelled) else "failed"
             error = None if status == "cancelled" else _message(cause)
             trace = traceback.format_exc() if error and not isinstance(cause, BudgetReached) else None
@@ -45,6 +47,9 @@ def run_job(settings: Settings, job_id: int, control: Control | None = None) -> 
         return status
     finally:
         engine.dispose()
+
+
+LOST = "lost"  # the database went away: the job is taken over once it is back and the heartbeat is stale
 
 
 def _start(engine, job_id: int, runner: str):

@@ -16,7 +16,7 @@ class TrainerActor:
         self.settings, self.device = settings, device
 
     def train(self, job_id: int) -> dict:
-        engine = make_engine(self.settings.database_url)
+        engine = make_engine(self.settings.database_url, retry_seconds=self.settings.db_grace_seconds)
         try:
             return train.run_training(engine, self.settings, job_id, self.device)
         finally:

@@ -21,7 +21,9 @@ import ray
 
 from dsq import kinds, queue, specs
 from dsq.db import repo
-from dsq.db.session import open_database, session_scope
+from sqlalchemy import exc
+
+from dsq.db.session import is_outage, open_database, session_scope
 from dsq.settings import Settings
 from workers import runner
 from workers.loop import Control
@@ -63,6 +65,7 @@ class Summary:
     ran: dict = field(default_factory=dict)  # job id -> final status ("queued" when handed back)
     handed_back: list = field(default_factory=list)
     reason: str = "queue drained"
+    database_lost: bool = False
 
 
 class QueueWorker:
@@ -88,7 +91,7 @@ class QueueWorker:
         self.wake.set()
 
     def run(self) -> Summary:
-        engine = open_database(self.settings.database_url)
+        engine = open_database(self.settings.database_url, retry_seconds=self.settings.db_grace_seconds)
         with session_scope(engine) as session:
             for job_id in queue.requeue_runner(session, self.name):  # a restarted actor keeps its name
                 repo.add_log(session, job_id, f"{self.name} restarted: queued again", level="warning")
@@ -96,13 +99,21 @@ class QueueWorker:
                                   address=self.settings.ray_address, max_jobs=self.max_jobs or 0)
         try:
             self._loop(engine)
+        except exc.DBAPIError as error:
+            if not is_outage(error):
+                raise
+            lost = ", ".join(map(str, sorted(self.running))) or "none"
+            self.summary.reason = (f"database unreachable for {self.settings.db_grace_seconds:.0f} s; jobs left "
+                                   f"running: {lost} (a worker takes them over once it is back)")
+            self.summary.database_lost = True
         finally:
             self._hand_back_all()
             self.pool.close()
             if self.requested:
                 self._request([])  # nothing asked for any more: an autoscaler may shrink the cluster
-            with session_scope(engine) as session:
-                queue.stop_worker(session, self.name)
+            if not self.summary.database_lost:
+                with session_scope(engine) as session:
+                    queue.stop_worker(session, self.name)
             engine.dispose()
         return self.summary
 

@@ -14,6 +14,7 @@ with "database is locked" when another process committed since its last read.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,7 @@ from dsq.errors import DatabaseUnreachable
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_CONNECT_TIMEOUT_S = 5
+RETRY_PAUSE_S = 1.0  # between two tries to reach a server that went away
 # Any constant: serializes concurrent schema upgrades on one PostgreSQL database.
 _PG_UPGRADE_LOCK = 0x647371
 
@@ -62,11 +64,14 @@ def mask_url(url: str | URL) -> str:
         return f"{scheme}{slashes}{userinfo.split(':', 1)[0]}:***@{host}"
 
 
-def make_engine(url: str | URL, *, check: bool = True) -> Engine:
+def make_engine(url: str | URL, *, check: bool = True, retry_seconds: float = 0.0) -> Engine:
     """An engine for a SQLite or PostgreSQL URL, connected once to check it works.
 
     Raises ``DatabaseUnreachable`` (one line, password masked) when the URL is
-    malformed or unsupported, or the database cannot be reached.
+    malformed or unsupported, or the database cannot be reached. With
+    ``retry_seconds`` (job runners and workers), a PostgreSQL server that does not
+    answer is asked again every second for that long before a connection fails:
+    a restarted server costs a pause, not the job.
     """
     shown = mask_url(url)  # as the user wrote it, without the password
     parsed = _parse_url(url, shown)
@@ -75,6 +80,8 @@ def make_engine(url: str | URL, *, check: bool = True) -> Engine:
         engine = _sqlite_engine(parsed, shown)
     elif backend == "postgresql":
         engine = _postgresql_engine(parsed, shown)
+        if retry_seconds > 0:
+            event.listen(engine, "do_connect", _patient_connect(retry_seconds))
     else:
         raise DatabaseUnreachable(f"unsupported database URL {shown}: use sqlite:///PATH or postgresql://...")
     if check:
@@ -124,6 +131,26 @@ def _postgresql_engine(url: URL, shown: str) -> Engine:
         return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
     except Exception as err:  # missing driver, bad query arguments...
         raise DatabaseUnreachable(f"cannot use database {shown}: {_one_line(err)}") from None
+
+
+def _patient_connect(retry_seconds: float):
+    """A ``do_connect`` hook: connect, retrying refused connections for ``retry_seconds``."""
+    def connect(dialect, connection_record, cargs, cparams):
+        deadline = time.monotonic() + retry_seconds
+        while True:
+            try:
+                return dialect.loaded_dbapi.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(RETRY_PAUSE_S)
+    return connect
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether an error means the database cannot be reached (as opposed to a refused statement)."""
+    return isinstance(error, (exc.OperationalError, exc.InterfaceError)) or (
+        isinstance(error, exc.DBAPIError) and error.connection_invalidated)
 
 
 def _check_connection(engine: Engine, shown: str) -> None:
@@ -198,9 +225,9 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-def open_database(url: str | URL) -> Engine:
+def open_database(url: str | URL, *, retry_seconds: float = 0.0) -> Engine:
     """An engine for ``url`` whose schema is upgraded to the newest revision."""
-    engine = make_engine(url)
+    engine = make_engine(url, retry_seconds=retry_seconds)
     if current_revision(engine) != head_revision():
         upgrade(engine)
     return engine

@@ -1,0 +1,112 @@
+"""A PostgreSQL server that goes away mid-job: the worker rides out a restart, or stops in one line and a later
+worker takes the job over once the server is back. Nothing stored is lost, redone or duplicated."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dsq.db import repo
+from dsq.db.session import open_database, session_scope
+from tests.conftest import PgServer
+
+DSQ = [sys.executable, "-m", "cli"]
+CERTIFY = ["submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25", "--n0", "20",
+           "--n", "3000", "--batch-size", "500", "--max-images", "40", "--workers", "1"]
+NOISE = ("Traceback", "*** SIG", "core dumped")
+
+
+@pytest.fixture
+def server():
+    if os.environ.get("DSQ_TEST_POSTGRES_URL"):
+        pytest.fail("this test stops its own server: unset DSQ_TEST_POSTGRES_URL")
+    found = PgServer()
+    try:
+        yield found
+    finally:
+        found.remove()
+
+
+def env_for(tmp_path, server, **extra):
+    return os.environ | {"DSQ_HOME": str(tmp_path), "DSQ_DATABASE_URL": f"{server.url}/postgres", "RAY_ADDRESS": "",
+                         "DSQ_WORKER_AUTOSTART": "0", **extra}
+
+
+def dsq(env, *args, timeout=300):
+    return subprocess.run(DSQ + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def results(url, job_id):
+    engine = open_database(url)
+    try:
+        with session_scope(engine) as session:
+            return {r.image_index: r.id for r in repo.results_for_job(session, job_id)}, repo.get_job(session, job_id)
+    finally:
+        engine.dispose()
+
+
+def wait_until(condition, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
+def prepared(tmp_path, server, **extra):
+    env = env_for(tmp_path, server, **extra)
+    assert dsq(env, "submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
+               "--objective", "standard", "--sigma", "0", "--epochs", "1").returncode == 0
+    assert dsq(env, *CERTIFY).returncode == 0
+    worker = subprocess.Popen(DSQ + ["worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    url = env["DSQ_DATABASE_URL"]
+    wait_until(lambda: len(results(url, 2)[0]) >= 3)
+    return env, url, worker
+
+
+def finish(worker):
+    try:
+        return worker.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_database_restart_mid_job_costs_a_pause_not_the_job(tmp_path, server):
+    env, url, worker = prepared(tmp_path, server)
+    server.stop()
+    time.sleep(8)
+    server.start()
+    try:
+        wait_until(lambda: results(url, 2)[1].status in ("succeeded", "failed"), timeout=300)
+        stored, job = results(url, 2)
+        assert job.status == "succeeded" and len(stored) == 40 and job.attempts == 1, job.error
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        out, err = finish(worker)
+    assert not any(noise in out + err for noise in NOISE), out + err
+
+
+def test_a_database_gone_for_good_stops_the_worker_in_one_line_and_the_job_resumes_later(tmp_path, server):
+    env, url, worker = prepared(tmp_path, server, DSQ_DB_GRACE_SECONDS="5", DSQ_STALE_SECONDS="5")
+    before, _ = results(url, 2)
+    server.stop()
+    out, err = finish(worker)
+    assert worker.returncode == 1 and not any(noise in out + err for noise in NOISE), out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "database unreachable for 5 s; jobs left running: 2" in lines[0], err
+    server.start()
+    stored, job = results(url, 2)
+    assert job.status == "running" and set(before) <= set(stored)
+    drained = dsq(env, "worker", "--drain")
+    assert drained.returncode == 0 and "queued again" in drained.stdout, drained.stdout + drained.stderr
+    after, job = results(url, 2)
+    assert job.status == "succeeded" and len(after) == 40 and job.attempts == 2
+    assert {i: after[i] for i in stored} == stored  # what was stored before the outage was kept, not redone
