@@ -29,6 +29,7 @@ def demo(ctx: typer.Context,
     started = time.monotonic()
     with common.boundary():
         plan = preset.plan(n=n, max_images=max_images or None, quick=quick)
+        common.check_cluster(config)  # before anything is written
         engine = common.database(config)
         name = f"{plan.name}-demo-{time.strftime('%Y%m%d-%H%M%S')}"
         with session_scope(engine) as session:

@@ -1,6 +1,7 @@
 """The queue worker on a real local Ray: order, hand-back on signals, take-over after kill -9, --wait, submit."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -234,3 +235,35 @@ def test_sampler_actors_are_reused_only_for_the_same_models():
         ray.get(first[0].pid.remote(), timeout=30)
     pool.release("f o D2", other, healthy=False)  # a job that failed does not hand its actors on
     assert pool.idle == {}
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+def test_four_real_workers_racing_over_sixty_jobs_run_each_exactly_once(dialect, request, tmp_path):
+    """Four `dsq worker --drain` processes, each with its own local Ray, share one database."""
+    from dsq.bench.config import PAIRS
+    from dsq.bench.rayjobs import save_pair
+
+    url = request.getfixturevalue(f"{dialect}_url")
+    classifier, denoiser = save_pair(PAIRS["digits"], 0, tmp_path)
+    engine = open_database(url)
+    config = Settings(database_url=url, home=tmp_path / "home")
+    spec = specs.CertifySpec(dataset="digits", classifier=classifier, denoiser=denoiser, sigma=0.25, n0=10, n=50,
+                             batch_size=50, max_images=1, workers=1)
+    with session_scope(engine) as session:
+        ids = [jobs.submit(session, spec, config, priority=i % 3).id for i in range(60)]
+    env = {"DSQ_DATABASE_URL": url, "OMP_NUM_THREADS": "1"}
+    workers = [start(tmp_path / "home", "worker", "--drain", "--max-jobs", "2", **env) for _ in range(4)]
+    try:
+        outputs = [worker.communicate(timeout=600) for worker in workers]
+    finally:
+        for worker in workers:
+            stop_group(worker)
+    assert all(worker.returncode == 0 for worker in workers), outputs
+    with session_scope(engine) as session:
+        found = [repo.get_job(session, job_id) for job_id in ids]
+        rows = {job_id: len(repo.results_for_job(session, job_id)) for job_id in ids}
+    assert all(job.status == "succeeded" and job.attempts == 1 for job in found)
+    assert set(rows.values()) == {1}  # one certificate per job: no job ran twice, none was lost
+    ran = [int(re.search(r"; ran (\d+) job", out).group(1)) for out, _ in outputs]
+    assert sum(ran) == 60 and sum(1 for count in ran if count) >= 2, ran  # the work was shared
+    engine.dispose()
