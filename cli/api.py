@@ -9,9 +9,10 @@ from typing import List, Optional
 import typer
 
 from cli import common
-from cli.submit import AFTER_HELP, PRIORITY_HELP, WAIT_HELP
+from cli.submit import AFTER_HELP, MAX_N_HELP, PRIORITY_HELP, RADIUS_HELP, WAIT_HELP
 
 PROVIDERS = ("aws", "google", "azure", "clarifai")  # dsq.apis.spec.PROVIDERS, without importing torch for --help
+DEFAULT_N = 100  # dsq.apis.spec.ApiCertifySpec's
 
 ENDPOINT_HELP = ("vendor (the real service; needs credentials), embedded (an emulator inside the job), or "
                  "HOST:PORT / http://HOST:PORT of `dsq emulate`. Default: vendor if credentials are configured, "
@@ -31,8 +32,10 @@ def certify_api(ctx: typer.Context,
                 denoiser: Optional[str] = typer.Option(None, help="Denoiser before the API: checkpoint or job:ID."),
                 endpoint: Optional[str] = typer.Option(None, help=ENDPOINT_HELP),
                 n0: int = typer.Option(20, help="Selection queries per image."),
-                n: int = typer.Option(100, help="Estimation queries per image."),
+                n: Optional[int] = typer.Option(None, help=f"Estimation queries per image (default {DEFAULT_N})."),
                 alpha: float = 0.001,
+                radius: Optional[float] = typer.Option(None, help=RADIUS_HELP.replace("samples", "queries")),
+                max_n: Optional[int] = typer.Option(None, help=MAX_N_HELP.replace("samples", "queries")),
                 max_queries: Optional[int] = typer.Option(None, help="Query budget of the job (all its runs)."),
                 qps: Optional[float] = typer.Option(None, help="Queries per second (default: the vendor's quota)."),
                 burst: Optional[int] = typer.Option(None, help="Token-bucket burst."),
@@ -48,6 +51,7 @@ def certify_api(ctx: typer.Context,
                 wait: bool = typer.Option(False, help=WAIT_HELP)):
     """Certify a vision API's smoothed top label (with an optional denoiser in front), within a budget."""
     from cli.submit import launch
+    from dsq import specs
     from dsq.apis import jobs as api_jobs
     from dsq.apis.spec import ApiCertifySpec
 
@@ -55,7 +59,8 @@ def certify_api(ctx: typer.Context,
         where = api_jobs.default_endpoint(provider, os.environ) if endpoint is None else endpoint
         spec = ApiCertifySpec(
             provider=provider, sigma=sigma, dataset=dataset, inputs=tuple(input), denoiser=denoiser,
-            endpoint=None if where == "vendor" else where, n0=n0, n=n, alpha=alpha, max_queries=max_queries,
+            endpoint=None if where == "vendor" else where, n0=n0, n=specs.given_n(n, max_n, radius, DEFAULT_N),
+            alpha=alpha, radius=radius, max_n=max_n, max_queries=max_queries,
             qps=qps, burst=burst, concurrency=concurrency, price_per_1000=price_per_1000, split=split, skip=skip,
             max_images=max_images, size=size, scale=scale, seed=seed, data_root=data_root, name=name)
         show_estimate(ctx, spec)
@@ -63,7 +68,7 @@ def certify_api(ctx: typer.Context,
 
     if dry_run:
         with common.boundary():
-            spec_of()
+            common.say(f"info: {specs.reach(spec_of())}", err=True)
         common.console.print("dry run: nothing submitted")
         return
     launch(ctx, spec_of, wait, priority, tuple(after))

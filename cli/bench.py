@@ -33,7 +33,14 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
                                           "e.g. 25,50,100,200,500."),
           out: str = typer.Option("bench-results.json", help="Where to write the results."),
           queue: int = typer.Option(0, help="Only the queue overhead: drain this many tiny certify jobs "
-                                    "with one warm worker.")):
+                                    "with one warm worker."),
+          sequential: bool = typer.Option(False, "--sequential", help="Only sequential against fixed-n "
+                                          "certification on the digits demo's models (BENCHMARKS.md)."),
+          sequential_api: bool = typer.Option(False, "--sequential-api", help="Only the billed queries per image "
+                                              "of sequential certify-api jobs on the embedded emulator."),
+          sequential_images: int = typer.Option(200, help="--sequential(-api): test digits per method and sigma."),
+          sequential_home: str = typer.Option("", help="--sequential: train the models here, or reuse those "
+                                              "trained here before (default: a temporary folder).")):
     """Benchmark certification throughput of one model pair; print a table and write JSON.
 
     Random weights (speed does not depend on them). The Ray jobs run on a local Ray started here,
@@ -44,6 +51,11 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
 
     if queue:
         return queue_overhead(queue, threads)
+    if sequential_api:
+        return sequential_api_queries(sequential_images)
+    if sequential:
+        return sequential_comparison(sequential_images, sequential_home or None,
+                                     "sequential-bench.json" if out == "bench-results.json" else out)
     with common.boundary():
         cfg = benchmark.BenchConfig(
             pair=pair, batch_size=batch_size or None, reference_batch_size=reference_batch_size, device=device,
@@ -76,7 +88,8 @@ def queue_overhead(count: int, threads: int) -> None:
 
     found = queue_bench.measure(count, threads=threads or None,
                                 log=lambda line: common.errors.print(line, markup=False, highlight=False))
-    rows = [[f"{found['succeeded']}/{found['jobs']}", f"{found['wall_s']:.1f}", f"{found['sampling_s']:.1f}",
-             f"{found['overhead_per_job_s']:.2f}", f"{found['first_job_s']:.1f}", f"{found['jobs_per_s']:.2f}"]]
-    header = ["jobs ok", "wall s", "sampling s", "overhead s/job", "first job s", "jobs/s"]
-    common.console.print(report.render_table(header, rows, title="queue overhead (one warm worker)"))
+    header = ["sampler actors", "jobs ok", "wall s", "sampling s", "overhead s/job", "first job s", "jobs/s"]
+    rows = [[variant, f"{f['succeeded']}/{f['jobs']}", f"{f['wall_s']:.1f}", f"{f['sampling_s']:.1f}",
+             f"{f['overhead_per_job_s']:.2f}", f"{f['first_job_s']:.1f}", f"{f['jobs_per_s']:.2f}"]
+            for variant, f in found.items()]
+    common.console.print(report.render_table(header, rows, title="queue overhead (one warm worker, one job at a time)"))

@@ -41,13 +41,21 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
             return _experiment(engine, experiment, radius_list, by_sigma, plot)
         with session_scope(engine) as session:
             [(label, rows)] = views.labelled_results(session, [job])
+            sequential = views.sequential_costs(session, job)
             if alpha is not None:
                 from dsq.apis import jobs as api_jobs
 
                 rows = report.as_results(api_jobs.recertify(session, job, alpha))
+        if sequential and radii is not None:
+            raise InvalidArgument(f"job {job} is sequential: it answers only at radius {sequential[0]:g}, "
+                                  f"so --radii does not apply")
         if format != "table":
             text = {"csv": report.to_csv, "json": report.to_json, "tsv": report.to_tsv}[format](rows)
             typer.echo(text, nl=not text.endswith("\n"))
+            return
+        if sequential:
+            common.console.print(views.sequential_summary(label, rows, *sequential))
+            common.say(report.sequential_note(sequential[0]))
             return
         table = report.compare_table([(label, rows)], radius_list)
         common.console.print(report.render_table(report.compare_header(radius_list), table,

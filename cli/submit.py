@@ -12,14 +12,18 @@ from cli import common
 app = typer.Typer(help="Submit a job: train a denoiser or classifier, or certify a smoothed classifier.",
                   no_args_is_help=True)
 
+DEFAULT_N = 100_000  # dsq.specs.CertifySpec's, without importing torch for --help
 PRIORITY_HELP = "Higher runs first (default 0); equal priorities run oldest first."
 AFTER_HELP = "Run only after this job succeeded (repeatable); job:N references add this by themselves."
 WAIT_HELP = "Follow the job until it ends (exit 1 unless it succeeded)."
+RADIUS_HELP = ("Certify sequentially at this target L2 radius: per image 'radius >= R or not', stopping as soon "
+               "as an anytime-valid test knows (dsq results reports accuracy at R and samples per image).")
+MAX_N_HELP = "With --radius: the most estimation samples per image (default: --n)."
 
 
 def launch(ctx: typer.Context, spec_of, wait: bool, priority: int = 0, after: tuple[int, ...] = ()) -> None:
     """Validate and queue a job, print its id, make sure a worker serves the queue; follow it with --wait."""
-    from dsq import jobs
+    from dsq import jobs, specs
     from dsq.db.session import session_scope
     from workers import background
 
@@ -35,6 +39,8 @@ def launch(ctx: typer.Context, spec_of, wait: bool, priority: int = 0, after: tu
         engine = common.database(config)
         with session_scope(engine) as session:
             job_id = jobs.submit(session, spec, config, priority=priority, after=after).id
+        if spec.kind != "train":  # the job's check already refused an n that can never certify
+            common.say(f"info: {specs.reach(spec)}", err=True)
     common.console.print(f"job {job_id}")
     with common.boundary():
         started = background.ensure_worker(config, engine)
@@ -77,7 +83,11 @@ def certify(ctx: typer.Context,
             classifier: str = typer.Option(..., help="Base classifier: checkpoint file or job:ID."),
             denoiser: Optional[str] = typer.Option(None, help="Denoiser in front of it (none: plain smoothing)."),
             sigma: float = typer.Option(..., help="Noise level in [0,1] pixel units."),
-            n0: int = 100, n: int = 100_000, alpha: float = 0.001,
+            n0: int = 100,
+            n: Optional[int] = typer.Option(None, help=f"Estimation samples per image (default {DEFAULT_N:,})."),
+            alpha: float = 0.001,
+            radius: Optional[float] = typer.Option(None, help=RADIUS_HELP),
+            max_n: Optional[int] = typer.Option(None, help=MAX_N_HELP),
             batch_size: Optional[int] = typer.Option(
                 None, help="Samples per forward pass (default: chosen for the hardware when the job starts)."),
             split: str = "test", skip: int = 1, max_images: Optional[int] = None, seed: int = 0,
@@ -93,7 +103,8 @@ def certify(ctx: typer.Context,
     from dsq import specs
 
     launch(ctx, lambda: specs.CertifySpec(
-        dataset=dataset, classifier=classifier, denoiser=denoiser, sigma=sigma, n0=n0, n=n, alpha=alpha,
+        dataset=dataset, classifier=classifier, denoiser=denoiser, sigma=sigma, n0=n0,
+        n=specs.given_n(n, max_n, radius, DEFAULT_N), alpha=alpha, radius=radius, max_n=max_n,
         batch_size=batch_size, split=split, skip=skip, max_images=max_images, seed=seed, workers=workers,
         precision=precision, compile=compile, data_root=data_root, name=name), wait, priority, tuple(after))
 

@@ -263,9 +263,12 @@ def describe(plan: Plan) -> list[str]:
             what = f"train    {spec.name}: {spec.target} {spec.arch} {spec.objective}, {spec.epochs} epochs"
         else:
             images = _images(spec)
-            samples = None if images is None else images * (spec.n0 + spec.n)
+            per_image = spec.n0 + spec.most_n  # sequential: at most
+            samples = None if images is None else images * per_image
             total += samples or 0
-            count = "? images (folder)" if images is None else f"{images} images x {spec.n0 + spec.n:,} = {samples:,} samples"
+            at_most = "at most " if spec.sequential else ""
+            count = ("? images (folder)" if images is None
+                     else f"{images} images x {at_most}{per_image:,} = {samples:,} samples")
             what = f"certify  {spec.name}: sigma {spec.sigma:g}, {count}"
         lines.append(f"#{i:<3} {what}{after}")
     trains = sum(isinstance(s.spec, TrainSpec) for s in plan.steps)

@@ -7,6 +7,11 @@ Symbols: for the per-image results of a job, the *certified accuracy* at radius 
 smoothed prediction is correct and certified with radius >= r. At r = 0 it is the *clean accuracy of the smoothed
 classifier* (correct and not abstaining, prediction -1 never being correct).
 
+A *sequential* job (a target radius r, ``dsq.sequential``) answers one question per image: certified within
+radius >= r, or not. Its certified accuracy at r is the fraction of images correct and certified; at any other
+radius it answers nothing (its stored radii are lower bounds, not the largest radius the samples allow), so its
+table (``sequential_table``) has that one number and what it cost: samples (or queries) per image.
+
 Comparison tables follow the Denoised Smoothing paper's Tables 1-2 ("standard accuracy is in parenthesis"): one row
 per job, one column per radius, every cell ``A (C)`` with A the certified accuracy in percent and C the clean
 accuracy of the job that produced A: the smoothed classifier's accuracy at r = 0 unless the caller passes another
@@ -201,6 +206,42 @@ def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, title:
     for row in rows:
         table.add_row(*(safe(cell) for cell in row))
     return table
+
+
+def sequential_header(unit: str = "samples") -> list[str]:
+    """Column titles of :func:`sequential_table`; ``unit`` is what an image costs (samples, queries)."""
+    return ["job", "target radius", "certified accuracy %", f"mean {unit}/image", f"median {unit}/image", "images"]
+
+
+def sequential_table(jobs: Sequence[tuple[str, Rows, Sequence[float]]], radius: float, *,
+                     decimals: int = 1) -> list[list[str]]:
+    """One row per sequential job at target ``radius``: (label, rows, cost per image in the rows' order).
+
+    The cost is what each image took: estimation samples drawn, or queries billed for an API job.
+    """
+    table = []
+    for label, rows, costs in jobs:
+        [accuracy] = _job_accuracy(label, rows, [radius])[1]
+        mean, median = cost_summary(costs)
+        table.append([label, f"{radius:g}", f"{100 * accuracy:.{decimals}f}", f"{mean:,.0f}", f"{median:,.0f}",
+                      str(len(costs))])
+    return table
+
+
+def sequential_note(radius: float) -> str:
+    """What a sequential job does not answer, in one line."""
+    return (f"a sequential job answers only 'certified within radius >= {radius:g}, or not' per image; it does not "
+            f"answer other radii (certify with a fixed n for accuracy at every radius)")
+
+
+def cost_summary(costs: Sequence[float]) -> tuple[float, float]:
+    """(mean, median) of per-image costs; InvalidArgument when there are none."""
+    if not costs:
+        raise InvalidArgument("no certified images: samples per image need at least one result row")
+    ordered = sorted(float(c) for c in costs)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return sum(ordered) / len(ordered), median
 
 
 # ---------------------------------------------------------------------------------------------- per-image files

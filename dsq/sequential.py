@@ -40,9 +40,10 @@ early (to certify or not), at max_n, or on the runner's schedule keeps it. The t
 evaluated only at batch ends, in batch order, so the same batches give the same
 decision on any number of workers.
 
-The statistics (``log_wealth``, ``lower_bound``, ``SequentialTest``, ``decide``,
+The statistics (``log_wealth``, ``lower_bound``, ``SequentialTest``, ``decide``, ``Stream``,
 ``max_radius``, ``min_n``, ``max_sequential_radius``) are pure functions of counts;
-``certify_radius`` is a thin loop over ``dsq.sampling``.
+``certify_radius`` is a thin loop over ``dsq.sampling``; the job runners feed ``Stream`` the
+batches their workers return, in any order.
 """
 
 from __future__ import annotations
@@ -194,6 +195,48 @@ def decide(batches: Iterable[tuple[int, int]], *, p0: float, alpha: float, max_n
     return test
 
 
+class Stream:
+    """One image's estimation batches, drawn in any order, decided in batch order.
+
+    Batch b is samples [b * batch_size, min((b + 1) * batch_size, max_n)) of the estimation
+    stream. ``add`` takes a batch's count vector whenever it comes back; the test sees a batch
+    once every batch before it is in, and batches past the decision are ignored, so the decision
+    and the samples it counts do not depend on how many workers drew them or in which order.
+    """
+
+    def __init__(self, test: SequentialTest, c_a: int, batch_size: int):
+        _check_count(batch_size, "batch size")
+        self.test, self.c_a, self.batch_size = test, int(c_a), int(batch_size)
+        self.batches = math.ceil(test.max_n / batch_size)
+        self.counts = np.zeros(c_a + 1, dtype=np.int64)  # votes of the batches the test used
+        self.used = 0  # batches the test used
+        self.held: dict[int, np.ndarray] = {}  # batches back before one of their predecessors
+
+    @property
+    def decided(self) -> bool:
+        return self.test.decision != CONTINUE
+
+    def span(self, batch: int) -> tuple[int, int]:
+        """(start, count) of batch ``batch`` within the estimation stream."""
+        start = batch * self.batch_size
+        return start, min(self.batch_size, self.test.max_n - start)
+
+    def add(self, batch: int, counts) -> str:
+        """Take batch ``batch``'s count vector; feed the test every batch now in order; return the decision."""
+        if not 0 <= batch < self.batches:
+            raise InvalidArgument(f"batch {batch} is outside the {self.batches} batches of max_n = {self.test.max_n}")
+        if not self.decided and batch >= self.used:
+            self.held[batch] = np.asarray(counts, dtype=np.int64)
+        while not self.decided and self.used in self.held:
+            votes = self.held.pop(self.used)
+            self.counts = smoothing.sum_counts([self.counts, votes])
+            self.test.update(int(votes[self.c_a]) if self.c_a < len(votes) else 0, self.span(self.used)[1])
+            self.used += 1
+        if self.decided:
+            self.held.clear()
+        return self.test.decision
+
+
 def to_certificate(test: SequentialTest, counts_selection, counts_estimation, *,
                    n0: int, sigma: float, radius: float) -> smoothing.Certificate:
     """The Certificate of a finished test: cA certified within >= radius, or abstain.
@@ -238,16 +281,12 @@ def certify_radius(model, x, *, sigma, radius, n0, max_n, alpha, batch_size, see
     smoothing.check_image(model, x, device)
     common = dict(sigma=sigma, batch_size=batch_size, seed=seed, image=image, device=device)
     selection = sampling.sample_phase(model, x, num=n0, phase=sampling.SELECTION, **common)
-    c_a = int(np.argmax(selection))
-    test = SequentialTest.at_radius(radius, sigma, alpha, max_n)
-    estimation = np.zeros_like(selection)
-    while test.decision == CONTINUE:
-        count = min(batch_size, max_n - test.trials)
-        counts = sampling.sample_counts(model, x, start=test.trials, count=count,
-                                        phase=sampling.ESTIMATION, **common)
-        estimation = estimation + counts
-        test.update(int(counts[c_a]), count)
-    return to_certificate(test, selection, estimation, n0=n0, sigma=sigma, radius=radius)
+    stream = Stream(SequentialTest.at_radius(radius, sigma, alpha, max_n), int(np.argmax(selection)), batch_size)
+    while not stream.decided:
+        start, count = stream.span(stream.used)
+        stream.add(stream.used, sampling.sample_counts(model, x, start=start, count=count,
+                                                       phase=sampling.ESTIMATION, **common))
+    return to_certificate(stream.test, selection, stream.counts, n0=n0, sigma=sigma, radius=radius)
 
 
 def max_radius(n: int, alpha: float, sigma: float) -> float:

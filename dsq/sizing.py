@@ -17,7 +17,8 @@ the 32×32 pair (256 KiB per sample) and from 128 to 1,024 on the 8×8 pair (8 K
 −20% at 1,000 samples of 32×32, −16% at 4,096 samples of 8×8. 8 MiB lies inside both flat ranges.
 On a GPU, the largest batch that fits: the measured memory per sample of a probe batch against a
 share of the free memory. Either way no more than ``MAX_BATCH``, nor more than one worker's share of n, so that every
-worker gets a shard.
+worker gets a shard. A sequential job (a target radius) decides at batch ends, so its batch is also at most
+max_n / ``SEQUENTIAL_LOOKS``: an image that is clear after a few hundred samples stops there.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from torch import nn
 
 from dsq.fastpath import PreparedModel
 
+SEQUENTIAL_LOOKS = 100          # a sequential job looks at its test at least this often within max_n, so an
+                                # image can stop after 1% of it (clear-cut images need a few hundred samples)
 ACTOR_MEMORY = 3 << 29          # 1.5 GiB: torch in a process (~0.7 GB) plus a model and its batches
 CPU_ACTIVATION_BYTES = 8 << 20
 GPU_MEMORY_SHARE = 0.6          # of the memory free on the device when the actor starts
@@ -51,6 +54,11 @@ def choose_batch(bytes_per_sample: int, budget_bytes: int, *, n: int, workers: i
     """The largest batch within the memory budget, between MIN_BATCH and MAX_BATCH, and at most ⌈n/workers⌉."""
     fits = max(MIN_BATCH, budget_bytes // max(1, bytes_per_sample))
     return int(min(fits, MAX_BATCH, math.ceil(n / workers)))
+
+
+def sequential_batch(batch: int, max_n: int) -> int:
+    """A sequential job's batch: the test looks at batch ends, so at most max_n / SEQUENTIAL_LOOKS (>= MIN_BATCH)."""
+    return int(min(batch, max(MIN_BATCH, math.ceil(max_n / SEQUENTIAL_LOOKS))))
 
 
 def probe(model: nn.Module, x: torch.Tensor, device: torch.device | str, share: float = 1.0) -> dict:

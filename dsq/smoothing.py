@@ -12,6 +12,9 @@ Symbols, as in the paper:
 - p_lower  one-sided (1 - alpha) Clopper-Pearson lower bound on pA
 - R        certified L2 radius sigma * Phi^-1(p_lower); abstain (-1) if p_lower < 1/2
 
+``certify_radius`` asks only "is g robust at x within r?" and stops as soon as a sequential,
+anytime-valid test knows (``dsq.sequential``).
+
 The statistics (``lower_confidence_bound``, ``radius``, ``certify_counts``,
 ``predict_counts``, ``sum_counts``) are pure functions of counts, so shards
 computed anywhere can be summed and the bound computed once per image.
@@ -163,6 +166,22 @@ def certify(model, x, *, sigma, n0, n, alpha, batch_size, seed, device=None, ima
     selection = sampling.sample_phase(model, x, num=n0, phase=sampling.SELECTION, **common)
     estimation = sampling.sample_phase(model, x, num=n, phase=sampling.ESTIMATION, **common)
     return certify_counts(selection, estimation, alpha=alpha, sigma=sigma, n0=n0, n=n)
+
+
+def certify_radius(model, x, *, sigma, radius, n0, max_n, alpha, batch_size, seed, device=None,
+                   image=0) -> Certificate:
+    """Sequential, anytime-valid certification of one image at a target ``radius`` (``dsq.sequential``).
+
+    cA from n0 selection samples as in CERTIFY; then estimation batches of ``batch_size`` (the
+    same stream CERTIFY draws) until the test decides, at most ``max_n`` samples. ``prediction``
+    is cA if g is certified within >= ``radius`` (else -1), ``radius`` the certified radius
+    (0.0 if not), ``n`` the estimation samples drawn, ``p_lower`` the anytime-valid bound at
+    stopping; P(wrong certificate) <= alpha whatever the stopping time.
+    """
+    from dsq import sequential  # it builds on this module
+
+    return sequential.certify_radius(model, x, sigma=sigma, radius=radius, n0=n0, max_n=max_n, alpha=alpha,
+                                     batch_size=batch_size, seed=seed, device=device, image=image)
 
 
 def predict(model, x, *, sigma, n, alpha, batch_size, seed, device=None, image=0) -> int:

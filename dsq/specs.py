@@ -5,6 +5,12 @@ A spec is everything needed to (re)run a job; it is stored in the jobs table, so
 ``denoiser``, ``init``, ``surrogates``) are strings: a checkpoint file path, or
 ``job:ID`` for the checkpoint produced by a finished training job (resolved by
 ``dsq.jobs`` against the database).
+
+Certification draws a fixed n per image and reports the largest radius it can, or, with a
+target ``radius``, runs the sequential test of ``dsq.sequential``: per image "certified within
+>= radius, or not", with at most ``max_n`` estimation samples (``max_n`` defaults to ``n``).
+A target no run of ``max_n`` samples can reach is refused: such a job could only spend samples.
+Specs stored before these fields existed load with their defaults (fixed n).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsq import fastpath, objectives, smoothing
+from dsq import fastpath, objectives, sequential, smoothing
 from dsq.apis.spec import ApiCertifySpec
 from dsq.errors import InvalidArgument, UnknownName
 from dsq.text import check_name
@@ -129,6 +135,8 @@ class CertifySpec:
     workers: int | None = None  # None: one sampler actor per GPU, else one single-threaded actor per CPU
     precision: str = "fp32"  # bf16/fp16 autocast changes f: it is recorded with every result
     compile: bool = False  # noqa: A003 - torch.compile the sampler's model
+    radius: float | None = None  # a target radius: sequential certification, "radius >= r or not" per image
+    max_n: int | None = None  # sequential: the most estimation samples per image (None: n)
     data_root: str | None = None
     name: str | None = None
     kind: str = "certify"
@@ -138,6 +146,7 @@ class CertifySpec:
         batch_size = 1 if self.batch_size is None else self.batch_size
         smoothing.validate(sigma=self.sigma, n0=self.n0, n=self.n, alpha=self.alpha, batch_size=batch_size)
         check_sigma_scale(self.sigma)
+        check_target(self)
         if self.name is not None:
             check_name(self.name, "job name")
         _check_choice("split", self.split, ("train", "test"))
@@ -150,6 +159,15 @@ class CertifySpec:
         _check_seed(self.seed)
         if self.max_images is not None:
             _check_positive_int("max images", self.max_images)
+
+    @property
+    def sequential(self) -> bool:
+        return self.radius is not None
+
+    @property
+    def most_n(self) -> int:
+        """The most estimation samples one image can take: max_n in sequential mode, else n."""
+        return self.max_n if self.sequential else self.n
 
     def references(self) -> tuple[str, ...]:
         return tuple(r for r in (self.classifier, self.denoiser) if r)
@@ -189,6 +207,62 @@ def is_job_reference(reference: str) -> bool:
 def _to_dict(spec) -> dict:
     data = dataclasses.asdict(spec)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+def check_target(spec) -> None:
+    """Sequential mode (``spec.radius`` set): max_n defaults to n; refuse a radius max_n can never certify.
+
+    Shared by every certification spec (``radius``, ``max_n``, ``n0``, ``n``, ``alpha``, ``sigma``).
+    """
+    if spec.radius is None:
+        if spec.max_n is not None:
+            raise InvalidArgument(f"max n ({spec.max_n!r}) needs a target radius (--radius); "
+                                  f"without one, each image takes a fixed n")
+        return
+    if not _is_real(spec.radius) or not math.isfinite(spec.radius) or spec.radius <= 0:
+        raise InvalidArgument(f"radius must be a finite number > 0, got {spec.radius!r}")
+    if spec.max_n is None:
+        object.__setattr__(spec, "max_n", spec.n)
+    _check_positive_int("max n", spec.max_n)
+    if spec.max_n < spec.n0:
+        raise InvalidArgument(f"max n must be at least n0 = {spec.n0}, got {spec.max_n}")
+    largest = sequential.max_sequential_radius(spec.max_n, spec.alpha, spec.sigma)
+    if spec.radius > largest:
+        raise InvalidArgument(f"radius {spec.radius:g} is out of reach: {spec.max_n} samples at alpha "
+                              f"{spec.alpha:g} certify at most radius {largest:.4g} at sigma {spec.sigma:g} "
+                              f"(such a job could only spend samples); lower --radius or raise --max-n")
+
+
+def reach(spec) -> str:
+    """One line on what a certification spec can certify; InvalidArgument when its n can never certify.
+
+    Fixed n: with all n votes for cA, p_lower = alpha^(1/n), so the largest radius is
+    sigma * Phi^-1(alpha^(1/n)), which is 0 when alpha^(1/n) <= 1/2 (``sequential.max_radius``).
+    """
+    if spec.radius is not None:
+        largest = sequential.max_sequential_radius(spec.max_n, spec.alpha, spec.sigma)
+        return (f"sequential: each image is certified at radius >= {spec.radius:g} or abstains, with at most "
+                f"{spec.max_n:,} estimation samples (they can reach radius {largest:.4g} at most)")
+    largest = sequential.max_radius(spec.n, spec.alpha, spec.sigma)
+    if largest == 0.0:
+        raise InvalidArgument(f"n = {spec.n} estimation samples can never certify at alpha {spec.alpha:g} "
+                              f"(even {spec.n} of {spec.n} votes leave p_lower <= 1/2); the smallest n that can is "
+                              f"{sequential.min_n(spec.alpha)}")
+    return (f"n = {spec.n:,} at alpha {spec.alpha:g} certifies radius {largest:.4g} at most "
+            f"({largest / spec.sigma:.3g} sigma)")
+
+
+def given_n(n: int | None, max_n: int | None, radius: float | None, default: int) -> int:
+    """The spec's n from the command-line options: --n, else --max-n in sequential mode, else ``default``.
+
+    With --radius, n is only max_n's default, so a --n that differs from --max-n contradicts it.
+    """
+    if radius is not None and n is not None and max_n is not None and n != max_n:
+        raise InvalidArgument(f"--n {n} contradicts --max-n {max_n}: with --radius, each image takes at most "
+                              f"max n estimation samples (--n only gives its default); give one of them")
+    if n is not None:
+        return n
+    return max_n if radius is not None and max_n is not None else default
 
 
 def check_sigma_scale(sigma) -> None:

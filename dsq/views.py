@@ -113,8 +113,33 @@ def labelled_results(session: Session, job_ids) -> list[tuple[str, list]]:
             raise JobStateError(f"job {job_id} has no results yet (status {job.status})")
         precision = (job.spec or {}).get("precision", "fp32")  # reduced precision changes f: say so
         label = job.name or f"job {job.id}"
-        labelled.append((label if precision == "fp32" else f"{label} ({precision})", rows))
+        label = label if precision == "fp32" else f"{label} ({precision})"
+        target = (job.spec or {}).get("radius")  # a sequential job answers only at its target: say so
+        labelled.append((label if target is None else f"{label} (sequential, r = {target:g})", rows))
     return labelled
+
+
+def sequential_costs(session: Session, job_id: int) -> tuple[float, str, list[int]] | None:
+    """A sequential job's target radius, its cost unit and each image's cost, by image; None for a fixed n.
+
+    The cost is the estimation samples drawn, or for a certify-api job the queries billed (n0 + n + 1:
+    each paid at most once, fewer when stored answers were reused).
+    """
+    job = repo.get_job(session, job_id)
+    target = (job.spec or {}).get("radius")
+    if target is None:
+        return None
+    rows = repo.results_for_job(session, job_id)
+    if job.kind == "certify_api":
+        return float(target), "queries", [row.n0 + row.n + 1 for row in rows]
+    return float(target), "samples", [row.n for row in rows]
+
+
+def sequential_summary(label: str, rows, target: float, unit: str, costs: list[int]):
+    """The rich table of a sequential job: certified accuracy at its target and what an image cost."""
+    table = report.sequential_table([(label, rows, costs)], target)
+    return report.render_table(report.sequential_header(unit), table,
+                               title=f"{label}: certified accuracy % at radius {target:g}, {len(rows)} images")
 
 
 def comparison(labelled, radii, *, envelope: bool = False, title: str = "certified accuracy % (clean)"):

@@ -159,3 +159,15 @@ def test_plot_curves_writes_png(tmp_path):
         report.plot_curves(jobs, str(tmp_path / "missing" / "x.png"))
     with pytest.raises(InvalidArgument, match="no certified images"):
         report.plot_curves([("empty", [])], str(path))
+
+
+def test_sequential_table_has_accuracy_at_the_target_and_cost_per_image():
+    # a sequential job at r = 0.25: certified images carry radius >= 0.25 (rows 0, 2, 3, 7 correct; 4, 8 wrong)
+    costs = [100, 10_000, 200, 100, 300, 10_000, 10_000, 100, 400, 10_000]
+    [cells] = report.sequential_table([("seq", ROWS, costs)], 0.25)
+    assert cells == ["seq", "0.25", "40.0", "4,120", "350", "10"]
+    assert report.sequential_header("queries")[3:5] == ["mean queries/image", "median queries/image"]
+    assert report.cost_summary([3, 1, 2]) == (2.0, 2.0) and report.cost_summary([4, 1, 2, 3]) == (2.5, 2.5)
+    assert "answers only 'certified within radius >= 0.25, or not'" in report.sequential_note(0.25)
+    with pytest.raises(InvalidArgument, match="no certified images"):
+        report.cost_summary([])

@@ -314,3 +314,32 @@ def test_a_hopeless_target_draws_no_estimation_samples(halfspace):
     cert = sequential.certify_radius(halfspace, x, sigma=sigma, radius=target, n0=10, max_n=max_n,
                                      alpha=0.001, batch_size=100, seed=0)
     assert cert.abstained and cert.n == 0 and cert.counts_selection.sum() == 10
+
+
+def test_a_stream_decides_in_batch_order_whatever_order_batches_come_back_in():
+    rng = np.random.default_rng(3)
+    batch_size, max_n, p0 = 40, 990, float(norm.cdf(0.5))  # 25 batches, the last one cut to 30 samples
+    sizes = [batch_size] * 24 + [30]
+    counts = [np.array([size - a, a]) for size, a in zip(sizes, rng.binomial(sizes, 0.8))]
+    in_order = sequential.Stream(sequential.SequentialTest(p0, 0.001, max_n), 1, batch_size)
+    for batch, votes in enumerate(counts):
+        in_order.add(batch, votes)
+    assert in_order.decided and 0 < in_order.used < 25  # decided before the end, so later batches were ignored
+    for seed in range(5):
+        shuffled = sequential.Stream(sequential.SequentialTest(p0, 0.001, max_n), 1, batch_size)
+        for batch in np.random.default_rng(seed).permutation(25):
+            shuffled.add(int(batch), counts[batch])
+        assert (shuffled.test.decision, shuffled.test.trials, shuffled.used) == \
+               (in_order.test.decision, in_order.test.trials, in_order.used)
+        assert shuffled.counts.tolist() == in_order.counts.tolist() == np.sum(counts[:in_order.used], axis=0).tolist()
+        assert not shuffled.held
+    assert in_order.span(24) == (960, 30) and in_order.span(3) == (120, 40)
+    with pytest.raises(InvalidArgument, match="outside the 25 batches"):
+        in_order.add(25, [0, 1])
+
+
+def test_certify_radius_is_part_of_the_smoothing_contract(halfspace):
+    x = point_at(halfspace, 0.3)
+    args = dict(sigma=0.25, radius=0.1, n0=50, max_n=2_000, alpha=0.001, batch_size=100, seed=1, image=2)
+    cert = smoothing.certify_radius(halfspace, x, **args)
+    assert cert.to_dict() == sequential.certify_radius(halfspace, x, **args).to_dict() and cert.prediction == 1

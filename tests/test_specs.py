@@ -25,6 +25,8 @@ SPECS = [
     TrainSpec(**dict(MSE, objective="stab"), surrogates=("job:4", "surrogate.pt")),
     CertifySpec(**CERTIFY, n0=10, n=500, alpha=0.01, batch_size=100, max_images=20, skip=3, workers=2),
     CertifySpec(dataset="cifar10", classifier="f.pt", sigma=1.0, split="train", name="plain"),
+    CertifySpec(**CERTIFY, n=10_000, radius=0.25, name="sequential"),
+    CertifySpec(**CERTIFY, radius=0.1, max_n=2_000, name="sequential, capped"),
 ]
 
 
@@ -38,7 +40,7 @@ def error_of(call) -> DsqError:
 # ------------------------------------------------------------------------------ round trip
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kind}-{getattr(s, 'objective', s.sigma)}")
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kind}-{getattr(s, 'objective', s.sigma)}-{s.name}")
 def test_round_trip_through_dict_and_json(spec):
     data = spec.to_dict()
     assert specs.from_dict(data) == spec
@@ -112,6 +114,66 @@ def test_bad_certify_spec(field, value, words):
     error = error_of(lambda: CertifySpec(**{**CERTIFY, field: value}))
     assert isinstance(error, InvalidArgument)
     assert words in str(error) and repr(value) in str(error)
+
+
+# ------------------------------------------------------------------------------ sequential certification
+
+
+def test_a_target_radius_makes_a_sequential_spec_whose_max_n_defaults_to_n():
+    fixed, capped = CertifySpec(**CERTIFY, n=5_000), CertifySpec(**CERTIFY, radius=0.2, max_n=800)
+    assert not fixed.sequential and (fixed.radius, fixed.max_n, fixed.most_n) == (None, None, 5_000)
+    up_to_n = CertifySpec(**CERTIFY, n=5_000, radius=0.2)
+    assert up_to_n.sequential and (up_to_n.max_n, up_to_n.most_n) == (5_000, 5_000)
+    assert capped.most_n == 800
+
+
+def test_specs_stored_before_sequential_certification_load_as_fixed_n():
+    old = CertifySpec(**CERTIFY, n=500).to_dict()
+    del old["radius"], old["max_n"]
+    assert specs.from_dict(old) == CertifySpec(**CERTIFY, n=500)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"radius": 0.0}, "radius must be a finite number > 0, got 0.0"),
+    ({"radius": -1}, "radius must be a finite number > 0, got -1"),
+    ({"radius": float("nan")}, "radius must be a finite number > 0, got nan"),
+    ({"radius": float("inf")}, "radius must be a finite number > 0, got inf"),
+    ({"radius": "0.5"}, "radius must be a finite number > 0, got '0.5'"),
+    ({"max_n": 1_000}, "max n (1000) needs a target radius (--radius)"),
+    ({"radius": 0.1, "max_n": 50}, "max n must be at least n0 = 100, got 50"),
+    ({"radius": 0.1, "max_n": 0}, "max n must be an integer >= 1, got 0"),
+    ({"radius": 0.1, "max_n": 1e4}, "max n must be an integer >= 1, got 10000.0"),
+    ({"radius": 0.8, "max_n": 10_000}, "radius 0.8 is out of reach: 10000 samples at alpha 0.001 certify at most "
+                                       "radius 0.7794 at sigma 0.25 (such a job could only spend samples)"),
+])
+def test_bad_sequential_spec(changes, words):
+    error = error_of(lambda: CertifySpec(**CERTIFY, **changes))
+    assert isinstance(error, InvalidArgument) and words in str(error)
+
+
+def test_reach_says_the_largest_radius_and_refuses_an_n_that_can_never_certify():
+    from dsq import sequential
+
+    assert specs.reach(CertifySpec(**CERTIFY, n=1_000)) == "n = 1,000 at alpha 0.001 certifies radius 0.6158 at most (2.46 sigma)"
+    assert sequential.max_radius(1_000, 0.001, 0.25) == pytest.approx(0.6158, abs=1e-4)
+    assert "at most 2,000 estimation samples (they can reach radius 0.6521 at most)" in specs.reach(
+        CertifySpec(**CERTIFY, radius=0.1, max_n=2_000))
+    error = error_of(lambda: specs.reach(CertifySpec(**CERTIFY, n0=5, n=9)))
+    assert isinstance(error, InvalidArgument) and "n = 9 estimation samples can never certify at alpha 0.001" in str(error)
+    assert "the smallest n that can is 10" in str(error)
+    assert specs.reach(CertifySpec(**CERTIFY, n0=5, n=10)).startswith("n = 10 at alpha 0.001 certifies radius")
+
+
+@pytest.mark.parametrize("n, max_n, radius, expected", [
+    (None, None, None, 100_000), (500, None, None, 500), (None, None, 0.2, 100_000), (500, None, 0.2, 500),
+    (None, 700, 0.2, 700), (700, 700, 0.2, 700), (None, 700, None, 100_000)])
+def test_given_n_from_the_command_line_options(n, max_n, radius, expected):
+    assert specs.given_n(n, max_n, radius, 100_000) == expected
+
+
+def test_an_explicit_n_that_contradicts_max_n_is_refused():
+    error = error_of(lambda: specs.given_n(1_000, 700, 0.2, 100_000))
+    assert isinstance(error, InvalidArgument) and "--n 1000 contradicts --max-n 700" in str(error)
 
 
 # ------------------------------------------------------------------------------ train choices and numbers

@@ -6,6 +6,10 @@ paid for across all its runs. Queries stream over a window of images so the acto
 stays busy; an image is certified once all its answers are in. A budget that would be exceeded stops
 the job after the queries in flight (partial answers are kept); ``dsq resume JOB --max-queries N``
 goes on from there.
+
+Sequential mode (a target radius): an image first asks its clean and n0 selection queries, then its
+estimation queries in batches of ``QUERY_BATCH``, in sample order, one batch at a time, until the test
+decides; the queries it needed are the ones it is billed for (fewer when answers are stored already).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from dsq import sequential
 from dsq.apis import base
 from dsq.apis import jobs as api_jobs
 from dsq.errors import ApiQueryFailed, BudgetReached, NonFiniteOutput, UnreadableImage
@@ -25,15 +30,26 @@ from dsq.db.session import session_scope
 from workers import api_actor
 from workers.loop import JobLoop
 
+# Estimation queries per look of a sequential test: a clear-cut image stops within a few dozen queries,
+# and at most 9 are sent past the point where a look after every query would have stopped.
+QUERY_BATCH = 10
+
 
 @dataclass
 class ImageWork:
     index: int
-    queries: list[base.Query]
-    labels: dict[str, str]
-    pending: set[str]
+    x: object
     about: dict
+    queries: list[base.Query] = field(default_factory=list)  # asked so far, in order: clean, selection, estimation
+    labels: dict[str, str] = field(default_factory=dict)
+    pending: set[str] = field(default_factory=set)
     started: float = field(default_factory=time.perf_counter)
+    test: sequential.SequentialTest | None = None  # sequential: once the selection answers are in
+    c_a: str | None = None
+    ahead: list[base.Query] = field(default_factory=list)  # sequential: encoded, not yet asked
+
+    def top(self, phase: str) -> list[str]:
+        return [self.labels[q.sha256] for q in self.queries if q.phase == phase]
 
 
 def run(engine, settings, job_id: int, spec, control) -> None:
@@ -50,8 +66,9 @@ def run(engine, settings, job_id: int, spec, control) -> None:
         repo.add_log(session, job_id, f"{spec.provider} ({service}): {len(todo)} images to certify, "
                                       f"{paid} queries paid so far; qps {limits.qps:g}, burst {limits.burst}, "
                                       f"concurrency {limits.concurrency}")
-    loop = ApiLoop(engine, settings, job_id, spec, source, denoiser, actor, paid=paid,
-                   window=2 * limits.concurrency, done=len(source.indices) - len(todo), control=control)
+    kind = SequentialApiLoop if spec.sequential else ApiLoop
+    loop = kind(engine, settings, job_id, spec, source, denoiser, actor, paid=paid,
+                window=2 * limits.concurrency, done=len(source.indices) - len(todo), control=control)
     loop.run(todo)
 
 
@@ -70,7 +87,7 @@ class ApiLoop(JobLoop):
 
     def run(self, todo: collections.deque) -> None:
         while (todo and not self.over_budget) or self.queue or self.in_flight:
-            while todo and len(self.queue) < self.window and not self.over_budget:
+            while todo and self._room() and not self.over_budget:
                 self._open(todo.popleft())
             self._dispatch()
             if self.over_budget and not self.in_flight:
@@ -80,31 +97,52 @@ class ApiLoop(JobLoop):
         if self.over_budget:
             self._stop_for_budget()
 
+    def _room(self) -> bool:
+        """Open another image? While fewer queries than the window wait to be sent."""
+        return len(self.queue) < self.window
+
     def _open(self, index: int) -> None:
-        spec = self.spec
         try:
             x = self.source.image(index)
         except UnreadableImage as error:
             return self._image_failed(index, str(error))
-        try:
-            queries = base.image_queries(x, self.denoiser, sigma=spec.sigma, seed=spec.seed, image=index,
-                                         n0=spec.n0, n=spec.n, scale=spec.scale)
-        except NonFiniteOutput as error:
-            return self._image_failed(index, str(error))
+        with session_scope(self.engine) as session:
+            repo.upsert_work_unit(session, self.job_id, f"image:{index}", status="running")
+        self.images[index] = ImageWork(index, x, self.source.describe(index))
+        self._advance(self.images[index])
+
+    def _advance(self, work: ImageWork) -> None:
+        """Ask an image's next queries while all it asked is answered; certify it once it needs none."""
+        while not work.pending:
+            try:
+                queries = self._next_queries(work)
+            except NonFiniteOutput as error:
+                return self._image_failed(work.index, str(error))
+            if queries is None:
+                return self._finish(work)
+            self._request(work, queries)
+
+    def _next_queries(self, work: ImageWork) -> list[base.Query] | None:
+        """Every query at once: the clean one, n0 selection and n estimation queries."""
+        if work.queries:
+            return None
+        spec = self.spec
+        return base.image_queries(work.x, self.denoiser, sigma=spec.sigma, seed=spec.seed, image=work.index,
+                                  n0=spec.n0, n=spec.n, scale=spec.scale)
+
+    def _request(self, work: ImageWork, queries: list[base.Query]) -> None:
+        """Take stored answers from the database, queue the rest (once per digest, whichever image asks)."""
         digests = {q.sha256 for q in queries}
         with session_scope(self.engine) as session:
-            stored = repo.api_answers(session, spec.provider, self.service, digests)
-            repo.upsert_work_unit(session, self.job_id, f"image:{index}", status="running")
-        labels = {digest: row.top_label for digest, row in stored.items()}
-        work = ImageWork(index, queries, labels, digests - set(labels), self.source.describe(index))
-        self.images[index] = work
+            stored = repo.api_answers(session, self.spec.provider, self.service, digests)
+        work.queries += queries
+        work.labels.update({digest: row.top_label for digest, row in stored.items()})
+        work.pending = digests - set(work.labels)
         unsent = {q.sha256: q.image for q in queries if q.sha256 in work.pending}
         for digest, image in unsent.items():
             if not self.waiting[digest]:
                 self.queue.append((digest, image))
-            self.waiting[digest].add(index)
-        if not work.pending:
-            self._finish(work)
+            self.waiting[digest].add(work.index)
 
     def _dispatch(self) -> None:
         budget, self.over_budget = self.spec.max_queries, False
@@ -133,20 +171,19 @@ class ApiLoop(JobLoop):
                 continue
             work.labels[digest] = reply["top_label"]
             work.pending.discard(digest)
-            if not work.pending:
-                self._finish(work)
+            self._advance(work)
 
     def _finish(self, work: ImageWork) -> None:
         del self.images[work.index]
-        labels = [work.labels[q.sha256] for q in work.queries]
-        phases = [q.phase for q in work.queries]
-        result = base.certify_labels(
-            labels[0], [label for label, phase in zip(labels, phases) if phase == base.SELECTION],
-            [label for label, phase in zip(labels, phases) if phase == base.ESTIMATION],
-            alpha=self.spec.alpha, sigma=self.spec.sigma)
+        result = base.certify_labels(work.top(base.CLEAN)[0], work.top(base.SELECTION), work.top(base.ESTIMATION),
+                                     alpha=self.spec.alpha, sigma=self.spec.sigma)
+        self._record(work, result)
+
+    def _record(self, work: ImageWork, result: base.ApiCertificate, extra: dict | None = None) -> None:
         with session_scope(self.engine) as session:
             api_jobs.record_image(session, self.job_id, work.index, self.spec, result, work.queries, work.about,
-                                  seconds=time.perf_counter() - work.started, worker=f"api:{self.service}")
+                                  seconds=time.perf_counter() - work.started, worker=f"api:{self.service}",
+                                  extra=extra)
         self._progress()
 
     def _image_failed(self, index: int, error: str) -> None:
@@ -170,3 +207,51 @@ class ApiLoop(JobLoop):
         raise BudgetReached(f"query budget reached: {paid} of {self.spec.max_queries} queries paid, "
                             f"{self.done} of {self.total} images done; raise it with "
                             f"`dsq resume {self.job_id} --max-queries N`")
+
+
+class SequentialApiLoop(ApiLoop):
+    """Certifies each image at the target radius: clean and selection queries, then estimation batches in order.
+
+    An image asks one batch at a time, so few queries wait while its answers are out: a new image opens
+    only while fewer queries than the window are queued or in flight, so a budget goes to finishing
+    the images already open rather than to starting many and finishing none.
+    """
+
+    def _room(self) -> bool:
+        return len(self.queue) + len(self.in_flight) < self.window
+
+    def _next_queries(self, work: ImageWork) -> list[base.Query] | None:
+        spec = self.spec
+        if not work.queries:
+            return base.image_queries(work.x, self.denoiser, sigma=spec.sigma, seed=spec.seed, image=work.index,
+                                      n0=spec.n0, n=0, scale=spec.scale)
+        if work.test is None:
+            work.c_a = base.selection_winner(work.top(base.CLEAN)[0], work.top(base.SELECTION))
+            work.test = sequential.SequentialTest.at_radius(spec.radius, spec.sigma, spec.alpha, spec.max_n)
+        else:  # the batch just answered: the estimation queries past those the test has counted
+            batch = [work.labels[q.sha256] for q in work.queries[1 + spec.n0 + work.test.trials:]]
+            work.test.update(sum(label == work.c_a for label in batch), len(batch))
+        if work.test.decision != sequential.CONTINUE:
+            return None
+        return self._estimation_batch(work)
+
+    def _estimation_batch(self, work: ImageWork) -> list[base.Query]:
+        """The next QUERY_BATCH estimation queries (at most max_n in all), encoded DENOISE_BATCH at a time."""
+        spec, asked = self.spec, work.test.trials
+        count = min(QUERY_BATCH, spec.max_n - asked)
+        if len(work.ahead) < count:
+            first = asked + len(work.ahead)
+            work.ahead += base.phase_queries(work.x, self.denoiser, sigma=spec.sigma, seed=spec.seed,
+                                             image=work.index, phase=base.ESTIMATION, scale=spec.scale, first=first,
+                                             num=min(base.DENOISE_BATCH, spec.max_n - first))
+        batch, work.ahead = work.ahead[:count], work.ahead[count:]
+        return batch
+
+    def _finish(self, work: ImageWork) -> None:
+        del self.images[work.index]
+        spec = self.spec
+        result = base.certify_labels_at_radius(
+            work.top(base.CLEAN)[0], work.top(base.SELECTION), work.top(base.ESTIMATION), radius=spec.radius,
+            alpha=spec.alpha, sigma=spec.sigma, max_n=spec.max_n, batch=QUERY_BATCH)
+        self._record(work, result, {"mode": "sequential", "target_radius": spec.radius, "max_n": spec.max_n,
+                                    "batch": QUERY_BATCH})

@@ -1,4 +1,9 @@
-"""Run a certify job: stream shards of each image's samples over sampler actors, store each image once complete."""
+"""Run a certify job: stream shards of each image's samples over sampler actors, store each image once complete.
+
+Fixed n: each phase of an image is cut into a shard per actor; the image is certified once all are in.
+Sequential (a target radius): the selection shards as with a fixed n, then estimation batches, one
+batch per task, decided in batch order (``dsq.sequential.Stream``) until the test stops.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from dsq import datasets, references, sampling, sizing, smoothing
+from dsq import datasets, references, sampling, sequential, sizing, smoothing
 from dsq.db import repo
 from dsq.db.session import session_scope
 from dsq.kinds import certify
@@ -32,6 +37,9 @@ class ImageState:
     started: float = field(default_factory=time.perf_counter)
     counts: dict = field(default_factory=lambda: collections.defaultdict(list))
     workers: set = field(default_factory=set)
+    stream: sequential.Stream | None = None  # sequential: the estimation batches, once cA is known
+    sent: int = 0  # sequential: estimation batches sent so far (batches 0 .. sent - 1)
+    out: set = field(default_factory=set)  # sequential: estimation batches sent (or queued again), not back
 
 
 def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None:
@@ -59,8 +67,9 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     try:
         probe = ray.get(actors[0].memory_probe.remote(dataset[todo[0]][0], options.get("num_gpus", 1.0)))
         spec = _size_job(engine, job_id, spec, workers, threads, probe)
-        loop = CertifyLoop(engine, job_id, control, spec, dataset, actors, len(plan) - len(todo), len(plan),
-                           model=probe["model"])
+        kind = SequentialLoop if spec.sequential else CertifyLoop
+        loop = kind(engine, job_id, control, spec, dataset, actors, len(plan) - len(todo), len(plan),
+                    model=probe["model"])
         loop.run(todo)
         healthy = True
     finally:
@@ -73,7 +82,9 @@ def _size_job(engine, job_id: int, spec, workers: int, threads: int, probe: dict
 
     A batch from the spec far below what dsq would choose here is logged as a warning, not silently used.
     """
-    automatic = sizing.choose_batch(probe["bytes_per_sample"], probe["budget_bytes"], n=spec.n, workers=workers)
+    automatic = sizing.choose_batch(probe["bytes_per_sample"], probe["budget_bytes"], n=spec.most_n, workers=workers)
+    if spec.sequential:
+        automatic = sizing.sequential_batch(automatic, spec.max_n)
     how = "chosen" if spec.batch_size is None else f"from the spec; automatic here: {automatic}"
     small = spec.batch_size is not None and spec.batch_size * 4 <= automatic
     with session_scope(engine) as session:
@@ -83,7 +94,9 @@ def _size_job(engine, job_id: int, spec, workers: int, threads: int, probe: dict
         repo.add_log(session, job_id, (
             f"{workers} sampler actor(s) x {threads} thread(s) on {probe['device']}, {probe['model']['precision']}; "
             f"batch {spec.batch_size} ({how}; {probe['bytes_per_sample'] / 1024:.0f} KiB per sample, "
-            f"budget {probe['budget_bytes'] / 2**20:.0f} MiB)"), level="warning" if small else "info")
+            f"budget {probe['budget_bytes'] / 2**20:.0f} MiB)"
+            + (f"; sequential at radius {spec.radius:g}: a look every batch, at most {spec.max_n} samples"
+               if spec.sequential else "")), level="warning" if small else "info")
     return spec
 
 
@@ -107,24 +120,30 @@ class CertifyLoop(JobLoop):
 
     def _open(self, index: int) -> None:
         x, label = self.dataset[index]
-        spec = self.spec
-        shards = (sampling.plan_shards(spec.n0, spec.batch_size, len(self.actors), sampling.SELECTION)
-                  + sampling.plan_shards(spec.n, spec.batch_size, len(self.actors), sampling.ESTIMATION))
+        shards = self._shards()
         self.images[index] = ImageState(index, int(label), ray.put(x), len(shards))
         with session_scope(self.engine) as session:
             repo.upsert_work_unit(session, self.job_id, f"image:{index}", status="running")
         self.queue.extend((index, shard, None) for shard in shards)
 
+    def _shards(self) -> list[sampling.Shard]:
+        """An image's shards, queued when it opens: both phases, one shard per actor each."""
+        spec = self.spec
+        return (sampling.plan_shards(spec.n0, spec.batch_size, len(self.actors), sampling.SELECTION)
+                + sampling.plan_shards(spec.n, spec.batch_size, len(self.actors), sampling.ESTIMATION))
+
     def _dispatch(self) -> None:
         while self.queue and min(self.load) < TASKS_PER_ACTOR:
-            slot = int(np.argmin(self.load))
-            index, shard, lost_at = self.queue.popleft()
-            state, spec = self.images[index], self.spec
-            ref = self.actors[slot].counts.remote(
-                state.x, sigma=spec.sigma, start=shard.start, count=shard.count, batch_size=spec.batch_size,
-                seed=spec.seed, image=index, phase=shard.phase)
-            self.in_flight[ref] = (index, shard, slot, lost_at)
-            self.load[slot] += 1
+            self._send(*self.queue.popleft())
+
+    def _send(self, index: int, shard: sampling.Shard, lost_at: float | None) -> None:
+        slot = int(np.argmin(self.load))
+        state, spec = self.images[index], self.spec
+        ref = self.actors[slot].counts.remote(
+            state.x, sigma=spec.sigma, start=shard.start, count=shard.count, batch_size=spec.batch_size,
+            seed=spec.seed, image=index, phase=shard.phase)
+        self.in_flight[ref] = (index, shard, slot, lost_at)
+        self.load[slot] += 1
 
     def _collect(self, ref) -> None:
         index, shard, slot, lost_at = self.in_flight.pop(ref)
@@ -134,12 +153,17 @@ class CertifyLoop(JobLoop):
         except ray.exceptions.RayActorError as lost:  # its process or node went away: Ray restarts the actor
             self._retry(index, shard, lost_at, lost)
             return
-        state = self.images[index]
-        state.counts[shard.phase].append(reply["counts"])
+        state = self.images.get(index)
+        if state is None:  # sequential: a batch past its image's decision
+            return
         state.workers.add(reply["worker"])
+        self._take(state, shard, reply)
+
+    def _take(self, state: ImageState, shard: sampling.Shard, reply: dict) -> None:
+        state.counts[shard.phase].append(reply["counts"])
         state.shards_left -= 1
         if state.shards_left == 0:
-            self._finish(self.images.pop(index), reply["device"])
+            self._finish(self.images.pop(state.index), reply["device"])
 
     def _retry(self, index: int, shard, lost_at: float | None, lost: Exception) -> None:
         """Sample the shard again: its counts depend only on its identity, so a redo gives the same counts.
@@ -147,6 +171,8 @@ class CertifyLoop(JobLoop):
         Ray may not retry it itself (a task on an unreachable process "may or may not have been
         executed"), and calls fail at once while the actor restarts: wait a little between tries.
         """
+        if index not in self.images:  # sequential: its image was decided without it
+            return
         now = time.monotonic()
         if lost_at is not None and now - lost_at > SHARD_RETRY_SECONDS:
             raise lost
@@ -164,9 +190,78 @@ class CertifyLoop(JobLoop):
         cert = smoothing.certify_counts(smoothing.sum_counts(state.counts[sampling.SELECTION]),
                                         smoothing.sum_counts(state.counts[sampling.ESTIMATION]),
                                         alpha=spec.alpha, sigma=spec.sigma, n0=spec.n0, n=spec.n)
+        self._store(state, cert, device)
+
+    def _store(self, state: ImageState, cert: smoothing.Certificate, device: str, extra: dict | None = None) -> None:
         with session_scope(self.engine) as session:
             certify.record_certificate(session, self.job_id, state.index, state.label, cert,
-                                    seconds=time.perf_counter() - state.started,
-                                    worker=",".join(sorted(state.workers)), device=device, model=self.model)
+                                       seconds=time.perf_counter() - state.started,
+                                       worker=",".join(sorted(state.workers)), device=device, model=self.model,
+                                       extra=extra)
             self.advance(session)
         self.report()
+
+
+class SequentialLoop(CertifyLoop):
+    """Certifies each image at the target radius: selection shards, then estimation batches in rounds.
+
+    A round is one batch per actor. An image has at most one round out at a time, so its decision
+    leaves at most a round unused; other images fill the actors meanwhile, up to TASKS_PER_ACTOR
+    tasks per actor in all. Batches come back in any order and are decided in batch order.
+    """
+
+    def run(self, todo: collections.deque) -> None:
+        self.todo = todo
+        while self.todo or self.images:
+            self._dispatch()
+            for ref in self.ready():
+                self._collect(ref)
+
+    def _dispatch(self) -> None:
+        while min(self.load) < TASKS_PER_ACTOR:
+            task = self._next_task()
+            if task is None:
+                return
+            self._send(*task)
+
+    def _next_task(self):
+        """Queued shards first (selection, lost ones), then the oldest images' next batches, then a new image."""
+        while self.queue:
+            task = self.queue.popleft()
+            if task[0] in self.images:
+                return task
+        for state in self.images.values():
+            stream = state.stream
+            if stream and state.sent < stream.batches and len(state.out) < len(self.actors):
+                batch, state.sent = state.sent, state.sent + 1
+                state.out.add(batch)
+                return state.index, sampling.Shard(sampling.ESTIMATION, batch, *stream.span(batch)), None
+        if self.todo:
+            self._open(self.todo.popleft())
+            return self._next_task()
+        return None
+
+    def _shards(self) -> list[sampling.Shard]:
+        """The selection shards; estimation batches follow once cA is known."""
+        return sampling.plan_shards(self.spec.n0, self.spec.batch_size, len(self.actors), sampling.SELECTION)
+
+    def _take(self, state: ImageState, shard: sampling.Shard, reply: dict) -> None:
+        spec = self.spec
+        if shard.phase == sampling.SELECTION:
+            state.counts[shard.phase].append(reply["counts"])
+            state.shards_left -= 1
+            if state.shards_left == 0:
+                c_a = int(np.argmax(smoothing.sum_counts(state.counts[sampling.SELECTION])))
+                test = sequential.SequentialTest.at_radius(spec.radius, spec.sigma, spec.alpha, spec.max_n)
+                state.stream = sequential.Stream(test, c_a, spec.batch_size)
+        else:
+            state.out.discard(shard.index)
+            state.stream.add(shard.index, reply["counts"])
+        if state.stream and state.stream.decided:
+            self._finish(self.images.pop(state.index), reply["device"])
+
+    def _finish(self, state: ImageState, device: str) -> None:
+        spec = self.spec
+        cert = sequential.to_certificate(state.stream.test, smoothing.sum_counts(state.counts[sampling.SELECTION]),
+                                         state.stream.counts, n0=spec.n0, sigma=spec.sigma, radius=spec.radius)
+        self._store(state, cert, device, extra=certify.sequential_extra(spec))

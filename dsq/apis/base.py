@@ -22,6 +22,9 @@ seeded by ``stream_seed(seed, j, p, i)``, so a query that is retried, resumed or
 same bytes; it is never a new draw. The clean query (x itself, no noise and no denoiser) gives the
 API's own label, against which the certified label is judged.
 
+Sequential certification at a target radius sends the estimation queries in batches, in sample order,
+and stops when the test of ``dsq.sequential`` decides (``certify_labels_at_radius``).
+
 Counts are over an open label space: per image, the labels seen (clean, selection, estimation) sorted
 lexicographically give the class indices, so ``certify_counts`` breaks ties as ``top_label`` does.
 """
@@ -37,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dsq import sampling, smoothing
+from dsq import sampling, sequential, smoothing
 from dsq.errors import InvalidArgument, NonFiniteOutput, UnreadableImage
 
 CLEAN, SELECTION, ESTIMATION = "clean", sampling.SELECTION, sampling.ESTIMATION
@@ -90,14 +93,17 @@ def noisy_copies(x: torch.Tensor, *, sigma: float, seed: int, image: int, phase:
 
 
 def phase_queries(x: torch.Tensor, denoiser: torch.nn.Module | None, *, sigma: float, seed: int, image: int,
-                  phase: str, num: int, scale: int = 1) -> list[Query]:
-    """The ``num`` encoded queries of one phase (the denoiser runs in eval mode, in batches).
+                  phase: str, num: int, scale: int = 1, first: int = 0) -> list[Query]:
+    """The ``num`` encoded queries of one phase from sample ``first`` on (the denoiser runs in eval mode,
+    in batches of DENOISE_BATCH samples counted from 0, so a sample is always denoised with the same others).
 
     Raises NonFiniteOutput if the denoiser returns NaN or inf on any sample (the image fails).
     """
+    if first % DENOISE_BATCH:
+        raise InvalidArgument(f"queries start at a multiple of {DENOISE_BATCH}, got {first}")
     queries = []
-    for start in range(0, num, DENOISE_BATCH):
-        count = min(DENOISE_BATCH, num - start)
+    for start in range(first, first + num, DENOISE_BATCH):
+        count = min(DENOISE_BATCH, first + num - start)
         batch = noisy_copies(x, sigma=sigma, seed=seed, image=image, phase=phase, start=start, count=count)
         if denoiser is not None:
             with sampling.eval_mode(denoiser), torch.inference_mode():
@@ -168,6 +174,36 @@ def certify_labels(clean_label: str, selection: Sequence[str], estimation: Seque
     counts_estimation = np.bincount([position[label] for label in estimation], minlength=len(labels))
     cert = smoothing.certify_counts(counts_selection, counts_estimation, alpha=alpha, sigma=sigma,
                                     n0=len(selection), n=len(estimation))
+    return ApiCertificate(cert, labels, clean_label)
+
+
+def selection_winner(clean_label: str, selection: Sequence[str]) -> str:
+    """cA as ``certify_labels`` picks it: the most frequent selection label, ties to the smallest label."""
+    labels = sorted({clean_label, *selection})
+    votes = np.bincount([labels.index(label) for label in selection], minlength=len(labels))
+    return labels[int(np.argmax(votes))]
+
+
+def certify_labels_at_radius(clean_label: str, selection: Sequence[str], estimation: Sequence[str], *,
+                             radius: float, alpha: float, sigma: float, max_n: int, batch: int) -> ApiCertificate:
+    """The sequential test at ``radius`` (``dsq.sequential``) over the estimation labels in batches of ``batch``.
+
+    Batches after the decision are ignored; labels that run out before a decision leave the test
+    undecided, which certifies nothing (stopping at any time keeps the guarantee).
+    """
+    c_a = selection_winner(clean_label, selection)
+    test = sequential.SequentialTest.at_radius(radius, sigma, alpha, max_n)
+    for start in range(0, len(estimation), batch):
+        chunk = estimation[start:start + batch]
+        if test.update(sum(label == c_a for label in chunk), len(chunk)) != sequential.CONTINUE:
+            break
+    used = list(estimation[:test.trials])
+    labels = sorted({clean_label, *selection, *used})
+    position = {label: i for i, label in enumerate(labels)}
+    counts_selection = np.bincount([position[label] for label in selection], minlength=len(labels))
+    counts_estimation = np.bincount([position[label] for label in used], minlength=len(labels))
+    cert = sequential.to_certificate(test, counts_selection, counts_estimation, n0=len(selection), sigma=sigma,
+                                     radius=radius)
     return ApiCertificate(cert, labels, clean_label)
 
 

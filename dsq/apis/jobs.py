@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from sqlalchemy.orm import Session
 
-from dsq import checkpoints, datasets, references, smoothing
+from dsq import checkpoints, datasets, references, smoothing, specs
 from dsq.apis import base, providers
 from dsq.errors import EndpointUnreachable, UnreadableImage
 from dsq.apis.ratelimit import limits_for
@@ -85,8 +85,9 @@ def load_denoiser(session: Session, spec: ApiCertifySpec, settings: Settings) ->
 
 
 def check_spec(session: Session, spec: ApiCertifySpec, settings: Settings, env: Mapping[str, str] | None = None) -> int:
-    """Check that the job can run (credentials, endpoint, images, denoiser); return its image count."""
+    """Check that the job can run (n, credentials, endpoint, images, denoiser); return its image count."""
     env = providers.environment() if env is None else env
+    specs.reach(spec)
     if spec.endpoint is None:
         providers.check_credentials(spec.provider, env)
     elif spec.endpoint != EMBEDDED:
@@ -139,6 +140,7 @@ class Estimate:
     budget: int | None
     price_per_1000: float
     qps: float
+    per_image: str = "n0 + n + 1"  # sequential: "n0 + max n + 1", a bound it usually stays far below
 
     @property
     def billed(self) -> int:
@@ -154,7 +156,7 @@ class Estimate:
 
     def lines(self, provider: str) -> list[str]:
         budget = f", budget {self.budget}" if self.budget else ""
-        return [f"{provider}: {self.images} images x (n0 + n + 1) = {self.queries} queries at most{budget}",
+        return [f"{provider}: {self.images} images x ({self.per_image}) = {self.queries} queries at most{budget}",
                 f"cost at most ${self.cost:,.2f} (${self.price_per_1000:g} per 1,000; stored answers are not re-paid)",
                 f"time at least {self.seconds:,.1f} s at {self.qps:g} queries/s"]
 
@@ -163,7 +165,8 @@ def estimate(spec: ApiCertifySpec, images: int) -> Estimate:
     """Upper bound on queries, cost and a lower bound on time (answers already stored cost nothing)."""
     price = spec.price_per_1000 if spec.price_per_1000 is not None else PRICES_PER_1000[spec.provider]
     qps = limits_for(spec.provider, spec.qps, spec.burst, spec.concurrency).qps
-    return Estimate(images, images * spec.queries_per_image, spec.max_queries, price, qps)
+    per_image = "n0 + max n + 1" if spec.sequential else "n0 + n + 1"
+    return Estimate(images, images * spec.queries_per_image, spec.max_queries, price, qps, per_image)
 
 
 def raise_budget(session: Session, job_id: int, max_queries: int | None) -> ApiCertifySpec:
@@ -183,15 +186,16 @@ def raise_budget(session: Session, job_id: int, max_queries: int | None) -> ApiC
 
 
 def record_image(session: Session, job_id: int, index: int, spec: ApiCertifySpec, result: base.ApiCertificate,
-                 queries: list[base.Query], about: dict, *, seconds: float, worker: str | None) -> None:
-    """Upsert one image's certificate (string labels in ``extra``) and mark its work unit done."""
+                 queries: list[base.Query], about: dict, *, seconds: float, worker: str | None,
+                 extra: dict | None = None) -> None:
+    """Upsert one image's certificate (string labels and ``extra`` in ``extra``) and mark its work unit done."""
     cert = result.cert
     digests = {phase: [q.sha256 for q in queries if q.phase == phase]
                for phase in (base.SELECTION, base.ESTIMATION)}
     extra = {**about, "provider": spec.provider, "service": service_name(spec), "labels": result.labels,
              "clean_label": result.clean_label, "certified_label": result.certified_label,
              "encoding": base.ENCODING, "scale": spec.scale, "denoiser": spec.denoiser,
-             "sha256": {"clean": queries[0].sha256, **digests}}
+             "sha256": {"clean": queries[0].sha256, **digests}, **(extra or {})}
     repo.upsert_result(
         session, job_id, index, label=result.label_index, prediction=cert.prediction, radius=cert.radius,
         correct=result.correct, p_lower=cert.p_lower, counts_selection=cert.counts_selection,
@@ -201,7 +205,11 @@ def record_image(session: Session, job_id: int, index: int, spec: ApiCertifySpec
 
 
 def recertify(session: Session, job_id: int, alpha: float | None = None) -> list[dict]:
-    """Certify a certify-api job again from its stored raw answers, optionally at another alpha; no query."""
+    """Certify a certify-api job again from its stored raw answers, optionally at another alpha; no query.
+
+    A sequential job's test runs again at that alpha on the stored batches, in order; an image whose
+    stored answers run out before it decides is not certified (stopping early keeps the guarantee).
+    """
     job = repo.get_job(session, job_id)
     if job.kind != "certify_api":
         raise InvalidArgument(f"job {job_id} is a {job.kind} job, not a certify-api job")
@@ -224,8 +232,13 @@ def _recertify_row(session: Session, row, alpha: float) -> dict:
     def top(digest: str) -> str:
         return base.top_label(providers.labels(extra["provider"], stored[digest].answer))
 
-    result = base.certify_labels(top(digests["clean"]), [top(d) for d in digests[base.SELECTION]],
-                                 [top(d) for d in digests[base.ESTIMATION]], alpha=alpha, sigma=row.sigma)
+    labels = (top(digests["clean"]), [top(d) for d in digests[base.SELECTION]],
+              [top(d) for d in digests[base.ESTIMATION]])
+    if extra.get("mode") == "sequential":  # the test again at this alpha, on the batches stored; never a fixed-n bound
+        result = base.certify_labels_at_radius(*labels, radius=extra["target_radius"], alpha=alpha, sigma=row.sigma,
+                                               max_n=extra["max_n"], batch=extra["batch"])
+    else:
+        result = base.certify_labels(*labels, alpha=alpha, sigma=row.sigma)
     return {"image_index": row.image_index, "label": result.label_index, "prediction": result.cert.prediction,
             "radius": result.cert.radius, "correct": result.correct, "seconds": row.seconds,
             "p_lower": result.cert.p_lower, "alpha": alpha, "clean_label": result.clean_label,

@@ -12,6 +12,9 @@ Frozen and validated on construction, with a JSON round trip
 Images come from a registered dataset (``dataset``, ``split``, ``skip``, ``max_images``) or from a list of
 image files (``inputs``); the image index of a file is its position in the list. Credentials are never part
 of a spec.
+
+With a target ``radius`` the job certifies sequentially (``dsq.sequential``): estimation queries go out in
+batches, in sample order, until the test decides "radius >= r or not", at most ``max_n`` per image (default n).
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class ApiCertifySpec:
     concurrency: int | None = None
     price_per_1000: float | None = None
     seed: int = 0
+    radius: float | None = None  # a target radius: sequential certification (dsq.specs.check_target)
+    max_n: int | None = None  # sequential: the most estimation queries per image (None: n)
     data_root: str | None = None
     name: str | None = None
     kind: str = "certify_api"
@@ -67,9 +72,10 @@ class ApiCertifySpec:
         if self.kind != "certify_api":
             raise InvalidArgument(f"an API certification spec has kind 'certify_api', got {self.kind!r}")
         smoothing.validate(sigma=self.sigma, n0=self.n0, n=self.n, alpha=self.alpha, batch_size=1)
-        from dsq.specs import check_sigma_scale
+        from dsq.specs import check_sigma_scale, check_target
 
         check_sigma_scale(self.sigma)
+        check_target(self)
         if self.name is not None:
             check_name(self.name, "job name")
         self._check_images()
@@ -77,9 +83,18 @@ class ApiCertifySpec:
         self._check_limits()
 
     @property
+    def sequential(self) -> bool:
+        return self.radius is not None
+
+    @property
+    def most_n(self) -> int:
+        """The most estimation queries one image can take: max_n in sequential mode, else n."""
+        return self.max_n if self.sequential else self.n
+
+    @property
     def queries_per_image(self) -> int:
-        """n0 selection + n estimation queries + the clean query."""
-        return self.n0 + self.n + 1
+        """n0 selection + n estimation queries (at most max_n in sequential mode) + the clean query."""
+        return self.n0 + self.most_n + 1
 
     def references(self) -> tuple[str, ...]:
         return (self.denoiser,) if self.denoiser else ()
@@ -126,8 +141,9 @@ class ApiCertifySpec:
         if self.max_queries is not None:
             _check_int("max queries", self.max_queries)
             if self.max_queries < self.queries_per_image:
+                n = "max n" if self.sequential else "n"
                 raise InvalidArgument(f"max queries {self.max_queries} is smaller than one image needs "
-                                      f"(n0 + n + 1 = {self.queries_per_image})")
+                                      f"(n0 + {n} + 1 = {self.queries_per_image})")
         for name in ("qps", "price_per_1000"):
             value = getattr(self, name)
             if value is not None and (not _is_real(value) or not math.isfinite(value) or value < 0

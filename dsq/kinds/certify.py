@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from sqlalchemy.orm import Session
 
-from dsq import checkpoints, datasets, references, sizing, smoothing
+from dsq import checkpoints, datasets, references, sizing, smoothing, specs
 from dsq.db import repo
 from dsq.kinds import Kind, on_gpu
 from dsq.settings import Settings
@@ -14,7 +14,8 @@ from dsq.specs import CertifySpec
 
 
 def check(session: Session, spec: CertifySpec, settings: Settings) -> int:
-    """Data is there and, when its models exist now, f o D takes its images; work = images."""
+    """n can certify something, data is there and, when its models exist now, f o D takes its images; work = images."""
+    specs.reach(spec)
     dataset = datasets.get_dataset(spec.dataset, spec.split, root=spec.data_root or settings.data_root)
     if all(references.available(session, r) for r in spec.references()):
         paths = [references.resolve(session, r, settings) for r in spec.references()]
@@ -46,19 +47,27 @@ def load_pipeline(classifier_path: str, denoiser_path: str | None, device) -> to
 
 
 def record_certificate(session: Session, job_id: int, image_index: int, label: int, cert: Certificate,
-                       *, seconds: float, worker: str | None, device: str | None, model: dict | None = None) -> None:
+                       *, seconds: float, worker: str | None, device: str | None, model: dict | None = None,
+                       extra: dict | None = None) -> None:
     """Upsert one image's result and mark its work unit done (idempotent).
 
-    ``model`` is how the sampler ran f o D (``PreparedModel.describe()``: precision...), kept in ``extra``.
+    ``model`` is how the sampler ran f o D (``PreparedModel.describe()``: precision...), kept in ``extra``
+    with anything else the job records (``extra``: the sequential mode, ``sequential_extra``).
     """
+    extra = {**({"model": model} if model else {}), **(extra or {})}
     repo.upsert_result(
         session, job_id, image_index, label=label, prediction=cert.prediction, radius=cert.radius,
         correct=cert.prediction == label, p_lower=cert.p_lower,
         counts_selection=[int(c) for c in cert.counts_selection],
         counts_estimation=[int(c) for c in cert.counts_estimation],
         n0=cert.n0, n=cert.n, alpha=cert.alpha, sigma=cert.sigma, seconds=seconds, worker=worker, device=device,
-        extra={"model": model} if model else None)
+        extra=extra or None)
     repo.upsert_work_unit(session, job_id, f"image:{image_index}", status="done", worker=worker)
+
+
+def sequential_extra(spec) -> dict:
+    """What a sequential job's results carry in ``extra``: its mode, target radius and sample cap."""
+    return {"mode": "sequential", "target_radius": spec.radius, "max_n": spec.max_n}
 
 
 KIND = Kind(name="certify", spec=CertifySpec, check=check, demand=demand, run="workers.certify_loop:run")
