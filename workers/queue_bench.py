@@ -3,7 +3,7 @@
 A job's overhead is everything that is not sampling: the claim, loading its spec, its sampler
 actors (started or reused), the memory probe, the database writes and the worker's polling. It is
 measured as (wall time of the drain - sampling seconds the jobs stored) / jobs, with Ray already
-started (a warm worker), on a temporary SQLite database and the digits pair.
+started (a warm worker) and one job at a time, on a temporary SQLite database and the digits pair.
 """
 
 from __future__ import annotations
@@ -23,8 +23,13 @@ from workers.worker import QueueWorker
 
 
 def measure(jobs_count: int = 50, *, n: int = 100, threads: int | None = None, log=print) -> dict:
-    """Drain ``jobs_count`` one-image certify jobs (n0 = 10, n samples); return timings."""
+    """Drain ``jobs_count`` one-image certify jobs (n0 = 10, n samples) with sampler actors reused between
+    jobs (the worker's default) and, side by side, started anew for each job; return both timings."""
     resources.connect(None, num_cpus=threads)
+    return {variant: _drain(jobs_count, n, reuse, log) for variant, reuse in (("reused", True), ("per job", False))}
+
+
+def _drain(jobs_count: int, n: int, reuse: bool, log) -> dict:
     with tempfile.TemporaryDirectory(prefix="dsq-queue-bench-") as tmp:
         home = Path(tmp)
         settings = Settings(database_url=f"sqlite:///{home / 'bench.db'}", home=home, autostart=False)
@@ -34,9 +39,11 @@ def measure(jobs_count: int = 50, *, n: int = 100, threads: int | None = None, l
                                  n=n, batch_size=100, max_images=1, workers=1)
         with session_scope(engine) as session:
             ids = [jobs.submit(session, spec, settings).id for _ in range(jobs_count)]
-        log(f"queue bench: {jobs_count} jobs of 1 image x {10 + n} samples queued")
+        log(f"queue bench: {jobs_count} jobs of 1 image x {10 + n} samples, sampler actors "
+            f"{'reused' if reuse else 'started for each job'}")
         started = time.perf_counter()
-        summary = QueueWorker(settings, drain=True, log=lambda line: None).run()
+        summary = QueueWorker(settings, drain=True, max_jobs=1, log=lambda line: None, reuse_samplers=reuse).run()  # one at a time:
+        # the jobs' own sampling seconds then add up to the part of the wall time that is not overhead
         wall = time.perf_counter() - started
         with session_scope(engine) as session:
             sampling = sum(r.seconds for job_id in ids for r in repo.results_for_job(session, job_id))

@@ -73,13 +73,15 @@ class QueueWorker:
 
     def __init__(self, settings: Settings, *, max_jobs: int | None = None, drain: bool = False,
                  idle_exit: float | None = None, only: set[int] | None = None,
-                 log: Callable[[str], None] = print, name: str | None = None, max_request: dict | None = None):
+                 log: Callable[[str], None] = print, name: str | None = None, max_request: dict | None = None,
+                 reuse_samplers: bool = True):
         self.settings, self.max_jobs, self.drain, self.idle_exit = settings, max_jobs, drain, idle_exit
         self.only, self.log = only, log
         self.max_request, self.requested = max_request, None  # autoscaling: the cap, and what was last asked
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.running: dict[int, Running] = {}
         self.pool = SamplerPool()
+        self.reuse_samplers = reuse_samplers  # False only to measure what reuse saves (dsq bench --queue)
         self.stopping = threading.Event()
         self.wake = threading.Event()  # a job ended or a stop came: look at the queue now, not at the next tick
         self.summary = Summary()
@@ -199,7 +201,8 @@ class QueueWorker:
         return all(held.get(r, 0.0) + amount <= cluster.get(r, 0.0) + 1e-9 for r, amount in demand.items())
 
     def _start(self, job, demand: dict) -> None:
-        work = Running(job.id, job.kind, demand, Control(runner=self.name, pool=self.pool))
+        pool = self.pool if self.reuse_samplers else None
+        work = Running(job.id, job.kind, demand, Control(runner=self.name, pool=pool))
         work.thread = threading.Thread(target=self._run_one, args=(work,), name=f"dsq-job-{job.id}", daemon=True)
         self.running[job.id] = work
         self.log(f"job {job.id} ({job.kind}{': ' + job.name if job.name else ''}): started")
