@@ -1,4 +1,4 @@
-"""Sequential against fixed-n certification (issue 11, "Measure and report"): the same votes, three answers.
+"""Sequential against fixed-n certification: the same votes, three answers.
 
 Each test image is sampled once: n0 selection samples, then ``MAX_N`` estimation samples in batches
 of ``BATCH``, keeping the votes for cA of every batch (``ImageVotes``). Every answer below is a pure
