@@ -87,3 +87,17 @@ def local_checkpoint(settings: Settings, source: tuple[str, str | None]) -> str:
 def resolve(session: Session, reference: str, settings: Settings) -> str:
     """The local checkpoint file a model reference names."""
     return local_checkpoint(settings, checkpoint_source(session, reference))
+
+
+def trained_classes(session: Session, reference: str, settings: Settings) -> int | None:
+    """The classes of the classifier a pending train job ``job:N`` will produce (those of its dataset)."""
+    from dsq import datasets  # torch: only when a job is checked
+
+    number = job_id(reference)
+    if number is None:
+        return None
+    spec = repo.get_job(session, number).spec or {}
+    if spec.get("target") != "classifier" or "dataset" not in spec:
+        return None
+    root = spec.get("data_root") or settings.data_root
+    return datasets.dataset_info(spec["dataset"], root=root).num_classes

@@ -86,3 +86,16 @@ def test_an_unwritable_database_is_one_line_and_exit_2(home):
         home.chmod(0o755)
         (home / "dsq.db").chmod(0o644)
     assert jobs_in(home) == 1
+
+
+def test_a_dataset_whose_classes_do_not_match_the_classifier_is_refused(home, tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for name in ("cat", "dog", "fox"):
+            (tmp_path / "pets" / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (40, 80, 120)).save(tmp_path / "pets" / split / name / "a.png")
+    out = dsq(home, "submit", "certify", "--dataset", f"folder:{tmp_path / 'pets'}", "--classifier", "job:1",
+              "--sigma", "0.25", "--n0", "10", "--n", "100")
+    one_line_exit_2(out, f"the classifier has 10 outputs but dataset folder:{tmp_path / 'pets'} has 3 classes")
+    assert jobs_in(home) == 1

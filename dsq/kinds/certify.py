@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from dsq import checkpoints, datasets, references, sizing, smoothing, specs
 from dsq.db import repo
+from dsq.errors import InvalidArgument
 from dsq.kinds import Kind, on_gpu
 from dsq.settings import Settings
 from dsq.smoothing import Certificate
@@ -16,11 +17,18 @@ from dsq.specs import CertifySpec
 def check(session: Session, spec: CertifySpec, settings: Settings) -> int:
     """n can certify something, data is there and, when its models exist now, f o D takes its images; work = images."""
     specs.reach(spec)
-    dataset = datasets.get_dataset(spec.dataset, spec.split, root=spec.data_root or settings.data_root)
+    root = spec.data_root or settings.data_root
+    dataset = datasets.get_dataset(spec.dataset, spec.split, root=root)
+    classes = datasets.dataset_info(spec.dataset, root=root).num_classes
     if all(references.available(session, r) for r in spec.references()):
         paths = [references.resolve(session, r, settings) for r in spec.references()]
         models = [checkpoints.load_checkpoint(p)[0] for p in paths]
-        smoothing.check_image(torch.nn.Sequential(*reversed(models)), dataset[0][0])
+        outputs = smoothing.check_image(torch.nn.Sequential(*reversed(models)), dataset[0][0])
+    else:  # a classifier still to be trained will have the classes of its own dataset
+        outputs = references.trained_classes(session, spec.classifier, settings)
+    if outputs is not None and outputs != classes:
+        raise InvalidArgument(f"the classifier has {outputs} outputs but dataset {spec.dataset} has {classes} "
+                              "classes: its labels and the predictions would not match")
     return len(image_plan(spec, dataset))
 
 
