@@ -32,6 +32,8 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
           batch_sweep: str = typer.Option("", help="Also time plain and prepared forward at these batch sizes, "
                                           "e.g. 25,50,100,200,500."),
           out: str = typer.Option("bench-results.json", help="Where to write the results."),
+          cli: bool = typer.Option(False, "--cli", help="Only the CLI's answer time: `dsq jobs` against "
+                                   "`python -c 'import torch'`, interleaved."),
           queue: int = typer.Option(0, help="Only the queue overhead: drain this many tiny certify jobs "
                                     "with one warm worker."),
           sequential: bool = typer.Option(False, "--sequential", help="Only sequential against fixed-n "
@@ -49,6 +51,8 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
     from dsq import bench as benchmark
     from dsq import report
 
+    if cli:
+        return cli_answer_time(repeats)
     if queue:
         return queue_overhead(queue, threads)
     if sequential_api:
@@ -93,3 +97,72 @@ def queue_overhead(count: int, threads: int) -> None:
              f"{f['overhead_per_job_s']:.2f}", f"{f['first_job_s']:.1f}", f"{f['jobs_per_s']:.2f}"]
             for variant, f in found.items()]
     common.console.print(report.render_table(header, rows, title="queue overhead (one warm worker, one job at a time)"))
+
+
+def cli_answer_time(repeats: int) -> None:
+    """Wall time of `dsq jobs` (reads the database: no torch, no Ray) against importing torch, side by side."""
+    import statistics
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from dsq import report
+
+    with tempfile.TemporaryDirectory(prefix="dsq-cli-bench-") as home:
+        commands = {"dsq jobs": [sys.executable, "-m", "cli", "--db", f"sqlite:///{home}/dsq.db", "jobs"],
+                    "python -c 'import torch'": [sys.executable, "-c", "import torch"]}
+        times = {name: [] for name in commands}
+        subprocess.run(commands["dsq jobs"], capture_output=True, check=True)  # creates the schema once
+        for _ in range(repeats):
+            for name, command in commands.items():
+                started = time.perf_counter()
+                subprocess.run(command, capture_output=True, check=True)
+                times[name].append(time.perf_counter() - started)
+    medians = {name: statistics.median(found) for name, found in times.items()}
+    rows = [[name, f"{medians[name]:.2f}", f"{min(found):.2f}", f"{max(found):.2f}"] for name, found in times.items()]
+    ratio = medians["dsq jobs"] / medians["python -c 'import torch'"]
+    rows.append(["ratio dsq jobs / import torch", f"{ratio:.2f}", "", ""])
+    common.console.print(report.render_table(["command", "median s", "min s", "max s"], rows,
+                                             title=f"CLI answer time ({repeats} interleaved runs each)"))
+
+
+def _log(line: str) -> None:
+    common.errors.print(line, markup=False, highlight=False)
+
+
+def sequential_comparison(images: int, home: str | None, out: str) -> None:
+    """Sequential at r against fixed n = 10,000 and 1,000 on the digits demo's models; table, targets, JSON."""
+    import json
+
+    from dsq import report
+    from dsq.bench import sequential as rules
+    from workers import sequential_bench
+
+    found = sequential_bench.measure(images, home, log=_log)
+    common.console.print(report.render_table(rules.HEADER, rules.table(found["rows"]), title=(
+        f"sequential (max_n {found['max_n']:,}, a look every {found['batch']} samples) against fixed n, "
+        f"{images} test digits, alpha {found['alpha']:g}")))
+    missed = [row for row in found["rows"] if not all(rules.meets(row).values())]
+    common.say(f"targets (within {rules.TARGETS['accuracy_points']:g} points of fixed n = {found['max_n']:,}, "
+               f">= {rules.TARGETS['median_speedup']:g}x fewer samples at the median, >= "
+               f"{rules.TARGETS['mean_speedup']:g}x on average): met in {len(found['rows']) - len(missed)} of "
+               f"{len(found['rows'])} rows; training {found['training_s']:.0f} s, sampling {found['sampling_s']:.0f} s")
+    with open(out, "w") as handle:
+        json.dump(found, handle, indent=1)
+    common.say(f"results written to {out}")
+
+
+def sequential_api_queries(images: int) -> None:
+    """Billed queries per image of sequential certify-api jobs on the embedded emulator, against n0 + n + 1."""
+    from dsq import report
+    from workers import sequential_bench
+
+    rows = sequential_bench.api_measure(images, n0=20, max_n=1000, sigma=0.25, multiples=(0.25, 0.5, 1.0, 1.5),
+                                        log=_log)
+    header = ["r / sigma", "certified %", "mean queries", "median queries", "fixed n0 + n + 1", "fewer (mean)"]
+    table = [[f"{row['radius_over_sigma']:g}", f"{100 * row['certified']:.1f}", f"{row['mean_queries']:,.0f}",
+              f"{row['median_queries']:,.0f}", f"{row['fixed_queries']:,}",
+              f"{row['fixed_queries'] / row['mean_queries']:.1f}x"] for row in rows]
+    common.console.print(report.render_table(header, table, title=(
+        f"certify-api, sequential at r (embedded emulator, sigma 0.25, n0 20, max_n 1,000, {images} digits)")))
