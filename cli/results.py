@@ -42,6 +42,7 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
         with session_scope(engine) as session:
             [(label, rows)] = views.labelled_results(session, [job])
             sequential = views.sequential_costs(session, job)
+            partial = views.partial_note(session, job, len(rows))
             if alpha is not None:
                 from dsq.apis import jobs as api_jobs
 
@@ -49,6 +50,8 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
         if sequential and radii is not None:
             raise InvalidArgument(f"job {job} is sequential: it answers only at radius {sequential[0]:g}, "
                                   f"so --radii does not apply")
+        if partial:
+            common.say(partial, err=True)
         if format != "table":
             text = {"csv": report.to_csv, "json": report.to_json, "tsv": report.to_tsv}[format](rows)
             typer.echo(text, nl=not text.endswith("\n"))
@@ -59,7 +62,8 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
             return
         table = report.compare_table([(label, rows)], radius_list)
         common.console.print(report.render_table(report.compare_header(radius_list), table,
-                                                 title=f"{label}: certified accuracy % (clean), {len(rows)} images"))
+                                                 title=f"{label}: certified accuracy % (clean), {len(rows)} images"
+                                                       + (" (partial)" if partial else "")))
 
 
 def _experiment(engine, name: str, radii, by_sigma: bool, plot: str | None) -> None:

@@ -180,3 +180,12 @@ def experiment_tables(runs: dict, radii, *, by_sigma: bool = False) -> list:
     tables.append(report.render_table(report.compare_header(radii, "method"), envelope,
                                       title="envelope across sigma: best certified accuracy % (clean)"))
     return tables
+
+
+def partial_note(session: Session, job_id: int, stored: int) -> str | None:
+    """A warning line when a job's numbers are not final: it is not done, or it ended before every image."""
+    job = repo.get_job(session, job_id)
+    if job.status == "succeeded" and stored >= job.progress_total:
+        return None
+    return (f"partial: {stored} of {job.progress_total} images, job {job.status}"
+            + ("" if job.finished else "; the numbers will change"))

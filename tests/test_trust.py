@@ -99,3 +99,20 @@ def test_a_dataset_whose_classes_do_not_match_the_classifier_is_refused(home, tm
               "--sigma", "0.25", "--n0", "10", "--n", "100")
     one_line_exit_2(out, f"the classifier has 10 outputs but dataset folder:{tmp_path / 'pets'} has 3 classes")
     assert jobs_in(home) == 1
+
+
+def test_results_of_an_unfinished_job_say_they_are_partial(home):
+    engine = open_database(f"sqlite:///{home / 'dsq.db'}")
+    with session_scope(engine) as session:
+        job = repo.create_job(session, kind="certify", spec={"sigma": 0.25}, seed=0, total=30)
+        for image in range(7):
+            repo.upsert_result(session, job.id, image, label=1, prediction=1, radius=0.3, correct=True, p_lower=0.9,
+                               counts_selection=[0, 10], counts_estimation=[1, 99], n0=10, n=100, alpha=0.001,
+                               sigma=0.25, seconds=0.1)
+        repo.request_cancel(session, job.id)
+        repo.mark_finished(session, job.id, "cancelled")
+    engine.dispose()
+    out = dsq(home, "results", job.id)
+    assert out.exit_code == 0 and "partial: 7 of 30 images, job cancelled" in out.stderr and "(partial)" in out.output
+    csv = dsq(home, "results", job.id, "--format", "csv")
+    assert "partial: 7 of 30" in csv.stderr and csv.stdout.count("\n") == 8  # the data itself stays clean
