@@ -8,10 +8,12 @@ import typer
 
 from cli import common
 from dsq import report, views
+from dsq.db import repo
 from dsq.db.session import session_scope
 from dsq.errors import InvalidArgument
 
-FORMATS = ("table", "csv", "json", "tsv")
+FORMATS = ("table", "csv", "json", "tsv", "markdown", "latex")
+TABLE_FORMATS = ("table", "markdown", "latex")
 RADII_HELP = "Comma-separated radii (L2, [0,1] pixel units)."
 
 
@@ -22,7 +24,9 @@ def register(app: typer.Typer) -> None:
 
 def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="Job id."),
             radii: Optional[str] = typer.Option(None, help=RADII_HELP + f" Default: {report.DEFAULT_RADII}."),
-            format: str = typer.Option("table", "--format", help="table, csv, json or tsv (Cohen et al.'s log)."),
+            format: str = typer.Option("table", "--format", help="table, markdown or latex (certified "
+                                        "accuracy); csv or json (every stored column per image); tsv (Cohen et "
+                                        "al.'s log)."),
             alpha: Optional[float] = typer.Option(None, help="certify-api: re-certify offline from the stored "
                                                   "answers at this alpha (no query is sent)."),
             experiment: Optional[str] = typer.Option(None, help="The paper's table of an experiment: per method, "
@@ -43,17 +47,21 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
             [(label, rows)] = views.labelled_results(session, [job])
             sequential = views.sequential_costs(session, job)
             partial = views.partial_note(session, job, len(rows))
+            exported = report.export_rows(repo.results_for_job(session, job))
             if alpha is not None:
                 from dsq.apis import jobs as api_jobs
 
-                rows = report.as_results(api_jobs.recertify(session, job, alpha))
+                exported = api_jobs.recertify(session, job, alpha)
+                rows = report.as_results(exported)
         if sequential and radii is not None:
             raise InvalidArgument(f"job {job} is sequential: it answers only at radius {sequential[0]:g}, "
                                   f"so --radii does not apply")
         if partial:
             common.say(partial, err=True)
-        if format != "table":
-            text = {"csv": report.to_csv, "json": report.to_json, "tsv": report.to_tsv}[format](rows)
+        if format not in TABLE_FORMATS:
+            fields = report.EXPORT_FIELDS if alpha is None else ()
+            text = {"csv": lambda: report.to_csv(exported, fields), "json": lambda: report.to_json(exported, fields),
+                    "tsv": lambda: report.to_tsv(rows)}[format]()
             typer.echo(text, nl=not text.endswith("\n"))
             return
         if sequential:
@@ -61,9 +69,18 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
             common.say(report.sequential_note(sequential[0]))
             return
         table = report.compare_table([(label, rows)], radius_list)
-        common.console.print(report.render_table(report.compare_header(radius_list), table,
-                                                 title=f"{label}: certified accuracy % (clean), {len(rows)} images"
-                                                       + (" (partial)" if partial else "")))
+        title = f"{label}: certified accuracy % (clean), {len(rows)} images" + (" (partial)" if partial else "")
+        show_table(report.compare_header(radius_list), table, title, format)
+
+
+def show_table(header, rows, title: str, format: str) -> None:
+    """A table on the terminal, or as Markdown or LaTeX to paste into a paper."""
+    if format == "markdown":
+        typer.echo(report.to_markdown(header, rows), nl=False)
+    elif format == "latex":
+        typer.echo(report.to_latex(header, rows, caption=title), nl=False)
+    else:
+        common.console.print(report.render_table(header, rows, title=title))
 
 
 def _experiment(engine, name: str, radii, by_sigma: bool, plot: str | None) -> None:
@@ -80,14 +97,18 @@ def _experiment(engine, name: str, radii, by_sigma: bool, plot: str | None) -> N
 def compare(ctx: typer.Context, job_ids: List[int] = typer.Argument(..., help="Job ids."),
             radii: str = typer.Option(",".join(map(str, report.DEFAULT_RADII)), help=RADII_HELP),
             envelope: bool = typer.Option(False, help="Add the best job per radius (e.g. across sigma)."),
-            plot: Optional[str] = typer.Option(None, help="Write certification curves to this PNG.")):
+            plot: Optional[str] = typer.Option(None, help="Write certification curves to this PNG."),
+            format: str = typer.Option("table", "--format", help="table, markdown or latex.")):
     """Certified accuracy per radius, one row per job, clean accuracy in parentheses."""
     with common.boundary():
+        if format not in TABLE_FORMATS:
+            raise InvalidArgument(f"--format must be one of {', '.join(TABLE_FORMATS)}, got {format!r}")
         radius_list = report.parse_radii(radii)
         engine = common.database(common.settings(ctx))
         with session_scope(engine) as session:
             labelled = views.labelled_results(session, job_ids)
-        common.console.print(views.comparison(labelled, radius_list, envelope=envelope))
+        show_table(*views.comparison_rows(labelled, radius_list, envelope=envelope), "certified accuracy % (clean)",
+                   format)
         if plot:
             report.plot_curves(labelled, plot, title="certified accuracy")
             common.console.print(f"curves written to {plot}")

@@ -281,6 +281,48 @@ def to_csv(rows: Rows, extra_fields: Sequence[str] = ()) -> str:
     return buffer.getvalue()
 
 
+EXPORT_FIELDS = ("p_lower", "counts_selection", "counts_estimation", "n0", "n", "alpha", "sigma", "worker", "device",
+                 "precision", "mode", "target_radius")  # every stored column, beside RESULT_FIELDS
+
+
+def export_rows(rows: Rows) -> list[dict[str, Any]]:
+    """Stored result rows as dicts with every column a paper needs (precision and mode from ``extra``)."""
+    out = []
+    for row in rows:
+        extra = field(row, "extra", None) or {}
+        item = {name: field(row, name, None) for name in RESULT_FIELDS + EXPORT_FIELDS[:9]}
+        item.update(precision=(extra.get("model") or {}).get("precision", "fp32"), mode=extra.get("mode", "fixed"),
+                    target_radius=extra.get("target_radius"))
+        out.append(item)
+    return out
+
+
+def to_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table (pipes in cells escaped)."""
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]) + "\n"
+
+
+_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
+
+
+def to_latex(header: Sequence[str], rows: Sequence[Sequence[str]], *, caption: str | None = None) -> str:
+    """A booktabs LaTeX table (``\\usepackage{booktabs}``), special characters escaped."""
+    def cell(text):
+        return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+    lines = [r"\begin{table}[t]", r"\centering"]
+    if caption:
+        lines.append(r"\caption{" + cell(caption) + "}")
+    lines += [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+              " & ".join(cell(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(cell(c) for c in row) + r" \\" for row in rows]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
 def to_tsv(rows: Rows) -> str:
     """Cohen et al.'s certify log: ``idx label predict radius correct time``, one line per image.
 

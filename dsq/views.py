@@ -142,12 +142,17 @@ def sequential_summary(label: str, rows, target: float, unit: str, costs: list[i
                                title=f"{label}: certified accuracy % at radius {target:g}, {len(rows)} images")
 
 
-def comparison(labelled, radii, *, envelope: bool = False, title: str = "certified accuracy % (clean)"):
-    """A rich table: a row per job and, optionally, the envelope across them."""
+def comparison_rows(labelled, radii, *, envelope: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one per job and, optionally, the envelope across them."""
     rows = report.compare_table(labelled, radii)
     if envelope:
         rows.append(report.envelope_row(labelled, radii))
-    return report.render_table(report.compare_header(radii), rows, title=title)
+    return report.compare_header(radii), rows
+
+
+def comparison(labelled, radii, *, envelope: bool = False, title: str = "certified accuracy % (clean)"):
+    """A rich table: a row per job and, optionally, the envelope across them."""
+    return report.render_table(*comparison_rows(labelled, radii, envelope=envelope), title=title)
 
 
 def experiment_runs(session: Session, experiment: str) -> dict[str, list[tuple[float, str, list]]]:

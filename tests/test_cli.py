@@ -169,3 +169,17 @@ def test_quick_demo_runs_every_step_end_to_end(tmp_path):
         assert all(job.status == "succeeded" for job in finished)
         assert sum(len(repo.results_for_job(session, job.id)) for job in finished if job.kind == "certify") == 40
     engine.dispose()
+
+
+def test_exports_carry_every_column_and_tables_paste_into_a_paper(dsq, trained):
+    rows = json.loads(dsq("results", 2, "--format", "json").output)
+    assert len(rows) == 5 and {"p_lower", "counts_estimation", "n0", "n", "alpha", "sigma", "worker",
+                                "precision"} <= set(rows[0])
+    assert rows[0]["n"] == 200 and rows[0]["precision"] == "fp32" and len(rows[0]["counts_selection"]) == 10
+    header = dsq("results", 2, "--format", "csv").output.splitlines()[0].split(",")
+    assert header[:6] == ["image_index", "label", "prediction", "radius", "correct", "seconds"] and "p_lower" in header
+    markdown = dsq("compare", 2, 2, "--radii", "0,0.25", "--envelope", "--format", "markdown").output.splitlines()
+    assert markdown[0] == "| job | r = 0 | r = 0.25 |" and markdown[1] == "|---|---|---|" and len(markdown) == 5
+    latex = dsq("results", 2, "--radii", "0,0.25", "--format", "latex").output
+    assert "\\begin{tabular}{lrr}" in latex and "certified accuracy \\% (clean)" in latex
+    assert dsq("compare", 2, "--format", "csv").exit_code == 2
