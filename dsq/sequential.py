@@ -24,30 +24,41 @@ Symbols, as in dsq.smoothing (Cohen et al. 2019), plus the sequential test:
 - certify  at the first batch end where W_t(p0) >= 1/alpha, i.e. p_lower >= p0; the
            certified radius is sigma * Phi^-1(p_lower) >= r
 - futile   stop without a certificate: the mirror test on the failures (H0: pA >= p0)
-           rejects at level ``futility_alpha``, or r is out of reach even if every
-           remaining sample votes for cA, or max_n samples are drawn. At max_n the
-           decision is the anytime test itself: alpha is not split with a final
-           fixed-n bound, so the whole alpha goes to the sequential part.
+           rejects at level ``futility_alpha``, or r is out of reach of both the sequence
+           and the final test even if every remaining sample votes for cA (an image is never
+           curtailed while the final test could still certify it; the mirror test stops one
+           with pA >= p0 with probability <= futility_alpha, all it can take from the final test)
+- split    alpha = alpha_seq + alpha_final, alpha_final = alpha * ``final_share``: the
+           sequence above runs at alpha_seq (1/alpha_seq in place of 1/alpha); an image that
+           reaches max_n undecided gets one fixed-n decision, the one-sided Clopper-Pearson
+           bound at level alpha_final on all max_n samples: certify iff it is >= p0, and
+           p_lower at max_n is the larger of the two bounds
 
 With u = (q - p) / (1 - p), W_t(p) = E_{u ~ U(0,1)} [(1 + u (1-p)/p)^S (1-u)^F]: it
 falls as p grows and grows with S (and with t at fixed F). So the set where H0 is
 rejected is an interval [0, p_lower), "W_t(p0) >= 1/alpha" and "p_lower >= p0" are the
-same decision, and the best any run of max_n samples can do is all of them for cA.
+same decision, and the best any run of max_n samples can do is all of them for cA (for the
+final bound as well, which grows with the successes at n = max_n).
 
-Guarantee. A certificate is wrong only if pA < p_lower at the time it is returned,
-and P(exists t: pA < p_lower_t) <= alpha, whatever the stopping rule, so stopping
-early (to certify or not), at max_n, or on the runner's schedule keeps it. The test is
-evaluated only at batch ends, in batch order, so the same batches give the same
-decision on any number of workers.
+Guarantee. A certificate is wrong only if pA < p_lower at the time it is returned. Before
+max_n that is the confidence sequence failing at that time; at max_n it is the sequence or
+the final bound failing. So the wrong-certificate event lies inside {exists t: pA < p_lower_t
+of the sequence} (probability <= alpha_seq by Ville, whatever the stopping rule) union {pA <
+Clopper-Pearson bound at n = max_n} (a fixed n: probability <= alpha_final), and the union
+bound gives P(wrong) <= alpha_seq + alpha_final = alpha, whatever the stopping time:
+early stops (to certify or not), futility and the runner's schedule keep it. The test is
+evaluated only at batch ends, in batch order, so the same batches give the same decision
+on any number of workers.
 
 The statistics (``log_wealth``, ``lower_bound``, ``SequentialTest``, ``decide``, ``Stream``,
-``max_radius``, ``min_n``, ``max_sequential_radius``) are pure functions of counts;
+``final_bound``, ``max_radius``, ``min_n``, ``max_sequential_radius``) are pure functions of counts;
 ``certify_radius`` is a thin loop over ``dsq.sampling``; the job runners feed ``Stream`` the
 batches their workers return, in any order.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -66,6 +77,15 @@ CONTINUE, CERTIFIED, FUTILE = "continue", "certified", "futile"
 # A bound below 2^-64 rounds down to 0.0, which is still a valid lower bound.
 BISECTION_STEPS = 64
 
+# The share of alpha kept for the final fixed-n decision at max_n. Measured on the digits models
+# of ``dsq bench --sequential`` (200 images, 16 rows, alpha 0.001, max_n 10,000; BENCHMARKS.md):
+# certified accuracy below fixed n = 10,000 summed over the rows was 9.0 points with no final
+# decision (share 0, worst row 2.5), 4.5 at 0.1, 3.5 at 0.25, 0.5 at 0.5 (worst row 0.5), 1.0 at 0.75;
+# mean samples per image, averaged over the rows, 858, 867, 876, 890, 913. Half is where the final
+# decision wins back the near-boundary images and the sequence (at alpha/2) is still nearly as fast:
+# 1/alpha_seq is only log(2) = 0.7 more nats of evidence.
+FINAL_SHARE = 0.5
+
 
 def log_wealth(successes: int, failures: int, p: float) -> float:
     """log W_t(p): evidence against H0: pA <= p from S successes and F failures.
@@ -82,6 +102,12 @@ def log_wealth(successes: int, failures: int, p: float) -> float:
         return -math.inf
     return (float(betaln(successes + 1, failures + 1)) + math.log(tail)
             - successes * math.log(p) - (failures + 1) * math.log1p(-p))
+
+
+@functools.lru_cache(maxsize=65_536)
+def final_bound(successes: int, n: int, alpha: float) -> float:
+    """The final decision's bound: one-sided (1 - alpha) Clopper-Pearson on pA from ``successes`` of n; 0.0 if none."""
+    return smoothing.lower_confidence_bound(int(successes), int(n), float(alpha))
 
 
 def lower_bound(successes: int, trials: int, alpha: float) -> float:
@@ -108,6 +134,10 @@ def _bisect(successes: int, failures: int, threshold: float, lo: float, hi: floa
 class SequentialTest:
     """The sequential test of H0: pA <= p0 at level alpha within max_n samples.
 
+    The confidence sequence runs at ``alpha_seq``; at max_n an undecided image gets the final
+    Clopper-Pearson decision at ``alpha_final`` (module docstring, "split"). ``final_share`` 0 is the
+    pure anytime test at the whole alpha.
+
     Feed it the (successes, trials) of each completed estimation batch in batch order;
     ``update`` returns the decision. Once it is not CONTINUE it stands: later batches
     are ignored and not counted (a runner may have drawn them already).
@@ -117,6 +147,7 @@ class SequentialTest:
     alpha: float
     max_n: int
     futility_alpha: float | None = None  # None: alpha, so both stops are equally sure
+    final_share: float = FINAL_SHARE
     successes: int = field(default=0, init=False)
     trials: int = field(default=0, init=False)
     batches: int = field(default=0, init=False)
@@ -129,7 +160,11 @@ class SequentialTest:
         self.futility_alpha = self.alpha if self.futility_alpha is None else self.futility_alpha
         _check_alpha(self.futility_alpha, "futility alpha")
         _check_count(self.max_n, "max_n")
-        self._threshold = math.log(1 / self.alpha)
+        if not _is_real(self.final_share) or not 0 <= self.final_share < 1:
+            raise InvalidArgument(f"final share must be in [0, 1), got {self.final_share!r}")
+        self.alpha_final = float(self.alpha * self.final_share)
+        self.alpha_seq = float(self.alpha - self.alpha_final)
+        self._threshold = math.log(1 / self.alpha_seq)
         if not self._reachable():
             self.decision = FUTILE
 
@@ -161,34 +196,48 @@ class SequentialTest:
         return self.decision
 
     def p_lower(self) -> float:
-        """The anytime-valid lower bound on pA now; >= p0 exactly when certified."""
+        """The lower bound on pA now, valid at level alpha at any stop; >= p0 exactly when certified.
+
+        Before max_n: the confidence sequence's (at alpha_seq). At max_n: the larger of it and the
+        final Clopper-Pearson bound (at alpha_final); the union bound covers either.
+        """
         if log_wealth(self.successes, self.failures, self.p0) >= self._threshold:
-            return _bisect(self.successes, self.failures, self._threshold, self.p0, 1.0)
-        return _bisect(self.successes, self.failures, self._threshold, 0.0, self.p0)
+            bound = _bisect(self.successes, self.failures, self._threshold, self.p0, 1.0)
+        else:
+            bound = _bisect(self.successes, self.failures, self._threshold, 0.0, self.p0)
+        if self.trials >= self.max_n:
+            bound = max(bound, self._final(self.successes))
+        return bound
 
     def _decide(self) -> str:
         if log_wealth(self.successes, self.failures, self.p0) >= self._threshold:
             return CERTIFIED
-        if self.trials >= self.max_n or not self._reachable():
+        if self.trials >= self.max_n:  # the final fixed-n decision, once, at n = max_n
+            return CERTIFIED if self._final(self.successes) >= self.p0 else FUTILE
+        if not self._reachable():
             return FUTILE
         if log_wealth(self.failures, self.successes, 1 - self.p0) >= math.log(1 / self.futility_alpha):
             return FUTILE
         return CONTINUE
 
     def _reachable(self) -> bool:
-        """Could the test still certify if every remaining sample voted for cA?"""
+        """Could the sequence or the final decision still certify if every remaining sample voted for cA?"""
         best = self.successes + self.max_n - self.trials
-        return log_wealth(best, self.failures, self.p0) >= self._threshold
+        return log_wealth(best, self.failures, self.p0) >= self._threshold or self._final(best) >= self.p0
+
+    def _final(self, successes: int) -> float:
+        """The final Clopper-Pearson bound at n = max_n with ``successes`` votes for cA (0.0 without a final share)."""
+        return final_bound(successes, self.max_n, self.alpha_final) if self.alpha_final > 0 else 0.0
 
 
 def decide(batches: Iterable[tuple[int, int]], *, p0: float, alpha: float, max_n: int,
-           futility_alpha: float | None = None) -> SequentialTest:
+           futility_alpha: float | None = None, final_share: float = FINAL_SHARE) -> SequentialTest:
     """Run the test over (successes, trials) batches in batch order; batches after a decision are ignored.
 
     The returned test holds the decision, the samples counted (``trials``), the number of
     batches used (``batches``) and ``p_lower()``.
     """
-    test = SequentialTest(p0, alpha, max_n, futility_alpha)
+    test = SequentialTest(p0, alpha, max_n, futility_alpha, final_share)
     for successes, trials in batches:
         if test.update(successes, trials) != CONTINUE:
             break
@@ -315,12 +364,20 @@ def min_n(alpha: float, radius: float = 0.0, sigma: float = 1.0) -> int:
     return n
 
 
-def max_sequential_radius(max_n: int, alpha: float, sigma: float) -> float:
-    """The largest target radius ``certify_radius`` can ever certify within max_n samples (all for cA)."""
+def max_sequential_radius(max_n: int, alpha: float, sigma: float, final_share: float = FINAL_SHARE) -> float:
+    """The largest target radius ``certify_radius`` can ever certify within max_n samples (all for cA).
+
+    The larger of the sequence's reach (mixture bound at alpha_seq) and the final decision's
+    (Clopper-Pearson at alpha_final on max_n of max_n, the same bound ``SequentialTest`` uses).
+    """
     _check_count(max_n, "max_n")
     _check_alpha(alpha, "alpha")
     _check_sigma(sigma)
-    return smoothing.radius(lower_bound(max_n, max_n, alpha), sigma)
+    test = SequentialTest(0.5, alpha, max_n, final_share=final_share)  # checks final_share; p0 unused
+    best = lower_bound(max_n, max_n, test.alpha_seq)
+    if test.alpha_final > 0:
+        best = max(best, final_bound(max_n, max_n, test.alpha_final))
+    return smoothing.radius(best, sigma)
 
 
 def _check_radius(radius) -> None:

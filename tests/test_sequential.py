@@ -86,9 +86,10 @@ def exact_certify_probability(p_a, decision_at, max_n):
     return certified
 
 
-def sequential_rule(p0, alpha, max_n):
-    """The decision of the sequential test after S successes in t samples (it depends on nothing else)."""
-    return lambda s, t: sequential.SequentialTest(p0, alpha, max_n).update(s, t)
+def sequential_rule(p0, alpha, max_n, final_share=sequential.FINAL_SHARE):
+    """The decision of the sequential test after S successes in t samples (it depends on nothing else);
+    at t = max_n it is the final Clopper-Pearson decision when the sequence has not certified."""
+    return lambda s, t: sequential.SequentialTest(p0, alpha, max_n, final_share=final_share).update(s, t)
 
 
 def peeking_rule(p0, alpha, max_n):
@@ -116,17 +117,26 @@ def test_p_lower_matches_the_decision_and_is_never_nan():
         for successes in sorted({0, 1, trials // 2, int(0.9 * trials), trials - 1, trials} - {-1}):
             test = sequential.SequentialTest(p0, alpha, max_n=10**9)
             test.update(successes, trials)
-            assert test.trials == trials
+            assert test.trials == trials and test.alpha_seq == alpha * (1 - sequential.FINAL_SHARE)
             p_lower = test.p_lower()
             assert 0.0 <= p_lower < 1.0 and not math.isnan(p_lower)
             assert (test.decision == CERTIFIED) == (p_lower >= p0)
-            # W at the bound still rejects: the bound is rounded down, never up.
+            # Before max_n the bound is the sequence's, at alpha_seq. W at the bound still rejects:
+            # the bound is rounded down, never up.
             if successes:
-                assert sequential.log_wealth(successes, trials - successes, p_lower) >= math.log(1 / alpha)
-            expected = sequential.lower_bound(successes, trials, alpha)
+                assert sequential.log_wealth(successes, trials - successes, p_lower) >= math.log(1 / test.alpha_seq)
+            expected = sequential.lower_bound(successes, trials, test.alpha_seq)
             assert p_lower == pytest.approx(expected, rel=1e-12, abs=1e-18)
     bounds = [sequential.lower_bound(s, 1_000, 0.001) for s in range(0, 1_001, 50)]
     assert bounds == sorted(bounds) and bounds[0] == 0.0
+    # At max_n: the larger of the sequence's bound and the final Clopper-Pearson bound, never NaN.
+    for successes in (0, 1, 500, 880, 999, 1_000):
+        test = sequential.SequentialTest(p0, alpha, max_n=1_000)
+        test.update(successes, 1_000)
+        p_lower = test.p_lower()
+        assert p_lower == max(sequential.lower_bound(successes, 1_000, test.alpha_seq),
+                              smoothing.lower_confidence_bound(successes, 1_000, test.alpha_final))
+        assert not math.isnan(p_lower) and (test.decision == CERTIFIED) == (p_lower >= p0)
 
 
 def test_false_certificates_stay_within_alpha_under_optional_stopping():
@@ -150,10 +160,33 @@ def test_peeking_at_a_fixed_n_bound_fails_the_same_check():
 
 @pytest.mark.parametrize("p0, max_n", [(0.7, 300), (0.9, 300)])
 def test_exact_false_certificate_probability_with_a_look_after_every_sample(p0, max_n):
-    """pA = p0 is the worst case under H0 (the decision is monotone in S); computed exactly, not sampled."""
+    """pA = p0 is the worst case under H0 (the decision is monotone in S); computed exactly, not sampled.
+
+    The rule includes the final Clopper-Pearson decision at t = max_n: sequence at alpha_seq plus final
+    at alpha_final stays <= alpha, and the final decision does add certificates to the sequence's.
+    """
     alpha = 0.05
-    assert alpha / 4 < exact_certify_probability(p0, sequential_rule(p0, alpha, max_n), max_n) <= alpha
+    split = exact_certify_probability(p0, sequential_rule(p0, alpha, max_n), max_n)
+    alpha_seq = alpha * (1 - sequential.FINAL_SHARE)
+    sequence_only = exact_certify_probability(p0, sequential_rule(p0, alpha_seq, max_n, final_share=0.0), max_n)
+    assert alpha / 4 < split <= alpha
+    assert sequence_only <= alpha_seq and split > sequence_only
+    assert split - sequence_only <= alpha * sequential.FINAL_SHARE  # what the final decision adds: <= alpha_final
     assert exact_certify_probability(p0, peeking_rule(p0, alpha, max_n), max_n) > 3 * alpha
+
+
+def test_the_union_bound_holds_by_simulation_just_under_p0():
+    """pA just under p0, where the final fixed-n decision is most often wrong: many trials, rate <= alpha."""
+    alpha, trials, max_n, batch = 0.05, 4_000, 2_000, 100
+    p0 = float(norm.cdf(1.0))
+    p_a = p0 - 0.002
+    tests = simulate(p_a, p0, alpha=alpha, max_n=max_n, batch=batch, trials=trials, seed=5)
+    false = [t for t in tests if t.decision == CERTIFIED]
+    assert len(false) <= binom.ppf(0.999, trials, alpha)
+    # Teeth: most wrong certificates come from the final decision, at about its share alpha_final.
+    at_max_n = sum(t.trials == max_n for t in false)
+    assert at_max_n > binom.ppf(0.001, trials, 0.5 * alpha * sequential.FINAL_SHARE)
+    assert sum(t.p_lower() > p_a for t in tests) <= binom.ppf(0.999, trials, alpha)
 
 
 def test_a_target_well_inside_the_true_radius_certifies_fast():
@@ -194,13 +227,46 @@ def test_a_target_out_of_reach_never_certifies():
     assert one_miss.decision == FUTILE and one_miss.trials == 1_000
 
 
-def test_at_max_n_the_anytime_test_decides_not_a_fixed_n_bound():
-    # 880 of 1000 at p0 = Phi(1) = 0.841: still reachable before the last batch, not certified at max_n,
-    # though a fixed-n Clopper-Pearson bound at n = 1000 would clear p0 (alpha is not split with it).
+def test_at_max_n_the_final_fixed_n_decision_certifies_what_the_anytime_test_cannot():
+    # 880 of 1000 at p0 = Phi(1) = 0.841: the anytime test alone (at alpha or at alpha_seq) leaves it
+    # uncertified at max_n; Clopper-Pearson at alpha_final on the 1000 samples clears p0.
     p0, alpha = float(norm.cdf(1.0)), 0.001
-    test = sequential.decide([(88, 100)] * 10, p0=p0, alpha=alpha, max_n=1_000)
-    assert test.decision == FUTILE and test.trials == 1_000 and test.p_lower() < p0
-    assert smoothing.lower_confidence_bound(880, 1_000, alpha) > p0
+    batches = [(88, 100)] * 10
+    test = sequential.decide(batches, p0=p0, alpha=alpha, max_n=1_000)
+    final = smoothing.lower_confidence_bound(880, 1_000, alpha * sequential.FINAL_SHARE)
+    assert final > p0 and test.decision == CERTIFIED and test.trials == 1_000 and test.batches == 10
+    assert test.p_lower() == final  # the sequence's own bound is lower
+    assert test.p_lower() > sequential.lower_bound(880, 1_000, test.alpha_seq)
+    for anytime in (sequential.decide(batches, p0=p0, alpha=alpha, max_n=1_000, final_share=0.0),
+                    sequential.decide(batches, p0=p0, alpha=test.alpha_seq, max_n=1_000, final_share=0.0)):
+        assert anytime.decision == FUTILE and anytime.trials == 1_000 and anytime.p_lower() < p0
+    # The decision is only at max_n: the same votes in a longer stream are not certified at 1000.
+    longer = sequential.decide(batches, p0=p0, alpha=alpha, max_n=2_000)
+    assert longer.decision == CONTINUE and longer.trials == 1_000
+    # And as a certificate: radius sigma * Phi^-1(p_lower) >= r.
+    cert = sequential.to_certificate(test, [0, 100], [120, 880], n0=100, sigma=0.25, radius=0.25)
+    assert cert.prediction == 1 and cert.p_lower == final
+    assert cert.radius == pytest.approx(smoothing.radius(final, 0.25)) and cert.radius >= 0.25
+
+
+def test_curtailment_waits_while_only_the_final_decision_can_still_certify():
+    """A target beyond the sequence's reach but within the final test's is not stopped as futile."""
+    alpha, sigma, max_n = 0.001, 0.5, 10_000
+    test = sequential.SequentialTest(0.5, alpha, max_n)
+    sequence_reach = smoothing.radius(sequential.lower_bound(max_n, max_n, test.alpha_seq), sigma)
+    final_reach = sequential.max_radius(max_n, test.alpha_final, sigma)
+    assert sequence_reach < final_reach
+    assert sequential.max_sequential_radius(max_n, alpha, sigma) == pytest.approx(final_reach, rel=1e-9)
+    assert sequential.max_sequential_radius(max_n, alpha, sigma, final_share=0.0) == \
+        smoothing.radius(sequential.lower_bound(max_n, max_n, alpha), sigma)
+    p0 = float(norm.cdf(0.5 * (sequence_reach + final_reach) / sigma))
+    assert sequential.SequentialTest(p0, alpha, max_n, final_share=0.0).decision == FUTILE  # pure anytime: hopeless
+    waiting = sequential.decide([(1_000, 1_000)] * 9, p0=p0, alpha=alpha, max_n=max_n)
+    assert waiting.decision == CONTINUE and waiting.trials == 9_000
+    assert waiting.update(1_000, 1_000) == CERTIFIED and waiting.p_lower() >= p0
+    # A few failures put it out of the final test's reach too: stopped at once.
+    missed = sequential.decide([(990, 1_000)] + [(1_000, 1_000)] * 9, p0=p0, alpha=alpha, max_n=max_n)
+    assert missed.decision == FUTILE and missed.trials == 1_000
 
 
 def test_decide_reads_batches_in_order_and_ignores_those_after_the_decision():

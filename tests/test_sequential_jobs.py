@@ -188,11 +188,11 @@ BAD_INPUTS = {
     "n contradicts max n": ([*CERTIFY, "--radius", "0.2", "--n", "1000", "--max-n", "500"],
                             "--n 1000 contradicts --max-n 500"),
     "radius out of reach": ([*CERTIFY, "--radius", "0.8", "--max-n", "10000"],
-                            "certify at most radius 0.7794 at sigma 0.25"),
-    "radius out of reach of n": ([*CERTIFY, "--radius", "0.6", "--n", "1000"], "certify at most radius 0.5"),
+                            "certify at most radius 0.7927 at sigma 0.25"),
+    "radius out of reach of n": ([*CERTIFY, "--radius", "0.62", "--n", "1000"], "certify at most radius 0.6072"),
     "n too small to certify": ([*CERTIFY, "--n", "9"], "the smallest n that can is 10"),
     "api radius zero": ([*API, "--radius", "0"], "radius must be a finite number > 0"),
-    "api radius out of reach": ([*API, "--radius", "0.5", "--max-n", "100"], "certify at most radius 0.3402"),
+    "api radius out of reach": ([*API, "--radius", "0.5", "--max-n", "100"], "certify at most radius 0.3631"),
     "api max n without radius": ([*API, "--max-n", "100"], "needs a target radius"),
     "api n contradicts max n": ([*API, "--radius", "0.1", "--n", "50", "--max-n", "100"], "contradicts"),
     "api n too small": ([*API, "--n", "5"], "the smallest n that can is 10"),
@@ -278,7 +278,10 @@ def test_api_job_at_a_clear_radius_pays_a_fraction_of_n0_plus_n_plus_1(emulator,
     assert len(rows) == 4 and all(r.correct and r.radius >= 0.05 for r in rows)
     billed = billed_per_image(rows, server.ledger)
     assert billed == [r.n0 + r.n + 1 for r in rows]  # each query the test needed, paid once
-    assert all(b <= (5 + 200 + 1) // 4 for b in billed), billed
+    # The sequence runs at alpha/2 (the other half is kept for the final decision at max_n), so the least
+    # clear of the four images needs a few more looks than the rest; all stay well under n0 + n + 1.
+    assert sum(b <= (5 + 200 + 1) // 4 for b in billed) >= 3, billed
+    assert all(b <= (5 + 200 + 1) * 2 // 5 for b in billed), billed
     assert all(r.n % api_runner.QUERY_BATCH == 0 and r.extra["mode"] == "sequential" for r in rows)
     assert server.ledger.billed == sum(billed)
     with session_scope(db) as session:

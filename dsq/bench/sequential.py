@@ -7,7 +7,9 @@ function of those counts in batch order, as the jobs compute it:
 - fixed n (``FIXED_N``): CERTIFY (Cohen et al.) on the first n estimation samples: Clopper-Pearson
   p_lower, R = sigma * Phi^-1(p_lower); certified at r when cA is the label and R >= r
 - sequential at r: ``dsq.sequential.decide`` on the batches, max_n = ``MAX_N``; certified at r when the
-  test certifies and cA is the label; its cost is the estimation samples the test counted
+  test certifies and cA is the label; its cost is the estimation samples the test counted. alpha is
+  split as the test splits it (``dsq.sequential.FINAL_SHARE``): the confidence sequence at alpha_seq, and
+  an image undecided at max_n gets the final Clopper-Pearson decision at alpha_final on all MAX_N samples
 
 Certified accuracy is over all images (abstains and wrong classes count as failures); costs are
 estimation samples per image (n0 is the same for all three and left out).
@@ -53,17 +55,25 @@ def fixed_n_at(image: ImageVotes, n: int, radius: float, sigma: float, alpha: fl
 
 def sequential_at(image: ImageVotes, radius: float, sigma: float, alpha: float = ALPHA) -> tuple[bool, int]:
     """(certified and correct at ``radius``, estimation samples the test counted)."""
+    return _sequential(image, radius, sigma, alpha)[:2]
+
+
+def _sequential(image: ImageVotes, radius: float, sigma: float, alpha: float = ALPHA,
+                final_share: float = sequential.FINAL_SHARE) -> tuple[bool, int, bool]:
+    """``sequential_at``, and whether the certificate came from the final decision at max_n."""
     test = sequential.decide(((int(s), BATCH) for s in image.successes), p0=float(norm.cdf(radius / sigma)),
-                             alpha=alpha, max_n=MAX_N)
-    return test.decision == sequential.CERTIFIED and image.c_a == image.label, test.trials
+                             alpha=alpha, max_n=MAX_N, final_share=final_share)
+    ok = test.decision == sequential.CERTIFIED and image.c_a == image.label
+    return ok, test.trials, ok and test.trials == MAX_N
 
 
 def compare(images: list[ImageVotes], sigma: float, radius: float) -> dict:
     """Certified accuracy at ``radius`` of every rule, and the sequential test's samples per image."""
-    outcome = [sequential_at(image, radius, sigma) for image in images]
-    samples = np.array([trials for _, trials in outcome], dtype=float)
-    row = {"images": len(images), "sequential": float(np.mean([ok for ok, _ in outcome])),
-           "mean_samples": float(samples.mean()), "median_samples": float(np.median(samples))}
+    outcome = [_sequential(image, radius, sigma) for image in images]
+    samples = np.array([trials for _, trials, _ in outcome], dtype=float)
+    row = {"images": len(images), "sequential": float(np.mean([ok for ok, _, _ in outcome])),
+           "mean_samples": float(samples.mean()), "median_samples": float(np.median(samples)),
+           "certified_at_max_n": int(sum(final for _, _, final in outcome))}
     for n in FIXED_N:
         row[f"fixed_{n}"] = float(np.mean([fixed_n_at(image, n, radius, sigma) for image in images]))
     row["mean_speedup"] = MAX_N / row["mean_samples"]
@@ -80,12 +90,13 @@ def meets(row: dict) -> dict[str, bool]:
 
 
 HEADER = ["method", "sigma", "r", "sequential %", f"fixed n={FIXED_N[0]:,} %", f"fixed n={FIXED_N[1]:,} %",
-          "mean samples", "median samples", "fewer (mean)", "fewer (median)"]
+          "mean samples", "median samples", "fewer (mean)", "fewer (median)", "certified at max_n"]
 
 
 def table(rows: list[dict]) -> list[list[str]]:
-    """One line per (method, sigma, r): accuracies side by side, then the sequential test's samples per image."""
+    """One line per (method, sigma, r): accuracies side by side, the sequential test's samples per image, and
+    the images it certified with the final decision at max_n."""
     return [[row["method"], f"{row['sigma']:g}", f"{row['radius']:g}", f"{100 * row['sequential']:.1f}",
              f"{100 * row[f'fixed_{FIXED_N[0]}']:.1f}", f"{100 * row[f'fixed_{FIXED_N[1]}']:.1f}",
              f"{row['mean_samples']:,.0f}", f"{row['median_samples']:,.0f}", f"{row['mean_speedup']:.1f}x",
-             f"{row['median_speedup']:.1f}x"] for row in rows]
+             f"{row['median_speedup']:.1f}x", str(row["certified_at_max_n"])] for row in rows]
