@@ -144,7 +144,7 @@ def test_specs_stored_before_sequential_certification_load_as_fixed_n():
     ({"radius": 0.1, "max_n": 0}, "max n must be an integer >= 1, got 0"),
     ({"radius": 0.1, "max_n": 1e4}, "max n must be an integer >= 1, got 10000.0"),
     ({"radius": 0.8, "max_n": 10_000}, "radius 0.8 is out of reach: 10000 samples at alpha 0.001 certify at most "
-                                       "radius 0.7794 at sigma 0.25 (such a job could only spend samples)"),
+                                       "radius 0.7927 at sigma 0.25 (such a job could only spend samples)"),
 ])
 def test_bad_sequential_spec(changes, words):
     error = error_of(lambda: CertifySpec(**CERTIFY, **changes))
@@ -156,7 +156,7 @@ def test_reach_says_the_largest_radius_and_refuses_an_n_that_can_never_certify()
 
     assert specs.reach(CertifySpec(**CERTIFY, n=1_000)) == "n = 1,000 at alpha 0.001 certifies radius 0.6158 at most (2.46 sigma)"
     assert sequential.max_radius(1_000, 0.001, 0.25) == pytest.approx(0.6158, abs=1e-4)
-    assert "at most 2,000 estimation samples (they can reach radius 0.6521 at most)" in specs.reach(
+    assert "at most 2,000 estimation samples (they can reach radius 0.6675 at most)" in specs.reach(
         CertifySpec(**CERTIFY, radius=0.1, max_n=2_000))
     error = error_of(lambda: specs.reach(CertifySpec(**CERTIFY, n0=5, n=9)))
     assert isinstance(error, InvalidArgument) and "n = 9 estimation samples can never certify at alpha 0.001" in str(error)
