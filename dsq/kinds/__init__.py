@@ -1,7 +1,8 @@
 """Job kinds: one module each (its spec, its checks, what it holds while it runs), registered here once.
 
 A kind is run by a loop in ``workers/`` named by ``run`` (``module:function``), so the library never
-imports ``workers/``. Adding a kind is one module here, one entry in ``KINDS`` and its loop.
+imports ``workers/``. Adding a kind is one module here with its ``KIND``, its entry in ``_load`` (and its
+spec class in ``dsq.specs.SPECS``, which rebuilds stored specs), and its loop in ``workers/``.
 """
 
 from __future__ import annotations
