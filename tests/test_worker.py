@@ -267,3 +267,27 @@ def test_four_real_workers_racing_over_sixty_jobs_run_each_exactly_once(dialect,
     ran = [int(re.search(r"; ran (\d+) job", out).group(1)) for out, _ in outputs]
     assert sum(ran) == 60 and sum(1 for count in ran if count) >= 2, ran  # the work was shared
     engine.dispose()
+
+
+def test_sigterm_stops_the_demo_cleanly_and_a_worker_finishes_its_experiment(tmp_path):
+    demo = start(tmp_path, "demo", "--quick", "--max-images", "4", "--n", "100", "--plot", tmp_path / "demo.png")
+    try:
+        wait_until(lambda: (tmp_path / "dsq.db").exists() and status_of(engine_of(tmp_path), 3) == "running",
+                   what="the demo's third job running")
+        demo.send_signal(signal.SIGTERM)
+        stdout, stderr = demo.communicate(timeout=60)
+    finally:
+        stop_group(demo)
+    assert demo.returncode == 1 and not any(noise in stdout + stderr for noise in NOISE), stdout + stderr
+    assert "demo stopped (SIGTERM); handed back: jobs" in stderr and "dsq worker --drain" in stderr
+    engine = engine_of(tmp_path)
+    with session_scope(engine) as session:
+        found = repo.list_jobs(session, limit=100)
+    assert len(found) == 20 and not any(j.status == "running" for j in found)
+    assert dsq(tmp_path, "worker", "--drain").returncode == 0
+    [experiment] = {j.experiment for j in found}
+    out = dsq(tmp_path, "results", "--experiment", experiment, "--by-sigma", "--plot", tmp_path / "exp.png")
+    assert out.returncode == 0 and "sigma = 0.5: certified accuracy" in out.stdout, out.stderr
+    assert "envelope across sigma" in out.stdout and (tmp_path / "exp.png").stat().st_size > 1000
+    with session_scope(engine) as session:
+        assert all(j.status == "succeeded" for j in repo.list_jobs(session, limit=100))
