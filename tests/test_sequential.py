@@ -17,23 +17,7 @@ from torch import nn
 from dsq import sequential, smoothing
 from dsq.errors import InvalidArgument
 from dsq.sequential import CERTIFIED, CONTINUE, FUTILE
-
-
-class Halfspace(nn.Module):
-    """f(x) = 1 if w.x + b > 0 else 0: P(f(x + delta) = 1) = Phi((w.x + b) / (sigma |w|)),
-    and the exact L2 radius of g at x is the distance |w.x + b| / |w| to the hyperplane."""
-
-    def __init__(self, w: torch.Tensor, b: float):
-        super().__init__()
-        self.register_buffer("w", w.flatten())
-        self.b = b
-
-    def forward(self, x):
-        margin = x.flatten(1) @ self.w + self.b
-        return torch.stack([-margin, margin], dim=1)
-
-    def distance(self, x):
-        return abs(float(x.flatten() @ self.w) + self.b) / float(self.w.norm())
+from tests.test_smoothing import Halfspace
 
 
 class NaNModel(nn.Module):

@@ -24,6 +24,7 @@ from workers.loop import Control
 
 from .test_apis import api_spec, results
 from .test_apis import db, emulator  # noqa: F401 - fixtures shared with test_apis
+from tests.test_jobs import run, submit
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -42,15 +43,6 @@ def world(tmp_path_factory):
     engine.dispose()
 
 
-def submit(config, engine, spec) -> int:
-    with session_scope(engine) as session:
-        return jobs.submit(session, spec, config).id
-
-
-def run(config, engine, spec) -> int:
-    job_id = submit(config, engine, spec)
-    assert runner.run_job(config, job_id) == "succeeded"
-    return job_id
 
 
 def sequential_spec(f, **overrides):
