@@ -402,3 +402,16 @@ def _check_count(value, name: str) -> None:
 
 def _is_real(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+class TargetRadiusMode:
+    """What a certify spec with optional ``radius`` and ``max_n`` fields says about its sampling mode."""
+
+    @property
+    def sequential(self) -> bool:
+        return self.radius is not None
+
+    @property
+    def most_n(self) -> int:
+        """The most estimation samples (or queries) one image can take: max_n in sequential mode, else n."""
+        return self.max_n if self.sequential else self.n

@@ -117,7 +117,7 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
-class CertifySpec:
+class CertifySpec(sequential.TargetRadiusMode):
     """Certify the smoothed classifier f o D on a deterministic subset of a dataset."""
 
     dataset: str
@@ -159,15 +159,6 @@ class CertifySpec:
         _check_seed(self.seed)
         if self.max_images is not None:
             _check_positive_int("max images", self.max_images)
-
-    @property
-    def sequential(self) -> bool:
-        return self.radius is not None
-
-    @property
-    def most_n(self) -> int:
-        """The most estimation samples one image can take: max_n in sequential mode, else n."""
-        return self.max_n if self.sequential else self.n
 
     def references(self) -> tuple[str, ...]:
         return tuple(r for r in (self.classifier, self.denoiser) if r)

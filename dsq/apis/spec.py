@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from dsq import smoothing
+from dsq import sequential, smoothing
 from dsq.errors import InvalidArgument, UnknownName
 from dsq.text import check_name
 
@@ -36,7 +36,7 @@ _ADDRESS = re.compile(r"^(https?://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}/?$")
 
 
 @dataclass(frozen=True)
-class ApiCertifySpec:
+class ApiCertifySpec(sequential.TargetRadiusMode):
     """Certify ``provider``'s smoothed top label (optionally behind a denoiser) on images."""
 
     provider: str
@@ -81,15 +81,6 @@ class ApiCertifySpec:
         self._check_images()
         self._check_endpoint()
         self._check_limits()
-
-    @property
-    def sequential(self) -> bool:
-        return self.radius is not None
-
-    @property
-    def most_n(self) -> int:
-        """The most estimation queries one image can take: max_n in sequential mode, else n."""
-        return self.max_n if self.sequential else self.n
 
     @property
     def queries_per_image(self) -> int:
