@@ -208,6 +208,20 @@ def actors(address, cls, *, at_least=1, timeout=60):
     raise AssertionError(f"no live {cls}")
 
 
+def sampler_node_without_runner(address, timeout=60) -> dict:
+    """A worker node that hosts a sampler of the running job but not the queue worker."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = inspect(address)
+        samplers = {a["node"] for a in state["actors"] if a["cls"] == "SamplerActor"}
+        runners = {a["node"] for a in state["actors"] if a["cls"] == "WorkerActor"}
+        found = [n for n in state["nodes"] if n["id"] in samplers - runners and n["cpus"] > 0]
+        if len(samplers) >= 1 and runners and found:
+            return found[0]
+        assert time.monotonic() < deadline, f"no node with a sampler and without the worker: {state}"
+        time.sleep(0.5)
+
+
 def test_killing_a_sampler_process_mid_job_changes_nothing(cluster, world):
     address, _ = cluster
     env, engine, reference = world
@@ -224,11 +238,7 @@ def test_losing_a_worker_node_mid_job_changes_nothing(cluster, world):
     address, workers = cluster
     env, engine, reference = world
     job_id = submit(env, *CERTIFY)
-    actors(address, "SamplerActor", at_least=2)
-    state = inspect(address)
-    sampler_nodes = {a["node"] for a in state["actors"] if a["cls"] == "SamplerActor"}
-    runner_nodes = {a["node"] for a in state["actors"] if a["cls"] == "WorkerActor"}
-    victim_node = next(n for n in state["nodes"] if n["id"] in sampler_nodes - runner_nodes and n["cpus"] > 0)
+    victim_node = sampler_node_without_runner(address)
     pid = raylet_pid(workers, victim_node["port"])
     wait_for(engine, job_id, ("running",), done=1)
     os.kill(pid, signal.SIGKILL)

@@ -56,8 +56,8 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     workers = spec.workers or resources.default_workers()
     options, threads = resources.actor_options(workers)
     device = resources.device_for("num_gpus" in options)
-    def start():
-        return SamplerActor.options(**options).remote(settings, *sources, threads, device, spec.precision,
+    def start():  # spread over the nodes: shards run in parallel, and losing one node costs one sampler
+        return SamplerActor.options(**options, scheduling_strategy="SPREAD").remote(settings, *sources, threads, device, spec.precision,
                                                       spec.compile)
 
     pool = control.pool or SamplerPool()
