@@ -148,7 +148,7 @@ def save_checkpoint(path: str | os.PathLike, *, kind: str, arch: str, arch_kwarg
     state_dict = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
     with torch.device("meta"):
         blueprint = build_model(kind, arch, arch_kwargs, normalization)
-    problem = _mismatch(blueprint.state_dict(), state_dict)
+    problem = mismatch(blueprint.state_dict(), state_dict)
     if problem:
         raise InvalidArgument(f"model does not match arch {arch!r} with {arch_kwargs}: {problem}")
     payload = {
@@ -188,7 +188,7 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> tuple[nn.Module, d
     bytes. For a reference checkpoint it is the inferred description, in the same shape
     (``format`` is ``"reference"`` and ``reference_arch`` keeps the original name).
     """
-    raw, sha256 = _read(os.fspath(path))
+    raw, sha256 = read(os.fspath(path))
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dict, found {type(raw).__name__}")
     if raw.get("format") == FORMAT:
@@ -203,7 +203,8 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> tuple[nn.Module, d
     return _to_device(model, device), metadata
 
 
-def _read(path: str) -> tuple[object, str]:
+def read(path: str) -> tuple[object, str]:
+    """(what ``torch.load(weights_only=True)`` reads from ``path``, the file's sha256); CheckpointError otherwise."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
@@ -212,11 +213,11 @@ def _read(path: str) -> tuple[object, str]:
     except OSError as error:
         raise CheckpointError(f"checkpoint {path} cannot be read: {artifacts.os_reason(error)}") from None
     try:
-        with warnings.catch_warnings():  # torch warns of a newer pickle protocol, then refuses it: _refusal says so
+        with warnings.catch_warnings():  # torch warns of a newer pickle protocol, then refuses it: refusal says so
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(_refusal(path, data, error)) from None
+        raise CheckpointError(refusal(path, data, error)) from None
     return raw, hashlib.sha256(data).hexdigest()
 
 
@@ -226,7 +227,7 @@ CONVERT = ("if you trust the file, convert it once in a trusted session: c = tor
            "(model.state_dict() for a whole model), or re-save the model with dsq.checkpoints.save_checkpoint")
 
 
-def _refusal(path: str, data: bytes, error: Exception) -> str:
+def refusal(path: str, data: bytes, error: Exception) -> str:
     """One line saying why ``torch.load(weights_only=True)`` refused ``data``: Python objects, or a broken file.
 
     torch's message alone cannot tell them apart (random bytes also fail as 'unsupported' pickle operations,
@@ -428,7 +429,7 @@ def _restore(path, metadata: dict, state_dict: dict) -> nn.Module:
     except (DsqError, TypeError, ValueError, KeyError, AttributeError) as error:
         raise CheckpointError(f"{path}: cannot rebuild the model it describes "
                               f"({type(error).__name__}: {error})") from None
-    problem = _mismatch(model.state_dict(), state_dict)
+    problem = mismatch(model.state_dict(), state_dict)
     if problem:
         raise CheckpointError(f"{path}: state dict does not match {metadata['kind']} "
                               f"{metadata['arch']!r} with {metadata['arch_kwargs']}: {problem}")
@@ -440,7 +441,7 @@ def _restore(path, metadata: dict, state_dict: dict) -> nn.Module:
     return model.eval()
 
 
-def _mismatch(expected: dict, found: dict) -> str:
+def mismatch(expected: dict, found: dict) -> str:
     """One line describing how ``found`` differs from ``expected`` ('' when it matches).
 
     BatchNorm's ``num_batches_tracked`` may be absent (old checkpoints); torch fills it.

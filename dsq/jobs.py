@@ -12,7 +12,7 @@ from typing import Iterable
 
 from sqlalchemy.orm import Session
 
-from dsq import kinds, queue, references, specs
+from dsq import kinds, queue, references, specs, usermodels
 from dsq.db import repo
 from dsq.db.models import utcnow
 from dsq.errors import InvalidArgument, JobNotFound, JobStateError
@@ -26,9 +26,12 @@ def submit(session: Session, spec, settings: Settings, *, priority: int = 0, aft
            experiment: str | None = None, meta: dict | None = None):
     """Check a spec against the database and the disk, then queue it as a job that waits for its dependencies."""
     kind = kinds.get(spec.kind)
+    spec = usermodels.with_code(spec)
     if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > MAX_PRIORITY:
         raise InvalidArgument(f"priority must be an integer in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {priority!r}")
-    depends = {references.check(session, reference, role) for reference, role in spec.model_roles()} - {None}
+    options = getattr(spec, "models", {})
+    depends = {references.check(session, reference, role, options.get(reference))
+               for reference, role in spec.model_roles()} - {None}
     depends |= {_check_after(session, number) for number in after}
     total = kind.check(session, spec, settings)
     job = repo.create_job(session, kind=spec.kind, spec=spec.to_dict(), seed=spec.seed, name=spec.name, total=total,

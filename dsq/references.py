@@ -1,9 +1,10 @@
 """Model references: what ``--classifier``, ``--denoiser``, ``--surrogate`` and ``--init`` name.
 
-A reference is a checkpoint file path or ``job:ID``, the checkpoint a training job produces.
-A ``job:ID`` makes the job that names it depend on job ID: it is checked at submit (the job
-exists, trains a model of the right role, has not failed), and resolved to a file only when the
-dependent job runs, by then ID has succeeded.
+A reference is ``job:ID`` (the checkpoint a training job produces), a checkpoint or TorchScript
+file, ``torchvision:NAME`` or ``package.module:function`` (``dsq.usermodels``: the last three with
+their options, a spec's ``models[reference]``). A ``job:ID`` makes the job that names it depend on
+job ID: it is checked at submit (the job exists, trains a model of the right role, has not
+failed), and resolved to a file only when the dependent job runs, by then ID has succeeded.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from dsq import artifacts
+from dsq import artifacts, usermodels
 from dsq.db import repo
 from dsq.errors import CheckpointError, InvalidArgument, JobNotFound
 from dsq.settings import Settings
@@ -32,15 +33,22 @@ def is_job_reference(reference: str) -> bool:
     return job_id(reference) is not None
 
 
-def check(session: Session, reference: str, role: str) -> int | None:
-    """Check a reference at submit; return the job it depends on (None for a file).
+def check(session: Session, reference: str, role: str, options: dict | None = None) -> int | None:
+    """Check a reference at submit; return the job it depends on (None for a file or the user's own model).
 
-    ``role`` is ``classifier`` or ``denoiser``: a ``job:N`` must train that kind of model.
+    ``role`` is ``classifier`` or ``denoiser``: a ``job:N`` must train that kind of model. The files a
+    user's model names must exist, and a checkpoint file (which carries its normalization) takes no options.
     """
     number = job_id(reference)
     if number is None:
-        if not Path(reference).is_file():
-            raise CheckpointError(f"checkpoint not found: {reference}")
+        kind = usermodels.form(reference)
+        for path in ([reference] if kind == "file" else []) + [(options or {}).get("weights")]:
+            if path and not Path(path).is_file():
+                raise CheckpointError(f"{'weights' if path != reference else 'checkpoint'} file not found: {path}")
+        if kind == "file" and any((options or {}).values()) and not usermodels.is_torchscript(reference):
+            raise InvalidArgument(f"{reference} is a checkpoint: it carries its architecture, weights and "
+                                  "normalization; --*-weights, --*-args, --mean and --std are for TorchScript, "
+                                  "torchvision:NAME and package.module:function models")
         return None
     try:
         job = repo.get_job(session, number)
@@ -78,6 +86,34 @@ def checkpoint_source(session: Session, reference: str) -> tuple[str, str | None
     return found[0].location, found[0].sha256
 
 
+def source(session: Session, reference: str, options: dict | None = None) -> dict:
+    """What a process needs to load the model a reference names (plain data: it travels to Ray actors)."""
+    location, sha256 = (checkpoint_source(session, reference)
+                        if usermodels.form(reference) in ("job", "file") else (None, None))
+    return {"reference": reference, "location": location, "sha256": sha256, "options": options or {}}
+
+
+def file_source(path: str) -> dict:
+    """The source of a model file (a checkpoint or TorchScript file), without options."""
+    return {"reference": path, "location": path, "sha256": None, "options": {}}
+
+
+def load_source(settings: Settings, found: dict, role: str, device="cpu"):
+    """The model of a ``source``, in eval mode on ``device`` (a stored checkpoint is fetched and hash-checked)."""
+    from dsq import checkpoints  # torch: only where models are loaded
+
+    path = local_checkpoint(settings, (found["location"], found["sha256"])) if found["location"] else None
+    if path is None or usermodels.is_torchscript(path):
+        return usermodels.load(found["reference"], path, found["options"], role, device)
+    return checkpoints.load_checkpoint(path, device=device)[0]
+
+
+def load(session: Session, reference: str, settings: Settings, role: str, options: dict | None = None,
+         device="cpu"):
+    """The model a reference names, loaded now."""
+    return load_source(settings, source(session, reference, options), role, device)
+
+
 def local_checkpoint(settings: Settings, source: tuple[str, str | None]) -> str:
     """A local file for a checkpoint source: fetched from the store (cached) and its sha256 checked."""
     location, sha256 = source
@@ -100,4 +136,4 @@ def trained_classes(session: Session, reference: str, settings: Settings) -> int
     if spec.get("target") != "classifier" or "dataset" not in spec:
         return None
     root = spec.get("data_root") or settings.data_root
-    return datasets.dataset_info(spec["dataset"], root=root).num_classes
+    return datasets.dataset_info(spec["dataset"], root=root, size=spec.get("size")).num_classes

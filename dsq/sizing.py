@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch import nn
 
 from dsq.fastpath import PreparedModel
@@ -86,8 +88,15 @@ def memory_per_sample(model: nn.Module, x: torch.Tensor, device: torch.device | 
 
 
 def largest_activation(model: nn.Module, batch: torch.Tensor) -> int:
-    """Bytes of the largest tensor any leaf module outputs for ``batch``, per sample."""
+    """Bytes of the largest tensor any leaf module outputs for ``batch``, per sample.
+
+    TorchScript takes no hooks: a model holding some is measured op by op instead (``_LargestOutput``).
+    """
     sizes = [batch.numel() * batch.element_size()]
+    if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        with _LargestOutput() as largest:
+            model(batch)
+        return math.ceil(max(sizes[0], largest.bytes) / batch.shape[0])
 
     def record(module, inputs, output):
         if isinstance(output, torch.Tensor):
@@ -101,6 +110,21 @@ def largest_activation(model: nn.Module, batch: torch.Tensor) -> int:
         for handle in handles:
             handle.remove()
     return math.ceil(max(sizes) / batch.shape[0])
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest tensor any operator outputs (it sees the ops TorchScript runs too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_leaves(out):
+            if isinstance(value, torch.Tensor):
+                self.bytes = max(self.bytes, value.numel() * value.element_size())
+        return out
 
 
 def memory_budget(device: torch.device | str, share: float = 1.0) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -10,7 +11,7 @@ import time
 import ray
 import torch
 
-from dsq import fastpath, references, sampling, sizing
+from dsq import fastpath, references, sampling, sizing, smoothing
 from dsq.kinds import certify
 
 
@@ -24,12 +25,11 @@ class SamplerActor:
         if device == "cpu":
             fastpath.tune_cpu_allocator()  # this process only samples: keep activation buffers resident
         self.device = device
-        classifier_path = references.local_checkpoint(settings, classifier_source)
-        denoiser_path = references.local_checkpoint(settings, denoiser_source) if denoiser_source else None
         # Prepared once per actor (BN folded, channels-last where it helps). fp32 leaves f unchanged;
         # bf16/fp16 autocast changes it, so the runner records the precision with every result.
-        self.model = fastpath.prepare_for_inference(certify.load_pipeline(classifier_path, denoiser_path, device),
-                                                    device=device, precision=precision, compile=compile)
+        pipeline = certify.load_pipeline(classifier_source, denoiser_source, device, settings)
+        self.channels = smoothing.input_channels(pipeline)
+        self.model = fastpath.prepare_for_inference(pipeline, device=device, precision=precision, compile=compile)
         self.name = f"{socket.gethostname()}:{ray.get_runtime_context().get_actor_id()[:8]}"
 
     def counts(self, x, *, sigma, start, count, batch_size, seed, image, phase) -> dict:
@@ -39,6 +39,10 @@ class SamplerActor:
                                         device=self.device)
         return {"counts": counts, "seconds": time.perf_counter() - started,
                 "worker": self.name, "device": self.device}
+
+    def input_channels(self) -> int | None:
+        """The channels of the images f o D takes: the runner converts the dataset's images to them."""
+        return self.channels
 
     def memory_probe(self, x, share: float) -> dict:
         """What one sample costs on this actor's device and what a batch may take (``dsq.sizing``)."""
@@ -87,9 +91,11 @@ class SamplerPool:
             ray.kill(actor)
 
 
-def source_key(source: tuple[str, str | None] | None) -> tuple | None:
-    """A checkpoint source as a pool key: the sha256 of a stored one, a local file's path, size and mtime."""
-    if source is None or source[1] is not None:
-        return source
-    stat = os.stat(source[0])
-    return source[0], stat.st_size, stat.st_mtime_ns
+def source_key(source: dict | None) -> tuple | None:
+    """A model source as a pool key: a stored checkpoint's sha256; a local file's path, size and mtime."""
+    if source is None:
+        return None
+    files = [path for path in (source["location"] if source["sha256"] is None else None,
+                               source["options"].get("weights")) if path]
+    stats = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files]
+    return source["reference"], source["sha256"], json.dumps(source["options"], sort_keys=True), *stats
