@@ -11,7 +11,7 @@ import time
 import ray
 import torch
 
-from dsq import fastpath, references, sampling, sizing, smoothing
+from dsq import fastpath, sampling, sizing, smoothing
 from dsq.kinds import certify
 
 
