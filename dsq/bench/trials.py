@@ -242,7 +242,7 @@ def _worker_main(fields: dict) -> None:
 
 def _python_module(args: list[str], **popen) -> subprocess.Popen:
     """``python -m dsq.bench ARGS`` with this checkout first on the path."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, "-m", "dsq.bench", *args], text=True, env=env, **popen)
 
