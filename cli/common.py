@@ -15,7 +15,9 @@ from typing import Iterator
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
 
 from sqlalchemy import exc
 
@@ -108,9 +110,20 @@ def following() -> Iterator[None]:
         raise typer.Exit(0) from None
 
 
+class JobColumn(ProgressColumn):
+    """A certification's line (images, img/s, certified, ETA), else done/total, elapsed and remaining (training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.plain = (MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+
+    def render(self, task) -> Text:
+        line = task.fields.get("line")
+        return Text(line) if line else Text(" ").join(column.render(task) for column in self.plain)
+
+
 def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=errors, transient=False,
+    return Progress(TextColumn("{task.description}"), BarColumn(), JobColumn(), console=errors, transient=False,
                     disable=not sys.stderr.isatty() and os.environ.get("DSQ_PROGRESS") != "1")
 
 
@@ -119,15 +132,19 @@ FOLLOW_GRACE_S = 60.0  # --wait rides out a database restart this long
 
 def follow(engine, job_id: int, label: str) -> str:
     """Poll a job until it ends, with a progress bar; return its status. A signal stops following only."""
+    from dsq import views
+    from dsq.db.models import utcnow
+
     lost_since = None
     try:
         with signals_raise(), progress_bar() as bar:
-            task = bar.add_task(label, total=None)
+            task = bar.add_task(label, total=None, line=None)
             while True:
                 try:
                     with session_scope(engine) as session:
                         job = repo.get_job(session, job_id)
                         last = repo.logs_for_job(session, job_id)[-1:]
+                        line = views.progress_line(session, job, utcnow())
                 except exc.OperationalError:
                     lost_since = lost_since or time.monotonic()
                     if time.monotonic() - lost_since > FOLLOW_GRACE_S:
@@ -139,7 +156,7 @@ def follow(engine, job_id: int, label: str) -> str:
                 lost_since = None
                 doing = f": {last[0].message[:60]}" if last and job.status == "running" else ""
                 bar.update(task, completed=job.progress_done, total=job.progress_total or None,
-                           description=f"{label} ({job.status}{doing})")
+                           description=f"{label} ({job.status}{doing})", line=line)
                 if job.status in FINISHED:
                     return job.status
                 time.sleep(1.0)

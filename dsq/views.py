@@ -40,10 +40,13 @@ def describe(session: Session, job: Job, now: datetime, stale_after: timedelta) 
              f"priority {job.priority}" + (f", experiment {escape_controls(job.experiment)}" if job.experiment else ""),
              f"progress {job.progress_done}/{job.progress_total}, attempts {job.attempts}"
              + (f", runner {job.runner}" if job.runner and job.status == "running" else "")]
-    done_now = _done_this_run(session, job)
-    if job.started_at and done_now and not queue.is_stale(job, stale_after, now):
-        elapsed = ((job.finished_at or now) - job.started_at).total_seconds()
-        rate = done_now / max(elapsed, 1e-9)
+    stale = queue.is_stale(job, stale_after, now)
+    certifying = progress_line(session, job, now, live=not stale)
+    if certifying:  # a certification: images, rate, certified so far and ETA in one line
+        lines.append(certifying)
+    elif job.started_at and job.progress_done and not stale:  # a training: epochs
+        elapsed = _run_seconds(job, now)
+        rate = job.progress_done / max(elapsed, 1e-9)
         lines.append(f"rate {rate:.2f} items/s over the {elapsed:.0f} s of this run")
         if job.status == "running" and rate > 0:
             lines.append(f"eta {(job.progress_total - job.progress_done) / rate:.0f} s")
@@ -52,11 +55,41 @@ def describe(session: Session, job: Job, now: datetime, stale_after: timedelta) 
     return lines
 
 
-def _done_this_run(session: Session, job: Job) -> int:
-    """Work done since the job (re)started: images stored in this run; a training's epochs."""
-    if job.kind == "train" or job.started_at is None:
-        return job.progress_done
-    return sum(1 for r in repo.results_for_job(session, job.id) if r.created_at >= job.started_at)
+def progress_line(session: Session, job: Job, now: datetime, *, live: bool = True) -> str | None:
+    """A certification's progress: ``12/30 images · 1.8 img/s · certified 58% · ETA 10 s``; None for a training.
+
+    The rate is this run's: images stored since the job last started. Certified is the share of the images stored
+    that are correct and certified: radius > 0, or for a sequential job radius >= its target (named in the line).
+    ``live`` False (a stale job) leaves the rate and ETA out, as does a job queued again.
+    """
+    if job.kind == "train":
+        return None
+    target = (job.spec or {}).get("radius")
+    counts = repo.count_results(session, job.id, radius=target or 0.0, since=job.started_at)
+    parts = [f"{job.progress_done}/{job.progress_total} images"]
+    rate = 0.0
+    if live and job.status != "queued" and counts.since:
+        rate = counts.since / max(_run_seconds(job, now), 1e-9)
+        parts.append(f"{rate:.1f} img/s" if rate >= 0.1 else f"{rate:.2g} img/s")
+    if counts.stored:
+        at = "" if target is None else f" at r = {target:g}"
+        parts.append(f"certified {100 * counts.certified / counts.stored:.0f}%{at}")
+    if rate and job.status == "running":
+        parts.append(f"ETA {_duration(max(job.progress_total - job.progress_done, 0) / rate)}")
+    return " · ".join(parts)
+
+
+def _run_seconds(job: Job, now: datetime) -> float:
+    """How long this run took or has taken so far (since the job last started)."""
+    return ((job.finished_at or now) - job.started_at).total_seconds()
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3 h 5 min``."""
+    whole = round(seconds)
+    if whole < 120:
+        return f"{whole} s"
+    return f"{whole // 60} min" if whole < 7200 else f"{whole // 3600} h {whole % 3600 // 60} min"
 
 
 def show(session: Session, job: Job) -> list[str]:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, and_, case, false, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -216,6 +216,25 @@ def results_for_job(s: Session, job_id: int) -> list[Result]:
 
 def done_image_indices(s: Session, job_id: int) -> set[int]:
     return set(s.scalars(select(Result.image_index).where(Result.job_id == job_id)))
+
+
+class ResultCounts(NamedTuple):
+    stored: int  # results of the job
+    certified: int  # of them, correct and certified at the radius asked
+    since: int  # of them, first stored at or after the time asked
+
+
+def count_results(s: Session, job_id: int, *, radius: float = 0.0, since: datetime | None = None) -> ResultCounts:
+    """A job's results counted in one query, without loading them (to follow a job every second).
+
+    Certified: correct, not abstaining and radius > 0 and >= ``radius`` (a sequential job's target).
+    ``since`` None counts none as recent.
+    """
+    certified = and_(Result.correct, Result.prediction != -1, Result.radius > 0, Result.radius >= float(radius))
+    recent = Result.created_at >= since if since is not None else false()
+    stmt = select(func.count(), func.sum(case((certified, 1), else_=0)), func.sum(case((recent, 1), else_=0)))
+    stored, certified_, recent_ = s.execute(stmt.where(Result.job_id == job_id)).one()
+    return ResultCounts(int(stored), int(certified_ or 0), int(recent_ or 0))
 
 
 # -- work units ------------------------------------------------------------------------
