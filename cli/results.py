@@ -15,6 +15,11 @@ from dsq.errors import InvalidArgument
 FORMATS = ("table", "csv", "json", "tsv", "markdown", "latex")
 TABLE_FORMATS = ("table", "markdown", "latex")
 RADII_HELP = "Comma-separated radii (L2, [0,1] pixel units)."
+CI_HELP = ("Add to each cell the two-sided Clopper-Pearson interval of the certified accuracy over the images: "
+           "62.0 [52.1, 71.2] (clean).")
+CI_ALPHA_HELP = "The interval's alpha: a (1 - alpha) interval (implies --ci)."
+PLOT_HELP = "Write the curves to this file: .png, .pdf or .svg (the format)."
+TITLE_HELP = "The plot's title."
 
 
 def register(app: typer.Typer) -> None:
@@ -32,17 +37,26 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
             experiment: Optional[str] = typer.Option(None, help="The paper's table of an experiment: per method, "
                                                      "the envelope across sigma."),
             by_sigma: bool = typer.Option(False, help="--experiment: also one table per sigma."),
-            plot: Optional[str] = typer.Option(None, help="--experiment: write the curves to this PNG.")):
+            ci: bool = typer.Option(False, "--ci", help=CI_HELP),
+            ci_alpha: Optional[float] = typer.Option(None, "--ci-alpha", help=CI_ALPHA_HELP + " Default: 0.05."),
+            plot: Optional[str] = typer.Option(None, help="--experiment: " + PLOT_HELP),
+            title: Optional[str] = typer.Option(None, help=TITLE_HELP)):
     """Certified accuracy of one job (table) or its per-image results (csv, json, tsv); or of an experiment."""
     with common.boundary():
         if format not in FORMATS:
             raise InvalidArgument(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
         if (job is None) == (experiment is None):
             raise InvalidArgument("give a job id or --experiment NAME (one of them)")
+        if plot is not None and experiment is None:
+            raise InvalidArgument("--plot draws an experiment (--experiment NAME); for jobs: dsq compare JOB... --plot")
+        interval = _interval(ci, ci_alpha)
+        if interval is not None and format not in TABLE_FORMATS:
+            raise InvalidArgument(f"--ci applies to the tables ({', '.join(TABLE_FORMATS)}), not to --format {format}")
+        _check_plot(plot, title)
         radius_list = report.parse_radii(radii or ",".join(map(str, report.DEFAULT_RADII)))
         engine = common.database(common.settings(ctx))
         if experiment is not None:
-            return _experiment(engine, experiment, radius_list, by_sigma, plot)
+            return _experiment(engine, experiment, radius_list, by_sigma, plot, title, interval)
         with session_scope(engine) as session:
             [(label, rows)] = views.labelled_results(session, [job])
             sequential = views.sequential_costs(session, job)
@@ -65,11 +79,12 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
             typer.echo(text, nl=not text.endswith("\n"))
             return
         if sequential:
-            common.console.print(views.sequential_summary(label, rows, *sequential))
+            common.console.print(views.sequential_summary(label, rows, *sequential, ci=interval))
             common.say(report.sequential_note(sequential[0]))
             return
-        table = report.compare_table([(label, rows)], radius_list)
-        title = f"{label}: certified accuracy % (clean), {len(rows)} images" + (" (partial)" if partial else "")
+        table = report.compare_table([(label, rows)], radius_list, ci=interval)
+        title = (f"{label}: {report.accuracy_title(interval)}, {len(rows)} images"
+                 + (" (partial)" if partial else ""))
         show_table(report.compare_header(radius_list), table, title, format)
 
 
@@ -83,32 +98,60 @@ def show_table(header, rows, title: str, format: str) -> None:
         common.console.print(report.render_table(header, rows, title=title))
 
 
-def _experiment(engine, name: str, radii, by_sigma: bool, plot: str | None) -> None:
+def _interval(ci: bool, ci_alpha: float | None) -> float | None:
+    """The alpha of the tables' confidence intervals, None without --ci."""
+    if ci_alpha is not None:
+        return report.check_alpha(ci_alpha)
+    return 0.05 if ci else None
+
+
+def _check_plot(plot: str | None, title: str | None) -> None:
+    """Refuse a plot that cannot be written (its format, its folder) before any work; --title needs --plot."""
+    if title is not None and plot is None:
+        raise InvalidArgument("--title names the plot: give --plot FILE too")
+    if plot is not None:
+        report.plot_format(plot)
+
+
+def _experiment(engine, name: str, radii, by_sigma: bool, plot: str | None, title: str | None,
+                ci: float | None) -> None:
     with session_scope(engine) as session:
         runs = views.experiment_runs(session, name)
-    for table in views.experiment_tables(runs, radii, by_sigma=by_sigma):
+    for table in views.experiment_tables(runs, radii, by_sigma=by_sigma, ci=ci):
         common.console.print(table)
     if plot:
-        everything = [(label, rows) for found in runs.values() for _, label, rows in found]
-        report.plot_curves(everything, plot, title=f"{name}: certified accuracy vs L2 radius")
-        common.console.print(f"curves written to {plot}")
+        curves = [report.Curve(label, rows, method, sigma) for method, found in runs.items()
+                  for sigma, label, rows in found]
+        report.plot_curves(curves, plot, title=title or f"{name}: certified accuracy vs L2 radius")
+        common.say(f"curves written to {plot}")
 
 
 def compare(ctx: typer.Context, job_ids: List[int] = typer.Argument(..., help="Job ids."),
             radii: str = typer.Option(",".join(map(str, report.DEFAULT_RADII)), help=RADII_HELP),
-            envelope: bool = typer.Option(False, help="Add the best job per radius (e.g. across sigma)."),
-            plot: Optional[str] = typer.Option(None, help="Write certification curves to this PNG."),
+            envelope: bool = typer.Option(False, help="Add a row per method with several jobs (a method: a job's "
+                                          "name without its sigma, MSE s=0.25 -> MSE): their best per radius."),
+            plot: Optional[str] = typer.Option(None, help=PLOT_HELP),
+            title: Optional[str] = typer.Option(None, help=TITLE_HELP),
+            ci: bool = typer.Option(False, "--ci", help=CI_HELP),
+            ci_alpha: Optional[float] = typer.Option(None, "--ci-alpha", help=CI_ALPHA_HELP + " Default: 0.05."),
             format: str = typer.Option("table", "--format", help="table, markdown or latex.")):
     """Certified accuracy per radius, one row per job, clean accuracy in parentheses."""
     with common.boundary():
         if format not in TABLE_FORMATS:
             raise InvalidArgument(f"--format must be one of {', '.join(TABLE_FORMATS)}, got {format!r}")
+        interval = _interval(ci, ci_alpha)
+        _check_plot(plot, title)
         radius_list = report.parse_radii(radii)
         engine = common.database(common.settings(ctx))
         with session_scope(engine) as session:
-            labelled = views.labelled_results(session, job_ids)
-        show_table(*views.comparison_rows(labelled, radius_list, envelope=envelope), "certified accuracy % (clean)",
-                   format)
+            runs = views.compared_runs(session, job_ids)
+        warning = views.image_warning(runs)
+        if warning:
+            common.say(warning, err=True)
+        header, rows = views.comparison_rows(runs, radius_list, envelope=envelope, ci=interval,
+                                             images=format == "table")
+        show_table(header, rows, report.accuracy_title(interval), format)
         if plot:
-            report.plot_curves(labelled, plot, title="certified accuracy")
-            common.console.print(f"curves written to {plot}")
+            curves = [report.Curve(run.label, run.rows, run.method, run.sigma) for run in runs]
+            report.plot_curves(curves, plot, title=title or "certified accuracy", envelope=envelope)
+            common.say(f"curves written to {plot}")

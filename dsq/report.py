@@ -7,6 +7,11 @@ Symbols: for the per-image results of a job, the *certified accuracy* at radius 
 smoothed prediction is correct and certified with radius >= r. At r = 0 it is the *clean accuracy of the smoothed
 classifier* (correct and not abstaining, prediction -1 never being correct).
 
+With a confidence level, a certified accuracy k/n over n images carries its two-sided Clopper-Pearson interval
+(``clopper_pearson``): the uncertainty from certifying a sample of the test set, beside the alpha of each image's
+certificate. A *method* is a job name without its sigma (``split_sigma``: ``MSE s=0.25`` -> ``MSE``): the jobs of
+one method differ only in sigma, and its envelope takes the best of them at each radius.
+
 A *sequential* job (a target radius r, ``dsq.sequential``) answers one question per image: certified within
 radius >= r, or not. Its certified accuracy at r is the fraction of images correct and certified; at any other
 radius it answers nothing (its stored radii are lower bounds, not the largest radius the samples allow), so its
@@ -27,6 +32,7 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
@@ -100,13 +106,46 @@ def as_results(rows: Rows) -> list[Result]:
 # ---------------------------------------------------------------------------------------------- accuracy
 
 
-def certified_accuracy(rows: Rows, radii: Sequence[float]) -> list[float]:
-    """Fraction of rows with ``correct and radius >= r`` for each r in ``radii`` (Cohen et al.'s definition)."""
+def certified_counts(rows: Rows, radii: Sequence[float]) -> tuple[int, list[int]]:
+    """``(n, k per radius)``: the number of images, and of those with ``correct and radius >= r`` for each r."""
     results = as_results(rows)
     if not results:
         raise InvalidArgument("no certified images: certified accuracy needs at least one result row")
-    n = len(results)
-    return [sum(1 for x in results if x.correct and x.radius >= r) / n for r in radii]
+    return len(results), [sum(1 for x in results if x.correct and x.radius >= r) for r in radii]
+
+
+def certified_accuracy(rows: Rows, radii: Sequence[float]) -> list[float]:
+    """Fraction of rows with ``correct and radius >= r`` for each r in ``radii`` (Cohen et al.'s definition)."""
+    n, counts = certified_counts(rows, radii)
+    return [k / n for k in counts]
+
+
+def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Two-sided (1 - alpha) Clopper-Pearson interval for a proportion, k successes of n (exact, conservative).
+
+    lower = Beta quantile alpha/2 of (k, n - k + 1), 0 when k = 0; upper = quantile 1 - alpha/2 of (k + 1, n - k),
+    1 when k = n.
+    """
+    check_alpha(alpha)
+    if not 0 <= k <= n or n < 1:
+        raise InvalidArgument(f"a proportion needs 0 <= k <= n and n >= 1, got k = {k}, n = {n}")
+    from scipy.stats import beta
+
+    lower = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    upper = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return lower, upper
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` of a confidence interval, checked: a number strictly between 0 and 1."""
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise InvalidArgument(f"the confidence interval's alpha must be between 0 and 1 (e.g. 0.05), got {alpha!r}")
+    return float(alpha)
+
+
+def accuracy_title(ci: float | None = None) -> str:
+    """What a table's cells are: ``certified accuracy % (clean)``, with ``[95% CI]`` when they carry intervals."""
+    return "certified accuracy % " + ("" if ci is None else f"[{100 * (1 - ci):g}% CI] ") + "(clean)"
 
 
 def clean_accuracy(rows: Rows) -> float:
@@ -135,23 +174,35 @@ def envelope(jobs: Jobs, radii: Sequence[float]) -> Envelope:
     """Best certified accuracy per radius across ``jobs`` (e.g. one job per sigma) and which job attains it."""
     if not jobs:
         raise InvalidArgument("envelope needs at least one job")
-    table = [(label, *_job_accuracy(label, rows, radii)) for label, rows in jobs]
-    accuracy, best, clean = [], [], []
-    for j in range(len(radii)):
-        label, clean_acc, acc = max(table, key=lambda t: t[2][j])  # max() keeps the first of equals
-        accuracy.append(acc[j])
-        best.append(label)
-        clean.append(clean_acc)
-    return Envelope(accuracy, best, clean)
+    best = [_best(_table(jobs, radii), j) for j in range(len(radii))]
+    return Envelope([t.certified[j] / t.n for j, t in enumerate(best)], [t.label for t in best],
+                    [t.clean / t.n for t in best])
 
 
-def _job_accuracy(label: str, rows: Rows, radii: Sequence[float]) -> tuple[float, list[float]]:
-    """``(clean accuracy, certified accuracy per radius)`` of one job; no rows is InvalidArgument naming it."""
-    try:
-        clean, *accuracies = certified_accuracy(rows, [0.0, *radii])
-    except InvalidArgument as e:
-        raise InvalidArgument(f"job {label}: {e}") from None
-    return clean, accuracies
+class _Counts(NamedTuple):
+    """One job's numbers: its images n, those correct (r = 0), and those certified correct per radius."""
+
+    label: str
+    n: int
+    clean: int
+    certified: list[int]
+
+
+def _table(jobs: Jobs, radii: Sequence[float]) -> list[_Counts]:
+    """The :class:`_Counts` of each job; a job without rows is InvalidArgument naming it."""
+    table = []
+    for label, rows in jobs:
+        try:
+            n, (clean, *certified) = certified_counts(rows, [0.0, *radii])
+        except InvalidArgument as e:
+            raise InvalidArgument(f"job {label}: {e}") from None
+        table.append(_Counts(label, n, clean, certified))
+    return table
+
+
+def _best(table: Sequence[_Counts], j: int) -> _Counts:
+    """The job with the highest certified accuracy at the j-th radius (max() keeps the first of equals)."""
+    return max(table, key=lambda t: t.certified[j] / t.n)
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -162,9 +213,30 @@ def compare_header(radii: Sequence[float], first: str = "job") -> list[str]:
     return [first] + [f"r = {r:g}" for r in radii]
 
 
-def format_cell(accuracy: float, clean: float, decimals: int = 1) -> str:
-    """``"57.0 (71.2)"``: certified accuracy, clean accuracy in parentheses, both in percent."""
-    return f"{100 * accuracy:.{decimals}f} ({100 * clean:.{decimals}f})"
+def format_cell(accuracy: float, clean: float, decimals: int = 1,
+                interval: tuple[float, float] | None = None) -> str:
+    """``"57.0 (71.2)"``: certified accuracy, clean accuracy in parentheses, both in percent.
+
+    With a confidence ``interval`` (fractions) on the certified accuracy: ``"57.0 [47.1, 66.5] (71.2)"``.
+    """
+    return f"{_percent(accuracy, decimals, interval)} ({100 * clean:.{decimals}f})"
+
+
+def _percent(fraction: float, decimals: int, interval: tuple[float, float] | None = None) -> str:
+    text = f"{100 * fraction:.{decimals}f}"
+    if interval is not None:
+        text += f" [{100 * interval[0]:.{decimals}f}, {100 * interval[1]:.{decimals}f}]"
+    return text
+
+
+def _interval(k: int, n: int, ci: float | None) -> tuple[float, float] | None:
+    return None if ci is None else clopper_pearson(k, n, ci)
+
+
+def _cell(t: _Counts, j: int, decimals: int, ci: float | None, clean: float | None = None) -> str:
+    """The j-th radius of one job as a cell; ``ci`` (an alpha) adds the Clopper-Pearson interval over its images."""
+    clean = t.clean / t.n if clean is None else clean
+    return format_cell(t.certified[j] / t.n, clean, decimals, _interval(t.certified[j], t.n, ci))
 
 
 def compare_table(
@@ -173,23 +245,27 @@ def compare_table(
     *,
     clean: Mapping[str, float] | None = None,
     decimals: int = 1,
+    ci: float | None = None,
 ) -> list[list[str]]:
     """One row of strings per job: its label, then ``A (C)`` per radius (see the module docstring).
 
     ``clean`` maps a job label to another clean accuracy (a fraction, e.g. the base classifier's without noise).
+    ``ci`` (an alpha, e.g. 0.05) adds to each cell the two-sided Clopper-Pearson interval of A over the images.
     """
-    table = []
-    for label, rows in jobs:
-        smoothed_clean, accuracies = _job_accuracy(label, rows, radii)
-        clean_acc = (clean or {}).get(label, smoothed_clean)
-        table.append([label] + [format_cell(a, clean_acc, decimals) for a in accuracies])
-    return table
+    return [[t.label] + [_cell(t, j, decimals, ci, (clean or {}).get(t.label)) for j in range(len(radii))]
+            for t in _table(jobs, radii)]
 
 
-def envelope_row(jobs: Jobs, radii: Sequence[float], *, label: str = "envelope", decimals: int = 1) -> list[str]:
-    """The :func:`envelope` as a table row; each cell carries the clean accuracy of the job attaining it."""
-    env = envelope(jobs, radii)
-    return [label] + [format_cell(a, c, decimals) for a, c in zip(env.accuracy, env.clean)]
+def envelope_row(jobs: Jobs, radii: Sequence[float], *, label: str = "envelope", decimals: int = 1,
+                 ci: float | None = None) -> list[str]:
+    """The :func:`envelope` as a table row; each cell carries the clean accuracy of the job attaining it.
+
+    With ``ci``, a cell's interval is that job's: it does not account for picking the best of several jobs.
+    """
+    if not jobs:
+        raise InvalidArgument("envelope needs at least one job")
+    table = _table(jobs, radii)
+    return [label] + [_cell(_best(table, j), j, decimals, ci) for j in range(len(radii))]
 
 
 def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, title: str | None = None):
@@ -214,17 +290,18 @@ def sequential_header(unit: str = "samples") -> list[str]:
 
 
 def sequential_table(jobs: Sequence[tuple[str, Rows, Sequence[float]]], radius: float, *,
-                     decimals: int = 1) -> list[list[str]]:
+                     decimals: int = 1, ci: float | None = None) -> list[list[str]]:
     """One row per sequential job at target ``radius``: (label, rows, cost per image in the rows' order).
 
-    The cost is what each image took: estimation samples drawn, or queries billed for an API job.
+    The cost is what each image took: estimation samples drawn, or queries billed for an API job. ``ci`` (an
+    alpha) adds the Clopper-Pearson interval of the certified accuracy over the images.
     """
     table = []
     for label, rows, costs in jobs:
-        [accuracy] = _job_accuracy(label, rows, [radius])[1]
+        [t] = _table([(label, rows)], [radius])
         mean, median = cost_summary(costs)
-        table.append([label, f"{radius:g}", f"{100 * accuracy:.{decimals}f}", f"{mean:,.0f}", f"{median:,.0f}",
-                      str(len(costs))])
+        accuracy = _percent(t.certified[0] / t.n, decimals, _interval(t.certified[0], t.n, ci))
+        table.append([label, f"{radius:g}", accuracy, f"{mean:,.0f}", f"{median:,.0f}", str(len(costs))])
     return table
 
 
@@ -338,52 +415,136 @@ def to_tsv(rows: Rows) -> str:
 
 # ---------------------------------------------------------------------------------------------- curves
 
+PLOT_FORMATS = ("png", "pdf", "svg")
+_SEPARATORS = " _,;:/-"
+LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 4)), (0, (8, 3)))  # one per sigma
+_SIGMA_IN_NAME = re.compile(  # " s=0.25", "_sigma0.5", " (σ=1)", "@0.25" ...; the number is group 2
+    r"[\s_,;:/-]*(\()?\s*"  # separators, and an opening parenthesis closed after the number
+    r"(?:(?<![^\W_])(?:sigma|σ)\s*[=:_ ]?\s*|(?<![^\W_])s\s*=\s*|@)(\d+(?:\.\d+)?|\.\d+)\s*(?(1)\))",
+    re.IGNORECASE)
+
+
+class Curve(NamedTuple):
+    """A job to plot: label and rows, and its method and sigma (when None, read from the label: ``split_sigma``)."""
+
+    label: str
+    rows: Rows
+    method: str | None = None
+    sigma: float | None = None
+
+
+def split_sigma(name: str) -> tuple[str, float | None]:
+    """``"MSE s=0.25"`` -> ``("MSE", 0.25)``: a job name without its sigma (the method), and that sigma.
+
+    A sigma is written ``s=0.25``, ``sigma=0.25``, ``sigma 0.25``, ``sigma0.25``, ``σ=0.25`` or ``@0.25``,
+    in any case, anywhere in the name (``"cifar_sigma0.5 (bf16)"`` -> ``("cifar (bf16)", 0.5)``);
+    a name without one is returned whole, with None.
+    """
+    match = _SIGMA_IN_NAME.search(name)
+    if match is None:
+        return name, None
+    before, after = name[:match.start()].rstrip(_SEPARATORS), name[match.end():]
+    rest = after.lstrip(_SEPARATORS)
+    between = after[:len(after) - len(rest)] or name[len(before):match.start()] or " "
+    return (before + between + rest if before and rest else before + rest), float(match.group(2))
+
+
+def sigma_label(method: str, sigma: float) -> str:
+    """``"MSE σ=0.25"``: how a plot names a method at one sigma."""
+    return f"{method} σ={sigma:g}".strip()
+
 
 def curve(rows: Rows, max_radius: float) -> tuple[list[float], list[float]]:
     """Exact step curve of certified accuracy on [0, max_radius]: breakpoints and the accuracy at each.
 
     Accuracy is constant on each interval (r_k, r_k+1] between breakpoints (draw with ``steps-pre``).
     """
-    results = as_results(rows)
-    breaks = sorted({x.radius for x in results if x.correct and 0.0 < x.radius < max_radius})
-    radii = [0.0] + breaks + [max_radius]
-    return radii, certified_accuracy(results, radii)
+    return envelope_curve([rows], max_radius)
 
 
-def plot_curves(jobs: Jobs, path: str, *, title: str | None = None, max_radius: float | None = None) -> None:
-    """Certified accuracy vs radius, one step curve per job, saved as a PNG at ``path`` (Agg, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def envelope_curve(jobs_rows: Sequence[Rows], max_radius: float) -> tuple[list[float], list[float]]:
+    """The step curve of the best certified accuracy of several jobs at each radius (one job: its :func:`curve`)."""
+    jobs_rows = [as_results(rows) for rows in jobs_rows]
+    breaks = {x.radius for results in jobs_rows for x in results if x.correct and 0.0 < x.radius < max_radius}
+    radii = [0.0] + sorted(breaks) + [max_radius]
+    return radii, [max(column) for column in zip(*(certified_accuracy(rows, radii) for rows in jobs_rows))]
 
-    if not jobs:
-        raise InvalidArgument("plot_curves needs at least one job")
+
+def plot_format(path: str) -> str:
+    """The format a plot is written in, from the extension of ``path`` (png, pdf or svg); its folder must exist."""
+    extension = os.path.splitext(str(path))[1].lower().lstrip(".")
+    if extension not in PLOT_FORMATS:
+        raise InvalidArgument(f"cannot write plot {path}: its name must end in .png, .pdf or .svg (the format)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InvalidArgument(f"cannot write plot {path}: folder {folder} does not exist")
-    jobs = [(label, as_results(rows)) for label, rows in jobs]
-    limit = _plot_limit(jobs) if max_radius is None else float(max_radius)
+    return extension
+
+
+def plot_curves(jobs: Sequence[tuple], path: str, *, title: str | None = None, max_radius: float | None = None,
+                envelope: bool = True) -> None:
+    """Certified accuracy vs radius: a step curve per job, one colour per method and one line style per sigma.
+
+    ``jobs`` are (label, rows) pairs or :class:`Curve`. With ``envelope``, each method with several curves also
+    gets its envelope (the best of its curves at each radius), thicker and in its colour. The legend stands right
+    of the axes. The format follows the extension of ``path`` (``plot_format``): PNG at 150 dpi, or PDF and SVG
+    with their text kept as text (TrueType fonts in a PDF). Agg, no pyplot state.
+    """
+    from matplotlib import colormaps, rc_context
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fmt = plot_format(path)
+    if not jobs:
+        raise InvalidArgument("plot_curves needs at least one job")
+    curves = [_as_curve(job) for job in jobs]
+    limit = _plot_limit(curves) if max_radius is None else float(max_radius)
     if not limit > 0:
         raise InvalidArgument(f"max_radius must be > 0, got {max_radius!r}")
-    figure = Figure(figsize=(6.4, 4.8))
+    methods = list(dict.fromkeys(c.method for c in curves))
+    sigmas = sorted({c.sigma for c in curves if c.sigma is not None})
+    colours = colormaps["tab10" if len(methods) <= 10 else "tab20"].colors
+    figure = Figure(figsize=(6.4, 4.2))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for label, results in jobs:
-        radii, accuracy = curve(_nonempty(label, results), limit)
-        axes.plot(radii, accuracy, drawstyle="steps-pre", label=label)
+    for m, method in enumerate(methods):
+        mine = [c for c in curves if c.method == method]
+        colour = colours[m % len(colours)]
+        for c in mine:
+            style = "-" if c.sigma is None else LINE_STYLES[sigmas.index(c.sigma) % len(LINE_STYLES)]
+            axes.plot(*_until_zero(*curve(c.rows, limit)), drawstyle="steps-pre", color=colour, linestyle=style,
+                      linewidth=1.3, label=c.label if c.sigma is None else sigma_label(c.method, c.sigma))
+        if envelope and len(mine) > 1:  # beneath the curves, thick and light
+            best = _until_zero(*envelope_curve([c.rows for c in mine], limit))
+            axes.plot(*best, drawstyle="steps-pre", color=colour, linewidth=4.5, alpha=0.35, solid_capstyle="butt",
+                      zorder=1.8, label=f"{method} envelope".strip())
     _style_axes(axes, limit, title)
-    figure.savefig(path, format="png", dpi=150)
+    with rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
+        figure.savefig(path, format=fmt, dpi=150, bbox_inches="tight")
 
 
-def _plot_limit(jobs: Sequence[tuple[str, list[Result]]]) -> float:
-    """A little beyond the largest certified radius (at least 0.5), rounded up to a multiple of 0.25."""
-    largest = max((x.radius for _, results in jobs for x in results if x.correct), default=0.0)
-    return max(0.5, math.ceil(largest * 1.05 / 0.25) * 0.25)
-
-
-def _nonempty(label: str, results: list[Result]) -> list[Result]:
+def _as_curve(job: tuple) -> Curve:
+    """A :class:`Curve` with its rows read (none is InvalidArgument) and its method and sigma known."""
+    found = Curve(*job)
+    results = as_results(found.rows)
     if not results:
-        raise InvalidArgument(f"job {label}: no certified images to plot")
-    return results
+        raise InvalidArgument(f"job {found.label}: no certified images to plot")
+    method, sigma = (found.method, None) if found.method is not None else split_sigma(found.label)
+    return Curve(found.label, results, method, found.sigma if found.sigma is not None else sigma)
+
+
+def _until_zero(radii: list[float], accuracy: list[float]) -> tuple[list[float], list[float]]:
+    """A step curve that ends where it drops to 0 (no line along the axis), unless it is 0 from the start."""
+    k = next((k for k, a in enumerate(accuracy) if k and a == 0), None)
+    if k is None:
+        return radii, accuracy
+    return radii[:k] + [radii[k - 1]], accuracy[:k] + [0.0]
+
+
+def _plot_limit(curves: Sequence[Curve]) -> float:
+    """A little beyond the largest certified radius (at least 0.5), rounded up to a multiple of 0.25."""
+    largest = max((x.radius for c in curves for x in c.rows if x.correct), default=0.0)
+    return max(0.5, math.ceil(largest * 1.05 / 0.25) * 0.25)
 
 
 def _style_axes(axes, max_radius: float, title: str | None) -> None:
@@ -392,6 +553,8 @@ def _style_axes(axes, max_radius: float, title: str | None) -> None:
     axes.set_xlabel("radius (L2)")
     axes.set_ylabel("certified accuracy")
     axes.grid(True, alpha=0.3)
-    axes.legend(loc="upper right")
+    entries = len(axes.get_legend_handles_labels()[1])
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False, fontsize="small",
+                ncol=1 if entries <= 16 else 2)
     if title:
         axes.set_title(title)

@@ -7,6 +7,7 @@ answer at once.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy.orm import Session
 
@@ -168,24 +169,80 @@ def sequential_costs(session: Session, job_id: int) -> tuple[float, str, list[in
     return float(target), "samples", [row.n for row in rows]
 
 
-def sequential_summary(label: str, rows, target: float, unit: str, costs: list[int]):
+def sequential_summary(label: str, rows, target: float, unit: str, costs: list[int], ci: float | None = None):
     """The rich table of a sequential job: certified accuracy at its target and what an image cost."""
-    table = report.sequential_table([(label, rows, costs)], target)
+    table = report.sequential_table([(label, rows, costs)], target, ci=ci)
     return report.render_table(report.sequential_header(unit), table,
                                title=f"{label}: certified accuracy % at radius {target:g}, {len(rows)} images")
 
 
-def comparison_rows(labelled, radii, *, envelope: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one per job and, optionally, the envelope across them."""
-    rows = report.compare_table(labelled, radii)
-    if envelope:
-        rows.append(report.envelope_row(labelled, radii))
-    return report.compare_header(radii), rows
+class Run(NamedTuple):
+    """A compared job: id, label (``labelled_results``), results, method (the label without its sigma), sigma."""
+
+    job_id: int
+    label: str
+    rows: list
+    method: str
+    sigma: float | None
 
 
-def comparison(labelled, radii, *, envelope: bool = False, title: str = "certified accuracy % (clean)"):
-    """A rich table: a row per job and, optionally, the envelope across them."""
-    return report.render_table(*comparison_rows(labelled, radii, envelope=envelope), title=title)
+def compared_runs(session: Session, job_ids) -> list[Run]:
+    """The jobs to compare, each with its method: its label without the sigma (``report.split_sigma``).
+
+    Jobs of one method differ only in sigma, e.g. an experiment's ``MSE s=0.25`` and ``MSE s=0.5``; the sigma is
+    the job's own (its spec's), else the one its name gives.
+    """
+    runs = []
+    for job_id, (label, rows) in zip(job_ids, labelled_results(session, job_ids)):
+        method, named = report.split_sigma(label)
+        sigma = (repo.get_job(session, job_id).spec or {}).get("sigma", named)
+        runs.append(Run(job_id, label, rows, method, None if sigma is None else float(sigma)))
+    return runs
+
+
+def comparison_rows(runs: list[Run], radii, *, envelope: bool = False, ci: float | None = None,
+                    images: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one per job and, with ``envelope``, one per method of several jobs (the best across sigma).
+
+    ``ci`` (an alpha) adds Clopper-Pearson intervals; ``images`` a column with each row's number of images (an
+    envelope's, when its jobs certified different numbers of images: ``30-50``).
+    """
+    rows = report.compare_table([(run.label, run.rows) for run in runs], radii, ci=ci)
+    counts = [str(len(run.rows)) for run in runs]
+    groups: dict[str, list[Run]] = {}
+    for run in runs if envelope else []:
+        groups.setdefault(run.method, []).append(run)
+    for method, group in groups.items():
+        if len(group) < 2:
+            continue  # one job is its own envelope
+        label = f"envelope: {method}" if method else "envelope"
+        rows.append(report.envelope_row([(run.label, run.rows) for run in group], radii, label=label, ci=ci))
+        sizes = sorted({len(run.rows) for run in group})
+        counts.append(f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}")
+    header = report.compare_header(radii)
+    if images:
+        header.insert(1, "images")
+        rows = [[row[0], count, *row[1:]] for row, count in zip(rows, counts)]
+    return header, rows
+
+
+def image_warning(runs: list[Run]) -> str | None:
+    """A warning line when the jobs certified different images (their numbers are then not comparable)."""
+    sets: dict[int, set[int]] = {}
+    for run in runs:
+        sets.setdefault(run.job_id, {row.image_index for row in run.rows})
+    if len({frozenset(found) for found in sets.values()}) < 2:
+        return None
+    common = set.intersection(*sets.values())
+    return ("warning: jobs certified different images: "
+            + ", ".join(f"job {job_id} has {len(found)}" for job_id, found in sets.items())
+            + f" ({len(common)} in common)")
+
+
+def comparison(labelled, radii, *, title: str, ci: float | None = None, first: str = "job"):
+    """A rich table: a row per (label, rows); ``first`` names the label column."""
+    return report.render_table(report.compare_header(radii, first), report.compare_table(labelled, radii, ci=ci),
+                               title=title)
 
 
 def experiment_runs(session: Session, experiment: str) -> dict[str, list[tuple[float, str, list]]]:
@@ -206,17 +263,21 @@ def experiment_runs(session: Session, experiment: str) -> dict[str, list[tuple[f
     return {method: sorted(found, key=lambda run: run[0]) for method, found in runs.items()}
 
 
-def experiment_tables(runs: dict, radii, *, by_sigma: bool = False) -> list:
-    """The paper's table (per method, the envelope across sigma), and per-sigma tables on request."""
+def experiment_tables(runs: dict, radii, *, by_sigma: bool = False, ci: float | None = None) -> list:
+    """The paper's table (per method, the envelope across sigma), and per-sigma tables on request.
+
+    ``ci`` (an alpha) adds Clopper-Pearson intervals over the images to every cell.
+    """
     tables = []
+    what = report.accuracy_title(ci)
     if by_sigma:
         for sigma in sorted({s for found in runs.values() for s, _, _ in found}):
             labelled = [(method, rows) for method, found in runs.items() for s, _, rows in found if s == sigma]
-            tables.append(comparison(labelled, radii, title=f"sigma = {sigma:g}: certified accuracy % (clean)"))
-    envelope = [report.envelope_row([(label, rows) for _, label, rows in found], radii, label=safe(method))
+            tables.append(comparison(labelled, radii, title=f"sigma = {sigma:g}: {what}", ci=ci, first="method"))
+    envelope = [report.envelope_row([(label, rows) for _, label, rows in found], radii, label=safe(method), ci=ci)
                 for method, found in runs.items()]
     tables.append(report.render_table(report.compare_header(radii, "method"), envelope,
-                                      title="envelope across sigma: best certified accuracy % (clean)"))
+                                      title=f"envelope across sigma: best {what}"))
     return tables
 
 

@@ -171,3 +171,41 @@ def test_sequential_table_has_accuracy_at_the_target_and_cost_per_image():
     assert "answers only 'certified within radius >= 0.25, or not'" in report.sequential_note(0.25)
     with pytest.raises(InvalidArgument, match="no certified images"):
         report.cost_summary([])
+
+
+def test_clopper_pearson_known_values():
+    assert report.clopper_pearson(0, 10) == (0.0, pytest.approx(1 - 0.025 ** 0.1))  # 0.3085
+    assert report.clopper_pearson(10, 10) == (pytest.approx(0.025 ** 0.1), 1.0)
+    assert report.clopper_pearson(5, 10) == (pytest.approx(0.18709, abs=1e-5), pytest.approx(0.81291, abs=1e-5))
+    assert report.clopper_pearson(5, 10, 0.1) == (pytest.approx(0.22244, abs=1e-5), pytest.approx(0.77756, abs=1e-5))
+    for k, n, alpha in [(11, 10, 0.05), (0, 0, 0.05), (1, 10, 0.0), (1, 10, 1.0), (1, 10, float("nan"))]:
+        with pytest.raises(InvalidArgument):
+            report.clopper_pearson(k, n, alpha)
+    # 6 of 10 correct at r = 0 and 3 at r = 0.5: each cell carries its interval, in percent
+    assert report.compare_table([("mse", ROWS)], [0.0, 0.5], ci=0.05) == [
+        ["mse", "60.0 [26.2, 87.8] (60.0)", "30.0 [6.7, 65.2] (60.0)"]]
+    assert report.accuracy_title(0.1) == "certified accuracy % [90% CI] (clean)"
+
+
+@pytest.mark.parametrize("name, method, sigma", [
+    ("MSE s=0.25", "MSE", 0.25), ("cifar_sigma0.5 (bf16)", "cifar (bf16)", 0.5), ("mse (σ=1)", "mse", 1.0),
+    ("stab@0.25", "stab", 0.25), ("cohen SIGMA 0.5 run2", "cohen run2", 0.5), ("job 3", "job 3", None),
+    ("x (sequential, r = 0.2)", "x (sequential, r = 0.2)", None), ("abs=0.3", "abs=0.3", None),
+])
+def test_split_sigma_finds_the_method_of_a_job_name(name, method, sigma):
+    assert report.split_sigma(name) == (method, sigma)
+
+
+def test_envelope_curve_is_the_best_job_at_every_radius():
+    sharp = [row(0, 1, 1, 0.3), row(1, 2, 2, 0.3), row(2, 3, 3, 0.1)]
+    wide = [row(0, 1, 1, 1.2), row(1, 2, -1, 0.0), row(2, 3, 9, 0.5)]
+    assert report.envelope_curve([sharp, wide], 2.0) == ([0.0, 0.1, 0.3, 1.2, 2.0], [1.0, 1.0, 2 / 3, 1 / 3, 0.0])
+    assert report.envelope_curve([ROWS], 2.0) == report.curve(ROWS, 2.0)
+
+
+def test_plot_format_follows_the_extension(tmp_path):
+    assert [report.plot_format(tmp_path / name) for name in ("a.png", "b.PDF", "c.svg")] == ["png", "pdf", "svg"]
+    for name in ("a.jpg", "a", "a.png.txt"):
+        with pytest.raises(InvalidArgument, match="must end in .png, .pdf or .svg"):
+            report.plot_curves([("a", ROWS)], str(tmp_path / name))
+    assert not list(tmp_path.iterdir())
