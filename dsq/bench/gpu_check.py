@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from dsq import bench, fastpath, sizing, smoothing, usermodels
-from dsq.bench.config import BenchConfig
+from dsq.bench.config import PAIRS, BenchConfig
+from dsq.bench.trials import build_pair
 
 SAMPLES_PER_IMAGE = 100 + 100_000
 
@@ -34,6 +35,31 @@ def throughput(device: str) -> dict:
         for row in [header, *rows]:
             print("  " + " | ".join(map(str, row)))
     return results
+
+
+def seconds_per_image(device: str) -> dict:
+    """Wall time of CERTIFY on one image at n0 = 100, n = 100,000 for the CIFAR-10 pair, fp32 and bf16."""
+    pair = PAIRS["cifar110"]
+    x = torch.rand(pair.shape)
+    found = {}
+    for precision in ("fp32", "bf16"):
+        model = fastpath.prepare_for_inference(torch.nn.Sequential(*build_pair(pair, 0)), device=device,
+                                               precision=precision)
+        probe = sizing.probe(model, x, device)
+        batch = sizing.choose_batch(probe["bytes_per_sample"], probe["budget_bytes"], n=100_000, workers=1)
+        run = lambda: smoothing.certify(model, x, sigma=0.25, n0=100, n=100_000, alpha=0.001,  # noqa: E731
+                                        batch_size=batch, seed=0, device=device)
+        run()  # warm-up: kernels chosen, memory pooled
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - started)
+        found[precision] = {"batch": batch, "seconds": min(times), "all_seconds": times,
+                            "samples_per_s": SAMPLES_PER_IMAGE / min(times)}
+        print(f"certify one image, n0 + n = {SAMPLES_PER_IMAGE:,}, {precision}, batch {batch}: "
+              f"{min(times):.2f} s ({SAMPLES_PER_IMAGE / min(times):,.0f} samples/s)")
+    return found
 
 
 def torchscript_certifies(device: str) -> dict:
@@ -68,6 +94,7 @@ def main(out: str, device: str = "cuda") -> None:
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else device, "torch": torch.__version__}
     report["torchscript"] = torchscript_certifies(device)
     print("torchscript:", json.dumps(report["torchscript"]))
+    report["per_image"] = seconds_per_image(device)
     results = throughput(device)
     report["throughput"] = {key: value for key, value in results.items() if not isinstance(value, (dict, list))}
     report["bench"] = results

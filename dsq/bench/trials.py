@@ -96,6 +96,7 @@ def forward_trial(model: nn.Module, batch: torch.Tensor) -> Trial:
 
 def sampling_trial(model: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> Trial:
     def trial(samples: int) -> float:
+        samples = math.ceil(samples / cfg.batch_size) * cfg.batch_size  # whole batches, as forward times them
         return _timed(lambda: sampling.sample_phase(
             model, x, sigma=cfg.sigma, num=samples, batch_size=cfg.batch_size, seed=cfg.seed, image=0,
             phase=sampling.ESTIMATION, device=x.device), samples, x.device)
