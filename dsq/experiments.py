@@ -6,6 +6,7 @@ An experiment is a TOML file::
     dataset = "digits"
     sigmas = [0.25, 0.5]
     radii = [0.0, 0.25, 0.5]     # optional: the table's radii
+    size = 64                    # optional: --size of every job (folder and imagenet datasets)
 
     [models.f]                   # a train job (any `dsq submit train` option)
     target = "classifier"
@@ -48,7 +49,7 @@ from dsq.errors import DsqError, InvalidArgument
 from dsq.specs import CertifySpec, TrainSpec
 from dsq.text import check_name
 
-TOP_KEYS = {"name", "dataset", "sigmas", "radii", "data_root", "seed", "models", "certify", "methods"}
+TOP_KEYS = {"name", "dataset", "size", "sigmas", "radii", "data_root", "seed", "models", "certify", "methods"}
 MODEL_REFERENCES = ("classifier", "init")  # plus "surrogates", a list
 METHOD_REFERENCES = ("classifier", "denoiser")
 TEST_IMAGES = {"digits": 364, "cifar10": 10_000, "imagenet": 50_000}  # test split sizes, for the estimate
@@ -92,7 +93,7 @@ def expand(data: dict) -> Plan:
     if not isinstance(sigmas, list) or not sigmas or not all(_number(s) and s > 0 for s in sigmas):
         raise InvalidArgument(f"sigmas must be a non-empty list of numbers > 0, got {sigmas!r}")
     models = _table(data, "models")
-    common = {k: data[k] for k in ("dataset", "data_root", "seed") if k in data}
+    common = {k: data[k] for k in ("dataset", "size", "data_root", "seed") if k in data}
     order = _model_order(models)
     per_sigma = _per_sigma(models, order)
     steps: dict[str, Step] = {}
@@ -237,6 +238,9 @@ def resolve(spec, ids: dict[str, int]):
                if hasattr(spec, name)}
     if hasattr(spec, "surrogates"):
         changes["surrogates"] = tuple(one(s) for s in spec.surrogates)
+    if hasattr(spec, "models"):  # a step:KEY looks like package.module:function, so it got an (empty) entry
+        changes["models"] = {one(key): options for key, options in spec.models.items()
+                             if not key.startswith("step:") or any(options.values())}
     return dataclasses.replace(spec, **changes)
 
 
