@@ -17,6 +17,8 @@ DEFAULT_N = 100  # dsq.apis.spec.ApiCertifySpec's
 ENDPOINT_HELP = ("vendor (the real service; needs credentials), embedded (an emulator inside the job), or "
                  "HOST:PORT / http://HOST:PORT of `dsq emulate`. Default: vendor if credentials are configured, "
                  "else embedded.")
+SIZE_HELP = ("Resize and center-crop input files to SIZE; with --dataset, folder and imagenet images "
+             "(default: a folder's own size, imagenet 224).")
 
 
 def register(app: typer.Typer, submit_app: typer.Typer) -> None:
@@ -42,7 +44,7 @@ def certify_api(ctx: typer.Context,
                 concurrency: Optional[int] = typer.Option(None, help="Queries in flight at most."),
                 price_per_1000: Optional[float] = typer.Option(None, help="USD per 1,000 queries for the estimate."),
                 split: str = "test", skip: int = 1, max_images: Optional[int] = None,
-                size: Optional[int] = typer.Option(None, help="Resize and center-crop input files to SIZE."),
+                size: Optional[int] = typer.Option(None, help=SIZE_HELP),
                 scale: int = typer.Option(1, help="Upscale the encoded image by this factor (nearest)."),
                 seed: int = 0, data_root: Optional[str] = None, name: Optional[str] = None,
                 dry_run: bool = typer.Option(False, help="Check and estimate cost; submit nothing."),

@@ -19,7 +19,8 @@ Registered names
     augmentation (random crop with 4-pixel padding, horizontal flip); ``test`` is plain ``ToTensor``.
 ``imagenet``
     ``ImageFolder`` over ``ROOT/train`` and ``ROOT/val`` (the ``test`` split). Train: RandomResizedCrop(224)
-    and a horizontal flip; test: Resize(256), CenterCrop(224).
+    and a horizontal flip; test: Resize(256), CenterCrop(224). With ``size`` N: RandomResizedCrop(N), and
+    Resize(round(N * 256 / 224)), CenterCrop(N).
 ``folder`` or ``folder:PATH``
     Any image folder in ImageFolder layout (one subfolder per class, ``CLASS/IMAGE``). Accepted forms:
 
@@ -30,8 +31,19 @@ Registered names
       and that split is then refused). Naming the same folder twice trains on the test images, as written.
       Paths in this form cannot contain commas.
 
-    ``folder`` alone takes ``PATH`` from ``root``. Both splits are deterministic: Resize(256), CenterCrop(224),
-    or Resize(size), CenterCrop(size) with the ``size`` option. ImageNet's mean/std.
+    ``folder`` alone takes ``PATH`` from ``root``. Both splits are deterministic. Images keep their own size
+    when all images of the split share one (a 32x32 folder stays 32x32); when they differ, ``size`` N is
+    required: Resize(N) (shorter side), CenterCrop(N). Images are grayscale (1 channel) when every image
+    of the split is grey (PIL modes 1, L, I;16, I, F), else RGB (3 channels). ImageNet's mean/std (their
+    ITU-R 601-2 luma for grayscale). Sizes and modes come from the image headers, read once per folder
+    in a process, and again when files are added to or removed from its class folders.
+
+``size`` resizes folder and imagenet images only: digits (8x8) and cifar10 (32x32) have one size, and any
+other ``size`` is refused for them.
+
+Channels: ``channels`` (1 or 3) converts any dataset's images to what a model takes: 1 -> 3 repeats the
+grey channel, 3 -> 1 is the ITU-R 601-2 luma (PIL's ``convert("L")``). :func:`channel_note` says so in
+one line, for the job's log. ``None`` keeps the dataset's own channels.
 
 Roots: the ``root`` argument, else ``default_root(name, env)`` with ``env`` a mapping the caller passes
 (e.g. ``os.environ``): ``$DSQ_DATA/<name>`` (``$DSQ_DATA/cifar10/cifar-10-batches-py/``,
@@ -50,6 +62,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms as T
+from PIL import Image
 from torchvision.datasets import CIFAR10, ImageFolder
 
 from dsq.errors import DatasetMissing, InvalidArgument, UnknownName
@@ -65,6 +78,8 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights of PIL's convert("L")
+GREY_MODES = ("1", "L", "I;16", "I", "F")  # PIL modes read as one grey channel (as dsq.apis.base.load_image)
 DIGITS_TEST_EVERY = 5  # within each class, positions 0, 5, 10, ... are test images
 
 
@@ -101,44 +116,88 @@ def get_dataset(
     root: str | None = None,
     env: Mapping[str, str] | None = None,
     size: int | None = None,
+    channels: int | None = None,
 ) -> Dataset:
     """The ``split`` (``"train"`` or ``"test"``) of dataset ``name``, yielding ``(image [C,H,W] in [0,1], int)``.
 
     ``root`` is where the files are (unused for ``digits``); without it, ``default_root(name, env)``.
-    ``size`` is the crop size of a ``folder`` dataset (default 224 after a resize to 256).
+    ``size`` resizes and center-crops folder and imagenet images to ``size`` x ``size`` (default: a folder's
+    own size, imagenet's 224); ``channels`` (1 or 3) converts the images (default: their own channels).
     """
     kind, folder_path = _parse_name(name)
     _check_split(split)
+    side = None if size is None else _check_size(size)
+    _check_channels(channels)
     if kind == "digits":
-        return _digits_dataset(split)
+        _fixed_size(kind, side, 8)
+        return _digits_dataset(split, channels)
     root = folder_path or root or default_root(kind, env or {})
     if root is None:
         raise DatasetMissing(f"{kind} needs a data folder: pass a root or set {DATA_ENV} (holding {kind}/)")
     if kind == "cifar10":
-        return _cifar10_dataset(root, split)
+        _fixed_size(kind, side, 32)
+        return _cifar10_dataset(root, split, channels)
     if kind == "imagenet":
-        return _image_folder(_imagenet_split_dir(root, split), _imagenet_transform(split), "ImageNet")
-    return _image_folder(_folder_split_dir(root, split), _folder_transform(size), "image folder")
+        return _image_folder(_imagenet_split_dir(root, split), _imagenet_transform(split, side), "ImageNet",
+                             channels or 3)
+    folder = _folder_split_dir(root, split)
+    if side is None or channels is None:
+        images = _folder_images(folder)
+        if side is None:
+            _native_size(folder, images)  # refuses images of different sizes
+        channels = channels or images.channels
+    return _image_folder(folder, _folder_transform(side), "image folder", channels)
 
 
 def dataset_info(
-    name: str, root: str | None = None, *, env: Mapping[str, str] | None = None, size: int | None = None
+    name: str,
+    root: str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    size: int | None = None,
+    channels: int | None = None,
 ) -> DatasetInfo:
-    """Classes, image shape and normalization of ``name``; a ``folder`` dataset's classes are counted on disk."""
+    """Classes, image shape and normalization of ``name`` with ``size`` and ``channels`` as in :func:`get_dataset`.
+
+    A ``folder`` dataset's classes, image size and channels are those of its test split, read on disk.
+    """
     kind, folder_path = _parse_name(name)
+    side = None if size is None else _check_size(size)
+    _check_channels(channels)
     if kind == "digits":
+        _fixed_size(kind, side, 8)
         mean, std = _digits_mean_std()
-        return DatasetInfo("digits", 10, 1, 8, 8, (mean,), (std,))
+        return _info("digits", 10, channels or 1, (8, 8), (mean,), (std,))
     if kind == "cifar10":
-        return DatasetInfo("cifar10", 10, 3, 32, 32, CIFAR10_MEAN, CIFAR10_STD)
+        _fixed_size(kind, side, 32)
+        return _info("cifar10", 10, channels or 3, (32, 32), CIFAR10_MEAN, CIFAR10_STD)
     if kind == "imagenet":
-        return DatasetInfo("imagenet", 1000, 3, 224, 224, IMAGENET_MEAN, IMAGENET_STD)
-    root = folder_path or root or default_root(kind, env or {})
-    if root is None:
-        raise DatasetMissing("a folder dataset needs its path: use folder:PATH or pass a root")
-    classes = _folder_classes(_folder_split_dir(root, "test"))
-    side = _check_size(size) if size is not None else 224
-    return DatasetInfo(name, len(classes), 3, side, side, IMAGENET_MEAN, IMAGENET_STD)
+        return _info("imagenet", 1000, channels or 3, (side or 224,) * 2, IMAGENET_MEAN, IMAGENET_STD)
+    folder = _folder_split_dir(_folder_root(folder_path, root, env), "test")
+    classes = _folder_classes(folder)
+    images = _folder_images(folder)
+    width, height = (side, side) if side else _native_size(folder, images)
+    return _info(name, len(classes), channels or images.channels, (height, width), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def image_channels(name: str, split: str = "test", *, root: str | None = None,
+                   env: Mapping[str, str] | None = None) -> int:
+    """The channels ``split``'s images have before any conversion: 1 (grayscale) or 3 (RGB)."""
+    kind, folder_path = _parse_name(name)
+    _check_split(split)
+    if kind in ("digits", "cifar10", "imagenet"):
+        return 1 if kind == "digits" else 3
+    return _folder_images(_folder_split_dir(_folder_root(folder_path, root, env), split)).channels
+
+
+def channel_note(name: str, own: int, channels: int | None) -> str | None:
+    """One line saying how images with ``own`` channels are converted for a model taking ``channels``; None if not."""
+    if channels is None or channels == own:
+        return None
+    if channels == 3:
+        return f"the images of {name} are grayscale (1 channel): the model takes 3, so the grey channel is repeated"
+    return (f"the images of {name} have 3 channels (RGB): the model takes 1, so they are converted to grayscale "
+            f"(ITU-R 601-2 luma, as PIL's convert('L'))")
 
 
 def default_root(name: str, env: Mapping[str, str]) -> str | None:
@@ -182,6 +241,13 @@ def _parse_name(name: str) -> tuple[str, str | None]:
     raise UnknownName(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
 
 
+def _folder_root(folder_path: str | None, root: str | None, env: Mapping[str, str] | None) -> str:
+    found = folder_path or root or default_root("folder", env or {})
+    if found is None:
+        raise DatasetMissing("a folder dataset needs its path: use folder:PATH or pass a root")
+    return found
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise InvalidArgument(f"unknown split {split!r}: expected 'train' or 'test'")
@@ -191,6 +257,32 @@ def _check_size(size: int) -> int:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InvalidArgument(f"size must be a positive integer (pixels), got {size!r}")
     return size
+
+
+def _fixed_size(kind: str, side: int | None, own: int) -> None:
+    """digits and cifar10 have one image size: a ``size`` other than it is refused."""
+    if side is not None and side != own:
+        raise InvalidArgument(f"{kind} images are always {own}x{own}: --size {side} applies to folder and "
+                              f"imagenet datasets only")
+
+
+def _check_channels(channels: int | None) -> None:
+    if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
+        raise InvalidArgument(f"images can be given 1 (grayscale) or 3 (RGB) channels, not {channels!r}")
+
+
+def _info(name: str, classes: int, channels: int, shape: tuple[int, int], mean, std) -> DatasetInfo:
+    """A DatasetInfo with ``mean``/``std`` for ``channels``: repeated for 1 -> 3, their luma for 3 -> 1."""
+    if channels != len(mean):
+        if channels == 3:
+            mean, std = mean * 3, std * 3
+        else:
+            mean, std = (_luma(mean),), (_luma(std),)
+    return DatasetInfo(name, classes, channels, shape[0], shape[1], tuple(mean), tuple(std))
+
+
+def _luma(rgb) -> float:
+    return sum(weight * value for weight, value in zip(LUMA, rgb))
 
 
 # ---------------------------------------------------------------------------------------------- digits
@@ -228,10 +320,11 @@ def digits_split_indices(split: str) -> list[int]:
     return [i for i in range(len(labels)) if i not in test_set]
 
 
-def _digits_dataset(split: str) -> DigitsDataset:
+def _digits_dataset(split: str, channels: int | None = None) -> DigitsDataset:
     images, labels = _digits_arrays()
     index = digits_split_indices(split)
-    return DigitsDataset(torch.tensor(images[index]), torch.tensor(labels[index]))
+    chosen = torch.tensor(images[index])
+    return DigitsDataset(chosen.repeat(1, 3, 1, 1) if channels == 3 else chosen, torch.tensor(labels[index]))
 
 
 @functools.lru_cache(maxsize=1)
@@ -253,7 +346,7 @@ class CIFAR10Files(CIFAR10):
     meta = {**CIFAR10.meta, "md5": None}
 
 
-def _cifar10_dataset(root: str, split: str) -> Dataset:
+def _cifar10_dataset(root: str, split: str, channels: int | None = None) -> Dataset:
     """CIFAR-10 from ``root/cifar-10-batches-py``; missing or unreadable files raise DatasetMissing."""
     folder = os.path.join(root, CIFAR10_FOLDER)
     missing = [f for f in CIFAR10_FILES if not os.path.isfile(os.path.join(folder, f))]
@@ -263,7 +356,10 @@ def _cifar10_dataset(root: str, split: str) -> Dataset:
             f"(missing: {', '.join(missing)}); download cifar-10-python.tar.gz and extract it there"
         )
     try:
-        return CIFAR10Files(root, train=split == "train", transform=_cifar10_transform(split), download=False)
+        transform = _cifar10_transform(split)
+        if channels == 1:
+            transform = T.Compose([T.Grayscale(1), transform])  # PIL's convert("L")
+        return CIFAR10Files(root, train=split == "train", transform=transform, download=False)
     except (pickle.UnpicklingError, OSError, EOFError, ValueError, KeyError, IndexError, RuntimeError) as e:
         raise DatasetMissing(f"CIFAR-10 under {folder} is unreadable ({type(e).__name__}: {e})") from e
 
@@ -287,10 +383,11 @@ def _imagenet_split_dir(root: str, split: str) -> str:
     return folder
 
 
-def _imagenet_transform(split: str):
+def _imagenet_transform(split: str, side: int | None = None):
+    side = side or 224
     if split == "train":
-        return T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor()])
-    return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
+        return T.Compose([T.RandomResizedCrop(side), T.RandomHorizontalFlip(), T.ToTensor()])
+    return T.Compose([T.Resize(round(side * 256 / 224)), T.CenterCrop(side), T.ToTensor()])
 
 
 FOLDER_SPLITS = {"train": ("train",), "test": ("test", "val")}  # subfolder names of each split, first found wins
@@ -345,10 +442,10 @@ def _named_split_dir(splits: dict[str, str], split: str, text: str) -> str:
     return folder
 
 
-def _folder_transform(size: int | None):
-    if size is None:
-        return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
-    side = _check_size(size)
+def _folder_transform(side: int | None):
+    """The images as they are (``side`` None: they share one size, checked by the caller), else resized and cropped."""
+    if side is None:
+        return T.ToTensor()
     return T.Compose([T.Resize(side), T.CenterCrop(side), T.ToTensor()])
 
 
@@ -359,11 +456,64 @@ def _folder_classes(folder: str) -> list[str]:
     return classes
 
 
-def _image_folder(folder: str, transform, what: str) -> Dataset:
-    """``ImageFolder(folder)``; an empty or class-less folder raises DatasetMissing."""
+def _open_image(path: str, mode: str) -> Image.Image:
+    """ImageFolder's loader, to ``mode`` ("L" or "RGB") instead of always RGB."""
+    with open(path, "rb") as handle:
+        return Image.open(handle).convert(mode)
+
+
+def _image_folder(folder: str, transform, what: str, channels: int = 3) -> ImageFolder:
+    """``ImageFolder(folder)``, images opened with ``channels`` channels; an empty or class-less folder raises
+    DatasetMissing."""
     _folder_classes(folder)
+    loader = functools.partial(_open_image, mode="L" if channels == 1 else "RGB")
     try:
-        return ImageFolder(folder, transform=transform)
+        return ImageFolder(folder, transform=transform, loader=loader)
     except (FileNotFoundError, OSError) as e:
         raise DatasetMissing(f"{what} under {folder} has no readable images ({e})") from e
 
+
+@dataclass(frozen=True)
+class FolderImages:
+    """What the image headers of a folder say: its distinct sizes and its channels."""
+
+    sizes: tuple[tuple[int, int], ...]  # the first two distinct (width, height), in file order
+    channels: int  # 1 when every image is grey, else 3
+
+
+def _folder_images(folder: str) -> FolderImages:
+    """The sizes and channels of the images in ``folder``; read again when files come or go in a class folder."""
+    stamp = tuple(os.stat(os.path.join(folder, name)).st_mtime_ns for name in ["", *_folder_classes(folder)])
+    return _scan_headers(os.path.abspath(folder), stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _scan_headers(folder: str, stamp: tuple[int, ...]) -> FolderImages:
+    """Sizes and modes from each image's header (``Image.open`` decodes no pixels).
+
+    It stops once it has seen two sizes and a colour image: nothing later can change the answer.
+    """
+    sizes: list[tuple[int, int]] = []
+    grey = True
+    for path, _ in _image_folder(folder, None, "image folder").samples:
+        try:
+            with Image.open(path) as picture:
+                size, mode = picture.size, picture.mode
+        except (OSError, ValueError, SyntaxError) as error:  # UnidentifiedImageError is an OSError
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DatasetMissing(f"{path} in image folder {folder} is not a readable image ({reason})") from None
+        if size not in sizes and len(sizes) < 2:
+            sizes.append(size)
+        grey = grey and mode in GREY_MODES
+        if len(sizes) > 1 and not grey:
+            break
+    return FolderImages(tuple(sizes), 1 if grey else 3)
+
+
+def _native_size(folder: str, images: FolderImages) -> tuple[int, int]:
+    """The one size ``(width, height)`` the folder's images share; InvalidArgument when they differ."""
+    if len(images.sizes) > 1:
+        (w1, h1), (w2, h2) = images.sizes[:2]
+        raise InvalidArgument(f"the images in {folder} differ in size ({w1}x{h1} and {w2}x{h2}): pass --size N "
+                              f"to resize them (shorter side to N) and center-crop them to NxN")
+    return images.sizes[0]

@@ -217,12 +217,27 @@ def check_image(model, x, device=None) -> int:
     with sampling.eval_mode(model), torch.inference_mode():
         try:
             logits = model(x.to(device)[None])
-        except RuntimeError as error:
+        except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as error:  # shapes it cannot take
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise InvalidArgument(f"the model cannot take an image of shape {tuple(x.shape)}: {first_line}") from None
     if logits.dim() != 2 or logits.shape[0] != 1:
         raise InvalidArgument(f"the model must return logits [B, K], got shape {tuple(logits.shape)}")
     return int(logits.shape[1])
+
+
+def input_channels(model) -> int | None:
+    """The channels of the images ``model`` takes, from its first NormalizeLayer or Conv2d; None if it has neither.
+
+    Modules are seen in the order they were registered, so for f o D (``Sequential(D, f)``) it is D's.
+    TorchScript modules are recognised by the class they were scripted from.
+    """
+    for module in model.modules():
+        name = getattr(module, "original_name", type(module).__name__)
+        if name == "NormalizeLayer":
+            return int(module.means.numel())
+        if name == "Conv2d":
+            return int(module.weight.shape[1]) * int(module.groups)
+    return None
 
 
 def _same_length(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

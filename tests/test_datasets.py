@@ -155,6 +155,15 @@ def test_imagenet_from_tiny_image_folder(tmp_path):
     assert dataset_info("imagenet").num_classes == 1000
 
 
+def test_imagenet_with_size(tmp_path):
+    _write_image_folder(tmp_path / "train", per_class=1)
+    _write_image_folder(tmp_path / "val", per_class=1)
+    assert get_dataset("imagenet", "test", root=str(tmp_path), size=64)[0][0].shape == (3, 64, 64)
+    assert get_dataset("imagenet", "train", root=str(tmp_path), size=64)[0][0].shape == (3, 64, 64)
+    assert dataset_info("imagenet", size=64).shape == (3, 64, 64)
+    assert dataset_info("imagenet").shape == (3, 224, 224)
+
+
 def test_imagenet_missing(tmp_path):
     with pytest.raises(DatasetMissing, match="ImageNet not found"):
         get_dataset("imagenet", "test", root=str(tmp_path))
@@ -164,7 +173,7 @@ def test_folder_dataset_with_size_and_splits(tmp_path):
     _write_image_folder(tmp_path / "pets", classes=("a", "b", "c"), per_class=1)
     data = get_dataset(f"folder:{tmp_path / 'pets'}", "test", size=32)
     assert len(data) == 3 and data[2][0].shape == (3, 32, 32) and data[2][1] == 2
-    assert get_dataset("folder", "test", root=str(tmp_path / "pets"))[0][0].shape == (3, 224, 224)
+    assert get_dataset("folder", "test", root=str(tmp_path / "pets"))[0][0].shape == (3, 280, 300)  # its own size
     info = dataset_info(f"folder:{tmp_path / 'pets'}", size=32)
     assert (info.num_classes, info.shape) == (3, (3, 32, 32))
     _write_image_folder(tmp_path / "split" / "val", per_class=1)
@@ -218,6 +227,113 @@ def test_folder_dataset_errors(tmp_path):
         get_dataset(f"folder:{tmp_path / 'empty'}", "test")
     with pytest.raises(InvalidArgument, match="size"):
         get_dataset(f"folder:{tmp_path}", "test", size=0)
+
+
+def _write_pictures(folder, sizes, mode="RGB", start=0):
+    """One PNG per (class, (width, height)) pair of ``sizes``, random pixels in ``mode``."""
+    rng = np.random.default_rng(start)
+    for k, (name, (width, height)) in enumerate(sizes, start):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        shape = (height, width) if mode == "L" else (height, width, 3)
+        Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode).save(folder / name / f"{k}.png")
+
+
+def test_folder_images_keep_their_own_size(tmp_path):
+    """A folder of 32x32 images stays 32x32, pixel for pixel: no resize to 224 behind the user's back."""
+    _write_pictures(tmp_path / "small", [("a", (32, 32)), ("a", (32, 32)), ("b", (32, 32))])
+    data = get_dataset(f"folder:{tmp_path / 'small'}", "test")
+    image, label = data[2]
+    assert image.shape == (3, 32, 32) and label == 1
+    pixels = np.asarray(Image.open(tmp_path / "small" / "b" / "2.png"), dtype=np.float32) / 255
+    assert torch.equal(image, torch.from_numpy(pixels).permute(2, 0, 1))
+    info = dataset_info(f"folder:{tmp_path / 'small'}")
+    assert (info.num_classes, info.shape) == (2, (3, 32, 32))
+    _write_pictures(tmp_path / "wide", [("a", (40, 24))])  # not square: (C, H, W) = (3, 24, 40)
+    assert get_dataset(f"folder:{tmp_path / 'wide'}", "test")[0][0].shape == (3, 24, 40)
+    assert dataset_info(f"folder:{tmp_path / 'wide'}").shape == (3, 24, 40)
+
+
+def test_folder_images_of_different_sizes_need_a_size(tmp_path):
+    _write_pictures(tmp_path / "mixed", [("a", (32, 32)), ("a", (32, 32)), ("b", (40, 24))])
+    name = f"folder:{tmp_path / 'mixed'}"
+    for call in (lambda: get_dataset(name, "test"), lambda: dataset_info(name)):
+        with pytest.raises(InvalidArgument, match=r"differ in size \(32x32 and 40x24\): pass --size N") as e:
+            call()
+        assert "\n" not in str(e.value) and str(tmp_path / "mixed") in str(e.value)
+    data = get_dataset(name, "test", size=16)
+    assert [data[i][0].shape for i in range(3)] == [(3, 16, 16)] * 3
+    assert dataset_info(name, size=16).shape == (3, 16, 16)
+
+
+def test_a_folder_is_scanned_again_when_its_files_change(tmp_path):
+    _write_pictures(tmp_path / "grows", [("a", (32, 32))])
+    name = f"folder:{tmp_path / 'grows'}"
+    assert dataset_info(name).shape == (3, 32, 32)
+    _write_pictures(tmp_path / "grows", [("b", (20, 20))], start=1)  # a new class folder: a new scan
+    with pytest.raises(InvalidArgument, match="32x32 and 20x20"):
+        dataset_info(name)
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    _write_pictures(tmp_path / "broken", [("a", (8, 8))])
+    (tmp_path / "broken" / "a" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetMissing, match=r"1\.png in image folder .* is not a readable image"):
+        get_dataset(f"folder:{tmp_path / 'broken'}", "test")
+
+
+def test_size_of_fixed_size_datasets(tmp_path):
+    assert get_dataset("digits", "test", size=8)[0][0].shape == (1, 8, 8)
+    with pytest.raises(InvalidArgument, match=r"digits images are always 8x8: --size 16 applies to folder and "
+                                              r"imagenet datasets only"):
+        get_dataset("digits", "test", size=16)
+    with pytest.raises(InvalidArgument, match="cifar10 images are always 32x32"):
+        dataset_info("cifar10", size=224)
+    _write_cifar(tmp_path)
+    with pytest.raises(InvalidArgument, match="cifar10 images are always 32x32"):
+        get_dataset("cifar10", "test", root=str(tmp_path), size=64)
+    assert get_dataset("cifar10", "test", root=str(tmp_path), size=32)[0][0].shape == (3, 32, 32)
+
+
+def test_grayscale_folder_has_one_channel(tmp_path):
+    _write_pictures(tmp_path / "grey", [("a", (16, 16)), ("b", (16, 16))], mode="L")
+    name = f"folder:{tmp_path / 'grey'}"
+    image = get_dataset(name, "test")[1][0]
+    pixels = np.asarray(Image.open(tmp_path / "grey" / "b" / "1.png"), dtype=np.float32) / 255
+    assert image.shape == (1, 16, 16) and torch.equal(image[0], torch.from_numpy(pixels))
+    info = dataset_info(name)
+    assert info.shape == (1, 16, 16) and len(info.mean) == len(info.std) == 1
+    assert info.mean[0] == pytest.approx(0.299 * 0.485 + 0.587 * 0.456 + 0.114 * 0.406)
+    assert datasets.image_channels(name) == 1
+    # converted for a model that takes RGB: the grey channel three times
+    rgb = get_dataset(name, "test", channels=3)[1][0]
+    assert rgb.shape == (3, 16, 16) and all(torch.equal(rgb[c], image[0]) for c in range(3))
+    assert dataset_info(name, channels=3).shape == (3, 16, 16) and dataset_info(name, channels=3).mean == \
+        datasets.IMAGENET_MEAN
+    # one colour image makes the whole folder RGB
+    _write_pictures(tmp_path / "grey", [("c", (16, 16))], start=2)
+    assert get_dataset(name, "test")[0][0].shape == (3, 16, 16) and datasets.image_channels(name) == 3
+
+
+def test_rgb_images_converted_to_one_channel_as_pil_does(tmp_path):
+    _write_pictures(tmp_path / "rgb", [("a", (12, 10))])
+    grey = get_dataset(f"folder:{tmp_path / 'rgb'}", "test", channels=1)[0][0]
+    expected = np.asarray(Image.open(tmp_path / "rgb" / "a" / "0.png").convert("L"), dtype=np.float32) / 255
+    assert grey.shape == (1, 10, 12) and torch.equal(grey[0], torch.from_numpy(expected))
+    _write_cifar(tmp_path / "cifar")
+    assert get_dataset("cifar10", "test", root=str(tmp_path / "cifar"), channels=1)[0][0].shape == (1, 32, 32)
+    assert dataset_info("cifar10", channels=1).mean == pytest.approx((0.299 * 0.4914 + 0.587 * 0.4822
+                                                                      + 0.114 * 0.4465,))
+    digits = get_dataset("digits", "test", channels=3)[0][0]
+    assert digits.shape == (3, 8, 8) and torch.equal(digits[2], get_dataset("digits", "test")[0][0][0])
+    with pytest.raises(InvalidArgument, match="1 \\(grayscale\\) or 3 \\(RGB\\) channels, not 4"):
+        get_dataset("digits", "test", channels=4)
+
+
+def test_channel_note_says_what_is_converted():
+    assert datasets.channel_note("digits", 1, None) is None and datasets.channel_note("digits", 1, 1) is None
+    assert "grayscale (1 channel): the model takes 3, so the grey channel is repeated" in \
+        datasets.channel_note("folder:x", 1, 3)
+    assert "converted to grayscale (ITU-R 601-2 luma" in datasets.channel_note("folder:x", 3, 1)
 
 
 # ---------------------------------------------------------------------------------------------- test_subset

@@ -54,7 +54,8 @@ class ImageSource:
     def __init__(self, spec: ApiCertifySpec, settings: Settings):
         self.spec = spec
         if spec.dataset:
-            self.dataset = datasets.get_dataset(spec.dataset, spec.split, root=spec.data_root or settings.data_root)
+            self.dataset = datasets.get_dataset(spec.dataset, spec.split, root=spec.data_root or settings.data_root,
+                                                size=spec.size)
             self.indices = datasets.test_subset(self.dataset, skip=spec.skip, max=spec.max_images)
         else:
             indices = list(range(0, len(spec.inputs), spec.skip))
