@@ -171,6 +171,14 @@ def test_quick_demo_runs_every_step_end_to_end(tmp_path):
     engine.dispose()
 
 
+def test_demo_refuses_a_plot_it_cannot_write_before_any_work(tmp_path):
+    home = tmp_path / "demo-home"
+    out = CliRunner().invoke(app, ["--db", f"sqlite:///{home / 'dsq.db'}", "demo", "--quick", "--plot",
+                                   str(tmp_path / "curves.gif")], env={"DSQ_HOME": str(home), "RAY_ADDRESS": ""})
+    assert out.exit_code == 2 and "must end in .png, .pdf or .svg" in out.stderr
+    assert not (home / "dsq.db").exists()
+
+
 def test_exports_carry_every_column_and_tables_paste_into_a_paper(dsq, trained):
     rows = json.loads(dsq("results", 2, "--format", "json").output)
     assert len(rows) == 5 and {"p_lower", "counts_estimation", "n0", "n", "alpha", "sigma", "worker",
