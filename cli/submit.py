@@ -19,6 +19,15 @@ WAIT_HELP = "Follow the job until it ends (exit 1 unless it succeeded)."
 RADIUS_HELP = ("Certify sequentially at this target L2 radius: per image 'radius >= R or not', stopping as soon "
                "as an anytime-valid test knows (dsq results reports accuracy at R and samples per image).")
 MAX_N_HELP = "With --radius: the most estimation samples per image (default: --n)."
+SIZE_HELP = ("Resize each image (shorter side) to N and center-crop it to NxN; folder and imagenet datasets only. "
+             "Default: a folder's own size when all its images share one (required when they differ); "
+             "imagenet 224.")
+MODEL_HELP = ("job:ID, a checkpoint or TorchScript file, torchvision:NAME or package.module:function "
+              "(see README, 'Bring your own model').")
+WEIGHTS_HELP = "State dict file (torch.save) for a torchvision:NAME or package.module:function {}."
+ARGS_HELP = 'Arguments of a torchvision:NAME or package.module:function {} as JSON, e.g. {{"num_classes": 10}}.'
+MEAN_HELP = ("Normalization of a TorchScript, torchvision or package.module:function classifier, one value per "
+             "channel, e.g. 0.485,0.456,0.406 (default: none; ImageNet's for torchvision:NAME).")
 
 
 def launch(ctx: typer.Context, spec_of, wait: bool, priority: int = 0, after: tuple[int, ...] = ()) -> None:
@@ -53,11 +62,16 @@ def launch(ctx: typer.Context, spec_of, wait: bool, priority: int = 0, after: tu
 @app.command()
 def train(ctx: typer.Context,
           dataset: str = typer.Option(..., help="digits, cifar10, imagenet or folder."),
+          size: Optional[int] = typer.Option(None, metavar="N", help=SIZE_HELP),
           target: str = typer.Option("denoiser", help="denoiser or classifier."),
           arch: str = typer.Option(..., help="dncnn, dncnn_wide, memnet; or a classifier architecture."),
           objective: str = typer.Option(..., help="mse, stab, stab_mse, clf (denoiser); standard, gaussian."),
           sigma: float = typer.Option(0.25, help="Noise level in [0,1] pixel units (0 for standard)."),
-          classifier: Optional[str] = typer.Option(None, help="White-box target classifier: checkpoint or job:ID."),
+          classifier: Optional[str] = typer.Option(None, help="White-box target classifier: " + MODEL_HELP),
+          classifier_weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP.format("classifier")),
+          classifier_args: Optional[str] = typer.Option(None, help=ARGS_HELP.format("classifier")),
+          mean: Optional[str] = typer.Option(None, help=MEAN_HELP),
+          std: Optional[str] = typer.Option(None, help="Standard deviations to go with --mean."),
           surrogate: List[str] = typer.Option([], help="Black-box surrogate classifier(s), repeatable."),
           init: Optional[str] = typer.Option(None, help="Denoiser to fine-tune (stab_mse)."),
           arch_kwargs: str = typer.Option("{}", help='Architecture arguments as JSON, e.g. {"depth": 8}.'),
@@ -72,16 +86,28 @@ def train(ctx: typer.Context,
 
     launch(ctx, lambda: specs.TrainSpec(
         dataset=dataset, target=target, arch=arch, objective=objective, sigma=sigma,
-        arch_kwargs=parse_json(arch_kwargs), classifier=classifier, surrogates=tuple(surrogate), init=init,
+        arch_kwargs=parse_json(arch_kwargs), classifier=absolute(classifier),
+        surrogates=tuple(map(absolute, surrogate)), init=absolute(init),
         optimizer=optimizer, lr=lr, epochs=epochs, batch_size=batch_size, lr_step=lr_step,
-        lr_gamma=lr_gamma, seed=seed, data_root=data_root, name=name), wait, priority, tuple(after))
+        lr_gamma=lr_gamma, seed=seed, size=size, data_root=data_root, name=name,
+        models=model_options(classifier=(absolute(classifier), absolute(classifier_weights), classifier_args,
+                                         mean, std))),
+        wait, priority, tuple(after))
 
 
 @app.command()
 def certify(ctx: typer.Context,
             dataset: str = typer.Option(..., help="digits, cifar10, imagenet or folder."),
-            classifier: str = typer.Option(..., help="Base classifier: checkpoint file or job:ID."),
-            denoiser: Optional[str] = typer.Option(None, help="Denoiser in front of it (none: plain smoothing)."),
+            size: Optional[int] = typer.Option(None, metavar="N", help=SIZE_HELP),
+            classifier: str = typer.Option(..., help="Base classifier: " + MODEL_HELP),
+            denoiser: Optional[str] = typer.Option(None, help="Denoiser in front of it (none: plain smoothing): "
+                                                   + MODEL_HELP),
+            classifier_weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP.format("classifier")),
+            classifier_args: Optional[str] = typer.Option(None, help=ARGS_HELP.format("classifier")),
+            mean: Optional[str] = typer.Option(None, help=MEAN_HELP),
+            std: Optional[str] = typer.Option(None, help="Standard deviations to go with --mean."),
+            denoiser_weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP.format("denoiser")),
+            denoiser_args: Optional[str] = typer.Option(None, help=ARGS_HELP.format("denoiser")),
             sigma: float = typer.Option(..., help="Noise level in [0,1] pixel units."),
             n0: int = 100,
             n: Optional[int] = typer.Option(None, help=f"Estimation samples per image (default {DEFAULT_N:,})."),
@@ -103,22 +129,50 @@ def certify(ctx: typer.Context,
     from dsq import specs
 
     launch(ctx, lambda: specs.CertifySpec(
-        dataset=dataset, classifier=classifier, denoiser=denoiser, sigma=sigma, n0=n0,
+        dataset=dataset, classifier=absolute(classifier), denoiser=absolute(denoiser), sigma=sigma, n0=n0,
         n=specs.given_n(n, max_n, radius, DEFAULT_N), alpha=alpha, radius=radius, max_n=max_n,
         batch_size=batch_size, split=split, skip=skip, max_images=max_images, seed=seed, workers=workers,
-        precision=precision, compile=compile, data_root=data_root, name=name), wait, priority, tuple(after))
+        precision=precision, compile=compile, size=size, data_root=data_root, name=name,
+        models=model_options(
+            classifier=(absolute(classifier), absolute(classifier_weights), classifier_args, mean, std),
+            denoiser=(absolute(denoiser), absolute(denoiser_weights), denoiser_args, None, None))),
+        wait, priority, tuple(after))
 
 
-def parse_json(text: str) -> dict:
+def parse_json(text: str, option: str = "--arch-kwargs") -> dict:
     from dsq.errors import InvalidArgument
 
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
-        raise InvalidArgument(f"--arch-kwargs must be a JSON object, got {text!r}") from None
+        raise InvalidArgument(f"{option} must be a JSON object, got {text!r}") from None
     if not isinstance(value, dict):
-        raise InvalidArgument(f"--arch-kwargs must be a JSON object, got {text!r}")
+        raise InvalidArgument(f"{option} must be a JSON object, got {text!r}")
     return value
+
+
+def absolute(path: str | None) -> str | None:
+    """An existing file as an absolute path (a worker may run elsewhere); anything else unchanged."""
+    import os
+
+    return os.path.abspath(path) if path and os.path.isfile(path) else path
+
+
+def model_options(**roles) -> dict:
+    """A spec's ``models`` from the options of each role: (reference, weights, args JSON, mean, std)."""
+    from dsq import usermodels
+    from dsq.errors import InvalidArgument
+
+    models = {}
+    for role, (reference, weights, args, mean, std) in roles.items():
+        given = {"weights": weights, "args": args and parse_json(args, f"--{role}-args"),
+                 "mean": usermodels.parse_numbers(mean, "mean"), "std": usermodels.parse_numbers(std, "std")}
+        given = {key: value for key, value in given.items() if value is not None}
+        if given and not reference:
+            raise InvalidArgument(f"--{role}-weights, --{role}-args, --mean and --std need --{role}")
+        if given:
+            models[reference] = given
+    return models
 
 
 @app.command()

@@ -44,7 +44,7 @@ def check(session: Session, reference: str, role: str, options: dict | None = No
         kind = usermodels.form(reference)
         for path in ([reference] if kind == "file" else []) + [(options or {}).get("weights")]:
             if path and not Path(path).is_file():
-                raise CheckpointError(f"{'weights' if path != reference else 'checkpoint'} file not found: {path}")
+                raise CheckpointError(f"{'weights file' if path != reference else 'checkpoint'} not found: {path}")
         if kind == "file" and any((options or {}).values()) and not usermodels.is_torchscript(reference):
             raise InvalidArgument(f"{reference} is a checkpoint: it carries its architecture, weights and "
                                   "normalization; --*-weights, --*-args, --mean and --std are for TorchScript, "

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsq import fastpath, objectives, sequential, smoothing
+from dsq import fastpath, objectives, sequential, smoothing, usermodels
 from dsq.apis.spec import ApiCertifySpec
 from dsq.errors import InvalidArgument, UnknownName
 from dsq.text import check_name
@@ -61,8 +61,10 @@ class TrainSpec:
     lr_step: int = 30
     lr_gamma: float = 0.1
     seed: int = 0
+    size: int | None = None  # resize and center-crop images to size x size (None: a folder's own size)
     data_root: str | None = None
     name: str | None = None
+    models: dict = field(default_factory=dict)  # the user's own models' options: {reference: {weights, args, ...}}
     kind: str = "train"
 
     def __post_init__(self):
@@ -82,8 +84,12 @@ class TrainSpec:
         for name in ("epochs", "batch_size", "lr_step"):
             _check_positive_int(name, getattr(self, name))
         _check_seed(self.seed)
+        _check_size(self.size)
         self._check_optimizer_numbers()
         self._check_models()
+        if self.init and usermodels.form(self.init) in ("torchvision", "factory"):
+            raise InvalidArgument(f"--init must be a dsq checkpoint (job:N or a file dsq wrote), got {self.init}")
+        check_models(self)
 
     def _check_optimizer_numbers(self):
         for name, (ok, rule) in OPTIMIZER_NUMBERS.items():
@@ -137,8 +143,10 @@ class CertifySpec(sequential.TargetRadiusMode):
     compile: bool = False  # noqa: A003 - torch.compile the sampler's model
     radius: float | None = None  # a target radius: sequential certification, "radius >= r or not" per image
     max_n: int | None = None  # sequential: the most estimation samples per image (None: n)
+    size: int | None = None  # resize and center-crop images to size x size (None: a folder's own size)
     data_root: str | None = None
     name: str | None = None
+    models: dict = field(default_factory=dict)  # the user's own models' options: {reference: {weights, args, ...}}
     kind: str = "certify"
 
     def __post_init__(self):
@@ -159,6 +167,8 @@ class CertifySpec(sequential.TargetRadiusMode):
         _check_seed(self.seed)
         if self.max_images is not None:
             _check_positive_int("max images", self.max_images)
+        _check_size(self.size)
+        check_models(self)
 
     def references(self) -> tuple[str, ...]:
         return tuple(r for r in (self.classifier, self.denoiser) if r)
@@ -198,6 +208,24 @@ def is_job_reference(reference: str) -> bool:
 def _to_dict(spec) -> dict:
     data = dataclasses.asdict(spec)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+def check_models(spec) -> None:
+    """``spec.models`` gives options only to models the job uses, each checked (``dsq.usermodels``).
+
+    A torchvision or package.module:function model always has an entry (its weights, arguments...).
+    """
+    if not isinstance(spec.models, dict):
+        raise InvalidArgument(f"models must be a table of model references to options, got {spec.models!r}")
+    roles = dict(reversed(spec.model_roles()))
+    unused = [reference for reference in spec.models if reference not in roles]
+    if unused:
+        raise InvalidArgument(f"options given for {unused[0]}, which this job does not use "
+                              f"(its models: {', '.join(roles) or 'none'})")
+    checked = {reference: usermodels.check_options(reference, spec.models.get(reference, {}), role)
+               for reference, role in roles.items()
+               if reference in spec.models or usermodels.form(reference) in ("torchvision", "factory")}
+    object.__setattr__(spec, "models", checked)
 
 
 def check_target(spec) -> None:
@@ -279,6 +307,11 @@ def _check_sigma(sigma, *, allow_zero: bool):
 def _check_seed(seed):
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InvalidArgument(f"seed must be an integer, got {seed!r}")
+
+
+def _check_size(size):
+    if size is not None:
+        _check_positive_int("size", size)
 
 
 def _check_kind(spec, kind: str):

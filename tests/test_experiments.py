@@ -88,6 +88,14 @@ def test_a_bad_file_is_one_line_naming_the_file_and_the_key(tmp_path, text, expe
     assert "\n" not in str(error.value)
 
 
+def test_a_size_for_the_whole_file_goes_to_every_job(tmp_path):
+    plan = experiments.load(write(tmp_path, BASE.replace('dataset = "digits"', 'dataset = "folder:/data/pets"\nsize = 32')
+                                  + MODEL))
+    assert [step.spec.size for step in plan.steps] == [32, 32]
+    (method,) = [step.spec for step in plan.steps if step.spec.kind == "certify"]
+    assert method.dataset == "folder:/data/pets"
+
+
 def dsq(home, *args):
     return CliRunner().invoke(app, ["--db", f"sqlite:///{home / 'dsq.db'}", *map(str, args)],
                               env={"DSQ_HOME": str(home), "RAY_ADDRESS": ""})

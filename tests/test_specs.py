@@ -27,6 +27,8 @@ SPECS = [
     CertifySpec(dataset="cifar10", classifier="f.pt", sigma=1.0, split="train", name="plain"),
     CertifySpec(**CERTIFY, n=10_000, radius=0.25, name="sequential"),
     CertifySpec(**CERTIFY, radius=0.1, max_n=2_000, name="sequential, capped"),
+    CertifySpec(dataset="folder:/data/pets", classifier="f.pt", sigma=0.25, size=32, name="resized"),
+    TrainSpec(**dict(CLASSIFIER, dataset="folder:/data/pets"), size=64),
 ]
 
 
@@ -109,6 +111,9 @@ def test_bad_sigma(sigma):
     ("max_images", 0, "max images must be an integer >= 1"),
     ("split", "val", "split must be one of train, test"),
     ("seed", 1.5, "seed must be an integer"),
+    ("size", 0, "size must be an integer >= 1"),
+    ("size", 32.0, "size must be an integer >= 1"),
+    ("size", True, "size must be an integer >= 1"),
 ])
 def test_bad_certify_spec(field, value, words):
     error = error_of(lambda: CertifySpec(**{**CERTIFY, field: value}))
@@ -131,6 +136,13 @@ def test_specs_stored_before_sequential_certification_load_as_fixed_n():
     old = CertifySpec(**CERTIFY, n=500).to_dict()
     del old["radius"], old["max_n"]
     assert specs.from_dict(old) == CertifySpec(**CERTIFY, n=500)
+
+
+def test_specs_stored_before_the_size_option_load_with_none():
+    for spec in (CertifySpec(**CERTIFY), TrainSpec(**MSE)):
+        old = spec.to_dict()
+        del old["size"]
+        assert specs.from_dict(old) == spec and specs.from_dict(old).size is None
 
 
 @pytest.mark.parametrize("changes, words", [
@@ -198,6 +210,7 @@ def test_an_explicit_n_that_contradicts_max_n_is_refused():
     ({"arch_kwargs": [6, 32]}, InvalidArgument, "arch_kwargs must be a dict"),
     ({"surrogates": "f.pt"}, InvalidArgument, "surrogates must be a list of checkpoint paths"),
     ({"kind": "certify"}, InvalidArgument, "kind 'train', got 'certify'"),
+    ({"size": -3}, InvalidArgument, "size must be an integer >= 1, got -3"),
 ])
 def test_bad_train_spec(changes, error_type, words):
     error = error_of(lambda: TrainSpec(**{**MSE, **changes}))

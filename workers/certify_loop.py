@@ -45,10 +45,12 @@ class ImageState:
 def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None:
     with session_scope(engine) as session:
         # Each sampler fetches (and hash-checks) the checkpoints on its own node.
-        sources = [references.checkpoint_source(session, spec.classifier),
-                   references.checkpoint_source(session, spec.denoiser) if spec.denoiser else None]
+        sources = [references.source(session, spec.classifier, spec.models.get(spec.classifier)),
+                   references.source(session, spec.denoiser, spec.models.get(spec.denoiser)) if spec.denoiser
+                   else None]
         done = repo.done_image_indices(session, job_id)
-    dataset = datasets.get_dataset(spec.dataset, spec.split, root=spec.data_root or settings.data_root)
+    root = spec.data_root or settings.data_root
+    dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size)
     plan = certify.image_plan(spec, dataset)
     todo = collections.deque(i for i in plan if i not in done)
     if not todo:
@@ -65,6 +67,10 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     actors = pool.acquire(key, workers, start)
     loop, healthy = None, False
     try:
+        dataset, note = certify.job_dataset(spec, root, ray.get(actors[0].input_channels.remote()))
+        if note:  # images converted to the channels f o D takes: said in the job's log
+            with session_scope(engine) as session:
+                repo.add_log(session, job_id, note)
         probe = ray.get(actors[0].memory_probe.remote(dataset[todo[0]][0], options.get("num_gpus", 1.0)))
         spec = _size_job(engine, job_id, spec, workers, threads, probe)
         kind = SequentialLoop if spec.sequential else CertifyLoop

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from sqlalchemy.orm import Session
 
-from dsq import checkpoints, datasets, references, sizing, smoothing, specs
+from dsq import datasets, references, sizing, smoothing, specs
 from dsq.db import repo
 from dsq.errors import InvalidArgument
 from dsq.kinds import Kind, on_gpu
@@ -18,18 +18,50 @@ def check(session: Session, spec: CertifySpec, settings: Settings) -> int:
     """n can certify something, data is there and, when its models exist now, f o D takes its images; work = images."""
     specs.reach(spec)
     root = spec.data_root or settings.data_root
-    dataset = datasets.get_dataset(spec.dataset, spec.split, root=root)
-    classes = datasets.dataset_info(spec.dataset, root=root).num_classes
+    dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size)
+    classes = datasets.dataset_info(spec.dataset, root=root, size=spec.size).num_classes
     if all(references.available(session, r) for r in spec.references()):
-        paths = [references.resolve(session, r, settings) for r in spec.references()]
-        models = [checkpoints.load_checkpoint(p)[0] for p in paths]
-        outputs = smoothing.check_image(torch.nn.Sequential(*reversed(models)), dataset[0][0])
+        models = [references.load(session, r, settings, role, spec.models.get(r)) for r, role in spec.model_roles()]
+        dataset, _ = job_dataset(spec, root, model_channels(*models))
+        outputs = takes_images(torch.nn.Sequential(*reversed(models)), dataset[0][0], spec)
     else:  # a classifier still to be trained will have the classes of its own dataset
         outputs = references.trained_classes(session, spec.classifier, settings)
     if outputs is not None and outputs != classes:
         raise InvalidArgument(f"the classifier has {outputs} outputs but dataset {spec.dataset} has {classes} "
                               "classes: its labels and the predictions would not match")
     return len(image_plan(spec, dataset))
+
+
+def model_channels(classifier: torch.nn.Module, denoiser: torch.nn.Module | None = None) -> int | None:
+    """The channels of the images f o D takes (D's, else f's); None when the models do not say."""
+    taken = smoothing.input_channels(classifier)
+    if denoiser is None:
+        return taken
+    denoised = smoothing.input_channels(denoiser)
+    if denoised is not None and taken is not None and denoised != taken:
+        raise InvalidArgument(f"the denoiser takes and returns {denoised}-channel images but the classifier takes "
+                              f"{taken}-channel images: they cannot be chained")
+    return taken if denoised is None else denoised
+
+
+def job_dataset(spec: CertifySpec, root: str | None, channels: int | None):
+    """``(dataset, note)``: the job's images with the ``channels`` f o D takes, and a line saying any conversion."""
+    if channels not in (None, 1, 3):
+        raise InvalidArgument(f"the model takes {channels}-channel images; dsq converts images to 1 (grayscale) or "
+                              f"3 (RGB) channels only")
+    own = datasets.image_channels(spec.dataset, spec.split, root=root)
+    dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size, channels=channels)
+    return dataset, datasets.channel_note(spec.dataset, own, channels)
+
+
+def takes_images(model: torch.nn.Module, x: torch.Tensor, spec: CertifySpec) -> int:
+    """``smoothing.check_image``, its refusal naming the channels and size of the dataset's images."""
+    try:
+        return smoothing.check_image(model, x)
+    except InvalidArgument as error:
+        resizable = spec.size is None and (spec.dataset.startswith("folder") or spec.dataset == "imagenet")
+        raise InvalidArgument(f"{error} (the images of {spec.dataset} are {x.shape[0]}-channel, "
+                              f"{x.shape[2]}x{x.shape[1]}{'; --size N resizes them' if resizable else ''})") from None
 
 
 def demand(spec: CertifySpec, cluster: dict) -> dict:
@@ -45,13 +77,16 @@ def image_plan(spec: CertifySpec, dataset) -> list[int]:
     return datasets.test_subset(dataset, skip=spec.skip, max=spec.max_images)
 
 
-def load_pipeline(classifier_path: str, denoiser_path: str | None, device) -> torch.nn.Module:
-    """f o D (or f alone), in eval mode on ``device``."""
-    classifier, _ = checkpoints.load_checkpoint(classifier_path, device=device)
-    if denoiser_path is None:
+def load_pipeline(classifier: str | dict, denoiser: str | dict | None, device, settings: Settings | None = None):
+    """f o D (or f alone), in eval mode on ``device``, from checkpoint paths or ``references.source``s."""
+    def load(model, role):
+        found = references.file_source(model) if isinstance(model, str) else model
+        return references.load_source(settings, found, role, device)
+
+    classifier = load(classifier, "classifier")
+    if denoiser is None:
         return classifier.eval()
-    denoiser, _ = checkpoints.load_checkpoint(denoiser_path, device=device)
-    return torch.nn.Sequential(denoiser, classifier).eval()
+    return torch.nn.Sequential(load(denoiser, "denoiser"), classifier).eval()
 
 
 def record_certificate(session: Session, job_id: int, image_index: int, label: int, cert: Certificate,
