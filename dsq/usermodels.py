@@ -47,7 +47,7 @@ def form(reference: str) -> str:
         return "job"
     if reference.startswith(TORCHVISION):
         return "torchvision"
-    return "factory" if FACTORY.match(reference) else "file"
+    return "factory" if FACTORY.match(reference) and not os.path.isfile(reference) else "file"
 
 
 def check_options(reference: str, options, role: str) -> dict:

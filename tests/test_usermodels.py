@@ -59,7 +59,10 @@ def factory_module(folder: Path) -> str:
     return str(folder)
 
 
-def test_reference_forms():
+def test_reference_forms(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model:best").write_bytes(b"")  # an existing file is a file, whatever its name looks like
+    assert usermodels.form("model:best") == "file" and usermodels.form("model:other") == "factory"
     assert usermodels.form("job:3") == "job"
     assert usermodels.form("torchvision:resnet18") == "torchvision"
     assert usermodels.form("my_pkg.nets:build") == "factory"
