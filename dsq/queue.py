@@ -211,6 +211,11 @@ def stop_worker(s: Session, name: str, *, now: datetime | None = None) -> None:
     s.execute(update(Worker).where(Worker.name == name).values(stopped_at=now or utcnow()))
 
 
+def serve_again(s: Session, name: str, *, now: datetime | None = None) -> None:
+    """A worker that had stopped serving (``stop_worker``) is alive again."""
+    s.execute(update(Worker).where(Worker.name == name).values(stopped_at=None, heartbeat_at=now or utcnow()))
+
+
 def live_workers(s: Session, stale_after: timedelta, *, now: datetime | None = None) -> list[Worker]:
     cutoff = (now or utcnow()) - stale_after
     stmt = select(Worker).where(and_(Worker.stopped_at.is_(None), Worker.heartbeat_at >= cutoff)).order_by(Worker.id)

@@ -291,3 +291,35 @@ def test_sigterm_stops_the_demo_cleanly_and_a_worker_finishes_its_experiment(tmp
     assert "envelope across sigma" in out.stdout and (tmp_path / "exp.png").stat().st_size > 1000
     with session_scope(engine) as session:
         assert all(j.status == "succeeded" for j in repo.list_jobs(session, limit=100))
+
+
+def test_an_idle_worker_stops_serving_before_its_last_look_so_no_submitted_job_is_stranded(tmp_path):
+    """The race of an idle exit with a submit: the worker first leaves the live list (and its pid file), then looks
+    at the queue; a job there keeps it serving, else any later submit sees no worker and starts one."""
+    from dsq import queue
+    from workers import background
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'dsq.db'}", home=tmp_path)
+    engine = open_database(settings.database_url)
+    worker = QueueWorker(settings, idle_exit=1, name="w1")
+    with session_scope(engine) as session:
+        queue.register_worker(session, name="w1", host="h", pid=os.getpid(), address=None, max_jobs=0)
+    pid_file = background._pid_file(settings)
+    pid_file.parent.mkdir(parents=True)
+    pid_file.write_text(f"{os.getpid()}\n")
+
+    def live():
+        with session_scope(engine) as session:
+            return [w.name for w in queue.live_workers(session, settings.stale_after)]
+
+    with session_scope(engine) as session:  # a job submitted just before the worker's last look
+        jobs.submit(session, specs.TrainSpec(dataset="digits", target="classifier", arch="small_cnn",
+                                             objective="standard", sigma=0.0, epochs=1), settings)
+    assert worker._retire(engine) is False and live() == ["w1"] and pid_file.read_text() == f"{os.getpid()}\n"
+    with session_scope(engine) as session:
+        repo.request_cancel(session, 1)
+        jobs.finish(session, 1, "cancelled")
+    assert worker._retire(engine) is True and live() == [] and not pid_file.exists()
+    with session_scope(engine) as session:  # so a job submitted now starts a new worker
+        assert not queue.live_workers(session, settings.stale_after) and not background._alive(pid_file)
+    engine.dispose()

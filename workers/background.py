@@ -44,6 +44,27 @@ def _pid_file(settings: Settings) -> Path:
     return settings.home / "workers" / f"{digest}.pid"
 
 
+def forget_pid(settings: Settings) -> bool:
+    """Remove this process's pid file (a background worker about to stop); whether it was this process's."""
+    pid_file = _pid_file(settings)
+    try:
+        if pid_file.read_text().split()[0] != str(os.getpid()):
+            return False
+        pid_file.unlink()
+    except (OSError, IndexError):
+        return False
+    return True
+
+
+def remember_pid(settings: Settings) -> None:
+    """Write this process's pid file again (a background worker that serves on), unless a new worker wrote one."""
+    try:
+        with open(_pid_file(settings), "x") as pid_file:
+            pid_file.write(f"{os.getpid()}\n")
+    except OSError:
+        pass
+
+
 def _alive(pid_file: Path) -> bool:
     try:
         pid = int(pid_file.read_text().split()[0])

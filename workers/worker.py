@@ -25,7 +25,7 @@ from sqlalchemy import exc
 
 from dsq.db.session import is_outage, open_database, session_scope
 from dsq.settings import Settings
-from workers import runner
+from workers import background, runner
 from workers.loop import Control
 from workers.sampler import SamplerPool
 
@@ -140,10 +140,26 @@ class QueueWorker:
             elif self._finished(engine):
                 return
             elif self.idle_exit is not None and now - idle_since > self.idle_exit:
-                self.summary.reason = f"idle for {self.idle_exit:.0f} s"
-                return
+                if self._retire(engine):
+                    self.summary.reason = f"idle for {self.idle_exit:.0f} s"
+                    return
+                idle_since = now
             self.wake.wait(TICK_SECONDS)
             self.wake.clear()
+
+    def _retire(self, engine) -> bool:
+        """Stop serving, then look at the queue once more: a job submitted meanwhile is seen here, or its submit
+        saw no live worker and started one. Serve again (False) when something became runnable."""
+        with session_scope(engine) as session:
+            queue.stop_worker(session, self.name)
+        mine = background.forget_pid(self.settings)
+        with session_scope(engine) as session:
+            if not queue.runnable_jobs(session, limit=1, only=self.only):
+                return True
+            queue.serve_again(session, self.name)
+        if mine:
+            background.remember_pid(self.settings)
+        return False
 
     def _finished(self, engine) -> bool:
         """With --drain: nothing queued is left (for this worker's jobs, when it has a list)."""
