@@ -26,7 +26,7 @@ def submit(session: Session, spec, settings: Settings, *, priority: int = 0, aft
            experiment: str | None = None, meta: dict | None = None):
     """Check a spec against the database and the disk, then queue it as a job that waits for its dependencies."""
     kind = kinds.get(spec.kind)
-    spec = usermodels.with_code(spec)
+    spec = usermodels.pin(spec)
     if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > MAX_PRIORITY:
         raise InvalidArgument(f"priority must be an integer in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {priority!r}")
     options = getattr(spec, "models", {})

@@ -45,7 +45,8 @@ def check(session: Session, reference: str, role: str, options: dict | None = No
         for path in ([reference] if kind == "file" else []) + [(options or {}).get("weights")]:
             if path and not Path(path).is_file():
                 raise CheckpointError(f"{'weights file' if path != reference else 'checkpoint'} not found: {path}")
-        if kind == "file" and any((options or {}).values()) and not usermodels.is_torchscript(reference):
+        given = {key: value for key, value in (options or {}).items() if key != "files" and value}
+        if kind == "file" and given and not usermodels.is_torchscript(reference):
             raise InvalidArgument(f"{reference} is a checkpoint: it carries its architecture, weights and "
                                   "normalization; --*-weights, --*-args, --mean and --std are for TorchScript, "
                                   "torchvision:NAME and package.module:function models")
@@ -103,6 +104,7 @@ def load_source(settings: Settings, found: dict, role: str, device="cpu"):
     from dsq import checkpoints  # torch: only where models are loaded
 
     path = local_checkpoint(settings, (found["location"], found["sha256"])) if found["location"] else None
+    usermodels.verify(found["options"])
     if path is None or usermodels.is_torchscript(path):
         return usermodels.load(found["reference"], path, found["options"], role, device)
     return checkpoints.load_checkpoint(path, device=device)[0]

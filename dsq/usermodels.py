@@ -37,7 +37,7 @@ from dsq.errors import CheckpointError, InvalidArgument
 
 TORCHVISION = "torchvision:"
 FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
-OPTION_KEYS = ("weights", "args", "mean", "std", "code")
+OPTION_KEYS = ("weights", "args", "mean", "std", "code", "files")
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
@@ -74,10 +74,14 @@ def check_options(reference: str, options, role: str) -> dict:
     normalization = _normalization(reference, options.get("mean"), options.get("std"))
     if normalization and role != "classifier":
         raise InvalidArgument(f"--mean/--std are a classifier's normalization; a {role} works in [0, 1] pixels")
-    code = options.get("code")
+    code, files = options.get("code"), options.get("files")
     if code is not None and (kind != "factory" or not isinstance(code, str)):
         raise InvalidArgument(f"code of {reference} must be the folder its module was found in, got {code!r}")
-    return {"weights": weights, "args": dict(args), **(normalization or {}), **({"code": code} if code else {})}
+    if files is not None and (not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in files.items())):
+        raise InvalidArgument(f"files of {reference} must map file paths to their sha256, got {files!r}")
+    return {"weights": weights, "args": dict(args), **(normalization or {}), **({"code": code} if code else {}),
+            **({"files": dict(files)} if files else {})}
 
 
 def locate(reference: str) -> str | None:
@@ -98,14 +102,38 @@ def locate(reference: str) -> str | None:
     return str(Path(found.origin).resolve().parents[depth])
 
 
-def with_code(spec):
-    """``spec`` with the folder of each ``package.module:function`` model recorded (``locate``), at submit."""
+def pin(spec):
+    """``spec`` with what its models were checked with, recorded at submit: the sha256 of each local model file
+    (``files``: a file changed before the job runs is refused, ``verify``) and the folder each
+    ``package.module:function`` is imported from (``code``, ``locate``)."""
+    from dsq import artifacts
+
     models = getattr(spec, "models", None)
-    if not models or all("code" in options for reference, options in models.items() if form(reference) == "factory"):
+    if models is None:
         return spec
-    located = {reference: options if form(reference) != "factory" or "code" in options
-               else {**options, "code": locate(reference)} for reference, options in models.items()}
-    return dataclasses.replace(spec, models=located)
+    pinned = {}
+    for reference, _ in spec.model_roles():
+        kind, options = form(reference), dict(models.get(reference, {}))
+        if kind == "factory" and "code" not in options:
+            options["code"] = locate(reference)
+        paths = ([reference] if kind == "file" else []) + ([options["weights"]] if options.get("weights") else [])
+        files = {path: artifacts.file_sha256(path) for path in paths if os.path.isfile(path)}
+        if files and "files" not in options:
+            options["files"] = files
+        if options:
+            pinned[reference] = options
+    return spec if pinned == models else dataclasses.replace(spec, models=pinned)
+
+
+def verify(options: dict) -> None:
+    """Refuse a model file whose bytes are not those the job was submitted with (``pin``)."""
+    from dsq import artifacts
+
+    for path, expected in (options or {}).get("files", {}).items():
+        found = artifacts.file_sha256(path)
+        if found != expected:
+            raise CheckpointError(f"{path} changed after the job was submitted (sha256 {expected[:12]}... then, "
+                                  f"{found[:12]}... now): submit a new job to certify the new file")
 
 
 def _normalization(reference: str, mean, std) -> dict | None:

@@ -248,7 +248,7 @@ def test_failed_job_keeps_error_and_traceback(world, tmp_path):
     copy.write_bytes(b"not a checkpoint")
     assert runner.run_job(config, job_id) == "failed"
     error, trace = job_logs(engine, job_id)
-    assert "checkpoint" in error.lower() and "Traceback" in trace
+    assert "changed after the job was submitted" in error and "Traceback" in trace
 
 
 def test_submit_rejects_bad_references_and_writes_nothing(world, tmp_path):

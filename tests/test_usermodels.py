@@ -13,12 +13,13 @@ import torchvision
 from typer.testing import CliRunner
 
 from cli.main import app
-from dsq import jobs, references, specs, usermodels
+from dsq import artifacts, jobs, references, specs, usermodels
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import CheckpointError, InvalidArgument
 from dsq.settings import Settings
-from tests.test_jobs import certify_spec, rows_of, run
+from tests.test_jobs import certify_spec, rows_of, run, submit
+from workers import runner
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,6 +153,29 @@ def test_the_same_net_as_checkpoint_torchscript_and_factory_certifies_identicall
     assert rows_of(engine, as_checkpoint) == rows_of(engine, as_script) == rows_of(engine, as_factory)
     without = run(config, engine, certify_spec(f, max_images=4, classifier=scripted))  # normalization forgotten
     assert rows_of(engine, without) != rows_of(engine, as_checkpoint)
+
+
+def test_a_model_file_changed_after_submit_is_refused_when_the_job_runs(world, tmp_path, monkeypatch):
+    config, engine, f, scripted, weights, normalization = world
+    monkeypatch.syspath_prepend(factory_module(tmp_path))
+    mine, my_weights = tmp_path / "mine.pt", tmp_path / "mine.weights.pt"
+    mine.write_bytes(Path(scripted).read_bytes())
+    my_weights.write_bytes(Path(weights).read_bytes())
+    scripted_job = submit(config, engine, certify_spec(f, max_images=1, classifier=str(mine)))
+    factory_job = submit(config, engine, certify_spec(f, max_images=1, classifier="my_nets:small",
+                                                      models={"my_nets:small": {"weights": str(my_weights)}}))
+    with session_scope(engine) as session:
+        assert repo.get_job(session, scripted_job).spec["models"][str(mine)]["files"] == {
+            str(mine): artifacts.file_sha256(mine)}
+        code = repo.get_job(session, factory_job).spec["models"]["my_nets:small"]["code"]
+        assert (Path(code) / "my_nets.py").is_file()  # where this process imported it from (maybe an earlier test's)
+    torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))), mine)
+    torch.save({k: v + 1 for k, v in torch.load(weights).items()}, my_weights)
+    for job_id, path in ((scripted_job, mine), (factory_job, my_weights)):
+        assert runner.run_job(config, job_id) == "failed"
+        with session_scope(engine) as session:
+            error = repo.get_job(session, job_id).error
+        assert f"{path} changed after the job was submitted" in error and "submit a new job" in error
 
 
 def test_a_denoiser_trains_against_a_torchscript_classifier(world):
