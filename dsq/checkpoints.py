@@ -343,7 +343,7 @@ def _dsq_parts(path, raw: dict) -> tuple[dict, dict]:
 
 def _reference_parts(path, raw: dict) -> tuple[dict, dict]:
     reference_arch = raw["arch"]
-    state_dict = _strip_prefix(_checked_state_dict(path, raw["state_dict"]), "module.")
+    state_dict = strip_prefix(_checked_state_dict(path, raw["state_dict"]), "module.")
     if reference_arch in REFERENCE_DENOISERS:
         arch = REFERENCE_DENOISERS[reference_arch]
         metadata = {"kind": "denoiser", "arch": arch, "normalization": None,
@@ -371,7 +371,7 @@ def _checked_state_dict(path, state_dict) -> dict:
     return state_dict
 
 
-def _strip_prefix(state_dict: dict, prefix: str) -> dict:
+def strip_prefix(state_dict: dict, prefix: str) -> dict:
     if state_dict and all(str(key).startswith(prefix) for key in state_dict):
         return {key[len(prefix):]: value for key, value in state_dict.items()}
     return state_dict
@@ -401,7 +401,7 @@ def _sequential_classifier_state(state_dict: dict, normalization: dict) -> tuple
         norm = {key[2:]: value for key, value in state_dict.items() if key.startswith("0.")}
     else:
         net, norm = state_dict, {}
-    net = _strip_prefix(net, "module.")
+    net = strip_prefix(net, "module.")
     if _is_tensor(norm.get("means"), 1) and _is_tensor(norm.get("sds"), 1):
         normalization = {"mean": norm["means"].tolist(), "std": norm["sds"].tolist()}
     means = torch.tensor(normalization["mean"], dtype=torch.float32)

@@ -238,9 +238,6 @@ def resolve(spec, ids: dict[str, int]):
                if hasattr(spec, name)}
     if hasattr(spec, "surrogates"):
         changes["surrogates"] = tuple(one(s) for s in spec.surrogates)
-    if hasattr(spec, "models"):  # a step:KEY looks like package.module:function, so it got an (empty) entry
-        changes["models"] = {one(key): options for key, options in spec.models.items()
-                             if not key.startswith("step:") or any(options.values())}
     return dataclasses.replace(spec, **changes)
 
 

@@ -213,7 +213,7 @@ def _to_dict(spec) -> dict:
 def check_models(spec) -> None:
     """``spec.models`` gives options only to models the job uses, each checked (``dsq.usermodels``).
 
-    A torchvision or package.module:function model always has an entry (its weights, arguments...).
+    A torchvision model is checked without an entry too: it needs its weights.
     """
     if not isinstance(spec.models, dict):
         raise InvalidArgument(f"models must be a table of model references to options, got {spec.models!r}")
@@ -222,10 +222,11 @@ def check_models(spec) -> None:
     if unused:
         raise InvalidArgument(f"options given for {unused[0]}, which this job does not use "
                               f"(its models: {', '.join(roles) or 'none'})")
-    checked = {reference: usermodels.check_options(reference, spec.models.get(reference, {}), role)
-               for reference, role in roles.items()
-               if reference in spec.models or usermodels.form(reference) in ("torchvision", "factory")}
-    object.__setattr__(spec, "models", checked)
+    for reference, role in roles.items():
+        if reference not in spec.models and usermodels.form(reference) == "torchvision":
+            usermodels.check_options(reference, {}, role)
+    object.__setattr__(spec, "models", {reference: usermodels.check_options(reference, options, roles[reference])
+                                        for reference, options in spec.models.items()})
 
 
 def check_target(spec) -> None:

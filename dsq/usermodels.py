@@ -23,6 +23,7 @@ architecture and normalization, so they take no options.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import math
@@ -184,9 +185,10 @@ def load(reference: str, path: str | None, options: dict, role: str, device="cpu
     if kind == "file":
         model = _load_torchscript(path, device)
     else:
-        model = _build(reference, kind, options)
-        if options.get("weights"):
-            _load_weights(model, reference, options["weights"])
+        weights = _read_state_dict(reference, options["weights"]) if options.get("weights") else None
+        model = _build(reference, kind, options, weights)
+        if weights is not None:
+            _load_weights(model, reference, options["weights"], weights)
     normalization = _normalization(reference, options.get("mean"), options.get("std"))
     if normalization is None and kind == "torchvision" and role == "classifier":
         normalization = IMAGENET_NORMALIZATION
@@ -211,7 +213,8 @@ def _load_torchscript(path: str, device):
         raise CheckpointError(f"{path}: TorchScript file does not load ({first})") from None
 
 
-def _build(reference: str, kind: str, options: dict):
+def _build(reference: str, kind: str, options: dict, weights: dict | None):
+    """The model built from its ``args``; a torchvision one takes ``num_classes`` from ``weights`` unless given."""
     import torch
 
     args = dict(options.get("args") or {})
@@ -222,31 +225,35 @@ def _build(reference: str, kind: str, options: dict):
         if name not in torchvision.models.list_models():
             raise InvalidArgument(f"{reference}: torchvision has no model {name!r} (see "
                                   f"torchvision.models.list_models())")
-        if "num_classes" not in args and options.get("weights"):
-            classes = _classes_in(_read_state_dict(reference, options["weights"]))
-            if classes is not None:
-                args["num_classes"] = classes
-        maker = lambda: torchvision.models.get_model(name, weights=None, **args)  # noqa: E731
+        classes = _classes_in(weights) if weights is not None and "num_classes" not in args else None
+        if classes is not None:
+            args["num_classes"] = classes
+        make = functools.partial(torchvision.models.get_model, name, weights=None)
     else:
-        module_name, _, function_name = reference.partition(":")
-        if options.get("code") and options["code"] not in sys.path:
-            sys.path.append(options["code"])  # after the installed packages: what the submitter imported
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as error:  # noqa: BLE001 - the user's module may fail in any way while importing
-            raise InvalidArgument(f"{reference}: cannot import {module_name} ({type(error).__name__}: {error}); "
-                                  f"it must be importable where the job runs (installed or on PYTHONPATH)") from None
-        maker = getattr(module, function_name, None)
-        if not callable(maker):
-            raise InvalidArgument(f"{reference}: {module_name} has no function {function_name}")
-        maker = (lambda function: lambda: function(**args))(maker)
+        make = _function(reference, options.get("code"))
     try:
-        model = maker()
+        model = make(**args)
     except Exception as error:  # noqa: BLE001 - the user's code, or a wrong argument
         raise InvalidArgument(f"{reference} with arguments {args}: {type(error).__name__}: {error}") from None
     if not isinstance(model, torch.nn.Module):
         raise InvalidArgument(f"{reference} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _function(reference: str, code: str | None):
+    """The function ``package.module:function`` names, imported (from ``code`` when installed packages lack it)."""
+    module_name, _, function_name = reference.partition(":")
+    if code and code not in sys.path:
+        sys.path.append(code)  # after the installed packages: what the submitter imported
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 - the user's module may fail in any way while importing
+        raise InvalidArgument(f"{reference}: cannot import {module_name} ({type(error).__name__}: {error}); "
+                              f"it must be importable where the job runs (installed or on PYTHONPATH)") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise InvalidArgument(f"{reference}: {module_name} has no function {function_name}")
+    return function
 
 
 def _read_state_dict(reference: str, path: str) -> dict:
@@ -261,9 +268,7 @@ def _read_state_dict(reference: str, path: str) -> dict:
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()):
         raise CheckpointError(f"weights of {reference} ({path}) must be a state dict (parameter names to "
                               f"tensors), as torch.save(model.state_dict(), FILE) writes")
-    if all(key.startswith("module.") for key in raw):  # saved from DataParallel
-        raw = {key[len("module."):]: value for key, value in raw.items()}
-    return raw
+    return checkpoints.strip_prefix(raw, "module.")  # saved from DataParallel
 
 
 def _classes_in(state_dict: dict) -> int | None:
@@ -272,10 +277,9 @@ def _classes_in(state_dict: dict) -> int | None:
     return int(last[-1].shape[0]) if last else None
 
 
-def _load_weights(model, reference: str, path: str) -> None:
+def _load_weights(model, reference: str, path: str, state_dict: dict) -> None:
     from dsq import checkpoints
 
-    state_dict = _read_state_dict(reference, path)
     problem = checkpoints.mismatch(model.state_dict(), state_dict)
     if problem:
         raise CheckpointError(f"weights {path} do not fit {reference}: {problem}")
