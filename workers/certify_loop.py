@@ -59,8 +59,8 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     options, threads = resources.actor_options(workers)
     device = resources.device_for("num_gpus" in options)
     def start():  # spread over the nodes: shards run in parallel, and losing one node costs one sampler
-        return SamplerActor.options(**options, scheduling_strategy="SPREAD").remote(settings, *sources, threads, device, spec.precision,
-                                                      spec.compile)
+        return SamplerActor.options(**options, scheduling_strategy="SPREAD").remote(
+            settings, *sources, threads, device, spec.precision, spec.compile)
 
     pool = control.pool or SamplerPool()
     key = (*map(source_key, sources), threads, device, spec.precision, spec.compile, tuple(sorted(options.items())))
