@@ -122,10 +122,12 @@ def test_stale_jobs_go_back_to_the_queue_and_their_old_runner_cannot_write_on(en
         assert repo.get_job(session, job_id).attempts == 2
 
 
-def claim_all(url: str, worker: str) -> list[int]:
-    """A worker process: claim and finish jobs until none is left."""
+def claim_all(url: str, worker: str, start=None) -> list[int]:
+    """A worker process: claim and finish jobs until none is left (all together from ``start``, a barrier)."""
     engine = make_engine(url)
     taken = []
+    if start is not None:  # process start-up takes seconds: without this the first one can take every job
+        start.wait(timeout=120)
     try:
         while True:
             with session_scope(engine) as session:
@@ -142,8 +144,10 @@ def claim_all(url: str, worker: str) -> list[int]:
 def test_four_workers_racing_over_sixty_jobs_run_each_exactly_once(engine, db_url):
     ids = [add(engine, priority=i % 3) for i in range(60)]
     chained = add(engine, after=ids[:10])  # runs only after ten of them
-    with concurrent.futures.ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
-        taken = list(pool.map(claim_all, [db_url] * 4, [f"w{i}" for i in range(4)]))
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, concurrent.futures.ProcessPoolExecutor(4, mp_context=context) as pool:
+        start = manager.Barrier(4)
+        taken = list(pool.map(claim_all, [db_url] * 4, [f"w{i}" for i in range(4)], [start] * 4))
     everything = [job_id for worker in taken for job_id in worker]
     assert sorted(everything) == sorted(everything) and len(everything) == len(set(everything))
     assert set(ids) <= set(everything)
