@@ -10,9 +10,9 @@ import typer
 
 from cli import common
 from cli.submit import AFTER_HELP, MAX_N_HELP, PRIORITY_HELP, RADIUS_HELP, WAIT_HELP
+from dsq.apis.providers import EMBEDDED, PROVIDERS
+from dsq.kinds.certify_api import DEFAULT_N
 
-PROVIDERS = ("aws", "google", "azure", "clarifai")  # dsq.apis.spec.PROVIDERS, without importing torch for --help
-DEFAULT_N = 100  # dsq.apis.spec.ApiCertifySpec's
 
 ENDPOINT_HELP = ("vendor (the real service; needs credentials), embedded (an emulator inside the job), or "
                  "HOST:PORT / http://HOST:PORT of `dsq emulate`. Default: vendor if credentials are configured, "
@@ -54,42 +54,37 @@ def certify_api(ctx: typer.Context,
     """Certify a vision API's smoothed top label (with an optional denoiser in front), within a budget."""
     from cli.submit import launch
     from dsq import specs
-    from dsq.apis import jobs as api_jobs
-    from dsq.apis.spec import ApiCertifySpec
+    from dsq.db.session import session_scope
+    from dsq.kinds import certify_api
 
-    def spec_of() -> ApiCertifySpec:
-        where = api_jobs.default_endpoint(provider, os.environ) if endpoint is None else endpoint
-        spec = ApiCertifySpec(
+    def spec_of() -> certify_api.ApiCertifySpec:
+        where = certify_api.default_endpoint(provider, os.environ) if endpoint is None else endpoint
+        return certify_api.ApiCertifySpec(
             provider=provider, sigma=sigma, dataset=dataset, inputs=tuple(input), denoiser=denoiser,
             endpoint=None if where == "vendor" else where, n0=n0, n=specs.given_n(n, max_n, radius, DEFAULT_N),
             alpha=alpha, radius=radius, max_n=max_n, max_queries=max_queries,
             qps=qps, burst=burst, concurrency=concurrency, price_per_1000=price_per_1000, split=split, skip=skip,
             max_images=max_images, size=size, scale=scale, seed=seed, data_root=data_root, name=name)
-        show_estimate(ctx, spec)
-        return spec
 
     if dry_run:
         with common.boundary():
-            common.say(f"info: {specs.reach(spec_of())}", err=True)
+            spec = spec_of()
+            config = common.settings(ctx)
+            with session_scope(common.database(config)) as session:
+                images = certify_api.check(session, spec, config)
+            for line in estimate_lines(spec, images) + [f"info: {specs.reach(spec)}"]:
+                common.say(line, err=True)
         common.console.print("dry run: nothing submitted")
         return
-    launch(ctx, spec_of, wait, priority, tuple(after))
+    launch(ctx, spec_of, wait, priority, tuple(after), describe=estimate_lines)
 
 
-def show_estimate(ctx: typer.Context, spec) -> None:
-    """Check the spec against the database and disk, then print its cost estimate on stderr."""
-    from dsq.apis import jobs as api_jobs
-    from dsq.apis.spec import EMBEDDED
-    from dsq.db.session import session_scope
+def estimate_lines(spec, images: int) -> list[str]:
+    """Who answers, and the job's cost estimate for its ``images``."""
+    from dsq.kinds import certify_api
 
-    config = common.settings(ctx)
-    engine = common.database(config)
-    with session_scope(engine) as session:
-        images = api_jobs.check_spec(session, spec, config)
     target = {None: "the vendor", EMBEDDED: "the embedded emulator"}.get(spec.endpoint, spec.endpoint)
-    common.errors.print(f"target: {target}", markup=False, highlight=False)
-    for line in api_jobs.estimate(spec, images).lines(spec.provider):
-        common.errors.print(line, markup=False, highlight=False)
+    return [f"target: {target}", *certify_api.estimate(spec, images).lines(spec.provider)]
 
 
 def emulate(provider: str = typer.Option(..., help=f"One of {', '.join(PROVIDERS)}."),

@@ -30,7 +30,6 @@ from dsq.settings import Settings
 console = Console(width=None if sys.stdout.isatty() else 200)
 errors = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
-FINISHED = ("succeeded", "failed", "cancelled")
 
 
 def settings(ctx: typer.Context) -> Settings:
@@ -157,7 +156,7 @@ def follow(engine, job_id: int, label: str) -> str:
                 doing = f": {last[0].message[:60]}" if last and job.status == "running" else ""
                 bar.update(task, completed=job.progress_done, total=job.progress_total or None,
                            description=f"{label} ({job.status}{doing})", line=line)
-                if job.status in FINISHED:
+                if job.finished:
                     return job.status
                 time.sleep(1.0)
     except Stopped as stop:

@@ -124,9 +124,9 @@ def resume(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
         engine = common.database(config)
         with session_scope(engine) as session:
             if max_queries is not None:
-                from dsq.apis import jobs as api_jobs
+                from dsq.kinds import certify_api
 
-                api_jobs.raise_budget(session, job, max_queries)
+                certify_api.raise_budget(session, job, max_queries)
             requeued = lifecycle.resume(session, job, config.stale_after)
         common.console.print(f"job {job} queued" + (f"; queued again: jobs {requeued}" if requeued else ""))
         started = background.ensure_worker(config, engine)

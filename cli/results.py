@@ -63,9 +63,9 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
             partial = views.partial_note(session, job, len(rows))
             exported = report.export_rows(repo.results_for_job(session, job))
             if alpha is not None:
-                from dsq.apis import jobs as api_jobs
+                from dsq.apis import results as api_results
 
-                exported = api_jobs.recertify(session, job, alpha)
+                exported = api_results.recertify(session, job, alpha)
                 rows = report.as_results(exported)
         if sequential and radii is not None:
             raise InvalidArgument(f"job {job} is sequential: it answers only at radius {sequential[0]:g}, "

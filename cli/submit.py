@@ -8,11 +8,11 @@ from typing import List, Optional
 import typer
 
 from cli import common
+from dsq.kinds.certify import DEFAULT_N
 
 app = typer.Typer(help="Submit a job: train a denoiser or classifier, or certify a smoothed classifier.",
                   no_args_is_help=True)
 
-DEFAULT_N = 100_000  # dsq.specs.CertifySpec's, without importing torch for --help
 PRIORITY_HELP = "Higher runs first (default 0); equal priorities run oldest first."
 AFTER_HELP = "Run only after this job succeeded (repeatable); job:N references add this by themselves."
 WAIT_HELP = "Follow the job until it ends (exit 1 unless it succeeded)."
@@ -30,25 +30,30 @@ MEAN_HELP = ("Normalization of a TorchScript, torchvision or package.module:func
              "channel, e.g. 0.485,0.456,0.406 (default: none; ImageNet's for torchvision:NAME).")
 
 
-def launch(ctx: typer.Context, spec_of, wait: bool, priority: int = 0, after: tuple[int, ...] = ()) -> None:
-    """Validate and queue a job, print its id, make sure a worker serves the queue; follow it with --wait."""
+def launch(ctx: typer.Context, spec_of, wait: bool, priority: int = 0, after: tuple[int, ...] = (),
+           describe=None) -> None:
+    """Validate and queue a job, print its id, make sure a worker serves the queue; follow it with --wait.
+
+    ``describe(spec, work total)`` gives lines to print about the job once it is checked and queued.
+    """
     from dsq import jobs, specs
     from dsq.db.session import session_scope
     from workers import background
-
-    from dsq.specs import WARN_SIGMA
 
     config = common.settings(ctx)
     with common.boundary():
         spec = spec_of()
         common.check_cluster(config)  # refuse before anything is written
-        if spec.sigma > WARN_SIGMA:
-            common.say(f"warning: sigma {spec.sigma:g} is above {WARN_SIGMA:g} pixel range units; "
+        if spec.sigma > specs.WARN_SIGMA:
+            common.say(f"warning: sigma {spec.sigma:g} is above {specs.WARN_SIGMA:g} pixel range units; "
                        f"if you meant 0-255 units, sigma is {spec.sigma:g}/255 = {spec.sigma / 255:.4g}", err=True)
         engine = common.database(config)
         with session_scope(engine) as session:
-            job_id = jobs.submit(session, spec, config, priority=priority, after=after).id
-        if spec.kind != "train":  # the job's check already refused an n that can never certify
+            job = jobs.submit(session, spec, config, priority=priority, after=after)
+            job_id, total = job.id, job.progress_total
+        for line in describe(spec, total) if describe else []:
+            common.say(line, err=True)
+        if spec.kind != "train":  # the spec already refused an n that can never certify
             common.say(f"info: {specs.reach(spec)}", err=True)
     common.console.print(f"job {job_id}")
     with common.boundary():
@@ -82,9 +87,9 @@ def train(ctx: typer.Context,
           after: List[int] = typer.Option([], help=AFTER_HELP),
           wait: bool = typer.Option(False, help=WAIT_HELP)):
     """Train a denoiser in front of frozen classifier(s), or a classifier (standard or Gaussian)."""
-    from dsq import specs
+    from dsq.kinds.train import TrainSpec
 
-    launch(ctx, lambda: specs.TrainSpec(
+    launch(ctx, lambda: TrainSpec(
         dataset=dataset, target=target, arch=arch, objective=objective, sigma=sigma,
         arch_kwargs=parse_json(arch_kwargs), classifier=absolute(classifier),
         surrogates=tuple(map(absolute, surrogate)), init=absolute(init),
@@ -127,8 +132,9 @@ def certify(ctx: typer.Context,
             wait: bool = typer.Option(False, help=WAIT_HELP)):
     """Certify the smoothed classifier f(D(x + noise)) on a deterministic subset of a dataset."""
     from dsq import specs
+    from dsq.kinds.certify import CertifySpec
 
-    launch(ctx, lambda: specs.CertifySpec(
+    launch(ctx, lambda: CertifySpec(
         dataset=dataset, classifier=absolute(classifier), denoiser=absolute(denoiser), sigma=sigma, n0=n0,
         n=specs.given_n(n, max_n, radius, DEFAULT_N), alpha=alpha, radius=radius, max_n=max_n,
         batch_size=batch_size, split=split, skip=skip, max_images=max_images, seed=seed, workers=workers,

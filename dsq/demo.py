@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from dsq import experiments
-from dsq.specs import CertifySpec
+from dsq.kinds.certify import CertifySpec
 
 PRESET = Path(__file__).resolve().parents[1] / "experiments" / "digits.toml"
 

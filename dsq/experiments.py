@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsq.errors import DsqError, InvalidArgument
-from dsq.specs import CertifySpec, TrainSpec
+from dsq.kinds.certify import CertifySpec
+from dsq.kinds.train import TrainSpec
 from dsq.text import check_name
 
 TOP_KEYS = {"name", "dataset", "size", "sigmas", "radii", "data_root", "seed", "models", "certify", "methods"}

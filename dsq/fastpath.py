@@ -43,9 +43,11 @@ import torch.fx
 import torch.nn.utils.parametrize
 from torch import nn
 
+from dsq import checks
 from dsq.errors import InvalidArgument
+from dsq.specs import PRECISIONS
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of each of specs.PRECISIONS
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 MMAP_THRESHOLD = 32 << 20  # glibc's largest mallopt value: buffers up to 32 MiB come from the heap
 TRIM_THRESHOLD = 1 << 30   # keep up to 1 GiB of freed heap instead of returning it after each batch
@@ -77,7 +79,7 @@ class PreparedModel(nn.Module):
         return logits.float()
 
     def _autocast(self):
-        dtype = PRECISIONS[self.precision]
+        dtype = DTYPES[self.precision]
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
@@ -98,8 +100,7 @@ def prepare_for_inference(model: nn.Module, *, device, channels_last: bool | Non
 
     ``channels_last=None`` uses it for any model with a 2-d convolution; True/False force it.
     """
-    if precision not in PRECISIONS:
-        raise InvalidArgument(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    checks.choice("precision", precision, PRECISIONS)
     device = torch.device(device)
     net = copy.deepcopy(model).to(device).eval()
     for parameter in net.parameters():

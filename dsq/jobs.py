@@ -1,7 +1,7 @@
 """Job lifecycle verbs: submit, cancel, resume, finish.
 
 Functions take a Session (the caller owns the transaction). The queue's mechanics (claims,
-dependencies, stale jobs) are in ``dsq.queue``; each kind's checks in ``dsq.kinds``; model
+dependencies, stale jobs) are in ``dsq.jobqueue``; each kind's checks in ``dsq.kinds``; model
 references in ``dsq.references``; what ``dsq status`` prints in ``dsq.views``.
 """
 
@@ -12,13 +12,12 @@ from typing import Iterable
 
 from sqlalchemy.orm import Session
 
-from dsq import kinds, queue, references, specs, usermodels
+from dsq import jobqueue, kinds, references, usermodels
 from dsq.db import repo
 from dsq.db.models import utcnow
 from dsq.errors import InvalidArgument, JobNotFound, JobStateError
 from dsq.settings import Settings
 
-FINISHED = ("succeeded", "failed", "cancelled")
 MAX_PRIORITY = 1_000_000  # any order users need fits; keeps the column a plain 32-bit integer
 
 
@@ -36,7 +35,7 @@ def submit(session: Session, spec, settings: Settings, *, priority: int = 0, aft
     total = kind.check(session, spec, settings)
     job = repo.create_job(session, kind=spec.kind, spec=spec.to_dict(), seed=spec.seed, name=spec.name, total=total,
                           priority=priority, experiment=experiment, meta=meta)
-    queue.add_dependencies(session, job.id, depends)
+    jobqueue.add_dependencies(session, job.id, depends)
     waits = f"; waits for job(s) {', '.join(map(str, sorted(depends)))}" if depends else ""
     repo.add_log(session, job.id, f"submitted {spec.kind} job ({total} work items, priority {priority}){waits}")
     return job
@@ -56,7 +55,7 @@ def cancel(session: Session, job_id: int, stale_after: timedelta):
     """Stop a job: queued, waiting and stale jobs end at once; a running one's runner stops within seconds."""
     job = repo.request_cancel(session, job_id)
     repo.add_log(session, job_id, "cancel requested")
-    if job.status == "queued" or queue.is_stale(job, stale_after):
+    if job.status == "queued" or jobqueue.is_stale(job, stale_after):
         return finish(session, job_id, "cancelled")
     return job
 
@@ -67,7 +66,7 @@ def finish(session: Session, job_id: int, status: str, error: str | None = None,
     repo.add_log(session, job_id, status + (f": {error}" if error else ""), level="error" if error else "info")
     if status != "succeeded":
         reason = "was cancelled" if status == "cancelled" else f"failed: {error}"
-        for dependent in queue.fail_dependents(session, job_id, reason):
+        for dependent in jobqueue.fail_dependents(session, job_id, reason):
             repo.add_log(session, dependent, f"not run: dependency job {job_id} {reason}", level="error")
     return job
 
@@ -84,16 +83,16 @@ def resume(session: Session, job_id: int, stale_after: timedelta, *, now: dateti
     if job.status == "queued":
         raise JobStateError(f"job {job_id} is already queued")
     now = now or utcnow()
-    if job.status == "running" and not queue.is_stale(job, stale_after, now):
+    if job.status == "running" and not jobqueue.is_stale(job, stale_after, now):
         age = (now - (job.heartbeat_at or job.started_at)).total_seconds()
         raise JobStateError(f"job {job_id} is running (last heartbeat {age:.0f} s ago); cancel it first")
-    for dependency in queue.unmet(session, job_id):
+    for dependency in jobqueue.unmet(session, job_id):
         if dependency.status in references.DEAD:
             root = dependency.blocked_by or dependency.id  # a dependent failed with its dependency: resume the root
             raise JobStateError(f"job {job_id} depends on job {dependency.id}, which {dependency.status}: "
                                 f"resume job {root} first")
     repo.mark_queued(session, job_id)
-    requeued = queue.requeue_blocked(session, job_id)
+    requeued = jobqueue.requeue_blocked(session, job_id)
     repo.add_log(session, job_id, "resumed" + (f"; queued again: jobs {requeued}" if requeued else ""))
     for dependent in requeued:
         repo.add_log(session, dependent, f"queued again: dependency job {job_id} was resumed")
@@ -101,4 +100,4 @@ def resume(session: Session, job_id: int, stale_after: timedelta, *, now: dateti
 
 
 def load_spec(session: Session, job_id: int):
-    return specs.from_dict(repo.get_job(session, job_id).spec)
+    return kinds.from_dict(repo.get_job(session, job_id).spec)

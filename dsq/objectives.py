@@ -31,10 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsq.errors import InvalidArgument, UnknownName
+from dsq.specs import CLASSIFIER_OBJECTIVES, DENOISER_OBJECTIVES, NEEDS_CLASSIFIER
 
-DENOISER_OBJECTIVES = ("mse", "stab", "stab_mse", "clf")
-CLASSIFIER_OBJECTIVES = ("standard", "gaussian")
-NEEDS_CLASSIFIER = ("stab", "stab_mse", "clf")
 
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 

@@ -51,9 +51,9 @@ evaluated only at batch ends, in batch order, so the same batches give the same 
 on any number of workers.
 
 The statistics (``log_wealth``, ``lower_bound``, ``SequentialTest``, ``decide``, ``Stream``,
-``final_bound``, ``max_radius``, ``min_n``, ``max_sequential_radius``) are pure functions of counts;
-``certify_radius`` is a thin loop over ``dsq.sampling``; the job runners feed ``Stream`` the
-batches their workers return, in any order.
+``final_bound``, ``max_sequential_radius``) are pure functions of counts, on top of the fixed-n
+statistics of ``dsq.bounds``; ``dsq.smoothing.certify_radius`` is a thin loop over ``dsq.sampling``
+that feeds ``Stream``, as the job runners feed it the batches their workers return, in any order.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ import numpy as np
 from scipy.special import betaincc, betaln
 from scipy.stats import norm
 
-from dsq import sampling, smoothing
+from dsq import bounds, checks
 from dsq.errors import InvalidArgument
 
 CONTINUE, CERTIFIED, FUTILE = "continue", "certified", "futile"
@@ -107,7 +107,7 @@ def log_wealth(successes: int, failures: int, p: float) -> float:
 @functools.lru_cache(maxsize=65_536)
 def final_bound(successes: int, n: int, alpha: float) -> float:
     """The final decision's bound: one-sided (1 - alpha) Clopper-Pearson on pA from ``successes`` of n; 0.0 if none."""
-    return smoothing.lower_confidence_bound(int(successes), int(n), float(alpha))
+    return bounds.lower_confidence_bound(int(successes), int(n), float(alpha))
 
 
 def lower_bound(successes: int, trials: int, alpha: float) -> float:
@@ -154,13 +154,13 @@ class SequentialTest:
     decision: str = field(default=CONTINUE, init=False)
 
     def __post_init__(self) -> None:
-        if not _is_real(self.p0) or not 0 < self.p0 <= 1:
+        if not checks.is_real(self.p0) or not 0 < self.p0 <= 1:
             raise InvalidArgument(f"p0 must be in (0, 1], got {self.p0!r}")
-        _check_alpha(self.alpha, "alpha")
+        checks.probability("alpha", self.alpha)
         self.futility_alpha = self.alpha if self.futility_alpha is None else self.futility_alpha
-        _check_alpha(self.futility_alpha, "futility alpha")
-        _check_count(self.max_n, "max_n")
-        if not _is_real(self.final_share) or not 0 <= self.final_share < 1:
+        checks.probability("futility alpha", self.futility_alpha)
+        checks.positive_int("max_n", self.max_n)
+        if not checks.is_real(self.final_share) or not 0 <= self.final_share < 1:
             raise InvalidArgument(f"final share must be in [0, 1), got {self.final_share!r}")
         self.alpha_final = float(self.alpha * self.final_share)
         self.alpha_seq = float(self.alpha - self.alpha_final)
@@ -171,8 +171,8 @@ class SequentialTest:
     @classmethod
     def at_radius(cls, radius: float, sigma: float, alpha: float, max_n: int) -> "SequentialTest":
         """The test that certifies g at x within ``radius``: p0 = Phi(radius / sigma)."""
-        _check_radius(radius)
-        _check_sigma(sigma)
+        check_radius(radius)
+        checks.finite("sigma", sigma)
         return cls(float(norm.cdf(radius / sigma)), alpha, max_n)
 
     @property
@@ -183,7 +183,7 @@ class SequentialTest:
         """Add one batch (votes for cA, samples drawn) and return the decision."""
         if self.decision != CONTINUE:
             return self.decision
-        _check_count(trials, "batch trials")
+        checks.positive_int("batch trials", trials)
         if not isinstance(successes, (int, np.integer)) or isinstance(successes, bool) \
                 or not 0 <= successes <= trials:
             raise InvalidArgument(f"batch successes must be an integer in [0, {trials}], got {successes!r}")
@@ -254,7 +254,7 @@ class Stream:
     """
 
     def __init__(self, test: SequentialTest, c_a: int, batch_size: int):
-        _check_count(batch_size, "batch size")
+        checks.positive_int("batch size", batch_size)
         self.test, self.c_a, self.batch_size = test, int(c_a), int(batch_size)
         self.batches = math.ceil(test.max_n / batch_size)
         self.counts = np.zeros(c_a + 1, dtype=np.int64)  # votes of the batches the test used
@@ -278,7 +278,7 @@ class Stream:
             self.held[batch] = np.asarray(counts, dtype=np.int64)
         while not self.decided and self.used in self.held:
             votes = self.held.pop(self.used)
-            self.counts = smoothing.sum_counts([self.counts, votes])
+            self.counts = bounds.sum_counts([self.counts, votes])
             self.test.update(int(votes[self.c_a]) if self.c_a < len(votes) else 0, self.span(self.used)[1])
             self.used += 1
         if self.decided:
@@ -287,7 +287,7 @@ class Stream:
 
 
 def to_certificate(test: SequentialTest, counts_selection, counts_estimation, *,
-                   n0: int, sigma: float, radius: float) -> smoothing.Certificate:
+                   n0: int, sigma: float, radius: float) -> bounds.Certificate:
     """The Certificate of a finished test: cA certified within >= radius, or abstain.
 
     ``counts_estimation`` sums the batches the test used; its cA entry must be the test's successes.
@@ -302,10 +302,10 @@ def to_certificate(test: SequentialTest, counts_selection, counts_estimation, *,
                               f"test ({test.successes} votes for class {c_a} of {test.trials} samples)")
     p_lower = test.p_lower()
     certified = test.decision == CERTIFIED
-    return smoothing.Certificate(
-        prediction=c_a if certified else smoothing.ABSTAIN,
+    return bounds.Certificate(
+        prediction=c_a if certified else bounds.ABSTAIN,
         # p_lower >= p0 = Phi(radius/sigma); max() only absorbs the round trip Phi^-1(Phi(.)).
-        radius=max(smoothing.radius(p_lower, sigma), float(radius)) if certified else 0.0,
+        radius=max(bounds.radius(p_lower, sigma), float(radius)) if certified else 0.0,
         p_lower=p_lower,
         counts_selection=selection,
         counts_estimation=estimation,
@@ -316,102 +316,22 @@ def to_certificate(test: SequentialTest, counts_selection, counts_estimation, *,
     )
 
 
-def certify_radius(model, x, *, sigma, radius, n0, max_n, alpha, batch_size, seed,
-                   device=None, image=0) -> smoothing.Certificate:
-    """Certify g at one image ``x`` [C, H, W] within ``radius``, drawing at most ``max_n`` estimation samples.
-
-    cA comes from n0 selection samples as in CERTIFY; estimation batch b is samples
-    [b * batch_size, (b+1) * batch_size) of the same stream CERTIFY draws, so the noise
-    is the same as a fixed-n run's. P(wrong certificate) <= alpha whatever the stopping time.
-    """
-    _check_radius(radius)
-    _check_count(max_n, "max_n")
-    smoothing.validate(sigma=sigma, n0=n0, n=max_n, alpha=alpha, batch_size=batch_size)
-    smoothing.check_image(model, x, device)
-    common = dict(sigma=sigma, batch_size=batch_size, seed=seed, image=image, device=device)
-    selection = sampling.sample_phase(model, x, num=n0, phase=sampling.SELECTION, **common)
-    stream = Stream(SequentialTest.at_radius(radius, sigma, alpha, max_n), int(np.argmax(selection)), batch_size)
-    while not stream.decided:
-        start, count = stream.span(stream.used)
-        stream.add(stream.used, sampling.sample_counts(model, x, start=start, count=count,
-                                                       phase=sampling.ESTIMATION, **common))
-    return to_certificate(stream.test, selection, stream.counts, n0=n0, sigma=sigma, radius=radius)
-
-
-def max_radius(n: int, alpha: float, sigma: float) -> float:
-    """The largest radius fixed-n CERTIFY can give (n of n votes): sigma * Phi^-1(alpha^(1/n)), 0 if <= 1/2."""
-    _check_count(n, "n")
-    _check_alpha(alpha, "alpha")
-    _check_sigma(sigma)
-    fail = -math.expm1(math.log(alpha) / n)  # 1 - alpha^(1/n), exact for large n
-    return 0.0 if fail >= 0.5 else float(sigma * norm.isf(fail))
-
-
-def min_n(alpha: float, radius: float = 0.0, sigma: float = 1.0) -> int:
-    """The smallest n for which fixed-n CERTIFY can certify a radius > ``radius``."""
-    _check_alpha(alpha, "alpha")
-    _check_sigma(sigma)
-    if not _is_real(radius) or not 0 <= radius < math.inf:
-        raise InvalidArgument(f"radius must be a finite number >= 0, got {radius!r}")
-    log_p0 = float(norm.logcdf(radius / sigma))
-    if log_p0 >= 0.0:
-        raise InvalidArgument(f"no number of samples can certify a radius of {radius} at sigma {sigma}")
-    n = max(1, math.floor(math.log(alpha) / log_p0) + 1)
-    while max_radius(n, alpha, sigma) <= radius:  # the float quotient may be off by one
-        n += 1
-    while n > 1 and max_radius(n - 1, alpha, sigma) > radius:
-        n -= 1
-    return n
-
-
 def max_sequential_radius(max_n: int, alpha: float, sigma: float, final_share: float = FINAL_SHARE) -> float:
     """The largest target radius ``certify_radius`` can ever certify within max_n samples (all for cA).
 
     The larger of the sequence's reach (mixture bound at alpha_seq) and the final decision's
     (Clopper-Pearson at alpha_final on max_n of max_n, the same bound ``SequentialTest`` uses).
     """
-    _check_count(max_n, "max_n")
-    _check_alpha(alpha, "alpha")
-    _check_sigma(sigma)
+    checks.positive_int("max_n", max_n)
+    checks.probability("alpha", alpha)
+    checks.finite("sigma", sigma)
     test = SequentialTest(0.5, alpha, max_n, final_share=final_share)  # checks final_share; p0 unused
     best = lower_bound(max_n, max_n, test.alpha_seq)
     if test.alpha_final > 0:
         best = max(best, final_bound(max_n, max_n, test.alpha_final))
-    return smoothing.radius(best, sigma)
+    return bounds.radius(best, sigma)
 
 
-def _check_radius(radius) -> None:
-    if not _is_real(radius) or not 0 < radius < math.inf:
-        raise InvalidArgument(f"radius must be a finite number > 0, got {radius!r}")
-
-
-def _check_sigma(sigma) -> None:
-    if not _is_real(sigma) or not 0 < sigma < math.inf:
-        raise InvalidArgument(f"sigma must be a finite number > 0, got {sigma!r}")
-
-
-def _check_alpha(alpha, name: str) -> None:
-    if not _is_real(alpha) or not 0 < alpha < 1:
-        raise InvalidArgument(f"{name} must be in (0, 1), got {alpha!r}")
-
-
-def _check_count(value, name: str) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-class TargetRadiusMode:
-    """What a certify spec with optional ``radius`` and ``max_n`` fields says about its sampling mode."""
-
-    @property
-    def sequential(self) -> bool:
-        return self.radius is not None
-
-    @property
-    def most_n(self) -> int:
-        """The most estimation samples (or queries) one image can take: max_n in sequential mode, else n."""
-        return self.max_n if self.sequential else self.n
+def check_radius(radius) -> float:
+    """A target radius is a finite number > 0."""
+    return checks.finite("radius", radius)

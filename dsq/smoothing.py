@@ -33,125 +33,16 @@ of samples drawn (``n``, ``n0``) rather than the counts' sum.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
-
 import numpy as np
 import torch
-from scipy.stats import binomtest, norm
-from statsmodels.stats.proportion import proportion_confint
 
-from dsq import sampling
+from dsq import checks, sampling, sequential
+from dsq.bounds import (ABSTAIN, Certificate, certify_counts, lower_confidence_bound, predict_counts, radius,
+                        sum_counts, validate)
 from dsq.errors import InvalidArgument
 
-ABSTAIN = -1
-
-
-@dataclass(frozen=True)
-class Certificate:
-    """The outcome of CERTIFY for one image, ready to be stored."""
-
-    prediction: int
-    radius: float
-    p_lower: float
-    counts_selection: np.ndarray
-    counts_estimation: np.ndarray
-    n0: int
-    n: int
-    alpha: float
-    sigma: float
-
-    @property
-    def abstained(self) -> bool:
-        return self.prediction == ABSTAIN
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["counts_selection"] = [int(c) for c in self.counts_selection]
-        out["counts_estimation"] = [int(c) for c in self.counts_estimation]
-        return out
-
-
-def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
-    """One-sided (1 - alpha) Clopper-Pearson lower bound on pA from nA of n votes.
-
-    A zero count gives 0.0 (never NaN).
-    """
-    if n_a <= 0:
-        return 0.0
-    return float(proportion_confint(n_a, n, alpha=2 * alpha, method="beta")[0])
-
-
-def radius(p_lower: float, sigma: float) -> float:
-    """R = sigma * Phi^-1(p_lower), 0.0 when the bound does not exceed 1/2."""
-    if p_lower <= 0.5:
-        return 0.0
-    return float(sigma * norm.ppf(p_lower))
-
-
-def certify_counts(counts_selection, counts_estimation, *, alpha: float, sigma: float,
-                   n: int | None = None, n0: int | None = None) -> Certificate:
-    """CERTIFY from vote counts: cA from selection, nA of n from estimation.
-
-    ``n`` and ``n0`` are the numbers of samples drawn in each phase (default: the
-    counts' sums); samples that voted for no class (non-finite logits) are the
-    difference and count as failures for cA. Ties in the selection counts go to
-    the lowest class index.
-    """
-    selection = np.asarray(counts_selection, dtype=np.int64)
-    estimation = np.asarray(counts_estimation, dtype=np.int64)
-    selection, estimation = _same_length(selection, estimation)
-    n0 = _samples_drawn("n0", n0, selection)
-    n = _samples_drawn("n", n, estimation)
-    c_a = int(np.argmax(selection))
-    p_lower = lower_confidence_bound(int(estimation[c_a]), n, alpha)
-    prediction = c_a if p_lower >= 0.5 else ABSTAIN
-    return Certificate(
-        prediction=prediction,
-        radius=radius(p_lower, sigma) if prediction != ABSTAIN else 0.0,
-        p_lower=p_lower,
-        counts_selection=selection,
-        counts_estimation=estimation,
-        n0=n0,
-        n=n,
-        alpha=float(alpha),
-        sigma=float(sigma),
-    )
-
-
-def _samples_drawn(name: str, drawn: int | None, counts: np.ndarray) -> int:
-    """The number of samples drawn in a phase: ``drawn``, or the counts' sum if None."""
-    votes = int(counts.sum())
-    if drawn is None:
-        return votes
-    if not isinstance(drawn, (int, np.integer)) or isinstance(drawn, bool):
-        raise InvalidArgument(f"{name} (samples drawn) must be an integer, got {drawn!r}")
-    if drawn < votes:
-        raise InvalidArgument(f"{name} = {drawn} samples drawn is fewer samples than the {votes} votes counted")
-    return int(drawn)
-
-
-def predict_counts(counts, *, alpha: float) -> int:
-    """PREDICT from vote counts: the top class if a two-sided binomial test
-    of its count against the runner-up rejects equality at level alpha."""
-    counts = np.asarray(counts, dtype=np.int64)
-    order = np.argsort(-counts, kind="stable")
-    n_a = int(counts[order[0]])
-    n_b = int(counts[order[1]]) if len(counts) > 1 else 0
-    if n_a + n_b == 0:
-        return ABSTAIN
-    p_value = binomtest(n_a, n_a + n_b, 0.5).pvalue
-    return int(order[0]) if p_value <= alpha else ABSTAIN
-
-
-def sum_counts(shard_counts: Iterable[Sequence[int]]) -> np.ndarray:
-    """Sum count vectors of shards (padding shorter vectors with zeros)."""
-    total = np.zeros(0, dtype=np.int64)
-    for counts in shard_counts:
-        total, counts = _same_length(total, np.asarray(counts, dtype=np.int64))
-        total = total + counts
-    return total
+__all__ = ["ABSTAIN", "Certificate", "certify", "certify_counts", "certify_radius", "check_image", "input_channels",
+           "lower_confidence_bound", "predict", "predict_counts", "radius", "sum_counts", "validate"]
 
 
 def certify(model, x, *, sigma, n0, n, alpha, batch_size, seed, device=None, image=0) -> Certificate:
@@ -161,10 +52,14 @@ def certify(model, x, *, sigma, n0, n, alpha, batch_size, seed, device=None, ima
     (seed, image, phase, batch); the same arguments give the same certificate.
     """
     validate(sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size)
-    check_image(model, x, device)
+    check_image(model, x, device)  # one finite image the model takes: NaN or inf never certifies
     common = dict(sigma=sigma, batch_size=batch_size, seed=seed, image=image, device=device)
+    # counts0 <- SAMPLEUNDERNOISE(f, x, n0, sigma); cA <- top index in counts0
     selection = sampling.sample_phase(model, x, num=n0, phase=sampling.SELECTION, **common)
+    # counts <- SAMPLEUNDERNOISE(f, x, n, sigma), a stream independent of the selection's
     estimation = sampling.sample_phase(model, x, num=n, phase=sampling.ESTIMATION, **common)
+    # pA_lower <- LOWERCONFBOUND(counts[cA], n, 1 - alpha); cA and R = sigma Phi^-1(pA_lower) if pA_lower > 1/2,
+    # else abstain
     return certify_counts(selection, estimation, alpha=alpha, sigma=sigma, n0=n0, n=n)
 
 
@@ -172,16 +67,25 @@ def certify_radius(model, x, *, sigma, radius, n0, max_n, alpha, batch_size, see
                    image=0) -> Certificate:
     """Sequential, anytime-valid certification of one image at a target ``radius`` (``dsq.sequential``).
 
-    cA from n0 selection samples as in CERTIFY; then estimation batches of ``batch_size`` (the
-    same stream CERTIFY draws) until the test decides, at most ``max_n`` samples. ``prediction``
-    is cA if g is certified within >= ``radius`` (else -1), ``radius`` the certified radius
-    (0.0 if not), ``n`` the estimation samples drawn, ``p_lower`` the anytime-valid bound at
-    stopping; P(wrong certificate) <= alpha whatever the stopping time.
+    cA from n0 selection samples as in CERTIFY; then estimation batch b is samples
+    [b * batch_size, (b+1) * batch_size) of the same stream CERTIFY draws, until the test decides,
+    at most ``max_n`` samples. ``prediction`` is cA if g is certified within >= ``radius`` (else -1),
+    ``radius`` the certified radius (0.0 if not), ``n`` the estimation samples drawn, ``p_lower`` the
+    anytime-valid bound at stopping; P(wrong certificate) <= alpha whatever the stopping time.
     """
-    from dsq import sequential  # it builds on this module
-
-    return sequential.certify_radius(model, x, sigma=sigma, radius=radius, n0=n0, max_n=max_n, alpha=alpha,
-                                     batch_size=batch_size, seed=seed, device=device, image=image)
+    sequential.check_radius(radius)
+    checks.positive_int("max_n", max_n)
+    validate(sigma=sigma, n0=n0, n=max_n, alpha=alpha, batch_size=batch_size)
+    check_image(model, x, device)
+    common = dict(sigma=sigma, batch_size=batch_size, seed=seed, image=image, device=device)
+    selection = sampling.sample_phase(model, x, num=n0, phase=sampling.SELECTION, **common)
+    test = sequential.SequentialTest.at_radius(radius, sigma, alpha, max_n)
+    stream = sequential.Stream(test, int(np.argmax(selection)), batch_size)
+    while not stream.decided:  # one batch at a time, decided at batch ends only
+        start, count = stream.span(stream.used)
+        stream.add(stream.used, sampling.sample_counts(model, x, start=start, count=count,
+                                                       phase=sampling.ESTIMATION, **common))
+    return sequential.to_certificate(test, selection, stream.counts, n0=n0, sigma=sigma, radius=radius)
 
 
 def predict(model, x, *, sigma, n, alpha, batch_size, seed, device=None, image=0) -> int:
@@ -191,17 +95,6 @@ def predict(model, x, *, sigma, n, alpha, batch_size, seed, device=None, image=0
     counts = sampling.sample_phase(model, x, sigma=sigma, num=n, batch_size=batch_size, seed=seed,
                                    image=image, phase=sampling.PREDICTION, device=device)
     return predict_counts(counts, alpha=alpha)
-
-
-def validate(*, sigma, n0, n, alpha, batch_size) -> None:
-    """Raise InvalidArgument unless sigma > 0, n0, n, batch_size >= 1 and 0 < alpha < 1."""
-    if not _is_real(sigma) or not sigma > 0 or not math.isfinite(sigma):
-        raise InvalidArgument(f"sigma must be a finite number > 0, got {sigma!r}")
-    for name, value in (("n0", n0), ("n", n), ("batch size", batch_size)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
-    if not _is_real(alpha) or not 0 < alpha < 1:
-        raise InvalidArgument(f"alpha must be in (0, 1), got {alpha!r}")
 
 
 def check_image(model, x, device=None) -> int:
@@ -218,8 +111,8 @@ def check_image(model, x, device=None) -> int:
         try:
             logits = model(x.to(device)[None])
         except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as error:  # shapes it cannot take
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise InvalidArgument(f"the model cannot take an image of shape {tuple(x.shape)}: {first_line}") from None
+            raise InvalidArgument(f"the model cannot take an image of shape {tuple(x.shape)}: "
+                                  f"{checks.first_line(error)}") from None
     if logits.dim() != 2 or logits.shape[0] != 1:
         raise InvalidArgument(f"the model must return logits [B, K], got shape {tuple(logits.shape)}")
     return int(logits.shape[1])
@@ -238,12 +131,3 @@ def input_channels(model) -> int | None:
         if name == "Conv2d":
             return int(module.weight.shape[1]) * int(module.groups)
     return None
-
-
-def _same_length(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    size = max(len(a), len(b))
-    return np.pad(a, (0, size - len(a))), np.pad(b, (0, size - len(b)))
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)

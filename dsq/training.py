@@ -28,7 +28,6 @@ from dsq import classifiers as classifier_registry
 from dsq import denoisers as denoiser_registry
 from dsq import objectives
 from dsq.errors import InvalidArgument, TrainingDiverged
-from dsq.specs import TrainSpec
 
 Progress = Callable[[int, int, dict], None]
 
@@ -51,7 +50,7 @@ def private_cpu_rng(seed: int):
         yield
 
 
-def build_model(spec: TrainSpec, info) -> nn.Module:
+def build_model(spec, info) -> nn.Module:
     """A freshly initialised model for the spec, seeded by the spec's seed."""
     with private_cpu_rng(seeded(spec.seed, "init")):
         if spec.target == "denoiser":
@@ -61,7 +60,7 @@ def build_model(spec: TrainSpec, info) -> nn.Module:
             mean=info.mean, std=info.std, **spec.arch_kwargs)
 
 
-def make_optimizer(spec: TrainSpec, parameters):
+def make_optimizer(spec, parameters):
     """The spec's optimizer and its step learning-rate schedule (stepped once per epoch)."""
     if spec.optimizer == "sgd":
         optimizer = torch.optim.SGD(parameters, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
@@ -70,7 +69,7 @@ def make_optimizer(spec: TrainSpec, parameters):
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=spec.lr_step, gamma=spec.lr_gamma)
 
 
-def train(spec: TrainSpec, train_set: Dataset, test_set: Dataset, info, *,
+def train(spec, train_set: Dataset, test_set: Dataset, info, *,
           classifiers: Sequence[nn.Module] = (), init: nn.Module | None = None,
           device: str | torch.device = "cpu", on_progress: Progress | None = None) -> tuple[nn.Module, dict]:
     """Train the model a spec describes; return it (in eval mode) and its metrics.
@@ -96,7 +95,7 @@ def train(spec: TrainSpec, train_set: Dataset, test_set: Dataset, info, *,
     return model, metrics
 
 
-def fit(model, loss_fn, train_set, spec: TrainSpec, device, on_progress: Progress | None) -> float:
+def fit(model, loss_fn, train_set, spec, device, on_progress: Progress | None) -> float:
     """Run ``spec.epochs`` epochs; return the mean loss of the last epoch.
 
     Raises TrainingDiverged as soon as a batch loss, or the weights after an epoch, are not finite.
@@ -144,7 +143,7 @@ def _learning_rate(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def evaluate(spec: TrainSpec, model, classifiers, test_set, device, batch_size: int = 256) -> dict:
+def evaluate(spec, model, classifiers, test_set, device, batch_size: int = 256) -> dict:
     """Test metrics: accuracy on clean and noisy images (of f o D for a denoiser), and D's MSE.
 
     Streams the test set in batches (it may not fit in memory at once); the noise comes
@@ -169,7 +168,7 @@ def evaluate(spec: TrainSpec, model, classifiers, test_set, device, batch_size: 
                     has_accuracy=pipeline is not None, noisy=spec.sigma > 0)
 
 
-def _pipeline(spec: TrainSpec, model, classifiers) -> nn.Module | None:
+def _pipeline(spec, model, classifiers) -> nn.Module | None:
     """What evaluate measures accuracy of: the classifier, or f o D with the first classifier (none: None)."""
     if spec.target == "classifier":
         return model
@@ -201,7 +200,7 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
         return int((model(x).argmax(1) == y).sum())
 
 
-def _loader(dataset, spec: TrainSpec, epoch: int) -> DataLoader:
+def _loader(dataset, spec, epoch: int) -> DataLoader:
     """The epoch's shuffled training batches, in an order seeded by (spec seed, epoch)."""
     order = torch.Generator().manual_seed(seeded(spec.seed, "order", epoch))
     return DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, generator=order, drop_last=False)

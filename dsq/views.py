@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from sqlalchemy.orm import Session
 
-from dsq import queue, report
+from dsq import jobqueue, report
 from dsq.db import repo
 from dsq.db.models import Job
 from dsq.errors import JobStateError
@@ -20,28 +20,28 @@ from dsq.text import escape_controls, safe
 
 def state(session: Session, job: Job, now: datetime, stale_after: timedelta, workers_alive: bool) -> str:
     """A job's status as a user needs it: stale, waiting for job N, queued at position P, ..."""
-    if queue.is_stale(job, stale_after, now):
+    if jobqueue.is_stale(job, stale_after, now):
         age = (now - (job.heartbeat_at or job.started_at)).total_seconds()
         return f"stale (no heartbeat for {age:.0f} s: its worker is gone; another worker takes it over)"
     if job.status != "queued":
         return job.status + (" (cancel requested)" if job.cancel_requested and job.status == "running" else "")
-    waiting = queue.unmet(session, job.id)
+    waiting = jobqueue.unmet(session, job.id)
     if waiting:
         return "waiting for " + ", ".join(f"job {d.id} ({d.status})" for d in waiting)
-    place = queue.position(session, job)
+    place = jobqueue.position(session, job)
     where = f"queued, position {place}" if place else "queued"
     return where if workers_alive else f"{where}; no worker alive (start one: dsq worker)"
 
 
 def describe(session: Session, job: Job, now: datetime, stale_after: timedelta) -> list[str]:
     """Lines for ``dsq status`` (printed without markup): state, progress, rate and ETA (never for a stale job)."""
-    alive = bool(queue.live_workers(session, stale_after, now=now))
+    alive = bool(jobqueue.live_workers(session, stale_after, now=now))
     title = f"job {job.id} ({job.kind}{', ' + escape_controls(job.name) if job.name else ''})"
     lines = [f"{title}: {state(session, job, now, stale_after, alive)}",
              f"priority {job.priority}" + (f", experiment {escape_controls(job.experiment)}" if job.experiment else ""),
              f"progress {job.progress_done}/{job.progress_total}, attempts {job.attempts}"
              + (f", runner {job.runner}" if job.runner and job.status == "running" else "")]
-    stale = queue.is_stale(job, stale_after, now)
+    stale = jobqueue.is_stale(job, stale_after, now)
     certifying = progress_line(session, job, now, live=not stale)
     if certifying:  # a certification: images, rate, certified so far and ETA in one line
         lines.append(certifying)
@@ -99,7 +99,7 @@ def show(session: Session, job: Job) -> list[str]:
              f"created {job.created_at:%Y-%m-%d %H:%M:%S} UTC, priority {job.priority}, attempts {job.attempts}"
              + (f", experiment {escape_controls(job.experiment)}" if job.experiment else "")]
     lines += ["spec:"] + [f"  {key} = {escape_controls(repr(value))}" for key, value in sorted((job.spec or {}).items())]
-    depends = queue.dependencies(session, job.id)
+    depends = jobqueue.dependencies(session, job.id)
     if depends:
         lines.append("depends on: " + ", ".join(f"job {d.id} ({d.status})" for d in depends))
     for key in ("classifier", "denoiser", "init", "surrogates"):
@@ -131,7 +131,7 @@ def _metrics_text(metrics: dict | None) -> str:
 
 def job_rows(session: Session, jobs: list[Job], now: datetime, stale_after: timedelta) -> list[list[str]]:
     """Rows for ``dsq jobs``: id, kind, name, state, priority, progress, created."""
-    alive = bool(queue.live_workers(session, stale_after, now=now))
+    alive = bool(jobqueue.live_workers(session, stale_after, now=now))
     return [[str(job.id), job.kind, safe(job.name or ""), state(session, job, now, stale_after, alive),
              str(job.priority), f"{job.progress_done}/{job.progress_total}", f"{job.created_at:%Y-%m-%d %H:%M:%S}"]
             for job in jobs]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dsq.apis import emulators, providers
+from dsq.apis import emulators, labels, providers
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 
@@ -25,10 +25,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 ROOT = Path(__file__).resolve().parents[1]
 NO_CREDENTIALS = {name: None for name in (*providers.SECRET_VARS, "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS",
                                         "VISION_ENDPOINT")}
-APP = ("from dsq import specs\n"
-       "from dsq.apis.spec import ApiCertifySpec\n"
-       "specs.SPECS.setdefault('certify_api', ApiCertifySpec)  # until dsq.specs registers it\n"
-       "from cli import api, main, submit\n"
+APP = ("from cli import api, main, submit\n"
        "if 'certify-api' not in {c.name for c in submit.app.registered_commands}:\n"
        "    api.register(main.app, submit.app)\n"
        "main.app()\n")
@@ -155,7 +152,7 @@ def test_dsq_emulate_serves_the_real_sdk_until_interrupted(tmp_path):
         assert f"127.0.0.1:{port}" in server.stdout.readline()
         client = providers.make_client("clarifai", f"127.0.0.1:{port}", {})
         raw = client.detect(base.encode_png(datasets.get_dataset("digits", "test")[0][0]))
-        assert base.top_label(providers.labels("clarifai", raw)) == "zero"
+        assert labels.top_label(providers.labels("clarifai", raw)) == "zero"
     finally:
         server.send_signal(signal.SIGINT)
         output, _ = server.communicate(timeout=30)

@@ -11,10 +11,11 @@ import pytest
 import ray
 
 from dsq import jobs
-from dsq.apis import jobs as api_jobs
 from dsq.db import repo
 from dsq.db.models import utcnow
 from dsq.db.session import session_scope
+from dsq.apis import results as api_results
+from dsq.kinds import certify_api
 
 from .test_apis import PER_IMAGE, PROVIDERS, api_spec, assert_each_paid_once, results, run, submit
 from .test_apis import db, emulator  # noqa: F401 - fixtures shared with test_apis
@@ -37,8 +38,8 @@ def test_job_completes_under_30_percent_throttling_paying_each_query_once(provid
     assert server.ledger.billed == 2 * PER_IMAGE
     with session_scope(db) as session:
         assert repo.count_paid_api_answers(session, job_id) == 2 * PER_IMAGE
-        again = api_jobs.recertify(session, job_id)  # offline, from the stored raw answers
-        looser = api_jobs.recertify(session, job_id, alpha=0.05)
+        again = api_results.recertify(session, job_id)  # offline, from the stored raw answers
+        looser = api_results.recertify(session, job_id, alpha=0.05)
     assert [r["radius"] for r in again] == [row.radius for row in rows]
     assert all(a["radius"] > r["radius"] for a, r in zip(looser, again))
     assert server.ledger.billed == 2 * PER_IMAGE
@@ -85,9 +86,9 @@ def test_budget_stops_the_job_before_it_is_exceeded_and_a_raised_budget_finishes
 
     with session_scope(db) as session:
         with pytest.raises(Exception, match="must be larger"):
-            api_jobs.raise_budget(session, job_id, PER_IMAGE + 1)
+            certify_api.raise_budget(session, job_id, PER_IMAGE + 1)
     with session_scope(db) as session:
-        api_jobs.raise_budget(session, job_id, 3 * PER_IMAGE)
+        certify_api.raise_budget(session, job_id, 3 * PER_IMAGE)
         jobs.resume(session, job_id, settings.stale_after)
     assert run(settings, job_id) == "succeeded"
     rows = results(db, job_id)
@@ -147,9 +148,6 @@ def wait_for(condition, process, timeout: float = 120.0) -> None:
 def start_runner_process(settings, job_id: int, tmp_path) -> subprocess.Popen:
     """A separate driver process that runs the job on the test session's Ray (killable by its pid)."""
     code = (
-        "from dsq import specs\n"
-        "from dsq.apis.spec import ApiCertifySpec\n"
-        "specs.SPECS.setdefault('certify_api', ApiCertifySpec)\n"
         "from dsq.settings import Settings\n"
         "from workers import resources, runner\n"
         f"resources.connect({ray.get_runtime_context().gcs_address!r})\n"

@@ -14,16 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dsq import datasets, jobs, specs
-from dsq.apis import base, emulators, providers, ratelimit
-from dsq.apis import jobs as api_jobs
+from dsq import datasets, jobs, kinds
+from dsq.apis import base, emulators, labels, providers, ratelimit
 from dsq.errors import MissingCredentials
-from dsq.apis.spec import ApiCertifySpec
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import InvalidArgument, UnknownName
+from dsq.kinds import certify_api
+from dsq.kinds.certify_api import ApiCertifySpec
 
-specs.SPECS.setdefault("certify_api", ApiCertifySpec)  # until dsq.specs registers it
 
 PROVIDERS = ("aws", "google", "azure", "clarifai")
 N0, N = 5, 20
@@ -119,12 +118,12 @@ def test_denoiser_sees_the_clipped_noisy_image_and_its_output_is_clamped_and_8_b
 
 
 def test_top_label_ties_break_lexicographically_and_an_empty_answer_is_its_own_class():
-    assert base.top_label([("dog", 0.9), ("cat", 0.9), ("ant", 0.5)]) == "cat"
-    assert base.top_label([]) == base.NO_LABEL
-    result = base.certify_labels("cat", ["dog", "cat", "cat", "<none>"], ["cat"] * 99 + ["dog"], alpha=0.001, sigma=0.5)
+    assert labels.top_label([("dog", 0.9), ("cat", 0.9), ("ant", 0.5)]) == "cat"
+    assert labels.top_label([]) == labels.NO_LABEL
+    result = labels.certify_labels("cat", ["dog", "cat", "cat", "<none>"], ["cat"] * 99 + ["dog"], alpha=0.001, sigma=0.5)
     assert result.labels == ["<none>", "cat", "dog"]
     assert result.certified_label == "cat" and result.correct and result.cert.radius > 0
-    tie = base.certify_labels("zebra", ["b", "a"], ["a"] * 100, alpha=0.001, sigma=0.5)
+    tie = labels.certify_labels("zebra", ["b", "a"], ["a"] * 100, alpha=0.001, sigma=0.5)
     assert tie.certified_label == "a" and not tie.correct  # the tie went to "a"; the API said "zebra"
 
 
@@ -190,7 +189,7 @@ def test_sdk_client_reads_labels_and_classifies_failures(provider, emulator):
     client = providers.make_client(provider, server.endpoint, {})
     digit = base.encode_png(datasets.get_dataset("digits", "test")[0][0])
     raw = client.detect(digit)
-    assert base.top_label(providers.labels(provider, raw)) == "zero"
+    assert labels.top_label(providers.labels(provider, raw)) == "zero"
     for fault, kind in (("throttle", "throttle"), ("errors", "transient")):
         server.service.configure(**{fault: 1.0})
         with pytest.raises(Exception) as failure:
@@ -217,7 +216,7 @@ def test_missing_credentials_name_what_to_set(provider, monkeypatch, tmp_path):
     monkeypatch.setenv("NO_GCE_CHECK", "True")
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
     assert not providers.has_credentials(provider, os.environ)
-    assert api_jobs.default_endpoint(provider, os.environ) == "embedded"
+    assert certify_api.default_endpoint(provider, os.environ) == "embedded"
     with pytest.raises(MissingCredentials) as missing:
         providers.check_credentials(provider, os.environ)
     message = str(missing.value)
@@ -262,8 +261,8 @@ def test_aws_region_from_either_variable_reaches_the_client(monkeypatch, tmp_pat
 def test_spec_round_trips_and_refuses_bad_input():
     spec = api_spec("clarifai", "127.0.0.1:5000", inputs=("a.png", "b.jpg"), dataset=None, max_queries=500,
                     price_per_1000=2.0)
-    assert ApiCertifySpec.from_dict(spec.to_dict()) == spec
-    assert specs.from_dict(spec.to_dict()) == spec
+    assert kinds.from_dict(spec.to_dict()) == spec
+    assert kinds.from_dict(spec.to_dict()) == spec
     assert (spec.n0, spec.n) == (N0, N) and ApiCertifySpec("aws", 0.5, dataset="digits").n0 == 20
     bad = [dict(provider="bing"), dict(sigma=0), dict(sigma=-1.0), dict(n0=0), dict(n=0), dict(alpha=1.5),
            dict(alpha=0), dict(max_queries=PER_IMAGE - 1), dict(dataset=None), dict(inputs=("x.png",)),

@@ -6,11 +6,12 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from dsq import experiments, queue
+from dsq import experiments, jobqueue
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import InvalidArgument
-from dsq.specs import CertifySpec, TrainSpec
+from dsq.kinds.certify import CertifySpec
+from dsq.kinds.train import TrainSpec
 
 PRESETS = Path(__file__).resolve().parents[1] / "experiments"
 PAPER_METHODS = {"no denoiser", "MSE", "STAB+MSE white-box", "STAB+MSE black-box",
@@ -125,7 +126,7 @@ def test_an_experiment_is_queued_in_one_transaction_with_its_dependencies(tmp_pa
     with session_scope(engine) as session:
         certify = repo.get_job(session, ids["plain@0.25"])
         assert certify.spec["classifier"] == f"job:{ids['f']}" and certify.spec["denoiser"] == f"job:{ids['d@0.25']}"
-        assert [d.id for d in queue.dependencies(session, certify.id)] == sorted([ids["f"], ids["d@0.25"]])
+        assert [d.id for d in jobqueue.dependencies(session, certify.id)] == sorted([ids["f"], ids["d@0.25"]])
         assert {j.experiment for j in repo.list_jobs(session)} == {"exp-1"}
         assert {j.priority for j in repo.list_jobs(session)} == {4}
     broken = write(tmp_path, BASE.replace('classifier = "f"', 'classifier = "missing.pt"') + MODEL)

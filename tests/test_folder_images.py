@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dsq import specs
+from dsq import pipeline
 from dsq.classifiers import build_classifier
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.denoisers import build_denoiser
 from dsq.errors import InvalidArgument
-from dsq.kinds import certify
 from tests.test_cli import dsq, home  # noqa: F401 - the same in-process CLI, with a home of this module's own
+from dsq.kinds.certify import CertifySpec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -133,19 +133,19 @@ def classifier(channels):
 
 
 def test_a_denoiser_and_a_classifier_of_different_channels_are_refused():
-    assert certify.model_channels(classifier(3)) == 3
-    assert certify.model_channels(classifier(1), build_denoiser("dncnn", 1, depth=3, width=8)) == 1
+    assert pipeline.model_channels(classifier(3)) == 3
+    assert pipeline.model_channels(classifier(1), build_denoiser("dncnn", 1, depth=3, width=8)) == 1
     with pytest.raises(InvalidArgument, match="the denoiser takes and returns 1-channel images but the classifier "
                                               "takes 3-channel images: they cannot be chained"):
-        certify.model_channels(classifier(3), build_denoiser("dncnn", 1, depth=3, width=8))
+        pipeline.model_channels(classifier(3), build_denoiser("dncnn", 1, depth=3, width=8))
 
 
 def test_a_model_that_cannot_take_the_images_is_one_line_naming_them():
-    spec = specs.CertifySpec(dataset="folder:/data/pets", classifier="f.pt", sigma=0.25)
+    spec = CertifySpec(dataset="folder:/data/pets", classifier="f.pt", sigma=0.25)
     flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))  # takes 3x8x8 only
     with pytest.raises(InvalidArgument) as error:
-        certify.takes_images(flat, torch.rand(3, 32, 32), spec)
+        pipeline.takes_images([flat], torch.rand(3, 32, 32), spec)
     message = str(error.value)
     assert "\n" not in message and "the model cannot take an image of shape (3, 32, 32)" in message
     assert message.endswith("(the images of folder:/data/pets are 3-channel, 32x32; --size N resizes them)")
-    assert certify.takes_images(flat, torch.rand(3, 8, 8), spec) == 3
+    assert pipeline.takes_images([flat], torch.rand(3, 8, 8), spec) == 3

@@ -12,14 +12,15 @@ import pytest
 import ray
 import torch
 
-from dsq import datasets, fastpath, jobs, queue, references, sampling, sizing, smoothing, specs, views
-from dsq.kinds import certify
+from dsq import datasets, fastpath, jobqueue, jobs, pipeline, references, sampling, sizing, smoothing, views
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import CheckpointError, InvalidArgument, JobStateError
 from dsq.settings import Settings
 from workers import certify_loop, runner
 from workers.loop import Control
+from dsq.kinds.certify import CertifySpec
+from dsq.kinds.train import TrainSpec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -30,9 +31,9 @@ def world(tmp_path_factory):
     home = tmp_path_factory.mktemp("jobs-home")
     config = Settings(database_url=f"sqlite:///{home / 'dsq.db'}", home=home)
     engine = open_database(config.database_url)
-    f = run(config, engine, specs.TrainSpec(dataset="digits", target="classifier", arch="small_cnn",
+    f = run(config, engine, TrainSpec(dataset="digits", target="classifier", arch="small_cnn",
                                             objective="standard", sigma=0.0, epochs=2, batch_size=64, name="f"))
-    d = run(config, engine, specs.TrainSpec(dataset="digits", target="denoiser", arch="dncnn", objective="mse",
+    d = run(config, engine, TrainSpec(dataset="digits", target="denoiser", arch="dncnn", objective="mse",
                                             sigma=0.25, epochs=1, batch_size=64, arch_kwargs={"depth": 3, "width": 8}))
     yield config, engine, f, d
     engine.dispose()
@@ -58,7 +59,7 @@ def job_logs(engine, job_id):
 def certify_spec(f, d=None, **overrides):
     args = dict(dataset="digits", classifier=f"job:{f}", denoiser=f"job:{d}" if d else None, sigma=0.25,
                 n0=30, n=300, alpha=0.001, batch_size=50, max_images=6, seed=5)
-    return specs.CertifySpec(**(args | overrides))
+    return CertifySpec(**(args | overrides))
 
 
 def rows_of(engine, job_id):
@@ -92,12 +93,12 @@ def test_job_equals_in_process_certify(world):
     config, engine, f, d = world
     job = run(config, engine, certify_spec(f, d, workers=2, max_images=2))
     with session_scope(engine) as session:
-        pipeline = certify.load_pipeline(references.resolve(session, f"job:{f}", config),
-                                      references.resolve(session, f"job:{d}", config), "cpu")
-    pipeline = fastpath.prepare_for_inference(pipeline, device="cpu")  # as the sampler actors run it
+        chain = pipeline.load(references.resolve(session, f"job:{f}", config),
+                              references.resolve(session, f"job:{d}", config), "cpu")
+    chain = fastpath.prepare_for_inference(chain, device="cpu")  # as the sampler actors run it
     test_set = datasets.get_dataset("digits", "test")
     for index, prediction, radius, selection, estimation in rows_of(engine, job):
-        cert = smoothing.certify(pipeline, test_set[index][0], sigma=0.25, n0=30, n=300, alpha=0.001,
+        cert = smoothing.certify(chain, test_set[index][0], sigma=0.25, n0=30, n=300, alpha=0.001,
                                  batch_size=50, seed=5, image=index)
         assert (cert.prediction, cert.radius) == (prediction, radius)
         assert list(cert.counts_estimation) == estimation and list(cert.counts_selection) == selection
@@ -108,10 +109,10 @@ def test_automatic_sizing_is_recorded_and_kept(world):
     config, engine, f, d = world
     auto = run(config, engine, certify_spec(f, d, batch_size=None, workers=None, max_images=3))
     with session_scope(engine) as session:
-        pipeline = certify.load_pipeline(references.resolve(session, f"job:{f}", config),
-                                      references.resolve(session, f"job:{d}", config), "cpu")
+        chain = pipeline.load(references.resolve(session, f"job:{f}", config),
+                              references.resolve(session, f"job:{d}", config), "cpu")
         spec, log = jobs.load_spec(session, auto), [line.message for line in repo.logs_for_job(session, auto)]
-    per_sample = sizing.memory_per_sample(pipeline, datasets.get_dataset("digits", "test")[0][0], "cpu")
+    per_sample = sizing.memory_per_sample(chain, datasets.get_dataset("digits", "test")[0][0], "cpu")
     assert per_sample == 64 * 8 * 8 * 4  # the widest layer: small_cnn's second conv, 64 channels at 8x8, float32
     expected = sizing.choose_batch(per_sample, sizing.CPU_ACTIVATION_BYTES, n=300, workers=2)
     assert spec.batch_size == expected == 150 and spec.workers is None
@@ -147,7 +148,7 @@ class SamplerThatCrashesOnce:
 
     def __init__(self, classifier_path, denoiser_path, marker):
         torch.set_num_threads(1)
-        self.model = fastpath.prepare_for_inference(certify.load_pipeline(classifier_path, denoiser_path, "cpu"),
+        self.model = fastpath.prepare_for_inference(pipeline.load(classifier_path, denoiser_path, "cpu"),
                                                     device="cpu")
         self.marker = pathlib.Path(marker)
 
@@ -169,7 +170,7 @@ def test_a_shard_lost_with_its_actor_is_sampled_again(world, tmp_path):
     actor = SamplerThatCrashesOnce.remote(*paths, str(tmp_path / "crashed"))
     test_set = datasets.get_dataset("digits", "test")
     with session_scope(engine) as session:
-        queue.take(session, job_id, "local")
+        jobqueue.take(session, job_id, "local")
     certify_loop.CertifyLoop(engine, job_id, Control(), spec, test_set, [actor], 0, 2).run(collections.deque([0, 1]))
     assert (tmp_path / "crashed").exists() and rows_of(engine, job_id) == rows_of(engine, undisturbed)
     with session_scope(engine) as session:

@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from dsq import datasets, sampling, smoothing, training
 from dsq.apis import base
 from dsq.errors import InvalidArgument, NonFiniteOutput, TrainingDiverged
-from dsq.specs import TrainSpec
+from dsq.kinds.train import TrainSpec
 
 NAN, INF = float("nan"), float("inf")
 ARGS = dict(sigma=0.5, n0=50, n=500, alpha=0.001, batch_size=64, seed=0)

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from cli import common
 from cli.main import app
-from dsq import specs, views
+from dsq import views
+from dsq.kinds.train import TrainSpec
 from dsq.db import repo
 from dsq.db.models import utcnow
 from dsq.db.session import open_database, session_scope
@@ -141,6 +142,7 @@ from typer.testing import CliRunner
 from cli import common
 from cli.main import app
 from dsq.db.session import open_database
+from dsq.kinds.train import TrainSpec
 
 url = sys.argv[1]
 out = CliRunner().invoke(app, ["--db", url, "status", "1", "--follow"])
@@ -176,7 +178,7 @@ def classifier(tmp_path_factory, ray_session):
     home = tmp_path_factory.mktemp("progress-home")
     config = Settings(database_url=f"sqlite:///{home / 'dsq.db'}", home=home)
     engine = open_database(config.database_url)
-    run(config, engine, specs.TrainSpec(dataset="digits", target="classifier", arch="small_cnn",
+    run(config, engine, TrainSpec(dataset="digits", target="classifier", arch="small_cnn",
                                         objective="standard", sigma=0.0, epochs=1, batch_size=64, name="f"))
     yield config, engine
     engine.dispose()

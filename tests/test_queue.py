@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from dsq import jobs, queue, views
+from dsq import jobqueue, jobs, views
 from dsq.db import repo
 from dsq.db.models import utcnow
 from dsq.db.session import make_engine, open_database, session_scope, upgrade
@@ -20,13 +20,13 @@ def add(engine, priority=0, after=(), name=None, kind="train") -> int:
     with session_scope(engine) as session:
         job = repo.create_job(session, kind=kind, spec={"target": "classifier"}, seed=0, name=name,
                               priority=priority)
-        queue.add_dependencies(session, job.id, after)
+        jobqueue.add_dependencies(session, job.id, after)
         return job.id
 
 
 def claim(engine, worker="w") -> int | None:
     with session_scope(engine) as session:
-        job = queue.claim(session, worker)
+        job = jobqueue.claim(session, worker)
         return job.id if job else None
 
 
@@ -46,7 +46,7 @@ def test_claims_follow_priority_then_age_and_wait_for_dependencies(engine):
     assert [claim(engine) for _ in range(3)] == [high, other_high, low]
     assert claim(engine) is None  # the child waits for `low`, which is running
     with session_scope(engine) as session:
-        assert [d.id for d in queue.unmet(session, child)] == [low]
+        assert [d.id for d in jobqueue.unmet(session, child)] == [low]
         assert views.state(session, repo.get_job(session, child), utcnow(), STALE, True) == \
             f"waiting for job {low} (running)"
     finish(engine, low)
@@ -60,7 +60,7 @@ def test_position_counts_only_runnable_jobs_ahead(engine):
     blocked = add(engine, priority=3, after=[first])
     third = add(engine, priority=2)
     with session_scope(engine) as session:
-        places = {j: queue.position(session, repo.get_job(session, j)) for j in (first, blocked, second, third)}
+        places = {j: jobqueue.position(session, repo.get_job(session, j)) for j in (first, blocked, second, third)}
         assert places == {third: 1, first: 2, second: 3, blocked: None}
         state = views.state(session, repo.get_job(session, third), utcnow(), STALE, workers_alive=False)
     assert state == "queued, position 1; no worker alive (start one: dsq worker)"
@@ -111,14 +111,15 @@ def test_stale_jobs_go_back_to_the_queue_and_their_old_runner_cannot_write_on(en
     job_id = add(engine)
     assert claim(engine, "old") == job_id
     with session_scope(engine) as session:
-        assert queue.requeue_stale(session, STALE) == []
+        assert jobqueue.requeue_stale(session, STALE) == []
         repo.heartbeat(session, job_id, now=utcnow() - timedelta(minutes=2))
-        assert queue.requeue_stale(session, STALE) == [job_id]
+        assert jobqueue.requeue_stale(session, STALE) == [job_id]
     assert claim(engine, "new") == job_id
     with session_scope(engine) as session:
-        assert not queue.beat(session, job_id, "old") and queue.beat(session, job_id, "new")
-        assert not queue.release(session, job_id, "old")
-        assert queue.release(session, job_id, "new") and repo.get_job(session, job_id).status == "queued"
+        assert jobqueue.steering(session, job_id, "old") == (False, False)
+        assert jobqueue.steering(session, job_id, "new") == (False, True)
+        assert not jobqueue.release(session, job_id, "old")
+        assert jobqueue.release(session, job_id, "new") and repo.get_job(session, job_id).status == "queued"
         assert repo.get_job(session, job_id).attempts == 2
 
 
@@ -131,7 +132,7 @@ def claim_all(url: str, worker: str, start=None) -> list[int]:
     try:
         while True:
             with session_scope(engine) as session:
-                job = queue.claim(session, worker)
+                job = jobqueue.claim(session, worker)
                 if job is None:
                     return taken
                 taken.append(job.id)
@@ -161,13 +162,13 @@ def test_four_workers_racing_over_sixty_jobs_run_each_exactly_once(engine, db_ur
 
 def test_workers_register_heartbeat_and_stop(engine):
     with session_scope(engine) as session:
-        queue.register_worker(session, name="a", host="h", pid=1, address=None, max_jobs=2)
-        queue.register_worker(session, name="b", host="h", pid=2, address=None, max_jobs=2,
+        jobqueue.register_worker(session, name="a", host="h", pid=1, address=None, max_jobs=2)
+        jobqueue.register_worker(session, name="b", host="h", pid=2, address=None, max_jobs=2,
                               now=utcnow() - timedelta(minutes=5))
-        assert [w.name for w in queue.live_workers(session, STALE)] == ["a"]
-        queue.worker_heartbeat(session, "b")
-        queue.stop_worker(session, "a")
-        assert [w.name for w in queue.live_workers(session, STALE)] == ["b"]
+        assert [w.name for w in jobqueue.live_workers(session, STALE)] == ["a"]
+        jobqueue.worker_heartbeat(session, "b")
+        jobqueue.stop_worker(session, "a")
+        assert [w.name for w in jobqueue.live_workers(session, STALE)] == ["b"]
 
 
 def test_a_database_at_0002_with_jobs_and_results_upgrades_without_loss(db_url):
@@ -192,6 +193,6 @@ def test_a_database_at_0002_with_jobs_and_results_upgrades_without_loss(db_url):
                                                                                             None, None)
             [result] = repo.results_for_job(session, 1)
             assert result.radius == 0.4123456789012345 and result.counts_estimation == [2, 8]
-            assert queue.dependencies(session, 1) == [] and queue.claim(session, "w") is None
+            assert jobqueue.dependencies(session, 1) == [] and jobqueue.claim(session, "w") is None
     finally:
         engine.dispose()

@@ -14,7 +14,7 @@ from scipy.integrate import quad
 from scipy.stats import beta, binom, norm
 from torch import nn
 
-from dsq import sequential, smoothing
+from dsq import bounds, sequential, smoothing
 from dsq.errors import InvalidArgument
 from dsq.sequential import CERTIFIED, CONTINUE, FUTILE
 from tests.test_smoothing import Halfspace
@@ -198,7 +198,7 @@ def test_a_coin_flip_stops_for_futility_without_a_certificate():
 def test_a_target_out_of_reach_never_certifies():
     alpha, sigma, max_n = 0.001, 0.5, 10_000
     reach = sequential.max_sequential_radius(max_n, alpha, sigma)
-    assert 0 < reach < sequential.max_radius(max_n, alpha, sigma)
+    assert 0 < reach < bounds.max_radius(max_n, alpha, sigma)
     above = sequential.SequentialTest.at_radius(reach * 1.001, sigma, alpha, max_n)
     assert above.decision == FUTILE and above.update(100, 100) == FUTILE and above.trials == 0
     # Just below the reach: every sample for cA certifies, and only at max_n.
@@ -238,7 +238,7 @@ def test_curtailment_waits_while_only_the_final_decision_can_still_certify():
     alpha, sigma, max_n = 0.001, 0.5, 10_000
     test = sequential.SequentialTest(0.5, alpha, max_n)
     sequence_reach = smoothing.radius(sequential.lower_bound(max_n, max_n, test.alpha_seq), sigma)
-    final_reach = sequential.max_radius(max_n, test.alpha_final, sigma)
+    final_reach = bounds.max_radius(max_n, test.alpha_final, sigma)
     assert sequence_reach < final_reach
     assert sequential.max_sequential_radius(max_n, alpha, sigma) == pytest.approx(final_reach, rel=1e-9)
     assert sequential.max_sequential_radius(max_n, alpha, sigma, final_share=0.0) == \
@@ -281,15 +281,15 @@ def test_bad_batches_are_refused():
 
 def test_fixed_n_limits():
     # Cohen et al.'s setting: 100,000 unanimous votes at alpha = 0.001 give 3.81 sigma.
-    assert sequential.max_radius(100_000, 0.001, 1.0) == pytest.approx(3.81, abs=0.005)
+    assert bounds.max_radius(100_000, 0.001, 1.0) == pytest.approx(3.81, abs=0.005)
     for n in (10, 1_000, 123_457):
         p_lower = smoothing.lower_confidence_bound(n, n, 0.001)
-        assert sequential.max_radius(n, 0.001, 0.5) == pytest.approx(smoothing.radius(p_lower, 0.5), rel=1e-9)
-    assert sequential.max_radius(9, 0.001, 1.0) == 0.0  # 0.001 ** (1/9) < 1/2
-    assert sequential.min_n(0.001) == 10 and sequential.min_n(0.25) == 3  # 0.25 ** (1/2) = 1/2 is not > 1/2
+        assert bounds.max_radius(n, 0.001, 0.5) == pytest.approx(smoothing.radius(p_lower, 0.5), rel=1e-9)
+    assert bounds.max_radius(9, 0.001, 1.0) == 0.0  # 0.001 ** (1/9) < 1/2
+    assert bounds.min_n(0.001) == 10 and bounds.min_n(0.25) == 3  # 0.25 ** (1/2) = 1/2 is not > 1/2
     for radius, sigma in ((0.5, 0.25), (1.0, 1.0), (0.01, 0.12)):
-        n = sequential.min_n(0.001, radius, sigma)
-        assert sequential.max_radius(n, 0.001, sigma) > radius >= sequential.max_radius(n - 1, 0.001, sigma)
+        n = bounds.min_n(0.001, radius, sigma)
+        assert bounds.max_radius(n, 0.001, sigma) > radius >= bounds.max_radius(n - 1, 0.001, sigma)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -301,7 +301,7 @@ def test_fixed_n_limits():
 def test_bad_parameters_raise_named_error(halfspace, kwargs, message):
     args = dict(sigma=0.25, radius=0.1, n0=10, max_n=1_000, alpha=0.001, batch_size=100, seed=0) | kwargs
     with pytest.raises(InvalidArgument, match=message):
-        sequential.certify_radius(halfspace, torch.zeros(1, 4, 4), **args)
+        smoothing.certify_radius(halfspace, torch.zeros(1, 4, 4), **args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def test_no_wrong_certificate_on_the_halfspace(halfspace):
         truth = halfspace.distance(x)
         for target in (0.5 * truth, 0.9 * truth, 1.1 * truth):
             for seed in range(3):
-                cert = sequential.certify_radius(halfspace, x, sigma=sigma, radius=target, n0=100,
+                cert = smoothing.certify_radius(halfspace, x, sigma=sigma, radius=target, n0=100,
                                                  max_n=20_000, alpha=alpha, batch_size=1_000,
                                                  seed=seed, image=i)
                 if cert.prediction != smoothing.ABSTAIN:
@@ -332,7 +332,7 @@ def test_no_wrong_certificate_on_the_halfspace(halfspace):
 
 def test_a_clear_image_certifies_with_few_samples(halfspace):
     x = point_at(halfspace, 1.0)
-    cert = sequential.certify_radius(halfspace, x, sigma=0.25, radius=0.25, n0=100, max_n=100_000,
+    cert = smoothing.certify_radius(halfspace, x, sigma=0.25, radius=0.25, n0=100, max_n=100_000,
                                      alpha=0.001, batch_size=200, seed=0)
     assert cert.prediction == 1 and cert.radius >= 0.25 and cert.n == 200
     assert cert.p_lower >= norm.cdf(1.0)
@@ -341,8 +341,8 @@ def test_a_clear_image_certifies_with_few_samples(halfspace):
 def test_same_seed_same_certificate_and_the_noise_of_fixed_n_certify(halfspace):
     x = point_at(halfspace, 0.2)
     args = dict(sigma=0.5, radius=0.1, n0=100, max_n=50_000, alpha=0.001, batch_size=250, seed=4)
-    a = sequential.certify_radius(halfspace, x, **args)
-    b = sequential.certify_radius(halfspace, x, **args)
+    a = smoothing.certify_radius(halfspace, x, **args)
+    b = smoothing.certify_radius(halfspace, x, **args)
     assert a.to_dict() == b.to_dict() and a.prediction == 1
     fixed = smoothing.certify(halfspace, x, sigma=0.5, n0=100, n=a.n, alpha=0.001, batch_size=250, seed=4)
     assert np.array_equal(a.counts_selection, fixed.counts_selection)
@@ -350,7 +350,7 @@ def test_same_seed_same_certificate_and_the_noise_of_fixed_n_certify(halfspace):
 
 
 def test_nan_logits_never_certify():
-    cert = sequential.certify_radius(NaNModel(), torch.full((1, 4, 4), 0.5), sigma=0.25, radius=0.1, n0=50,
+    cert = smoothing.certify_radius(NaNModel(), torch.full((1, 4, 4), 0.5), sigma=0.25, radius=0.1, n0=50,
                                      max_n=100_000, alpha=0.001, batch_size=100, seed=0)
     assert cert.abstained and cert.radius == 0.0 and cert.p_lower == 0.0
     assert cert.counts_estimation.sum() == 0 and cert.counts_selection.sum() == 0
@@ -361,7 +361,7 @@ def test_a_hopeless_target_draws_no_estimation_samples(halfspace):
     x = point_at(halfspace, 5.0)
     sigma, max_n = 0.25, 1_000
     target = 1.01 * sequential.max_sequential_radius(max_n, 0.001, sigma)
-    cert = sequential.certify_radius(halfspace, x, sigma=sigma, radius=target, n0=10, max_n=max_n,
+    cert = smoothing.certify_radius(halfspace, x, sigma=sigma, radius=target, n0=10, max_n=max_n,
                                      alpha=0.001, batch_size=100, seed=0)
     assert cert.abstained and cert.n == 0 and cert.counts_selection.sum() == 10
 
@@ -392,4 +392,4 @@ def test_certify_radius_is_part_of_the_smoothing_contract(halfspace):
     x = point_at(halfspace, 0.3)
     args = dict(sigma=0.25, radius=0.1, n0=50, max_n=2_000, alpha=0.001, batch_size=100, seed=1, image=2)
     cert = smoothing.certify_radius(halfspace, x, **args)
-    assert cert.to_dict() == sequential.certify_radius(halfspace, x, **args).to_dict() and cert.prediction == 1
+    assert cert.to_dict() == smoothing.certify_radius(halfspace, x, **args).to_dict() and cert.prediction == 1

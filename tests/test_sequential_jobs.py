@@ -12,12 +12,11 @@ import ray
 from typer.testing import CliRunner
 
 from cli.main import app
-from dsq import datasets, fastpath, jobs, queue, references, sampling, sequential, smoothing, specs
-from dsq.apis import base
-from dsq.apis import jobs as api_jobs
+from dsq import bounds, datasets, fastpath, jobqueue, jobs, pipeline, references, sampling, smoothing
+from dsq.apis import labels
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
-from dsq.kinds import certify
+from dsq.kinds import certify_api
 from dsq.settings import Settings
 from workers import api_runner, certify_loop, runner
 from workers.loop import Control
@@ -25,6 +24,9 @@ from workers.loop import Control
 from .test_apis import api_spec, results
 from .test_apis import db, emulator  # noqa: F401 - fixtures shared with test_apis
 from tests.test_jobs import run, submit
+from dsq.apis import results as api_results
+from dsq.kinds.certify import CertifySpec
+from dsq.kinds.train import TrainSpec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -37,7 +39,7 @@ def world(tmp_path_factory):
     home = tmp_path_factory.mktemp("sequential-home")
     config = Settings(database_url=f"sqlite:///{home / 'dsq.db'}", home=home)
     engine = open_database(config.database_url)
-    f = run(config, engine, specs.TrainSpec(dataset="digits", target="classifier", arch="small_cnn",
+    f = run(config, engine, TrainSpec(dataset="digits", target="classifier", arch="small_cnn",
                                             objective="standard", sigma=0.0, epochs=2, batch_size=64, name="f"))
     yield config, engine, f
     engine.dispose()
@@ -48,7 +50,7 @@ def world(tmp_path_factory):
 def sequential_spec(f, **overrides):
     args = dict(dataset="digits", classifier=f"job:{f}", sigma=SIGMA, n0=30, radius=RADIUS, max_n=MAX_N,
                 alpha=0.001, batch_size=BATCH, max_images=8, seed=5)
-    return specs.CertifySpec(**(args | overrides))
+    return CertifySpec(**(args | overrides))
 
 
 def rows_of(engine, job_id):
@@ -62,7 +64,7 @@ def prepared_classifier(config, engine, f):
     """f as the sampler actors run it."""
     with session_scope(engine) as session:
         path = references.resolve(session, f"job:{f}", config)
-    return fastpath.prepare_for_inference(certify.load_pipeline(path, None, "cpu"), device="cpu")
+    return fastpath.prepare_for_inference(pipeline.load(path, None, "cpu"), device="cpu")
 
 
 # -- the certify job ---------------------------------------------------------------------
@@ -105,7 +107,7 @@ class LateEvenBatches:
         import torch
 
         torch.set_num_threads(1)
-        self.model = fastpath.prepare_for_inference(certify.load_pipeline(classifier_path, None, "cpu"), device="cpu")
+        self.model = fastpath.prepare_for_inference(pipeline.load(classifier_path, None, "cpu"), device="cpu")
 
     def counts(self, x, **shard):
         if shard["phase"] == sampling.ESTIMATION and (shard["start"] // shard["batch_size"]) % 2 == 0:
@@ -131,7 +133,7 @@ def test_batches_back_out_of_order_are_decided_in_batch_order(world, one_worker)
     job_id = submit(config, engine, spec)
     with session_scope(engine) as session:
         path = references.resolve(session, f"job:{f}", config)
-        queue.take(session, job_id, "local")
+        jobqueue.take(session, job_id, "local")
     actors = [LateEvenBatches.remote(path) for _ in range(3)]
     loop = RecordingLoop(engine, job_id, Control(), spec, datasets.get_dataset("digits", "test"), actors, 0, 4)
     loop.arrivals = []
@@ -223,7 +225,7 @@ def test_submit_says_what_a_job_can_certify(world, dsq):
         spec = jobs.load_spec(session, int(out.stdout.split()[-1]))
     assert (spec.max_n, spec.n) == (100_000, 100_000)
     out = dsq(*CERTIFY, "--n", "1000")
-    largest = sequential.max_radius(1000, 0.001, 0.25)
+    largest = bounds.max_radius(1000, 0.001, 0.25)
     assert out.exit_code == 0 and f"info: n = 1,000 at alpha 0.001 certifies radius {largest:.4g} at most" in out.stderr
     out = dsq(*API, "--radius", "0.1", "--dry-run")
     assert out.exit_code == 0 and "n0 + max n + 1" in out.stderr and "info: sequential" in out.stderr
@@ -278,7 +280,7 @@ def test_api_job_at_a_clear_radius_pays_a_fraction_of_n0_plus_n_plus_1(emulator,
     assert server.ledger.billed == sum(billed)
     with session_scope(db) as session:
         assert repo.count_paid_api_answers(session, job_id) == sum(billed)
-        again = api_jobs.recertify(session, job_id)
+        again = api_results.recertify(session, job_id)
     assert [(a["prediction"], a["radius"]) for a in again] == [(r.prediction, r.radius) for r in rows]
 
     fixed = submit(settings, db, api_spec("google", server.endpoint, max_images=4, n0=5, n=200))
@@ -296,7 +298,7 @@ def test_api_sequential_job_within_a_budget_then_raised(emulator, db, settings):
     assert 1 <= len(done) < 12 and server.ledger.billed <= 120
     with session_scope(db) as session:
         assert repo.get_job(session, job_id).error.startswith("query budget reached")
-        api_jobs.raise_budget(session, job_id, 1000)
+        certify_api.raise_budget(session, job_id, 1000)
         jobs.resume(session, job_id, settings.stale_after)
     assert runner.run_job(settings, job_id) == "succeeded"
     rows = results(db, job_id)
@@ -307,11 +309,11 @@ def test_api_sequential_job_within_a_budget_then_raised(emulator, db, settings):
 def test_api_sequential_certificate_replays_at_another_alpha_without_a_fixed_n_bound():
     clean, selection = "7", ["7"] * 5
     estimation = ["7"] * 18 + ["1"] * 2
-    strict = base.certify_labels_at_radius(clean, selection, estimation, radius=0.1, alpha=0.001, sigma=0.25,
+    strict = labels.certify_labels_at_radius(clean, selection, estimation, radius=0.1, alpha=0.001, sigma=0.25,
                                            max_n=200, batch=10)
-    loose = base.certify_labels_at_radius(clean, selection, estimation, radius=0.1, alpha=0.2, sigma=0.25,
+    loose = labels.certify_labels_at_radius(clean, selection, estimation, radius=0.1, alpha=0.2, sigma=0.25,
                                           max_n=200, batch=10)
     assert loose.certified_label == "7" and loose.cert.n == 10  # decided after the first batch
     assert strict.certified_label is None and strict.cert.n == 20  # the stored answers ran out undecided
-    fixed = base.certify_labels(clean, selection, estimation, alpha=0.001, sigma=0.25)
+    fixed = labels.certify_labels(clean, selection, estimation, alpha=0.001, sigma=0.25)
     assert fixed.certified_label == "7"  # a fixed-n bound on the same 20 answers would certify: never used here

@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from dsq import specs
+from dsq import bounds, kinds, specs
 from dsq.errors import DsqError, InvalidArgument, UnknownName
-from dsq.specs import CertifySpec, TrainSpec
+from dsq.kinds.certify import CertifySpec
+from dsq.kinds.train import TrainSpec
 
 CLASSIFIER = dict(dataset="digits", target="classifier", arch="small_cnn", objective="standard", sigma=0.0)
 MSE = dict(dataset="digits", target="denoiser", arch="dncnn", objective="mse", sigma=0.25)
@@ -45,10 +46,10 @@ def error_of(call) -> DsqError:
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kind}-{getattr(s, 'objective', s.sigma)}-{s.name}")
 def test_round_trip_through_dict_and_json(spec):
     data = spec.to_dict()
-    assert specs.from_dict(data) == spec
+    assert kinds.from_dict(data) == spec
     through_json = json.loads(json.dumps(data))
     assert through_json == data  # to_dict is already plain JSON (tuples become lists)
-    rebuilt = specs.from_dict(through_json)
+    rebuilt = kinds.from_dict(through_json)
     assert rebuilt == spec and type(rebuilt) is type(spec)
     assert rebuilt.to_dict() == data
 
@@ -135,14 +136,14 @@ def test_a_target_radius_makes_a_sequential_spec_whose_max_n_defaults_to_n():
 def test_specs_stored_before_sequential_certification_load_as_fixed_n():
     old = CertifySpec(**CERTIFY, n=500).to_dict()
     del old["radius"], old["max_n"]
-    assert specs.from_dict(old) == CertifySpec(**CERTIFY, n=500)
+    assert kinds.from_dict(old) == CertifySpec(**CERTIFY, n=500)
 
 
 def test_specs_stored_before_the_size_option_load_with_none():
     for spec in (CertifySpec(**CERTIFY), TrainSpec(**MSE)):
         old = spec.to_dict()
         del old["size"]
-        assert specs.from_dict(old) == spec and specs.from_dict(old).size is None
+        assert kinds.from_dict(old) == spec and kinds.from_dict(old).size is None
 
 
 @pytest.mark.parametrize("changes, words", [
@@ -164,10 +165,9 @@ def test_bad_sequential_spec(changes, words):
 
 
 def test_reach_says_the_largest_radius_and_refuses_an_n_that_can_never_certify():
-    from dsq import sequential
 
     assert specs.reach(CertifySpec(**CERTIFY, n=1_000)) == "n = 1,000 at alpha 0.001 certifies radius 0.6158 at most (2.46 sigma)"
-    assert sequential.max_radius(1_000, 0.001, 0.25) == pytest.approx(0.6158, abs=1e-4)
+    assert bounds.max_radius(1_000, 0.001, 0.25) == pytest.approx(0.6158, abs=1e-4)
     assert "at most 2,000 estimation samples (they can reach radius 0.6675 at most)" in specs.reach(
         CertifySpec(**CERTIFY, radius=0.1, max_n=2_000))
     error = error_of(lambda: specs.reach(CertifySpec(**CERTIFY, n0=5, n=9)))
@@ -250,28 +250,28 @@ def test_mse_may_name_a_classifier_for_its_metrics():
 
 def test_from_dict_unknown_kind():
     for data in ({"kind": "deploy", **CERTIFY}, dict(CERTIFY)):
-        error = error_of(lambda: specs.from_dict(data))
+        error = error_of(lambda: kinds.from_dict(data))
         assert isinstance(error, UnknownName)
         assert "unknown job kind" in str(error) and "train, certify" in str(error)
 
 
 def test_from_dict_unknown_and_missing_fields():
     data = {**TrainSpec(**STAB).to_dict(), "sigmaa": 0.5, "color": "red"}
-    error = error_of(lambda: specs.from_dict(data))
+    error = error_of(lambda: kinds.from_dict(data))
     assert isinstance(error, InvalidArgument) and "unknown field(s) in train spec: color, sigmaa" in str(error)
     data = CertifySpec(**CERTIFY).to_dict()
     del data["classifier"], data["sigma"]
-    error = error_of(lambda: specs.from_dict(data))
+    error = error_of(lambda: kinds.from_dict(data))
     assert isinstance(error, InvalidArgument)
     assert "certify spec lacks required field(s): classifier, sigma" in str(error)
-    assert isinstance(error_of(lambda: specs.from_dict(["train"])), InvalidArgument)
+    assert isinstance(error_of(lambda: kinds.from_dict(["train"])), InvalidArgument)
 
 
 def test_from_dict_revalidates():
     data = {**TrainSpec(**MSE).to_dict(), "sigma": -1.0}
-    assert "sigma" in str(error_of(lambda: specs.from_dict(data)))
+    assert "sigma" in str(error_of(lambda: kinds.from_dict(data)))
     data = {**CertifySpec(**CERTIFY).to_dict(), "alpha": 2.0}
-    assert "alpha must be in (0, 1)" in str(error_of(lambda: specs.from_dict(data)))
+    assert "alpha must be in (0, 1)" in str(error_of(lambda: kinds.from_dict(data)))
 
 
 def test_specs_are_frozen():

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
-from dsq import checkpoints, datasets, objectives, specs, training
+from dsq import checkpoints, datasets, kinds, objectives, training
 from dsq.classifiers import build_classifier
 from dsq.denoisers import build_denoiser
 from dsq.errors import InvalidArgument, UnknownName
-from dsq.specs import TrainSpec
+from dsq.kinds.train import TrainSpec
 
 SIGMA = 0.25
 DENOISER_KWARGS = {"depth": 6, "width": 32}
@@ -299,7 +299,7 @@ def test_checkpoints_of_trained_models_keep_outputs_and_provenance(tmp_path, dig
                                              metrics=metrics)
         restored, metadata = checkpoints.load_checkpoint(path)
         assert sha256 == checkpoints.file_sha256(path) == metadata["sha256"]
-        assert metadata["training_spec"] == spec.to_dict() and specs.from_dict(metadata["training_spec"]) == spec
+        assert metadata["training_spec"] == spec.to_dict() and kinds.from_dict(metadata["training_spec"]) == spec
         assert metadata["metrics"] == metrics and json.loads(json.dumps(metadata["metrics"])) == metrics
         assert metadata["kind"] == kind and metadata["arch"] == spec.arch and not restored.training
         with torch.inference_mode():

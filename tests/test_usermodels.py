@@ -13,13 +13,15 @@ import torchvision
 from typer.testing import CliRunner
 
 from cli.main import app
-from dsq import artifacts, jobs, references, specs, usermodels
+from dsq import artifacts, jobs, kinds, references, usermodels
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import CheckpointError, InvalidArgument
 from dsq.settings import Settings
 from tests.test_jobs import certify_spec, rows_of, run, submit
 from workers import runner
+from dsq.kinds.certify import CertifySpec
+from dsq.kinds.train import TrainSpec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +33,7 @@ def world(tmp_path_factory):
     home = tmp_path_factory.mktemp("byom-home")
     config = Settings(database_url=f"sqlite:///{home / 'dsq.db'}", home=home)
     engine = open_database(config.database_url)
-    f = run(config, engine, specs.TrainSpec(dataset="digits", target="classifier", arch="small_cnn",
+    f = run(config, engine, TrainSpec(dataset="digits", target="classifier", arch="small_cnn",
                                             objective="gaussian", sigma=0.25, epochs=2, batch_size=64))
     with session_scope(engine) as session:
         whole = references.load(session, f"job:{f}", config, "classifier")
@@ -91,18 +93,18 @@ def test_bad_options_are_refused(reference, options, role, message):
 def test_specs_check_their_models():
     base = dict(dataset="digits", sigma=0.25, n=1000)
     with pytest.raises(InvalidArgument, match="does not use"):
-        specs.CertifySpec(classifier="job:1", models={"other:make": {}}, **base)
+        CertifySpec(classifier="job:1", models={"other:make": {}}, **base)
     with pytest.raises(InvalidArgument, match="needs its weights"):
-        specs.CertifySpec(classifier="torchvision:resnet18", **base)  # an entry is implied, and checked
+        CertifySpec(classifier="torchvision:resnet18", **base)  # an entry is implied, and checked
     with pytest.raises(InvalidArgument, match="--init must be a dsq checkpoint"):
-        specs.TrainSpec(dataset="digits", target="denoiser", arch="dncnn", objective="stab_mse", sigma=0.25,
+        TrainSpec(dataset="digits", target="denoiser", arch="dncnn", objective="stab_mse", sigma=0.25,
                         classifier="job:1", init="torchvision:resnet18")
-    spec = specs.CertifySpec(classifier="pkg.mod:make", models={"pkg.mod:make": {"args": {"k": 1}}}, **base)
-    assert specs.from_dict(spec.to_dict()) == spec
+    spec = CertifySpec(classifier="pkg.mod:make", models={"pkg.mod:make": {"args": {"k": 1}}}, **base)
+    assert kinds.from_dict(spec.to_dict()) == spec
     assert spec.models == {"pkg.mod:make": {"weights": None, "args": {"k": 1}}}
-    old = specs.CertifySpec(classifier="job:1", **base).to_dict()
+    old = CertifySpec(classifier="job:1", **base).to_dict()
     del old["models"]  # a spec stored before models existed
-    assert specs.from_dict(old).models == {}
+    assert kinds.from_dict(old).models == {}
 
 
 def test_torchvision_model_with_the_users_weights(tmp_path):
@@ -180,7 +182,7 @@ def test_a_model_file_changed_after_submit_is_refused_when_the_job_runs(world, t
 
 def test_a_denoiser_trains_against_a_torchscript_classifier(world):
     config, engine, f, scripted, weights, normalization = world
-    job_id = run(config, engine, specs.TrainSpec(
+    job_id = run(config, engine, TrainSpec(
         dataset="digits", target="denoiser", arch="dncnn", objective="clf", sigma=0.25, epochs=1, batch_size=64,
         arch_kwargs={"depth": 3, "width": 8}, classifier=scripted, models={scripted: normalization}))
     denoised = run(config, engine, certify_spec(f, max_images=2, denoiser=f"job:{job_id}", classifier=scripted,

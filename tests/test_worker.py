@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from dsq import jobs, specs
+from dsq import jobs
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.settings import Settings
 from workers.worker import QueueWorker
+from dsq.kinds.certify import CertifySpec
+from dsq.kinds.train import TrainSpec
+from workers import pidfile
 
 DSQ = [sys.executable, "-m", "cli"]
 DIGITS_F = ["--dataset", "digits", "--target", "classifier", "--arch", "small_cnn", "--objective", "standard",
@@ -81,7 +84,7 @@ def home_with_f(tmp_path):
 
 def serving(home, *args, **extra) -> subprocess.Popen:
     """A `dsq worker` process, once it is registered."""
-    from dsq import queue
+    from dsq import jobqueue
 
     worker = start(home, "worker", *args, **extra)
     engine = engine_of(home)
@@ -89,7 +92,7 @@ def serving(home, *args, **extra) -> subprocess.Popen:
     def registered():
         assert worker.poll() is None, worker.communicate()
         with session_scope(engine) as session:
-            return bool(queue.live_workers(session, Settings.from_env({}).stale_after))
+            return bool(jobqueue.live_workers(session, Settings.from_env({}).stale_after))
     wait_until(registered, what="worker registered")
     return worker
 
@@ -101,9 +104,9 @@ def test_a_worker_runs_jobs_by_priority_then_age_once_their_dependencies_succeed
     engine = open_database(config.database_url)
     train = dict(dataset="digits", target="classifier", arch="small_cnn", objective="standard", sigma=0.0, epochs=1)
     with session_scope(engine) as session:
-        a = jobs.submit(session, specs.TrainSpec(**train, name="a"), config).id
-        b = jobs.submit(session, specs.TrainSpec(**train, name="b"), config, priority=5).id
-        c = jobs.submit(session, specs.CertifySpec(dataset="digits", classifier=f"job:{a}", sigma=0.25, n0=10, n=50,
+        a = jobs.submit(session, TrainSpec(**train, name="a"), config).id
+        b = jobs.submit(session, TrainSpec(**train, name="b"), config, priority=5).id
+        c = jobs.submit(session, CertifySpec(dataset="digits", classifier=f"job:{a}", sigma=0.25, n0=10, n=50,
                                                    max_images=2, batch_size=50, workers=1), config, priority=9).id
     summary = QueueWorker(config, drain=True, max_jobs=1, log=lambda line: None).run()
     assert summary.ran == {a: "succeeded", b: "succeeded", c: "succeeded"}
@@ -247,7 +250,7 @@ def test_four_real_workers_racing_over_sixty_jobs_run_each_exactly_once(dialect,
     classifier, denoiser = save_pair(PAIRS["digits"], 0, tmp_path)
     engine = open_database(url)
     config = Settings(database_url=url, home=tmp_path / "home")
-    spec = specs.CertifySpec(dataset="digits", classifier=classifier, denoiser=denoiser, sigma=0.25, n0=10, n=50,
+    spec = CertifySpec(dataset="digits", classifier=classifier, denoiser=denoiser, sigma=0.25, n0=10, n=50,
                              batch_size=50, max_images=1, workers=1)
     with session_scope(engine) as session:
         ids = [jobs.submit(session, spec, config, priority=i % 3).id for i in range(60)]
@@ -296,24 +299,23 @@ def test_sigterm_stops_the_demo_cleanly_and_a_worker_finishes_its_experiment(tmp
 def test_an_idle_worker_stops_serving_before_its_last_look_so_no_submitted_job_is_stranded(tmp_path):
     """The race of an idle exit with a submit: the worker first leaves the live list (and its pid file), then looks
     at the queue; a job there keeps it serving, else any later submit sees no worker and starts one."""
-    from dsq import queue
-    from workers import background
+    from dsq import jobqueue
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'dsq.db'}", home=tmp_path)
     engine = open_database(settings.database_url)
     worker = QueueWorker(settings, idle_exit=1, name="w1")
     with session_scope(engine) as session:
-        queue.register_worker(session, name="w1", host="h", pid=os.getpid(), address=None, max_jobs=0)
-    pid_file = background._pid_file(settings)
+        jobqueue.register_worker(session, name="w1", host="h", pid=os.getpid(), address=None, max_jobs=0)
+    pid_file = pidfile.path(settings)
     pid_file.parent.mkdir(parents=True)
     pid_file.write_text(f"{os.getpid()}\n")
 
     def live():
         with session_scope(engine) as session:
-            return [w.name for w in queue.live_workers(session, settings.stale_after)]
+            return [w.name for w in jobqueue.live_workers(session, settings.stale_after)]
 
     with session_scope(engine) as session:  # a job submitted just before the worker's last look
-        jobs.submit(session, specs.TrainSpec(dataset="digits", target="classifier", arch="small_cnn",
+        jobs.submit(session, TrainSpec(dataset="digits", target="classifier", arch="small_cnn",
                                              objective="standard", sigma=0.0, epochs=1), settings)
     assert worker._retire(engine) is False and live() == ["w1"] and pid_file.read_text() == f"{os.getpid()}\n"
     with session_scope(engine) as session:
@@ -321,5 +323,5 @@ def test_an_idle_worker_stops_serving_before_its_last_look_so_no_submitted_job_i
         jobs.finish(session, 1, "cancelled")
     assert worker._retire(engine) is True and live() == [] and not pid_file.exists()
     with session_scope(engine) as session:  # so a job submitted now starts a new worker
-        assert not queue.live_workers(session, settings.stale_after) and not background._alive(pid_file)
+        assert not jobqueue.live_workers(session, settings.stale_after) and not pidfile.alive(pid_file)
     engine.dispose()

@@ -18,13 +18,11 @@ import ray
 
 from dsq.apis import emulators, providers, ratelimit
 from dsq.apis.answers import AnswerDesk
-from dsq.errors import MissingCredentials
-from dsq.apis.spec import EMBEDDED, MAX_CONCURRENCY
 from dsq.db.session import make_engine
-from dsq.errors import DsqError
+from dsq.errors import DsqError, MissingCredentials
 
 
-@ray.remote(num_cpus=0, max_concurrency=MAX_CONCURRENCY + 4, max_restarts=-1, max_task_retries=3)
+@ray.remote(num_cpus=0, max_concurrency=ratelimit.MAX_CONCURRENCY + 4, max_restarts=-1, max_task_retries=3)
 class ApiActor:
     def __init__(self, provider: str):
         self.provider, self.env = provider, providers.environment()
@@ -55,7 +53,7 @@ class ApiActor:
             return self.desks[service]
 
     def _open_desk(self, endpoint: str | None, service: str, limits: dict) -> AnswerDesk:
-        if endpoint == EMBEDDED:
+        if endpoint == providers.EMBEDDED:
             self.emulators.append(emulators.start(self.provider))
             endpoint = self.emulators[-1].endpoint
         client = providers.make_client(self.provider, endpoint, self.env)

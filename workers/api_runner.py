@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import ray
 
 from dsq import sequential
-from dsq.apis import base
-from dsq.apis import jobs as api_jobs
+from dsq.apis import base, images, labels
+from dsq.apis import results as api_results
+from dsq.kinds import certify_api
 from dsq.errors import ApiQueryFailed, BudgetReached, NonFiniteOutput, UnreadableImage
 from dsq.apis.ratelimit import limits_for
 from dsq.db import repo
@@ -54,13 +55,13 @@ class ImageWork:
 
 def run(engine, settings, job_id: int, spec, control) -> None:
     with session_scope(engine) as session:
-        denoiser = api_jobs.load_denoiser(session, spec, settings)
+        denoiser = images.load_denoiser(session, spec, settings)
         done = repo.done_image_indices(session, job_id)
         paid = repo.count_paid_api_answers(session, job_id)
-    source = api_jobs.ImageSource(spec, settings)
+    source = images.ImageSource(spec, settings)
     todo = collections.deque(i for i in source.indices if i not in done)
     limits = limits_for(spec.provider, spec.qps, spec.burst, spec.concurrency)
-    service = api_jobs.service_name(spec)
+    service = certify_api.service_name(spec)
     actor = api_actor.connect(spec.provider, spec.endpoint, service, limits)
     with session_scope(engine) as session:
         repo.add_log(session, job_id, f"{spec.provider} ({service}): {len(todo)} images to certify, "
@@ -78,7 +79,7 @@ class ApiLoop(JobLoop):
     def __init__(self, engine, settings, job_id, spec, source, denoiser, actor, *, paid, window, done, control):
         super().__init__(engine, job_id, control, done=done, total=len(source.indices))
         self.settings, self.spec, self.source, self.denoiser, self.actor = settings, spec, source, denoiser, actor
-        self.paid, self.window, self.service = paid, window, api_jobs.service_name(spec)
+        self.paid, self.window, self.service = paid, window, certify_api.service_name(spec)
         self.images: dict[int, ImageWork] = {}
         self.waiting: dict[str, set[int]] = collections.defaultdict(set)
         self.queue: collections.deque = collections.deque()
@@ -175,13 +176,13 @@ class ApiLoop(JobLoop):
 
     def _finish(self, work: ImageWork) -> None:
         del self.images[work.index]
-        result = base.certify_labels(work.top(base.CLEAN)[0], work.top(base.SELECTION), work.top(base.ESTIMATION),
+        result = labels.certify_labels(work.top(labels.CLEAN)[0], work.top(labels.SELECTION), work.top(labels.ESTIMATION),
                                      alpha=self.spec.alpha, sigma=self.spec.sigma)
         self._record(work, result)
 
-    def _record(self, work: ImageWork, result: base.ApiCertificate, extra: dict | None = None) -> None:
+    def _record(self, work: ImageWork, result: labels.ApiCertificate, extra: dict | None = None) -> None:
         with session_scope(self.engine) as session:
-            api_jobs.record_image(session, self.job_id, work.index, self.spec, result, work.queries, work.about,
+            api_results.record_image(session, self.job_id, work.index, self.spec, result, work.queries, work.about,
                                   seconds=time.perf_counter() - work.started, worker=f"api:{self.service}",
                                   extra=extra)
         self._progress()
@@ -226,7 +227,7 @@ class SequentialApiLoop(ApiLoop):
             return base.image_queries(work.x, self.denoiser, sigma=spec.sigma, seed=spec.seed, image=work.index,
                                       n0=spec.n0, n=0, scale=spec.scale)
         if work.test is None:
-            work.c_a = base.selection_winner(work.top(base.CLEAN)[0], work.top(base.SELECTION))
+            work.c_a = labels.selection_winner(work.top(labels.CLEAN)[0], work.top(labels.SELECTION))
             work.test = sequential.SequentialTest.at_radius(spec.radius, spec.sigma, spec.alpha, spec.max_n)
         else:  # the batch just answered: the estimation queries past those the test has counted
             batch = [work.labels[q.sha256] for q in work.queries[1 + spec.n0 + work.test.trials:]]
@@ -242,7 +243,7 @@ class SequentialApiLoop(ApiLoop):
         if len(work.ahead) < count:
             first = asked + len(work.ahead)
             work.ahead += base.phase_queries(work.x, self.denoiser, sigma=spec.sigma, seed=spec.seed,
-                                             image=work.index, phase=base.ESTIMATION, scale=spec.scale, first=first,
+                                             image=work.index, phase=labels.ESTIMATION, scale=spec.scale, first=first,
                                              num=min(base.DENOISE_BATCH, spec.max_n - first))
         batch, work.ahead = work.ahead[:count], work.ahead[count:]
         return batch
@@ -250,8 +251,8 @@ class SequentialApiLoop(ApiLoop):
     def _finish(self, work: ImageWork) -> None:
         del self.images[work.index]
         spec = self.spec
-        result = base.certify_labels_at_radius(
-            work.top(base.CLEAN)[0], work.top(base.SELECTION), work.top(base.ESTIMATION), radius=spec.radius,
+        result = labels.certify_labels_at_radius(
+            work.top(labels.CLEAN)[0], work.top(labels.SELECTION), work.top(labels.ESTIMATION), radius=spec.radius,
             alpha=spec.alpha, sigma=spec.sigma, max_n=spec.max_n, batch=QUERY_BATCH)
         self._record(work, result, {"mode": "sequential", "target_radius": spec.radius, "max_n": spec.max_n,
                                     "batch": QUERY_BATCH})

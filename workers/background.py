@@ -9,15 +9,15 @@ it hands its jobs back to the queue).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from dsq import queue
+from dsq import jobqueue
 from dsq.db.session import session_scope
 from dsq.settings import Settings
+from workers import pidfile
 
 
 def ensure_worker(settings: Settings, engine) -> str | None:
@@ -25,7 +25,7 @@ def ensure_worker(settings: Settings, engine) -> str | None:
     if not settings.autostart:
         return None
     with session_scope(engine) as session:
-        if any(w.address == settings.ray_address for w in queue.live_workers(session, settings.stale_after)):
+        if any(w.address == settings.ray_address for w in jobqueue.live_workers(session, settings.stale_after)):
             return None
     if settings.ray_address:
         from workers import resources, worker
@@ -33,48 +33,10 @@ def ensure_worker(settings: Settings, engine) -> str | None:
         resources.connect(settings.ray_address)
         name = worker.start_detached(settings, idle_exit=settings.idle_seconds)
         return f"started worker {name} on the cluster (it stops after {settings.idle_seconds:.0f} s idle)"
-    pid_file = _pid_file(settings)
-    if _alive(pid_file):  # started moments ago, not registered yet
+    pid_file = pidfile.path(settings)
+    if pidfile.alive(pid_file):  # started moments ago, not registered yet
         return None
     return _spawn(settings, pid_file)
-
-
-def _pid_file(settings: Settings) -> Path:
-    digest = hashlib.sha256(settings.database_url.encode()).hexdigest()[:12]
-    return settings.home / "workers" / f"{digest}.pid"
-
-
-def forget_pid(settings: Settings) -> bool:
-    """Remove this process's pid file (a background worker about to stop); whether it was this process's."""
-    pid_file = _pid_file(settings)
-    try:
-        if pid_file.read_text().split()[0] != str(os.getpid()):
-            return False
-        pid_file.unlink()
-    except (OSError, IndexError):
-        return False
-    return True
-
-
-def remember_pid(settings: Settings) -> None:
-    """Write this process's pid file again (a background worker that serves on), unless a new worker wrote one."""
-    try:
-        with open(_pid_file(settings), "x") as pid_file:
-            pid_file.write(f"{os.getpid()}\n")
-    except OSError:
-        pass
-
-
-def _alive(pid_file: Path) -> bool:
-    try:
-        pid = int(pid_file.read_text().split()[0])
-        os.kill(pid, 0)
-    except (OSError, ValueError, IndexError):
-        return False
-    try:  # a zombie (our own exited child) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
-    except OSError:
-        return True
 
 
 def _spawn(settings: Settings, pid_file: Path) -> str:

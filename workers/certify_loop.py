@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from dsq import datasets, references, sampling, sequential, sizing, smoothing
+from dsq import datasets, pipeline, references, sampling, sequential, sizing, smoothing
 from dsq.db import repo
 from dsq.db.session import session_scope
 from dsq.kinds import certify
@@ -51,7 +51,7 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
         done = repo.done_image_indices(session, job_id)
     root = spec.data_root or settings.data_root
     dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size)
-    plan = certify.image_plan(spec, dataset)
+    plan = pipeline.image_plan(spec, dataset)
     todo = collections.deque(i for i in plan if i not in done)
     if not todo:
         return
@@ -67,7 +67,7 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     actors = pool.acquire(key, workers, start)
     loop, healthy = None, False
     try:
-        dataset, note = certify.job_dataset(spec, root, ray.get(actors[0].input_channels.remote()))
+        dataset, note = pipeline.job_dataset(spec, root, ray.get(actors[0].input_channels.remote()))
         if note:  # images converted to the channels f o D takes: said in the job's log
             with session_scope(engine) as session:
                 repo.add_log(session, job_id, note)

@@ -7,21 +7,21 @@ import time
 
 import ray
 
-from dsq import queue
+from dsq import jobqueue
 from dsq.db import repo
 from dsq.db.session import session_scope
 from dsq.errors import JobCancelled, JobInterrupted
 
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.5  # how often a loop looks at cancel and hand-back: a stop lands within a second
 SETTLE_SECONDS = 5.0  # a shard takes well under a second on the default batch; a stop waits no longer than this
 
 
 class Control:
     """A running job's link to its worker: who runs it, a progress callback, and a stop request.
 
-    ``check`` is called every POLL_SECONDS by the loops: it writes the heartbeat, and raises
-    JobCancelled after ``dsq cancel``, or JobInterrupted when the worker stops (or another
-    worker took the job over after a stale heartbeat).
+    ``check`` is called every POLL_SECONDS by the loops: it raises JobCancelled after ``dsq cancel``, or
+    JobInterrupted when the worker stops (or another worker took the job over after a stale heartbeat).
+    The heartbeat itself is the worker's to write (``jobqueue.worker_heartbeat``), for all its jobs at once.
     """
 
     def __init__(self, runner: str = "local", on_progress=None, pool=None):
@@ -33,10 +33,11 @@ class Control:
         if self.stop.is_set():
             raise JobInterrupted(f"job {job_id}: its worker is stopping")
         with session_scope(engine) as session:
-            if repo.is_cancel_requested(session, job_id):
-                raise JobCancelled(f"job {job_id} was cancelled")
-            if not queue.beat(session, job_id, self.runner):
-                raise JobInterrupted(f"job {job_id} is no longer run by {self.runner}")
+            cancel_requested, ours = jobqueue.steering(session, job_id, self.runner)
+        if cancel_requested:
+            raise JobCancelled(f"job {job_id} was cancelled")
+        if not ours:
+            raise JobInterrupted(f"job {job_id} is no longer run by {self.runner}")
 
     def report(self, done: int, total: int) -> None:
         if self.on_progress:

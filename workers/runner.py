@@ -1,7 +1,7 @@
 """Run one job to its end on the connected Ray, and record how it ended.
 
-The worker (``workers/worker.py``) calls ``run_job`` in a thread per job it claimed. The job's
-kind (``dsq.kinds``) names the loop that does the work. The database is the source of truth:
+The worker (``workers/worker.py``) calls ``run_job`` in a thread per job it claimed; ``LOOPS`` gives the
+loop that does the work of the job's kind (``dsq.kinds``). The database is the source of truth:
 images already stored are skipped, so a job that was handed back or taken over resumes with
 only what is missing.
 """
@@ -12,12 +12,17 @@ import traceback
 
 import ray
 
-from dsq import jobs, kinds, queue, specs
+from dsq import jobqueue, jobs, kinds
 from dsq.db import repo
 from dsq.db.session import is_outage, make_engine, session_scope
 from dsq.errors import BudgetReached, DsqError, JobCancelled, JobInterrupted, JobStateError
 from dsq.settings import Settings
+from workers import api_runner, certify_loop, train_loop
 from workers.loop import Control
+
+# Each job kind's loop: (engine, settings, job_id, spec, control) -> None. A new kind adds its module in
+# dsq/kinds/ and its loop here.
+LOOPS = {"train": train_loop.run, "certify": certify_loop.run, "certify_api": api_runner.run}
 
 
 def run_job(settings: Settings, job_id: int, control: Control | None = None) -> str:
@@ -30,7 +35,7 @@ def run_job(settings: Settings, job_id: int, control: Control | None = None) -> 
     try:
         spec = _start(engine, job_id, control.runner)
         try:
-            kinds.get(spec.kind).runner()(engine, settings, job_id, spec, control)
+            LOOPS[spec.kind](engine, settings, job_id, spec, control)
         except Exception as failure:  # noqa: BLE001 - a job keeps any failure with its traceback
             cause = _cause(failure)
             if isinstance(cause, JobInterrupted):
@@ -56,16 +61,16 @@ def _start(engine, job_id: int, runner: str):
     with session_scope(engine) as session:
         job = repo.get_job(session, job_id)
         if job.status == "queued":
-            job = queue.take(session, job_id, runner)
+            job = jobqueue.take(session, job_id, runner)
         if job is None or job.status != "running" or job.runner != runner:
             raise JobStateError(f"job {job_id} is not for {runner} to run")
         repo.add_log(session, job_id, f"running on {runner} (attempt {job.attempts})")
-        return specs.from_dict(job.spec)
+        return kinds.from_dict(job.spec)
 
 
 def _hand_back(engine, job_id: int, runner: str, why: JobInterrupted) -> str:
     with session_scope(engine) as session:
-        if queue.release(session, job_id, runner):
+        if jobqueue.release(session, job_id, runner):
             repo.add_log(session, job_id, f"handed back to the queue ({why}); it resumes from its stored results")
         return repo.get_job(session, job_id).status
 

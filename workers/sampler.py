@@ -11,8 +11,7 @@ import time
 import ray
 import torch
 
-from dsq import fastpath, sampling, sizing, smoothing
-from dsq.kinds import certify
+from dsq import fastpath, pipeline, sampling, sizing, smoothing
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
@@ -27,9 +26,9 @@ class SamplerActor:
         self.device = device
         # Prepared once per actor (BN folded, channels-last where it helps). fp32 leaves f unchanged;
         # bf16/fp16 autocast changes it, so the runner records the precision with every result.
-        pipeline = certify.load_pipeline(classifier_source, denoiser_source, device, settings)
-        self.channels = smoothing.input_channels(pipeline)
-        self.model = fastpath.prepare_for_inference(pipeline, device=device, precision=precision, compile=compile)
+        chain = pipeline.load(classifier_source, denoiser_source, device, settings)
+        self.channels = smoothing.input_channels(chain)
+        self.model = fastpath.prepare_for_inference(chain, device=device, precision=precision, compile=compile)
         self.name = f"{socket.gethostname()}:{ray.get_runtime_context().get_actor_id()[:8]}"
 
     def counts(self, x, *, sigma, start, count, batch_size, seed, image, phase) -> dict:

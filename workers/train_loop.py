@@ -16,7 +16,7 @@ def run(engine, settings, job_id: int, spec, control: Control) -> None:
     gpu = "num_gpus" in options
     actor = TrainerActor.options(**options).remote(settings, 1 if not gpu else threads, resources.device_for(gpu))
     try:
-        pending = actor.train.remote(job_id)
+        pending = actor.train.remote(job_id, spec)
         while not ray.wait([pending], timeout=POLL_SECONDS)[0]:
             control.check(engine, job_id)
             _report(engine, job_id, control)

@@ -15,9 +15,9 @@ class TrainerActor:
         torch.set_num_threads(threads)
         self.settings, self.device = settings, device
 
-    def train(self, job_id: int) -> dict:
+    def train(self, job_id: int, spec) -> dict:
         engine = make_engine(self.settings.database_url, retry_seconds=self.settings.db_grace_seconds)
         try:
-            return train.run_training(engine, self.settings, job_id, self.device)
+            return train.run_training(engine, self.settings, job_id, spec, self.device)
         finally:
             engine.dispose()

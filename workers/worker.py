@@ -3,7 +3,7 @@
 One worker drives one Ray (the cluster it is connected to). It starts jobs highest priority first
 while the resources of the jobs it runs leave room (``dsq.kinds``: a train job holds a CPU or a GPU,
 a certify job its sampler actors), and at least one job whatever its size. Several workers may
-share a database: claims are atomic (``dsq.queue``). A stopping worker hands its jobs back to the
+share a database: claims are atomic (``dsq.jobqueue``). A stopping worker hands its jobs back to the
 queue; a killed one leaves stale heartbeats, and any worker requeues such jobs.
 """
 
@@ -19,13 +19,13 @@ from typing import Callable
 
 import ray
 
-from dsq import kinds, queue, specs
+from dsq import jobqueue, kinds
 from dsq.db import repo
 from sqlalchemy import exc
 
 from dsq.db.session import is_outage, open_database, session_scope
 from dsq.settings import Settings
-from workers import background, runner
+from workers import pidfile, runner
 from workers.loop import Control
 from workers.sampler import SamplerPool
 
@@ -95,9 +95,9 @@ class QueueWorker:
     def run(self) -> Summary:
         engine = open_database(self.settings.database_url, retry_seconds=self.settings.db_grace_seconds)
         with session_scope(engine) as session:
-            for job_id in queue.requeue_runner(session, self.name):  # a restarted actor keeps its name
+            for job_id in jobqueue.requeue_runner(session, self.name):  # a restarted actor keeps its name
                 repo.add_log(session, job_id, f"{self.name} restarted: queued again", level="warning")
-            queue.register_worker(session, name=self.name, host=socket.gethostname(), pid=os.getpid(),
+            jobqueue.register_worker(session, name=self.name, host=socket.gethostname(), pid=os.getpid(),
                                   address=self.settings.ray_address, max_jobs=self.max_jobs or 0)
         try:
             self._loop(engine)
@@ -115,7 +115,7 @@ class QueueWorker:
                 self._request([])  # nothing asked for any more: an autoscaler may shrink the cluster
             if not self.summary.database_lost:
                 with session_scope(engine) as session:
-                    queue.stop_worker(session, self.name)
+                    jobqueue.stop_worker(session, self.name)
             engine.dispose()
         return self.summary
 
@@ -128,7 +128,7 @@ class QueueWorker:
             now = time.monotonic()
             if now - last_beat >= HEARTBEAT_SECONDS:
                 with session_scope(engine) as session:
-                    queue.worker_heartbeat(session, self.name, list(self.running))
+                    jobqueue.worker_heartbeat(session, self.name, list(self.running))
                 last_beat = now
             if now - last_scan >= HEARTBEAT_SECONDS:
                 self._requeue_stale(engine)
@@ -151,14 +151,14 @@ class QueueWorker:
         """Stop serving, then look at the queue once more: a job submitted meanwhile is seen here, or its submit
         saw no live worker and started one. Serve again (False) when something became runnable."""
         with session_scope(engine) as session:
-            queue.stop_worker(session, self.name)
-        mine = background.forget_pid(self.settings)
+            jobqueue.stop_worker(session, self.name)
+        mine = pidfile.forget(self.settings)
         with session_scope(engine) as session:
-            if not queue.runnable_jobs(session, limit=1, only=self.only):
+            if not jobqueue.runnable_jobs(session, limit=1, only=self.only):
                 return True
-            queue.serve_again(session, self.name)
+            jobqueue.serve_again(session, self.name)
         if mine:
-            background.remember_pid(self.settings)
+            pidfile.remember(self.settings)
         return False
 
     def _finished(self, engine) -> bool:
@@ -168,7 +168,7 @@ class QueueWorker:
         with session_scope(engine) as session:
             if self.only is not None:
                 return all(repo.get_job(session, job_id).finished for job_id in self.only)
-            return sum(queue.queued_counts(session).values()) == 0
+            return sum(jobqueue.queued_counts(session).values()) == 0
 
     def _ask_for_resources(self, engine, cluster: dict) -> None:
         """With a cap (``--max-request``): ask the autoscaler for what running and runnable jobs need."""
@@ -176,7 +176,7 @@ class QueueWorker:
             return
         grown = {**cluster, **{r: max(cluster.get(r, 0.0), amount) for r, amount in self.max_request.items()}}
         with session_scope(engine) as session:
-            waiting = queue.runnable_jobs(session, limit=REQUEST_JOBS, only=self.only)
+            waiting = jobqueue.runnable_jobs(session, limit=REQUEST_JOBS, only=self.only)
             demands = [work.demand for work in self.running.values()] + [self._demand(j, grown) for j in waiting]
         self._request(demand_bundles(demands, self.max_request))
 
@@ -190,24 +190,24 @@ class QueueWorker:
 
     def _requeue_stale(self, engine) -> None:
         with session_scope(engine) as session:
-            for job_id in queue.requeue_stale(session, self.settings.stale_after):
+            for job_id in jobqueue.requeue_stale(session, self.settings.stale_after):
                 repo.add_log(session, job_id, f"heartbeat stale: queued again (seen by {self.name})", level="warning")
                 self.log(f"job {job_id}: its worker is gone (stale heartbeat); queued again")
 
     def _fill(self, engine, cluster: dict) -> None:
         while not self.stopping.is_set() and (self.max_jobs is None or len(self.running) < self.max_jobs):
             with session_scope(engine) as session:
-                head = queue.runnable_jobs(session, limit=1, only=self.only)
+                head = jobqueue.runnable_jobs(session, limit=1, only=self.only)
                 if not head or (self.running and not self._fits(self._demand(head[0], cluster), cluster)):
                     return
-                job = queue.claim(session, self.name, only=self.only)
+                job = jobqueue.claim(session, self.name, only=self.only)
                 if job is None:
                     return
             self._start(job, self._demand(job, cluster))
 
     @staticmethod
     def _demand(job, cluster: dict) -> dict:
-        return kinds.get(job.kind).demand(specs.from_dict(job.spec), cluster)
+        return kinds.get(job.kind).demand(kinds.from_dict(job.spec), cluster)
 
     def _fits(self, demand: dict, cluster: dict) -> bool:
         held = {}

@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 
 from sqlalchemy import Engine
 
-from dsq.apis import base, providers, ratelimit
+from dsq.apis import labels, providers, ratelimit
 from dsq.db import repo
 from dsq.db.session import session_scope
 
@@ -65,7 +65,7 @@ class AnswerDesk:
         except ratelimit.RetriesExhausted as error:
             return {"sha256": digest, "error": providers.scrub(str(error), self.env), "fatal": False}
         self.queries += 1
-        label = base.top_label(providers.labels(self.provider, raw))
+        label = labels.top_label(providers.labels(self.provider, raw))
         with session_scope(engine) as session:
             paid = repo.store_api_answer(session, provider=self.provider, service=self.service, sha256=digest,
                                          answer=raw, top_label=label, job_id=job_id)

@@ -23,10 +23,8 @@ same bytes; it is never a new draw. The clean query (x itself, no noise and no d
 API's own label, against which the certified label is judged.
 
 Sequential certification at a target radius sends the estimation queries in batches, in sample order,
-and stops when the test of ``dsq.sequential`` decides (``certify_labels_at_radius``).
-
-Counts are over an open label space: per image, the labels seen (clean, selection, estimation) sorted
-lexicographically give the class indices, so ``certify_counts`` breaks ties as ``top_label`` does.
+and stops when the test of ``dsq.sequential`` decides. The labels become counts and a certificate in
+``dsq.apis.labels``.
 """
 
 from __future__ import annotations
@@ -34,18 +32,17 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dsq import sampling, sequential, smoothing
+from dsq import sampling
+from dsq.apis.labels import CLEAN, ESTIMATION, SELECTION
 from dsq.errors import InvalidArgument, NonFiniteOutput, UnreadableImage
 
-CLEAN, SELECTION, ESTIMATION = "clean", sampling.SELECTION, sampling.ESTIMATION
-NO_LABEL = "<none>"
-ENCODING = "png8: clip(x+delta) -> denoiser -> clamp[0,1] -> round(x*255) uint8 -> PNG"
+# Noisy copies denoised per forward pass: 50 images of 224x224 keep the denoiser's activations to a few
+# hundred MB on a CPU, and queries go out while the next batch is denoised.
 DENOISE_BATCH = 50
 
 
@@ -133,78 +130,6 @@ def image_queries(x: torch.Tensor, denoiser: torch.nn.Module | None, *, sigma: f
     return ([Query(CLEAN, 0, clean, sha256(clean))]
             + phase_queries(x, denoiser, phase=SELECTION, num=n0, **common)
             + phase_queries(x, denoiser, phase=ESTIMATION, num=n, **common))
-
-
-def top_label(labels: Iterable[tuple[str, float]]) -> str:
-    """The most confident label; ties to the lexicographically smallest; ``"<none>"`` if empty."""
-    labels = [(str(name), float(confidence)) for name, confidence in labels]
-    if not labels:
-        return NO_LABEL
-    best = max(confidence for _, confidence in labels)
-    return min(name for name, confidence in labels if confidence == best)
-
-
-@dataclass(frozen=True)
-class ApiCertificate:
-    """A certificate over string labels: ``cert`` indexes ``labels``."""
-
-    cert: smoothing.Certificate
-    labels: list[str]
-    clean_label: str
-
-    @property
-    def label_index(self) -> int:
-        return self.labels.index(self.clean_label)
-
-    @property
-    def certified_label(self) -> str | None:
-        return None if self.cert.abstained else self.labels[self.cert.prediction]
-
-    @property
-    def correct(self) -> bool:
-        return self.certified_label == self.clean_label
-
-
-def certify_labels(clean_label: str, selection: Sequence[str], estimation: Sequence[str], *,
-                   alpha: float, sigma: float) -> ApiCertificate:
-    """CERTIFY from the top labels of the selection and estimation queries."""
-    labels = sorted({clean_label, *selection, *estimation})
-    position = {label: i for i, label in enumerate(labels)}
-    counts_selection = np.bincount([position[label] for label in selection], minlength=len(labels))
-    counts_estimation = np.bincount([position[label] for label in estimation], minlength=len(labels))
-    cert = smoothing.certify_counts(counts_selection, counts_estimation, alpha=alpha, sigma=sigma,
-                                    n0=len(selection), n=len(estimation))
-    return ApiCertificate(cert, labels, clean_label)
-
-
-def selection_winner(clean_label: str, selection: Sequence[str]) -> str:
-    """cA as ``certify_labels`` picks it: the most frequent selection label, ties to the smallest label."""
-    labels = sorted({clean_label, *selection})
-    votes = np.bincount([labels.index(label) for label in selection], minlength=len(labels))
-    return labels[int(np.argmax(votes))]
-
-
-def certify_labels_at_radius(clean_label: str, selection: Sequence[str], estimation: Sequence[str], *,
-                             radius: float, alpha: float, sigma: float, max_n: int, batch: int) -> ApiCertificate:
-    """The sequential test at ``radius`` (``dsq.sequential``) over the estimation labels in batches of ``batch``.
-
-    Batches after the decision are ignored; labels that run out before a decision leave the test
-    undecided, which certifies nothing (stopping at any time keeps the guarantee).
-    """
-    c_a = selection_winner(clean_label, selection)
-    test = sequential.SequentialTest.at_radius(radius, sigma, alpha, max_n)
-    for start in range(0, len(estimation), batch):
-        chunk = estimation[start:start + batch]
-        if test.update(sum(label == c_a for label in chunk), len(chunk)) != sequential.CONTINUE:
-            break
-    used = list(estimation[:test.trials])
-    labels = sorted({clean_label, *selection, *used})
-    position = {label: i for i, label in enumerate(labels)}
-    counts_selection = np.bincount([position[label] for label in selection], minlength=len(labels))
-    counts_estimation = np.bincount([position[label] for label in used], minlength=len(labels))
-    cert = sequential.to_certificate(test, counts_selection, counts_estimation, n0=len(selection), sigma=sigma,
-                                     radius=radius)
-    return ApiCertificate(cert, labels, clean_label)
 
 
 def load_image(path: str, size: int | None = None) -> torch.Tensor:

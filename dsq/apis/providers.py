@@ -34,7 +34,6 @@ from typing import Mapping
 from dsq.apis import ratelimit
 from dsq.errors import MissingCredentials
 from dsq.apis.ratelimit import FATAL, THROTTLE, TRANSIENT, Decision
-from dsq.apis.spec import EMBEDDED
 
 MAX_LABELS = 10
 TIMEOUT_S = 30.0
@@ -50,6 +49,9 @@ NEEDED = {
     "azure": "set VISION_ENDPOINT (https://NAME.cognitiveservices.azure.com) and VISION_KEY",
     "clarifai": "set CLARIFAI_PAT (a Clarifai personal access token)",
 }
+
+PROVIDERS = ("aws", "google", "azure", "clarifai")
+EMBEDDED = "embedded"  # the endpoint of an emulator started inside the API actor: no credentials, no network
 
 
 class ProviderStatus(Exception):

@@ -30,6 +30,9 @@ from dsq.errors import InvalidArgument
 
 T = TypeVar("T")
 THROTTLE, TRANSIENT, FATAL = "throttle", "transient", "fatal"
+# Threads of one API actor: each waits on one query in flight; 64 saturates every vendor's default quota
+# (DEFAULT_LIMITS) with room for slow answers, and keeps the actor's threads and connections bounded.
+MAX_CONCURRENCY = 64
 
 
 @dataclass(frozen=True)

@@ -1,44 +1,29 @@
-"""Job kinds: one module each (its spec, its checks, what it holds while it runs), registered here once.
+"""Job kinds: one module each (its spec, its submit-time check, what a running job holds), registered here once.
 
-A kind is run by a loop in ``workers/`` named by ``run`` (``module:function``), so the library never
-imports ``workers/``. Adding a kind is one module here with its ``KIND``, its entry in ``_load`` (and its
-spec class in ``dsq.specs.SPECS``, which rebuilds stored specs), and its loop in ``workers/``.
+Adding a kind is one module here (with its ``KIND``) and its entry in ``KINDS``, and its loop in ``workers/``
+(``workers.runner.LOOPS``). The kind modules import no torch at module level, so rebuilding a stored spec
+(``from_dict``) is cheap: ``dsq cancel`` and ``dsq resume`` do it without loading a model.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
-from dsq.errors import UnknownName
+from dsq import specs
+from dsq.errors import InvalidArgument, UnknownName
+from dsq.kinds import certify, certify_api, train
 
-
-@dataclass(frozen=True)
-class Kind:
-    name: str
-    spec: type  # frozen dataclass with to_dict(); constructing it validates it
-    check: Callable  # (session, spec, settings) -> work total; raises a DsqError when the job cannot run
-    demand: Callable  # (spec, cluster resources) -> what a running job holds, e.g. {"CPU": 1.0}
-    run: str  # "module:function" in workers/: (engine, settings, job_id, spec, control) -> None
-
-    def runner(self) -> Callable:
-        module, _, function = self.run.partition(":")
-        return getattr(importlib.import_module(module), function)
+KINDS = {kind.name: kind for kind in (train.KIND, certify.KIND, certify_api.KIND)}
 
 
-def _load() -> dict[str, Kind]:
-    from dsq.kinds import certify, certify_api, train
-
-    return {kind.name: kind for kind in (train.KIND, certify.KIND, certify_api.KIND)}
-
-
-def get(name: str) -> Kind:
-    kinds = _load()
-    if name not in kinds:
-        raise UnknownName(f"unknown job kind {name!r}; expected one of {', '.join(kinds)}")
-    return kinds[name]
+def get(name: str) -> specs.Kind:
+    if name not in KINDS:
+        raise UnknownName(f"unknown job kind {name!r}; expected one of {', '.join(KINDS)}")
+    return KINDS[name]
 
 
-def on_gpu(cluster: dict) -> bool:
-    return cluster.get("GPU", 0) >= 1
+def from_dict(data: dict[str, Any]):
+    """Rebuild (and so validate again) a stored spec from its JSON form."""
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"a job spec must be a JSON object, got {type(data).__name__}")
+    return specs.rebuild(get(data.get("kind")).spec, data)

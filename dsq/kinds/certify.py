@@ -1,92 +1,109 @@
-"""The ``certify`` kind: certify the smoothed f o D on a deterministic subset of a dataset."""
+"""The ``certify`` kind: certify the smoothed f o D on a deterministic subset of a dataset.
+
+Its spec, its submit-time check, what a running job holds, and the steps its loop
+(``workers/certify_loop.py``) shares with the sampler actors. The spec loads without torch (``dsq
+cancel`` and ``dsq resume`` rebuild specs): the model and data modules are imported by the functions
+that use them.
+"""
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 from sqlalchemy.orm import Session
 
-from dsq import datasets, references, sizing, smoothing, specs
+from dsq import checks, specs
 from dsq.db import repo
 from dsq.errors import InvalidArgument
-from dsq.kinds import Kind, on_gpu
 from dsq.settings import Settings
-from dsq.smoothing import Certificate
-from dsq.specs import CertifySpec
+
+if TYPE_CHECKING:
+    from dsq.bounds import Certificate
+
+DEFAULT_N = 100_000  # Cohen et al.'s n: certifies up to ~4 sigma at alpha 0.001 (bounds.max_radius)
+
+
+@dataclass(frozen=True)
+class CertifySpec(specs.TargetRadiusMode):
+    """Certify the smoothed classifier f o D on a deterministic subset of a dataset."""
+
+    dataset: str
+    classifier: str
+    sigma: float
+    denoiser: str | None = None
+    n0: int = 100
+    n: int = DEFAULT_N
+    alpha: float = 0.001
+    batch_size: int | None = None  # None: chosen for the hardware when the job starts (dsq.sizing), then kept
+    split: str = "test"
+    skip: int = 1
+    max_images: int | None = None
+    seed: int = 0
+    workers: int | None = None  # None: one sampler actor per GPU, else one single-threaded actor per CPU
+    precision: str = "fp32"  # bf16/fp16 autocast changes f: it is recorded with every result
+    compile: bool = False  # noqa: A003 - torch.compile the sampler's model
+    radius: float | None = None  # a target radius: sequential certification, "radius >= r or not" per image
+    max_n: int | None = None  # sequential: the most estimation samples per image (None: n)
+    size: int | None = None  # resize and center-crop images to size x size (None: a folder's own size)
+    data_root: str | None = None
+    name: str | None = None
+    models: dict = field(default_factory=dict)  # the user's own models' options: {reference: {weights, args, ...}}
+    kind: str = "certify"
+
+    def __post_init__(self):
+        specs.check_common(self, "certify")
+        specs.check_certification(self)
+        if self.batch_size is not None:
+            checks.positive_int("batch size", self.batch_size)
+        checks.choice("split", self.split, ("train", "test"))
+        checks.positive_int("skip", self.skip)
+        if self.workers is not None:
+            checks.positive_int("workers", self.workers)
+        checks.choice("precision", self.precision, specs.PRECISIONS)
+        if not isinstance(self.compile, bool):
+            raise InvalidArgument(f"compile must be true or false, got {self.compile!r}")
+        if self.max_images is not None:
+            checks.positive_int("max images", self.max_images)
+        specs.check_models(self)
+
+    def references(self) -> tuple[str, ...]:
+        return tuple(r for r in (self.classifier, self.denoiser) if r)
+
+    def model_roles(self) -> list[tuple[str, str]]:
+        return [(self.classifier, "classifier")] + ([(self.denoiser, "denoiser")] if self.denoiser else [])
+
+    def to_dict(self) -> dict:
+        return specs.to_dict(self)
 
 
 def check(session: Session, spec: CertifySpec, settings: Settings) -> int:
-    """n can certify something, data is there and, when its models exist now, f o D takes its images; work = images."""
-    specs.reach(spec)
+    """Data is there and, when its models exist now, f o D takes its images and has its classes; work = images."""
+    from dsq import datasets, pipeline, references  # torch: only a submission loads models
+
     root = spec.data_root or settings.data_root
-    dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size)
-    classes = datasets.dataset_info(spec.dataset, root=root, size=spec.size).num_classes
+    info = datasets.dataset_info(spec.dataset, root=root, size=spec.size)
     if all(references.available(session, r) for r in spec.references()):
         models = [references.load(session, r, settings, role, spec.models.get(r)) for r, role in spec.model_roles()]
-        dataset, _ = job_dataset(spec, root, model_channels(*models))
-        outputs = takes_images(torch.nn.Sequential(*reversed(models)), dataset[0][0], spec)
+        dataset, _ = pipeline.job_dataset(spec, root, pipeline.model_channels(*models))
+        outputs = pipeline.takes_images(models, dataset[0][0], spec)
     else:  # a classifier still to be trained will have the classes of its own dataset
+        dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size)
         outputs = references.trained_classes(session, spec.classifier, settings)
-    if outputs is not None and outputs != classes:
-        raise InvalidArgument(f"the classifier has {outputs} outputs but dataset {spec.dataset} has {classes} "
-                              "classes: its labels and the predictions would not match")
-    return len(image_plan(spec, dataset))
-
-
-def model_channels(classifier: torch.nn.Module, denoiser: torch.nn.Module | None = None) -> int | None:
-    """The channels of the images f o D takes (D's, else f's); None when the models do not say."""
-    taken = smoothing.input_channels(classifier)
-    if denoiser is None:
-        return taken
-    denoised = smoothing.input_channels(denoiser)
-    if denoised is not None and taken is not None and denoised != taken:
-        raise InvalidArgument(f"the denoiser takes and returns {denoised}-channel images but the classifier takes "
-                              f"{taken}-channel images: they cannot be chained")
-    return taken if denoised is None else denoised
-
-
-def job_dataset(spec: CertifySpec, root: str | None, channels: int | None):
-    """``(dataset, note)``: the job's images with the ``channels`` f o D takes, and a line saying any conversion."""
-    if channels not in (None, 1, 3):
-        raise InvalidArgument(f"the model takes {channels}-channel images; dsq converts images to 1 (grayscale) or "
-                              f"3 (RGB) channels only")
-    own = datasets.image_channels(spec.dataset, spec.split, root=root)
-    dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size, channels=channels)
-    return dataset, datasets.channel_note(spec.dataset, own, channels)
-
-
-def takes_images(model: torch.nn.Module, x: torch.Tensor, spec: CertifySpec) -> int:
-    """``smoothing.check_image``, its refusal naming the channels and size of the dataset's images."""
-    try:
-        return smoothing.check_image(model, x)
-    except InvalidArgument as error:
-        resizable = spec.size is None and (spec.dataset.startswith("folder") or spec.dataset == "imagenet")
-        raise InvalidArgument(f"{error} (the images of {spec.dataset} are {x.shape[0]}-channel, "
-                              f"{x.shape[2]}x{x.shape[1]}{'; --size N resizes them' if resizable else ''})") from None
+    if outputs is not None and outputs != info.num_classes:
+        raise InvalidArgument(f"the classifier has {outputs} outputs but dataset {spec.dataset} has "
+                              f"{info.num_classes} classes: its labels and the predictions would not match")
+    return len(pipeline.image_plan(spec, dataset))
 
 
 def demand(spec: CertifySpec, cluster: dict) -> dict:
     """Its sampler actors: one GPU each (at most the cluster's), else one CPU each."""
+    from dsq import sizing
+
     workers = spec.workers or sizing.default_workers(cluster)
-    if on_gpu(cluster):
+    if specs.on_gpu(cluster):
         return {"GPU": float(min(workers, cluster["GPU"]))}
     return {"CPU": float(workers)}
-
-
-def image_plan(spec: CertifySpec, dataset) -> list[int]:
-    """The dataset indices a certify job covers, in order (every skip-th, at most max)."""
-    return datasets.test_subset(dataset, skip=spec.skip, max=spec.max_images)
-
-
-def load_pipeline(classifier: str | dict, denoiser: str | dict | None, device, settings: Settings | None = None):
-    """f o D (or f alone), in eval mode on ``device``, from checkpoint paths or ``references.source``s."""
-    def load(model, role):
-        found = references.file_source(model) if isinstance(model, str) else model
-        return references.load_source(settings, found, role, device)
-
-    classifier = load(classifier, "classifier")
-    if denoiser is None:
-        return classifier.eval()
-    return torch.nn.Sequential(load(denoiser, "denoiser"), classifier).eval()
 
 
 def record_certificate(session: Session, job_id: int, image_index: int, label: int, cert: Certificate,
@@ -113,4 +130,4 @@ def sequential_extra(spec) -> dict:
     return {"mode": "sequential", "target_radius": spec.radius, "max_n": spec.max_n}
 
 
-KIND = Kind(name="certify", spec=CertifySpec, check=check, demand=demand, run="workers.certify_loop:run")
+KIND = specs.Kind(name="certify", spec=CertifySpec, check=check, demand=demand)

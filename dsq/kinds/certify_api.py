@@ -1,10 +1,191 @@
-"""The ``certify-api`` kind: certify a vision API's smoothed top label (its checks live in ``dsq.apis.jobs``)."""
+"""The ``certify-api`` kind: certify a black-box vision API (Salman et al. 2020, section 5).
+
+Its spec, its submit-time check (credentials, endpoint, images, denoiser), what a running job holds, its
+cost estimate and budget, and how one image's certificate is stored. The runner is ``workers/api_runner.py``.
+Nothing here imports torch at module level (``dsq resume --max-queries`` rebuilds the spec).
+
+``endpoint`` says which server answers the queries:
+
+- ``None``        the vendor's real service (credentials from the SDK's standard configuration)
+- ``"embedded"``  an emulator started inside the API actor (no credentials, nothing leaves the machine)
+- ``HOST:PORT`` or ``http://HOST:PORT``  an emulator (``dsq emulate``) or any compatible server
+
+Images come from a registered dataset (``dataset``, ``split``, ``skip``, ``max_images``) or from a list of
+image files (``inputs``); the image index of a file is its position in the list. Credentials are never part
+of a spec.
+
+With a target ``radius`` the job certifies sequentially (``dsq.sequential``): estimation queries go out in
+batches, in sample order, until the test decides "radius >= r or not", at most ``max_n`` per image (default n).
+"""
 
 from __future__ import annotations
 
-from dsq.apis import jobs as api_jobs
-from dsq.apis.spec import ApiCertifySpec
-from dsq.kinds import Kind
+import dataclasses
+import math
+import re
+import os
+import socket
+from dataclasses import dataclass
+from typing import Mapping
+
+from sqlalchemy.orm import Session
+
+from dsq import checks, specs
+from dsq.apis import providers, ratelimit
+from dsq.db import repo
+from dsq.errors import DatasetMissing, EndpointUnreachable, InvalidArgument, UnknownName
+from dsq.settings import Settings
+
+DEFAULT_N = 100  # estimation queries per image: Salman et al.'s API experiments (section 5) use n = 100
+_ADDRESS = re.compile(r"^(https?://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}/?$")
+PRICES_PER_1000 = {
+    "aws": 1.00,       # Rekognition Image, DetectLabels, first 1M images a month
+    "google": 1.50,    # Cloud Vision label detection, 1,001st to 5Mth unit a month
+    "azure": 1.00,     # AI Vision Image Analysis S1, tags, first 1M transactions a month
+    "clarifai": 1.20,  # general image recognition, pay-as-you-go
+}
+VENDOR = "vendor"
+
+
+@dataclass(frozen=True)
+class ApiCertifySpec(specs.TargetRadiusMode):
+    """Certify ``provider``'s smoothed top label (optionally behind a denoiser) on images."""
+
+    provider: str
+    sigma: float
+    dataset: str | None = None
+    inputs: tuple[str, ...] = ()
+    split: str = "test"
+    skip: int = 1
+    max_images: int | None = None
+    size: int | None = None
+    scale: int = 1
+    endpoint: str | None = None
+    denoiser: str | None = None
+    n0: int = 20
+    n: int = DEFAULT_N
+    alpha: float = 0.001
+    max_queries: int | None = None
+    qps: float | None = None
+    burst: int | None = None
+    concurrency: int | None = None
+    price_per_1000: float | None = None
+    seed: int = 0
+    radius: float | None = None  # a target radius: sequential certification (dsq.specs.check_certification)
+    max_n: int | None = None  # sequential: the most estimation queries per image (None: n)
+    data_root: str | None = None
+    name: str | None = None
+    kind: str = "certify_api"
+
+    def __post_init__(self):
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        if self.provider not in providers.PROVIDERS:
+            raise UnknownName(f"unknown provider {self.provider!r}; expected one of {', '.join(providers.PROVIDERS)}")
+        specs.check_common(self, "certify_api")
+        specs.check_certification(self)
+        self._check_images()
+        self._check_endpoint()
+        self._check_limits()
+
+    @property
+    def queries_per_image(self) -> int:
+        """n0 selection + n estimation queries (at most max_n in sequential mode) + the clean query."""
+        return self.n0 + self.most_n + 1
+
+    def references(self) -> tuple[str, ...]:
+        return (self.denoiser,) if self.denoiser else ()
+
+    def model_roles(self) -> list[tuple[str, str]]:
+        return [(self.denoiser, "denoiser")] if self.denoiser else []
+
+    def to_dict(self) -> dict:
+        return specs.to_dict(self)
+
+    def with_budget(self, max_queries: int | None) -> "ApiCertifySpec":
+        return dataclasses.replace(self, max_queries=max_queries)
+
+    def _check_images(self):
+        if bool(self.dataset) == bool(self.inputs):
+            raise InvalidArgument("give either a dataset or a list of input images, not both and not neither")
+        if any(not isinstance(path, str) or not path for path in self.inputs):
+            raise InvalidArgument("every input must be a file path")
+        if self.split not in ("train", "test"):
+            raise InvalidArgument(f"split must be train or test, got {self.split!r}")
+        checks.positive_int("skip", self.skip)
+        checks.positive_int("scale", self.scale)
+        for name in ("max_images",):
+            if getattr(self, name) is not None:
+                checks.positive_int(name.replace("_", " "), getattr(self, name))
+
+    def _check_endpoint(self):
+        if self.endpoint is None or self.endpoint == providers.EMBEDDED:
+            return
+        if not isinstance(self.endpoint, str) or not _ADDRESS.match(self.endpoint):
+            raise InvalidArgument(f"endpoint must be 'embedded', HOST:PORT or http://HOST:PORT, got {self.endpoint!r}")
+
+    def _check_limits(self):
+        if self.max_queries is not None:
+            checks.positive_int("max queries", self.max_queries)
+            if self.max_queries < self.queries_per_image:
+                n = "max n" if self.sequential else "n"
+                raise InvalidArgument(f"max queries {self.max_queries} is smaller than one image needs "
+                                      f"(n0 + {n} + 1 = {self.queries_per_image})")
+        for name in ("qps", "price_per_1000"):
+            value = getattr(self, name)
+            if value is not None and (not checks.is_real(value) or not math.isfinite(value) or value < 0
+                                      or (name == "qps" and value == 0)):
+                raise InvalidArgument(f"{name.replace('_', ' ')} must be a finite number > 0, got {value!r}")
+        if self.burst is not None:
+            checks.positive_int("burst", self.burst)
+        if self.concurrency is not None:
+            checks.positive_int("concurrency", self.concurrency)
+            if self.concurrency > ratelimit.MAX_CONCURRENCY:
+                raise InvalidArgument(f"concurrency must be at most {ratelimit.MAX_CONCURRENCY}, got {self.concurrency}")
+
+
+def default_endpoint(provider: str, env: Mapping[str, str]) -> str | None:
+    """The vendor when credentials are configured, else the embedded emulator."""
+    return None if providers.has_credentials(provider, env) else providers.EMBEDDED
+
+
+def service_name(spec: ApiCertifySpec) -> str:
+    """Who answers: ``vendor``, ``embedded`` or ``emulator:HOST:PORT`` (part of the answer cache key)."""
+    if spec.endpoint is None:
+        return VENDOR
+    return providers.EMBEDDED if spec.endpoint == providers.EMBEDDED else f"emulator:{providers.host_port(spec.endpoint)}"
+
+
+def check(session: Session, spec: ApiCertifySpec, settings: Settings, env: Mapping[str, str] | None = None) -> int:
+    """Check that the job can run (n, credentials, endpoint, images, denoiser); return its image count."""
+    from dsq import references
+    from dsq.apis import images  # torch: images and the denoiser are loaded
+
+    env = providers.environment() if env is None else env
+    if spec.endpoint is None:
+        providers.check_credentials(spec.provider, env)
+    elif spec.endpoint != providers.EMBEDDED:
+        check_reachable(spec.endpoint)
+    missing = [path for path in spec.inputs if not os.path.isfile(path)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DatasetMissing(f"input not found: {missing[0]}{more}")
+    source = images.ImageSource(spec, settings)
+    if not source.indices:
+        raise InvalidArgument("no images to certify")
+    ready = spec.denoiser is None or references.available(session, spec.denoiser)
+    denoiser = images.load_denoiser(session, spec, settings) if ready else None  # else checked when the job runs
+    if denoiser is not None:
+        images.check_denoiser(denoiser, source)
+    return len(source.indices)
+
+
+def check_reachable(endpoint: str, timeout: float = 3.0) -> None:
+    host, _, port = providers.host_port(endpoint).rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as error:
+        raise EndpointUnreachable(f"nothing answers at endpoint {endpoint}: {error}") from None
 
 
 def demand(spec: ApiCertifySpec, cluster: dict) -> dict:
@@ -12,5 +193,53 @@ def demand(spec: ApiCertifySpec, cluster: dict) -> dict:
     return {"CPU": 0.25}
 
 
-KIND = Kind(name="certify_api", spec=ApiCertifySpec, check=api_jobs.check_spec, demand=demand,
-            run="workers.api_runner:run")
+@dataclass(frozen=True)
+class Estimate:
+    images: int
+    queries: int
+    budget: int | None
+    price_per_1000: float
+    qps: float
+    per_image: str = "n0 + n + 1"  # sequential: "n0 + max n + 1", a bound it usually stays far below
+
+    @property
+    def billed(self) -> int:
+        return min(self.queries, self.budget) if self.budget else self.queries
+
+    @property
+    def cost(self) -> float:
+        return self.billed * self.price_per_1000 / 1000
+
+    @property
+    def seconds(self) -> float:
+        return self.billed / self.qps
+
+    def lines(self, provider: str) -> list[str]:
+        budget = f", budget {self.budget}" if self.budget else ""
+        return [f"{provider}: {self.images} images x ({self.per_image}) = {self.queries} queries at most{budget}",
+                f"cost at most ${self.cost:,.2f} (${self.price_per_1000:g} per 1,000; stored answers are not re-paid)",
+                f"time at least {self.seconds:,.1f} s at {self.qps:g} queries/s"]
+
+
+def estimate(spec: ApiCertifySpec, images: int) -> Estimate:
+    """Upper bound on queries, cost and a lower bound on time (answers already stored cost nothing)."""
+    price = spec.price_per_1000 if spec.price_per_1000 is not None else PRICES_PER_1000[spec.provider]
+    qps = ratelimit.limits_for(spec.provider, spec.qps, spec.burst, spec.concurrency).qps
+    per_image = "n0 + max n + 1" if spec.sequential else "n0 + n + 1"
+    return Estimate(images, images * spec.queries_per_image, spec.max_queries, price, qps, per_image)
+
+
+def raise_budget(session: Session, job_id: int, max_queries: int | None) -> ApiCertifySpec:
+    """Store a new query budget in a certify-api job's spec (``None``: no budget) before a resume."""
+    job = repo.get_job(session, job_id)
+    if job.kind != "certify_api":
+        raise InvalidArgument(f"--max-queries applies to certify-api jobs; job {job_id} is a {job.kind} job")
+    spec = specs.rebuild(ApiCertifySpec, job.spec).with_budget(max_queries)
+    paid = repo.count_paid_api_answers(session, job_id)
+    if max_queries is not None and max_queries <= paid:
+        raise InvalidArgument(f"job {job_id} already paid for {paid} queries: --max-queries must be larger")
+    repo.set_job_spec(session, job_id, spec.to_dict())
+    return spec
+
+
+KIND = specs.Kind(name="certify_api", spec=ApiCertifySpec, check=check, demand=demand)

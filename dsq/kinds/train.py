@@ -1,76 +1,145 @@
-"""The ``train`` kind: train a denoiser (against frozen classifiers) or a classifier, store its checkpoint."""
+"""The ``train`` kind: train a denoiser (against frozen classifiers) or a classifier, store its checkpoint.
+
+Its spec, its submit-time check, what a running job holds, and the training run its trainer actor
+(``workers/trainer.py``) calls. The spec loads without torch (``dsq cancel`` and ``dsq resume`` rebuild
+specs): the model and data modules are imported by the functions that use them.
+"""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
-from dsq import artifacts, checkpoints, datasets, references, smoothing, specs, training, usermodels
+from dsq import checks, specs, usermodels
 from dsq.db import repo
 from dsq.db.session import session_scope
-from dsq.errors import InvalidArgument, JobCancelled
-from dsq.kinds import Kind, on_gpu
+from dsq.errors import InvalidArgument, UnknownName
 from dsq.settings import Settings
-from dsq.specs import TrainSpec
+
+TARGETS = ("denoiser", "classifier")
+OPTIMIZERS = ("adam", "sgd")
+OPTIMIZER_NUMBERS = {  # name: (accepts the value, the rule in words)
+    "lr": (lambda v: v > 0, "> 0"),
+    "lr_gamma": (lambda v: v > 0, "> 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+}
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Train a denoiser (against frozen classifiers) or a classifier."""
+
+    dataset: str
+    target: str
+    arch: str
+    objective: str
+    sigma: float
+    arch_kwargs: dict = field(default_factory=dict)
+    classifier: str | None = None
+    surrogates: tuple[str, ...] = ()
+    init: str | None = None
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 10
+    batch_size: int = 128
+    lr_step: int = 30
+    lr_gamma: float = 0.1
+    seed: int = 0
+    size: int | None = None  # resize and center-crop images to size x size (None: a folder's own size)
+    data_root: str | None = None
+    name: str | None = None
+    models: dict = field(default_factory=dict)  # the user's own models' options: {reference: {weights, args, ...}}
+    kind: str = "train"
+
+    def __post_init__(self):
+        specs.check_common(self, "train")
+        specs.check_sigma(self.sigma, allow_zero=self.objective == "standard")
+        object.__setattr__(self, "surrogates", specs.references_tuple("surrogates", self.surrogates))
+        if not isinstance(self.arch_kwargs, dict) or not all(isinstance(k, str) for k in self.arch_kwargs):
+            raise InvalidArgument(f"arch_kwargs must be a dict of argument names to values, got {self.arch_kwargs!r}")
+        checks.choice("target", self.target, TARGETS)
+        checks.choice("optimizer", self.optimizer, OPTIMIZERS)
+        allowed = specs.DENOISER_OBJECTIVES if self.target == "denoiser" else specs.CLASSIFIER_OBJECTIVES
+        if self.objective not in allowed:
+            raise UnknownName(f"unknown {self.target} objective {self.objective!r}; expected one of {', '.join(allowed)}")
+        for name in ("epochs", "batch_size", "lr_step"):
+            checks.positive_int(name, getattr(self, name))
+        self._check_optimizer_numbers()
+        self._check_models()
+        if self.init and usermodels.form(self.init) in ("torchvision", "factory"):
+            raise InvalidArgument(f"--init must be a dsq checkpoint (job:N or a file dsq wrote), got {self.init}")
+        specs.check_models(self)
+    def _check_optimizer_numbers(self):
+        for name, (ok, rule) in OPTIMIZER_NUMBERS.items():
+            checks.finite(name, getattr(self, name), ok, rule)
+
+    def _check_models(self):
+        if self.classifier and self.surrogates:
+            raise InvalidArgument("give either --classifier (white-box) or --surrogate (black-box), not both")
+        if self.target == "denoiser" and self.objective in specs.NEEDS_CLASSIFIER:
+            if not self.classifier and not self.surrogates:
+                raise InvalidArgument(f"objective {self.objective!r} needs --classifier (white-box) or --surrogate (black-box)")
+        if self.objective == "stab_mse" and not self.init:
+            raise InvalidArgument("objective 'stab_mse' fine-tunes an MSE denoiser: give --init CHECKPOINT")
+
+    @property
+    def classifiers(self) -> tuple[str, ...]:
+        """The classifiers the objective uses: the target (white-box) or the surrogates."""
+        return (self.classifier,) if self.classifier else self.surrogates
+
+    def references(self) -> tuple[str, ...]:
+        return tuple(r for r in (*self.classifiers, self.init) if r)
+
+    def model_roles(self) -> list[tuple[str, str]]:
+        """(reference, the kind of model it must be) for each model this job loads."""
+        return [(r, "classifier") for r in self.classifiers] + ([(self.init, self.target)] if self.init else [])
+
+    def to_dict(self) -> dict:
+        return specs.to_dict(self)
 
 
 def check(session: Session, spec: TrainSpec, settings: Settings) -> int:
     """Data, architecture and store are usable, and the models that exist now fit the data; work = epochs."""
+    from dsq import artifacts, checkpoints, pipeline, references, smoothing, training  # torch: models are loaded
+
     root = spec.data_root or settings.data_root
     classifiers = [references.load(session, reference, settings, "classifier", spec.models.get(reference))
                    for reference in spec.classifiers if references.available(session, reference)]
-    info, train_set, _, _ = job_data(spec, root, classifiers)
+    info, train_set, _, _ = pipeline.train_data(spec, root, classifiers)
     artifacts.store_for(settings).check()  # fail now, not after training, if the checkpoint cannot be stored
     training.build_model(spec, info)
     for model in classifiers:
         smoothing.check_image(model, train_set[0][0])
-    if spec.init and not references.is_job_reference(spec.init) and usermodels.is_torchscript(spec.init):
+    if spec.init and not specs.is_job_reference(spec.init) and usermodels.is_torchscript(spec.init):
         raise InvalidArgument(f"--init {spec.init} is a TorchScript file: fine-tuning needs a dsq checkpoint "
                               "(job:N or a file dsq wrote)")
     if spec.init and references.available(session, spec.init):
         checkpoints.load_checkpoint(references.resolve(session, spec.init, settings))
     return spec.epochs
 
-
-def job_data(spec: TrainSpec, root: str | None, models: list):
-    """``(info, train set, test set, notes)`` of a train job, its images converted to the channels its models take.
-
-    Without models that say (a classifier trained from scratch), the test images' own channels. ``notes`` say
-    what is converted; train images of another size than the test images are refused.
-    """
-    taken = sorted({c for c in map(smoothing.input_channels, models) if c is not None})
-    if len(taken) > 1:
-        raise InvalidArgument(f"the models of this job take images of different channels ({taken[0]} and "
-                              f"{taken[1]}): they cannot be trained on the same images")
-    info = datasets.dataset_info(spec.dataset, root=root, size=spec.size, channels=taken[0] if taken else None)
-    sets = {split: datasets.get_dataset(spec.dataset, split, root=root, size=spec.size, channels=info.channels)
-            for split in ("train", "test")}
-    shape = tuple(sets["train"][0][0].shape)
-    if shape != info.shape:
-        raise InvalidArgument(f"the train images of {spec.dataset} are {shape[2]}x{shape[1]} but its test images "
-                              f"{info.width}x{info.height}: pass --size N to resize both to NxN")
-    notes = [datasets.channel_note(f"{spec.dataset} ({split})",
-                                   datasets.image_channels(spec.dataset, split, root=root), info.channels)
-             for split in sets]
-    return info, sets["train"], sets["test"], [note for note in notes if note]
-
-
 def demand(spec: TrainSpec, cluster: dict) -> dict:
     """One trainer actor: a GPU, or one CPU."""
-    return {"GPU": 1.0} if on_gpu(cluster) else {"CPU": 1.0}
+    return {"GPU": 1.0} if specs.on_gpu(cluster) else {"CPU": 1.0}
 
 
-def run_training(engine, settings: Settings, job_id: int, device: str) -> dict:
-    """Train what a train job describes, store its checkpoint and artifact row; return metrics."""
+def run_training(engine, settings: Settings, job_id: int, spec: TrainSpec, device: str) -> dict:
+    """Train what a train job describes, store its checkpoint and artifact row; return metrics.
+
+    Progress and the loss go to the job's row and log each epoch; its loop (``workers/train_loop.py``)
+    steers it (cancel, hand-back) and stops the actor this runs in.
+    """
+    from dsq import pipeline, references, training  # torch
+
     with session_scope(engine) as session:
-        spec = specs.from_dict(repo.get_job(session, job_id).spec)
         sources = {r: references.source(session, r, spec.models.get(r)) for r in spec.references()}
     frozen = [references.load_source(settings, sources[r], "classifier", device) for r in spec.classifiers]
     init = references.load_source(settings, sources[spec.init], spec.target, device) if spec.init else None
-    info, train_set, test_set, notes = job_data(spec, spec.data_root or settings.data_root,
-                                                frozen + ([init] if init is not None else []))
+    info, train_set, test_set, notes = pipeline.train_data(spec, spec.data_root or settings.data_root,
+                                                           frozen + ([init] if init is not None else []))
     if notes:  # images converted to the channels the job's models take: said in the job's log
         with session_scope(engine) as session:
             for note in notes:
@@ -78,8 +147,6 @@ def run_training(engine, settings: Settings, job_id: int, device: str) -> dict:
 
     def on_progress(done, total, metrics):
         with session_scope(engine) as session:
-            if repo.is_cancel_requested(session, job_id):
-                raise JobCancelled(f"job {job_id} was cancelled")
             repo.set_progress(session, job_id, done, total)
             repo.add_log(session, job_id, f"epoch {done}/{total} loss {metrics['loss']:.4f}")
 
@@ -91,6 +158,11 @@ def run_training(engine, settings: Settings, job_id: int, device: str) -> dict:
 
 def save_model(engine, settings: Settings, job_id: int, spec: TrainSpec, info, model, metrics) -> None:
     """Write the checkpoint, put it in the artifact store, record its location and sha256."""
+    import tempfile
+    from pathlib import Path
+
+    from dsq import artifacts, checkpoints
+
     name = spec.name or f"{spec.target}-{spec.arch}-{spec.objective}"
     arch_kwargs = dict(spec.arch_kwargs)
     if spec.target == "denoiser":
@@ -110,4 +182,4 @@ def save_model(engine, settings: Settings, job_id: int, spec: TrainSpec, info, m
         repo.add_log(session, job_id, f"saved {location} (sha256 {sha256[:12]})")
 
 
-KIND = Kind(name="train", spec=TrainSpec, check=check, demand=demand, run="workers.train_loop:run")
+KIND = specs.Kind(name="train", spec=TrainSpec, check=check, demand=demand)

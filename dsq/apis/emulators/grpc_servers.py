@@ -6,7 +6,7 @@ from concurrent import futures
 
 import grpc
 
-from dsq.apis.emulators import FAILED, THROTTLED, BadImage, Service
+from dsq.apis.emulators.service import FAILED, THROTTLED, BadImage, Service
 
 WORKERS = 32
 

@@ -10,7 +10,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from dsq.apis.emulators import FAILED, THROTTLED, BadImage, Service
+from dsq.apis.emulators.service import FAILED, THROTTLED, BadImage, Service
 
 AWS_TARGET = "RekognitionService.DetectLabels"
 AZURE_PATH = "/computervision/imageanalysis:analyze"

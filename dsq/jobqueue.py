@@ -120,11 +120,12 @@ def take(s: Session, job_id: int, worker: str, *, now: datetime | None = None) -
     return s.scalars(stmt, execution_options=_REFRESH).one_or_none()
 
 
-def beat(s: Session, job_id: int, worker: str, *, now: datetime | None = None) -> bool:
-    """Heartbeat of a running job; False when ``worker`` no longer runs it (it was taken over)."""
-    stmt = (update(Job).where(Job.id == job_id, Job.status == "running", Job.runner == worker)
-            .values(heartbeat_at=now or utcnow()).returning(Job.id))
-    return s.execute(stmt).first() is not None
+def steering(s: Session, job_id: int, worker: str) -> tuple[bool, bool]:
+    """``(cancel requested, still run by worker)`` of a running job: what its loop must obey, in one query."""
+    row = s.execute(select(Job.cancel_requested, Job.status, Job.runner).where(Job.id == job_id)).first()
+    if row is None:
+        return False, False
+    return bool(row.cancel_requested), row.status == "running" and row.runner == worker
 
 
 def release(s: Session, job_id: int, worker: str) -> bool:

@@ -1,0 +1,65 @@
+"""The images of a certify-api job, and the denoiser in front of the API: loaded and checked."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from sqlalchemy.orm import Session
+
+from dsq import checks, checkpoints, datasets, references
+from dsq.apis import base
+from dsq.errors import InvalidArgument, UnreadableImage
+from dsq.settings import Settings
+
+
+class ImageSource:
+    """The images a job certifies: dataset items or input files, by image index."""
+
+    def __init__(self, spec, settings: Settings):
+        self.spec = spec
+        if spec.dataset:
+            self.dataset = datasets.get_dataset(spec.dataset, spec.split, root=spec.data_root or settings.data_root,
+                                                size=spec.size)
+            self.indices = datasets.test_subset(self.dataset, skip=spec.skip, max=spec.max_images)
+        else:
+            indices = list(range(0, len(spec.inputs), spec.skip))
+            self.indices = indices[:spec.max_images] if spec.max_images else indices
+
+    def image(self, index: int) -> torch.Tensor:
+        """Image ``index`` as [C, H, W] in [0, 1]; UnreadableImage for a bad input file."""
+        if self.spec.dataset:
+            return self.dataset[index][0]
+        if not os.path.isfile(self.spec.inputs[index]):
+            raise UnreadableImage(f"{self.spec.inputs[index]}: file not found")
+        return base.load_image(self.spec.inputs[index], self.spec.size)
+
+    def describe(self, index: int) -> dict:
+        if self.spec.dataset:
+            label = int(self.dataset[index][1])
+            return {"dataset": self.spec.dataset, "split": self.spec.split, "dataset_label": label}
+        return {"input": self.spec.inputs[index]}
+
+
+def load_denoiser(session: Session, spec, settings: Settings) -> torch.nn.Module | None:
+    if not spec.denoiser:
+        return None
+    return checkpoints.load_checkpoint(references.resolve(session, spec.denoiser, settings))[0].eval()
+
+
+def check_denoiser(denoiser: torch.nn.Module, source: ImageSource) -> None:
+    for index in source.indices:
+        try:
+            x = source.image(index)
+        except UnreadableImage:
+            continue
+        with torch.inference_mode():
+            try:
+                out = denoiser(x[None])
+            except RuntimeError as error:
+                raise InvalidArgument(f"the denoiser cannot take an image of shape {tuple(x.shape)}: "
+                                      f"{checks.first_line(error)}") from None
+        if out.shape != x[None].shape:
+            raise InvalidArgument(f"the denoiser maps {tuple(x.shape)} to {tuple(out.shape[1:])}; "
+                                  "it must keep the shape")
+        return
