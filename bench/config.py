@@ -50,7 +50,7 @@ TARGETS = (
 @dataclass(frozen=True)
 class BenchConfig:
     pair: str = "cifar"
-    batch_size: int | None = None  # None: what a certify job would choose (dsq.sizing), see ``dsq.bench.with_batch_size``
+    batch_size: int | None = None  # None: what a certify job would choose (dsq.sizing), see ``bench.with_batch_size``
     reference_batch_size: int = REFERENCE_BATCH_SIZE
     device: str = "cpu"
     threads: int = 2

@@ -1,4 +1,4 @@
-"""``python -m dsq.bench.gpu_check OUT_DIR [DEVICE]``: the GPU path of dsq, measured, with no Ray or database.
+"""``python -m bench.gpu_check OUT_DIR [DEVICE]``: the GPU path of dsq, measured, with no Ray or database.
 
 1. The throughput benchmark of ``dsq bench`` (in-process trials only) for the CIFAR-10 pair of
    BENCHMARKS.md (DnCNN 17x64 + ResNet-110), at the batch size a certify job would choose on the
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from dsq import bench, fastpath, sizing, smoothing, usermodels
-from dsq.bench.config import PAIRS, BenchConfig
-from dsq.bench.trials import build_pair
+import bench
+from bench.config import PAIRS, BenchConfig
+from bench.trials import build_pair
+from dsq import fastpath, sizing, smoothing, usermodels
 
 SAMPLES_PER_IMAGE = 100 + 100_000
 
