@@ -7,7 +7,8 @@
    (``dsq.sizing`` on a model hooks cannot see into) and certified on one image; its counts must
    equal those of the same net run eagerly on the same device.
 
-Writes ``gpu-check.json`` into OUT_DIR and prints what it measured.
+Writes ``gpu-check.json`` into OUT_DIR and prints what it measured. Run it from the checkout root (``-m`` puts
+the current folder, which holds ``bench/`` and ``dsq/``, on the path) or where dsq is installed.
 """
 
 from __future__ import annotations
