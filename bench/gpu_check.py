@@ -26,7 +26,7 @@ from bench.config import PAIRS, BenchConfig
 from bench.trials import build_pair
 from dsq import fastpath, sizing, smoothing, usermodels
 
-SAMPLES_PER_IMAGE = 100 + 100_000
+SAMPLES_PER_IMAGE = 100 + 100_000  # n0 + n of a certify job's defaults (Cohen et al.'s CIFAR-10 runs): per image
 
 
 def throughput(device: str) -> dict:

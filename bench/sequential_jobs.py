@@ -25,7 +25,7 @@ from dsq.errors import DsqError
 from dsq.settings import Settings
 
 METHODS = ("STAB+MSE white-box", "Cohen et al. (Gaussian training)")  # labels of the preset's [[methods]]
-EXPERIMENT = "sequential-bench"
+EXPERIMENT = "sequential-bench"  # a name no preset uses: a rerun in the same home reuses only this benchmark's models
 CHUNK = 25  # images per Ray task: 25 x 10,100 samples is a few seconds, small enough to spread over the CPUs
 
 
