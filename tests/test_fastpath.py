@@ -237,6 +237,25 @@ def test_counts_with_the_prepared_model_differ_at_most_by_rare_near_ties():
 
 
 # ----------------------------------------------------------------------------- the benchmark's helpers (not timed)
+def test_no_library_module_imports_the_benchmark():
+    """bench/ is a leaf: dsq/ and workers/ neither import it nor name it in a string (``dsq bench`` loads it)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    named = re.compile(r"^bench(\.\w+)*$|-m bench\b|\bbench\.[A-Za-z_]|(?<![\w./-])bench/")
+    found = []
+    for path in sorted([*(root / "dsq").rglob("*.py"), *(root / "workers").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            strings = [node.value] if isinstance(node, ast.Constant) and isinstance(node.value, str) else []
+            if any(m == "bench" or m.startswith("bench.") for m in modules) or any(named.search(s) for s in strings):
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not found, found
+
+
 def test_reference_loop_counts_every_sample():
     from bench import trials
 
