@@ -8,7 +8,7 @@ import typer
 
 from cli import common
 
-PAIRS = ("cifar", "cifar110", "digits")  # dsq.bench.PAIRS, without importing torch for --help
+PAIRS = ("cifar", "cifar110", "digits")  # bench.PAIRS, without importing torch for --help
 
 
 def register(app: typer.Typer) -> None:
@@ -48,7 +48,7 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
     Random weights (speed does not depend on them). The Ray jobs run on a local Ray started here,
     on a temporary SQLite database; the machine should otherwise be idle for meaningful numbers.
     """
-    from dsq import bench as benchmark
+    import bench as benchmark
     from dsq import report
 
     if cli:
@@ -67,7 +67,7 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
             repeats=repeats, samples=samples or None, workers=workers, ray_images=ray_images, ray_n=ray_n or None,
             memory_model=memory_model, variants=variants, ray=ray, memory=memory,
             batch_sweep=parse_sizes(batch_sweep))
-        from workers.bench_jobs import ray_jobs
+        from bench.jobs import ray_jobs
 
         results = benchmark.run(cfg, log=lambda line: common.errors.print(line, markup=False, highlight=False),
                                 ray_jobs=ray_jobs)
@@ -87,11 +87,11 @@ def parse_sizes(text: str) -> tuple[int, ...]:
 
 
 def queue_overhead(count: int, threads: int) -> None:
+    from bench import queue_overhead as overhead
     from dsq import report
-    from workers import queue_bench
 
-    found = queue_bench.measure(count, threads=threads or None,
-                                log=lambda line: common.errors.print(line, markup=False, highlight=False))
+    found = overhead.measure(count, threads=threads or None,
+                             log=lambda line: common.errors.print(line, markup=False, highlight=False))
     header = ["sampler actors", "jobs ok", "wall s", "sampling s", "overhead s/job", "first job s", "jobs/s"]
     rows = [[variant, f"{f['succeeded']}/{f['jobs']}", f"{f['wall_s']:.1f}", f"{f['sampling_s']:.1f}",
              f"{f['overhead_per_job_s']:.2f}", f"{f['first_job_s']:.1f}", f"{f['jobs_per_s']:.2f}"]
@@ -135,11 +135,11 @@ def sequential_comparison(images: int, home: str | None, out: str) -> None:
     """Sequential at r against fixed n = 10,000 and 1,000 on the digits demo's models; table, targets, JSON."""
     import json
 
+    from bench import sequential as rules
+    from bench import sequential_jobs
     from dsq import report
-    from dsq.bench import sequential as rules
-    from workers import sequential_bench
 
-    found = sequential_bench.measure(images, home, log=_log)
+    found = sequential_jobs.measure(images, home, log=_log)
     common.console.print(report.render_table(rules.HEADER, rules.table(found["rows"]), title=(
         f"sequential (max_n {found['max_n']:,}, a look every {found['batch']} samples) against fixed n, "
         f"{images} test digits, alpha {found['alpha']:g}")))
@@ -155,11 +155,11 @@ def sequential_comparison(images: int, home: str | None, out: str) -> None:
 
 def sequential_api_queries(images: int) -> None:
     """Billed queries per image of sequential certify-api jobs on the embedded emulator, against n0 + n + 1."""
+    from bench import sequential_jobs
     from dsq import report
-    from workers import sequential_bench
 
-    rows = sequential_bench.api_measure(images, n0=20, max_n=1000, sigma=0.25, multiples=(0.25, 0.5, 1.0, 1.5),
-                                        log=_log)
+    rows = sequential_jobs.api_measure(images, n0=20, max_n=1000, sigma=0.25, multiples=(0.25, 0.5, 1.0, 1.5),
+                                       log=_log)
     header = ["r / sigma", "certified %", "mean queries", "median queries", "fixed n0 + n + 1", "fewer (mean)"]
     table = [[f"{row['radius_over_sigma']:g}", f"{100 * row['certified']:.1f}", f"{row['mean_queries']:,.0f}",
               f"{row['median_queries']:,.0f}", f"{row['fixed_queries']:,}",

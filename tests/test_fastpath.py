@@ -237,8 +237,27 @@ def test_counts_with_the_prepared_model_differ_at_most_by_rare_near_ties():
 
 
 # ----------------------------------------------------------------------------- the benchmark's helpers (not timed)
+def test_no_library_module_imports_the_benchmark():
+    """bench/ is a leaf: dsq/ and workers/ neither import it nor name it in a string (``dsq bench`` loads it)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    named = re.compile(r"^bench(\.\w+)*$|-m bench\b|\bbench\.[A-Za-z_]|(?<![\w./-])bench/")
+    found = []
+    for path in sorted([*(root / "dsq").rglob("*.py"), *(root / "workers").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            strings = [node.value] if isinstance(node, ast.Constant) and isinstance(node.value, str) else []
+            if any(m == "bench" or m.startswith("bench.") for m in modules) or any(named.search(s) for s in strings):
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not found, found
+
+
 def test_reference_loop_counts_every_sample():
-    from dsq.bench import trials
+    from bench import trials
 
     model = pipeline()
     counts = trials.reference_sample_noise(model, torch.rand(1, 8, 8), 250, 100, 0.5, 10)
@@ -246,7 +265,7 @@ def test_reference_loop_counts_every_sample():
 
 
 def test_benchmark_ratios_and_verdicts():
-    from dsq import bench
+    import bench
 
     results = {"forward_samples_per_s": 100.0, "sampling_samples_per_s": 95.0, "reference_samples_per_s": 70.0,
                "peak_rss_mb_small_n": 1000.0, "peak_rss_mb_large_n": 1050.0,
@@ -266,7 +285,7 @@ def test_benchmark_ratios_and_verdicts():
 
 def test_synthetic_cifar10_reads_as_cifar10(tmp_path):
     from dsq import datasets
-    from dsq.bench import rayjobs
+    from bench import rayjobs
 
     rayjobs.write_synthetic_cifar10(tmp_path, images=3)
     test_set = datasets.get_dataset("cifar10", "test", root=str(tmp_path))
@@ -274,14 +293,15 @@ def test_synthetic_cifar10_reads_as_cifar10(tmp_path):
 
 
 def test_steady_rate_skips_start_up_and_the_draining_last_image():
-    from dsq.bench import rayjobs
+    from bench import rayjobs
 
     assert rayjobs.steady_rate([10.0, 12.0, 14.0, 14.5], per_image=100) == pytest.approx(50.0)
     assert np.isnan(rayjobs.steady_rate([10.0, 12.0], per_image=100))
 
 
 def test_benchmark_batch_size_is_what_a_certify_job_would_choose():
-    from dsq import bench, sizing
+    import bench
+    from dsq import sizing
 
     digits = bench.with_batch_size(bench.BenchConfig(pair="digits"))
     assert digits.batch_size == sizing.CPU_ACTIVATION_BYTES // (64 * 8 * 8 * 4) == 512  # small_cnn's widest layer

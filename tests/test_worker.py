@@ -243,8 +243,8 @@ def test_sampler_actors_are_reused_only_for_the_same_models():
 @pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
 def test_four_real_workers_racing_over_sixty_jobs_run_each_exactly_once(dialect, request, tmp_path):
     """Four `dsq worker --drain` processes, each with its own local Ray, share one database."""
-    from dsq.bench.config import PAIRS
-    from dsq.bench.rayjobs import save_pair
+    from bench.config import PAIRS
+    from bench.rayjobs import save_pair
 
     url = request.getfixturevalue(f"{dialect}_url")
     classifier, denoiser = save_pair(PAIRS["digits"], 0, tmp_path)

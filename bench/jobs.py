@@ -1,6 +1,7 @@
 """The benchmark's certification jobs through the real job system (local Ray, temporary SQLite), timed.
 
-``dsq.bench.run`` receives ``ray_jobs`` from the CLI, so the library never imports ``workers/``.
+``bench.run`` takes ``ray_jobs`` as an argument (the CLI passes this one), so the in-process trials and their
+child processes load neither Ray nor the job system.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dsq.bench.config import MIN_TIMED_WINDOW_S, BenchConfig, Log, Pair
-from dsq.bench.rayjobs import save_pair, steady_rate, write_synthetic_cifar10
-from dsq.bench.trials import Trial
+from bench.config import MIN_TIMED_WINDOW_S, BenchConfig, Log, Pair
+from bench.rayjobs import save_pair, steady_rate, write_synthetic_cifar10
+from bench.trials import Trial
 
 
 def ray_jobs(cfg: BenchConfig, pair: Pair, control: Trial, log: Log) -> dict:

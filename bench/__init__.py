@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from dsq import fastpath, sizing
-from dsq.bench.config import PAIRS, TARGETS, BenchConfig, Log
-from dsq.bench.trials import TrialProcess, batch_sweep, build_pair, in_process, peak_rss_in_subprocess
+from bench.config import PAIRS, TARGETS, BenchConfig, Log
+from bench.trials import TrialProcess, batch_sweep, build_pair, in_process, peak_rss_in_subprocess
 
 __all__ = ["PAIRS", "BenchConfig", "run", "ratios", "tables", "write_results"]
 
@@ -66,7 +66,7 @@ def with_batch_size(cfg: BenchConfig) -> BenchConfig:
 def run(cfg: BenchConfig, log: Log = print, ray_jobs=None) -> dict:
     """Every measurement of ``cfg``; the dict written to bench-results.json.
 
-    ``ray_jobs`` (``workers.bench_jobs.ray_jobs``) times real jobs when ``cfg.ray`` asks for them.
+    ``ray_jobs`` (``bench.jobs.ray_jobs``) times real jobs when ``cfg.ray`` asks for them.
     """
     cfg = with_batch_size(cfg)
     pair = PAIRS[cfg.pair]

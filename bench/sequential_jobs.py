@@ -5,7 +5,7 @@ denoiser and Cohen et al.'s Gaussian-trained classifier. They are trained as job
 worker in this process, as ``dsq demo`` does, in ``home`` (a temporary folder unless one is given;
 models a previous run trained there are reused). Each test digit is then sampled once per method and
 sigma, as Ray tasks of ``CHUNK`` images on single-threaded workers running f o D as the sampler actors
-do, and ``dsq.bench.sequential`` derives the three answers from the votes of each batch.
+do, and ``bench.sequential`` derives the three answers from the votes of each batch.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from bench import sequential as rules
 from dsq import demo, experiments, references
-from dsq.bench import sequential as bench
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import DsqError
 from dsq.settings import Settings
 
 METHODS = ("STAB+MSE white-box", "Cohen et al. (Gaussian training)")  # labels of the preset's [[methods]]
-EXPERIMENT = "sequential-bench"
+EXPERIMENT = "sequential-bench"  # a name no preset uses: a rerun in the same home reuses only this benchmark's models
 CHUNK = 25  # images per Ray task: 25 x 10,100 samples is a few seconds, small enough to spread over the CPUs
 
 
@@ -47,9 +47,9 @@ def measure(images: int, home: str | None = None, log=print) -> dict:
         finally:
             if not was_running:
                 ray.shutdown()
-    rows = [{"method": method, "sigma": sigma, "radius": radius, **bench.compare(found, sigma, radius)}
-            for (method, sigma), found in votes.items() for radius in bench.RADII]
-    return {"images": images, "max_n": bench.MAX_N, "batch": bench.BATCH, "alpha": bench.ALPHA,
+    rows = [{"method": method, "sigma": sigma, "radius": radius, **rules.compare(found, sigma, radius)}
+            for (method, sigma), found in votes.items() for radius in rules.RADII]
+    return {"images": images, "max_n": rules.MAX_N, "batch": rules.BATCH, "alpha": rules.ALPHA,
             "training_s": trained - started, "sampling_s": time.perf_counter() - trained, "rows": rows}
 
 
@@ -58,7 +58,7 @@ def train(settings: Settings, log) -> dict[tuple[str, float], tuple[str, str | N
     from workers import worker
 
     plan = experiments.load(demo.PRESET)
-    methods = [step for step in plan.steps if step.meta.get("method") in METHODS and step.meta["sigma"] in bench.SIGMAS]
+    methods = [step for step in plan.steps if step.meta.get("method") in METHODS and step.meta["sigma"] in rules.SIGMAS]
     models = [step for step in plan.steps if step.key in _needed(plan, methods)]
     engine = open_database(settings.database_url)
     with session_scope(engine) as session:
@@ -98,7 +98,7 @@ def _paths(session, spec, settings: Settings) -> tuple[str, str | None]:
     return references.resolve(session, spec.classifier, settings), denoiser
 
 
-def sample(models: dict, images: int, log) -> dict[tuple[str, float], list[bench.ImageVotes]]:
+def sample(models: dict, images: int, log) -> dict[tuple[str, float], list[rules.ImageVotes]]:
     """Every image's votes per batch, per (method, sigma), as Ray tasks of CHUNK images."""
     from dsq import datasets
 
@@ -108,13 +108,13 @@ def sample(models: dict, images: int, log) -> dict[tuple[str, float], list[bench
     votes = {}
     for (method, sigma), refs in tasks.items():
         votes[(method, sigma)] = [image for chunk in ray.get(refs) for image in chunk]
-        log(f"sampled {len(votes[(method, sigma)])} digits x {bench.N0 + bench.MAX_N:,} samples: "
+        log(f"sampled {len(votes[(method, sigma)])} digits x {rules.N0 + rules.MAX_N:,} samples: "
             f"{method}, sigma {sigma:g}")
     return votes
 
 
 @ray.remote(num_cpus=1)
-def _sample_chunk(classifier: str, denoiser: str | None, sigma: float, indices: list[int]) -> list[bench.ImageVotes]:
+def _sample_chunk(classifier: str, denoiser: str | None, sigma: float, indices: list[int]) -> list[rules.ImageVotes]:
     """n0 selection samples and MAX_N estimation samples per image, keeping the votes for cA of each batch."""
     import torch
 
@@ -127,12 +127,12 @@ def _sample_chunk(classifier: str, denoiser: str | None, sigma: float, indices: 
     found = []
     for index in indices:
         x, label = test_set[index]
-        common = dict(sigma=sigma, batch_size=bench.BATCH, seed=bench.SEED, image=index, device="cpu")
-        c_a = int(np.argmax(sampling.sample_phase(model, x, num=bench.N0, phase=sampling.SELECTION, **common)))
-        successes = tuple(int(sampling.sample_counts(model, x, start=start, count=bench.BATCH,
+        common = dict(sigma=sigma, batch_size=rules.BATCH, seed=rules.SEED, image=index, device="cpu")
+        c_a = int(np.argmax(sampling.sample_phase(model, x, num=rules.N0, phase=sampling.SELECTION, **common)))
+        successes = tuple(int(sampling.sample_counts(model, x, start=start, count=rules.BATCH,
                                                      phase=sampling.ESTIMATION, **common)[c_a])
-                          for start in range(0, bench.MAX_N, bench.BATCH))
-        found.append(bench.ImageVotes(int(label), c_a, successes))
+                          for start in range(0, rules.MAX_N, rules.BATCH))
+        found.append(rules.ImageVotes(int(label), c_a, successes))
     return found
 
 

@@ -1,4 +1,4 @@
-"""``python -m dsq.bench.gpu_check OUT_DIR [DEVICE]``: the GPU path of dsq, measured, with no Ray or database.
+"""``python -m bench.gpu_check OUT_DIR [DEVICE]``: the GPU path of dsq, measured, with no Ray or database.
 
 1. The throughput benchmark of ``dsq bench`` (in-process trials only) for the CIFAR-10 pair of
    BENCHMARKS.md (DnCNN 17x64 + ResNet-110), at the batch size a certify job would choose on the
@@ -7,7 +7,8 @@
    (``dsq.sizing`` on a model hooks cannot see into) and certified on one image; its counts must
    equal those of the same net run eagerly on the same device.
 
-Writes ``gpu-check.json`` into OUT_DIR and prints what it measured.
+Writes ``gpu-check.json`` into OUT_DIR and prints what it measured. Run it from the checkout root (``-m`` puts
+the current folder, which holds ``bench/`` and ``dsq/``, on the path) or where dsq is installed.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from dsq import bench, fastpath, sizing, smoothing, usermodels
-from dsq.bench.config import PAIRS, BenchConfig
-from dsq.bench.trials import build_pair
+import bench
+from bench.config import PAIRS, BenchConfig
+from bench.trials import build_pair
+from dsq import fastpath, sizing, smoothing, usermodels
 
-SAMPLES_PER_IMAGE = 100 + 100_000
+SAMPLES_PER_IMAGE = 100 + 100_000  # n0 + n of a certify job's defaults (Cohen et al.'s CIFAR-10 runs): per image
 
 
 def throughput(device: str) -> dict:

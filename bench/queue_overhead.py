@@ -12,9 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.config import PAIRS
+from bench.rayjobs import save_pair
 from dsq import jobs, specs
-from dsq.bench.config import PAIRS
-from dsq.bench.rayjobs import save_pair
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.settings import Settings

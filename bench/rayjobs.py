@@ -1,4 +1,4 @@
-"""What the timed Ray jobs of the benchmark (``workers/bench_jobs.py``) need and leave: data, models, rates."""
+"""What the timed Ray jobs of the benchmark (``bench/jobs.py``) need and leave: data, models, rates."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from dsq import checkpoints
-from dsq.bench.config import Pair
-from dsq.bench.trials import build_pair
+from bench.config import Pair
+from bench.trials import build_pair
 
 
 def write_synthetic_cifar10(root: Path, images: int, seed: int = 0) -> None:

@@ -1,4 +1,4 @@
-"""The timed loops and the child processes that run them (``python -m dsq.bench``).
+"""The timed loops and the child processes that run them (``python -m bench``).
 
 dsq's side runs in a worker process set up as a sampler actor is (prepared model, the CPU
 allocator tuned); the reference runs in a plain worker process, as the published script would.
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dsq import fastpath, sampling
-from dsq.bench.config import PAIRS, BenchConfig, Log, Pair
+from bench.config import PAIRS, BenchConfig, Log, Pair
 from dsq.classifiers import build_classifier
 from dsq.denoisers import build_denoiser
 
@@ -187,7 +187,7 @@ def variant_trials(model: nn.Module, batch: torch.Tensor, x: torch.Tensor, cfg: 
 
 
 class TrialProcess:
-    """A child interpreter (``python -m dsq.bench worker``) that builds its trials once and runs them on request.
+    """A child interpreter (``python -m bench worker``) that builds its trials once and runs them on request.
 
     The dsq side runs in a process set up as a sampler actor is (``fastpath.tune_cpu_allocator``);
     the reference runs in a plain process, as Cohen et al.'s script would. Only one of them works
@@ -242,10 +242,11 @@ def _worker_main(fields: dict) -> None:
 
 
 def _python_module(args: list[str], **popen) -> subprocess.Popen:
-    """``python -m dsq.bench ARGS`` with this checkout first on the path."""
-    root = str(Path(__file__).resolve().parents[2])
+    """``python -m bench ARGS`` with this checkout (the folder that holds ``bench/``, ``dsq/`` and ``workers/``) first
+    on the path, so the child imports the same code as this process wherever it was started from."""
+    root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen([sys.executable, "-m", "dsq.bench", *args], text=True, env=env, **popen)
+    return subprocess.Popen([sys.executable, "-m", "bench", *args], text=True, env=env, **popen)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -302,4 +303,4 @@ def _status_mb(field_name: str) -> float | None:
     return None
 
 
-CHILD_MAINS = {"memory": _memory_main, "worker": _worker_main}  # python -m dsq.bench NAME JSON
+CHILD_MAINS = {"memory": _memory_main, "worker": _worker_main}  # python -m bench NAME JSON
