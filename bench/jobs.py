@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from dsq.kinds.certify import CertifySpec
 
 from bench.config import MIN_TIMED_WINDOW_S, BenchConfig, Log, Pair
 from bench.rayjobs import save_pair, steady_rate, write_synthetic_cifar10
@@ -45,7 +46,7 @@ def ray_jobs(cfg: BenchConfig, pair: Pair, control: Trial, log: Log) -> dict:
 
 
 def _one_job(cfg: BenchConfig, pair: Pair, tmp: Path, workers: int, log: Log) -> dict:
-    from dsq import jobs, specs
+    from dsq import jobs
     from dsq.db.session import open_database, session_scope
     from dsq.settings import Settings
     from workers import runner
@@ -57,7 +58,7 @@ def _one_job(cfg: BenchConfig, pair: Pair, tmp: Path, workers: int, log: Log) ->
     if pair.dataset == "cifar10":
         write_synthetic_cifar10(tmp / "data" / "cifar10", cfg.ray_images, cfg.seed)
     classifier, denoiser = save_pair(pair, cfg.seed, home)
-    spec = specs.CertifySpec(dataset=pair.dataset, classifier=classifier, denoiser=denoiser, sigma=cfg.sigma,
+    spec = CertifySpec(dataset=pair.dataset, classifier=classifier, denoiser=denoiser, sigma=cfg.sigma,
                              n0=cfg.ray_n0, n=cfg.ray_n, batch_size=cfg.batch_size, max_images=cfg.ray_images,
                              seed=cfg.seed, workers=workers,
                              data_root=str(tmp / "data" / "cifar10") if pair.dataset == "cifar10" else None)

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from bench.config import PAIRS
 from bench.rayjobs import save_pair
-from dsq import jobs, specs
+from dsq import jobs
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.settings import Settings
 from workers import resources
 from workers.worker import QueueWorker
+from dsq.kinds.certify import CertifySpec
 
 
 def measure(jobs_count: int = 50, *, n: int = 100, threads: int | None = None, log=print) -> dict:
@@ -35,7 +36,7 @@ def _drain(jobs_count: int, n: int, reuse: bool, log) -> dict:
         settings = Settings(database_url=f"sqlite:///{home / 'bench.db'}", home=home, autostart=False)
         classifier, denoiser = save_pair(PAIRS["digits"], 0, home)
         engine = open_database(settings.database_url)
-        spec = specs.CertifySpec(dataset="digits", classifier=classifier, denoiser=denoiser, sigma=0.25, n0=10,
+        spec = CertifySpec(dataset="digits", classifier=classifier, denoiser=denoiser, sigma=0.25, n0=10,
                                  n=n, batch_size=100, max_images=1, workers=1)
         with session_scope(engine) as session:
             ids = [jobs.submit(session, spec, settings).id for _ in range(jobs_count)]

@@ -18,10 +18,11 @@ import numpy as np
 import ray
 
 from bench import sequential as rules
-from dsq import demo, experiments, references
+from dsq import demo, experiments, pipeline, references
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import DsqError
+from dsq.kinds.certify_api import ApiCertifySpec
 from dsq.settings import Settings
 
 METHODS = ("STAB+MSE white-box", "Cohen et al. (Gaussian training)")  # labels of the preset's [[methods]]
@@ -119,10 +120,9 @@ def _sample_chunk(classifier: str, denoiser: str | None, sigma: float, indices: 
     import torch
 
     from dsq import datasets, fastpath, sampling
-    from dsq.kinds import certify
 
     torch.set_num_threads(1)
-    model = fastpath.prepare_for_inference(certify.load_pipeline(classifier, denoiser, "cpu"), device="cpu")
+    model = fastpath.prepare_for_inference(pipeline.load(classifier, denoiser, "cpu"), device="cpu")
     test_set = datasets.get_dataset("digits", "test")
     found = []
     for index in indices:
@@ -145,7 +145,6 @@ def api_measure(images: int, n0: int, max_n: int, sigma: float, multiples: tuple
     so they are fast, but the count is what each would pay alone.
     """
     from dsq import jobs
-    from dsq.apis.spec import ApiCertifySpec
     from workers import resources, runner
 
     resources.connect(None)
