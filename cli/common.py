@@ -21,6 +21,7 @@ from rich.text import Text
 
 from sqlalchemy import exc
 
+from dsq.checks import first_line
 from dsq.db import repo
 from dsq.db.session import mask_url, open_database, session_scope
 from dsq.errors import DsqError
@@ -52,16 +53,12 @@ def boundary() -> Iterator[None]:
         say(f"error: {escape_controls(str(error))}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except exc.DBAPIError as error:  # a read-only file, a full disk, a server that went away...
-        reason = _first_line(error.orig or error)
+        reason = first_line(error.orig or error)
         where = OPENED[-1] if OPENED else "the database"
         verb = "cannot write to" if "readonly" in reason or "read-only" in reason else "error from"
         say(f"error: {verb} database {where}: {reason}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 OPENED: list[str] = []  # the database this command opened (password masked), named in its error lines

@@ -27,12 +27,13 @@ def worker(ctx: typer.Context,
 
     SIGINT or SIGTERM: stop claiming, hand running jobs back to the queue (stored results are kept), exit.
     """
+    from dsq import checks
     from dsq.errors import InvalidArgument
 
     config = common.settings(ctx)
     with common.boundary():
-        if max_jobs is not None and max_jobs < 1:
-            raise InvalidArgument(f"--max-jobs must be an integer >= 1, got {max_jobs}")
+        if max_jobs is not None:
+            checks.positive_int("--max-jobs", max_jobs)
         if idle_exit is not None and not idle_exit > 0:
             raise InvalidArgument(f"--idle-exit must be a number of seconds > 0, got {idle_exit}")
         if detach and not config.ray_address:

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
+from dsq import checks
 from dsq.errors import ArtifactStoreError, CheckpointError, DsqError
 
 CHUNK = 1 << 20
@@ -229,7 +230,7 @@ class _s3_errors:
             info = error.response.get("Error", {})
             reason = f"{info.get('Code', '?')}: {info.get('Message') or 'access denied or not found'}"
         elif isinstance(error, (BotoCoreError, S3UploadFailedError)):
-            reason = str(error).splitlines()[0]
+            reason = checks.first_line(error)
         else:
             return False
         raise ArtifactStoreError(f"cannot use artifact {self.location}: {reason}") from None

@@ -38,6 +38,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from dsq import checks
 from dsq import artifacts
 from dsq.classifiers import NormalizeLayer, build_classifier
 from dsq.denoisers import build_denoiser
@@ -256,7 +257,7 @@ def _load_failure(error: Exception) -> str:
     message = str(error)
     if "WeightsUnpickler" in message or "magic number" in message:
         return "the file is corrupt or not a torch.save file"
-    first_line = message.strip().splitlines()[0][:120] if message.strip() else "unexpected end of file"
+    first_line = checks.first_line(message, 120) or "unexpected end of file"
     return f"the file is truncated or corrupt ({type(error).__name__}: {first_line})"
 
 
@@ -436,7 +437,7 @@ def _restore(path, metadata: dict, state_dict: dict) -> nn.Module:
     try:
         model.load_state_dict(state_dict, strict=True)
     except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = checks.first_line(error)
         raise CheckpointError(f"{path}: state dict does not load: {first_line}") from None
     return model.eval()
 

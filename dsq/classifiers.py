@@ -30,6 +30,7 @@ import torch
 import torchvision
 from torch import nn
 
+from dsq import checks
 from dsq.errors import CheckpointError, InvalidArgument, ModelWeightsMissing, UnknownName
 
 
@@ -317,8 +318,7 @@ def build_classifier(arch: str, *, num_classes: int, in_channels: int,
     if arch not in CLASSIFIERS:
         raise UnknownName(f"unknown classifier architecture {arch!r}; known: {', '.join(sorted(CLASSIFIERS))}")
     for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
+        checks.positive_int(name, value)
     if len(mean) != in_channels:
         raise InvalidArgument(
             f"mean/std need one value per input channel ({in_channels}), got {len(mean)}"

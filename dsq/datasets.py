@@ -65,6 +65,7 @@ from torchvision import transforms as T
 from PIL import Image
 from torchvision.datasets import CIFAR10, ImageFolder
 
+from dsq import checks
 from dsq.errors import DatasetMissing, InvalidArgument, UnknownName
 
 SPLITS = ("train", "test")
@@ -213,10 +214,9 @@ def test_subset(dataset: Sized, *, skip: int = 1, max: int | None = None) -> lis
 
     ``max`` counts images (Cohen et al.'s ``--max`` compares with the index instead; ``max=None`` is all).
     """
-    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 1:
-        raise InvalidArgument(f"skip must be an integer >= 1 (every skip-th image), got {skip!r}")
-    if max is not None and (isinstance(max, bool) or not isinstance(max, int) or max < 1):
-        raise InvalidArgument(f"max must be an integer >= 1 or None for all images, got {max!r}")
+    checks.positive_int("skip", skip)
+    if max is not None:
+        checks.positive_int("max", max)
     indices = list(range(0, len(dataset), skip))
     return indices if max is None else indices[:max]
 
@@ -254,9 +254,7 @@ def _check_split(split: str) -> None:
 
 
 def _check_size(size: int) -> int:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise InvalidArgument(f"size must be a positive integer (pixels), got {size!r}")
-    return size
+    return checks.positive_int("size (pixels)", size)
 
 
 def _fixed_size(kind: str, side: int | None, own: int) -> None:
@@ -500,7 +498,7 @@ def _scan_headers(folder: str, stamp: tuple[int, ...]) -> FolderImages:
             with Image.open(path) as picture:
                 size, mode = picture.size, picture.mode
         except (OSError, ValueError, SyntaxError) as error:  # UnidentifiedImageError is an OSError
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = checks.first_line(error)
             raise DatasetMissing(f"{path} in image folder {folder} is not a readable image ({reason})") from None
         if size not in sizes and len(sizes) < 2:
             sizes.append(size)

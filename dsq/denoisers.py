@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dsq import checks
 from dsq.errors import InvalidArgument, UnknownName
 
 # The reference DnCNN uses these batch-norm settings. eps changes eval outputs, so it
@@ -34,10 +35,6 @@ _DNCNN_BN_EPS = 1e-4
 _DNCNN_BN_MOMENTUM = 0.95
 
 
-def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidArgument(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class DnCNN(nn.Module):
@@ -54,9 +51,9 @@ class DnCNN(nn.Module):
 
     def __init__(self, in_channels: int = 3, depth: int = 17, width: int = 64):
         super().__init__()
-        self.in_channels = _check_positive_int("in_channels", in_channels)
-        self.depth = _check_positive_int("depth", depth, minimum=2)
-        self.width = _check_positive_int("width", width)
+        self.in_channels = checks.positive_int("in_channels", in_channels)
+        self.depth = checks.positive_int("depth", depth, minimum=2)
+        self.width = checks.positive_int("width", width)
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=True),
             nn.ReLU(inplace=True),
@@ -145,10 +142,10 @@ class MemNet(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 64,
                  num_memblock: int = 3, num_resblock: int = 6):
         super().__init__()
-        self.in_channels = _check_positive_int("in_channels", in_channels)
-        _check_positive_int("width", width)
-        _check_positive_int("num_memblock", num_memblock)
-        _check_positive_int("num_resblock", num_resblock)
+        self.in_channels = checks.positive_int("in_channels", in_channels)
+        checks.positive_int("width", width)
+        checks.positive_int("num_memblock", num_memblock)
+        checks.positive_int("num_resblock", num_resblock)
         self.feature_extractor = BNReLUConv(in_channels, width)
         self.reconstructor = BNReLUConv(width, in_channels)
         self.dense_memory = nn.ModuleList(

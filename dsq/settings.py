@@ -42,6 +42,10 @@ class Settings:
     # A database restart or a failover takes seconds to a minute: wait that long before giving a job up.
     db_grace_seconds: float = 60.0
 
+    def data_root_of(self, spec) -> str | None:
+        """Where a job's datasets are: its own ``data_root``, else this machine's (``DSQ_DATA``)."""
+        return spec.data_root or self.data_root
+
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, db: str | None = None, address: str | None = None) -> "Settings":
         home = Path(env.get("DSQ_HOME") or Path.home() / ".dsq").expanduser()

@@ -34,6 +34,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+from dsq import checks
 from dsq.errors import CheckpointError, InvalidArgument
 
 TORCHVISION = "torchvision:"
@@ -209,7 +210,7 @@ def _load_torchscript(path: str, device):
             warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(path, map_location=torch.device(device))
     except Exception as error:  # noqa: BLE001 - torch reports a broken archive with many exception types
-        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        first = checks.first_line(error, 160)
         raise CheckpointError(f"{path}: TorchScript file does not load ({first})") from None
 
 

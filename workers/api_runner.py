@@ -108,7 +108,7 @@ class ApiLoop(JobLoop):
         except UnreadableImage as error:
             return self._image_failed(index, str(error))
         with session_scope(self.engine) as session:
-            repo.upsert_work_unit(session, self.job_id, f"image:{index}", status="running")
+            repo.upsert_work_unit(session, self.job_id, repo.image_unit(index), status="running")
         self.images[index] = ImageWork(index, x, self.source.describe(index))
         self._advance(self.images[index])
 
@@ -193,7 +193,7 @@ class ApiLoop(JobLoop):
         for digest in [d for d, owners in self.waiting.items() if index in owners]:
             self.waiting[digest].discard(index)
         with session_scope(self.engine) as session:
-            repo.upsert_work_unit(session, self.job_id, f"image:{index}", status="failed", error=error)
+            repo.upsert_work_unit(session, self.job_id, repo.image_unit(index), status="failed", error=error)
             repo.add_log(session, self.job_id, f"image {index}: {error}", level="warning")
         self._progress()
 

@@ -49,7 +49,7 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
                    references.source(session, spec.denoiser, spec.models.get(spec.denoiser)) if spec.denoiser
                    else None]
         done = repo.done_image_indices(session, job_id)
-    root = spec.data_root or settings.data_root
+    root = settings.data_root_of(spec)
     dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size)
     plan = pipeline.image_plan(spec, dataset)
     todo = collections.deque(i for i in plan if i not in done)
@@ -129,7 +129,7 @@ class CertifyLoop(JobLoop):
         shards = self._shards()
         self.images[index] = ImageState(index, int(label), ray.put(x), len(shards))
         with session_scope(self.engine) as session:
-            repo.upsert_work_unit(session, self.job_id, f"image:{index}", status="running")
+            repo.upsert_work_unit(session, self.job_id, repo.image_unit(index), status="running")
         self.queue.extend((index, shard, None) for shard in shards)
 
     def _shards(self) -> list[sampling.Shard]:

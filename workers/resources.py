@@ -7,6 +7,7 @@ import socket
 
 import ray
 
+from dsq import checks
 from dsq import sizing
 from dsq.errors import ClusterUnreachable
 
@@ -29,7 +30,7 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
                      logging_level="ERROR", log_to_driver=False, _node_ip_address="127.0.0.1")
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = address or "a local Ray"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = checks.first_line(error)
         raise ClusterUnreachable(f"cannot reach Ray at {where}: {first}") from None
 
 

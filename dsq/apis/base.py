@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from dsq import checks
 from dsq import sampling
 from dsq.apis.labels import CLEAN, ESTIMATION, SELECTION
 from dsq.errors import InvalidArgument, NonFiniteOutput, UnreadableImage
@@ -139,7 +140,7 @@ def load_image(path: str, size: int | None = None) -> torch.Tensor:
             picture.load()
             picture = picture.convert("L") if picture.mode in ("1", "L", "I;16", "I", "F") else picture.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = checks.first_line(error)
         raise UnreadableImage(f"{path}: not a readable image ({reason})") from None
     if size is not None:
         picture = _resize_center_crop(picture, size)

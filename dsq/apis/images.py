@@ -19,7 +19,7 @@ class ImageSource:
     def __init__(self, spec, settings: Settings):
         self.spec = spec
         if spec.dataset:
-            self.dataset = datasets.get_dataset(spec.dataset, spec.split, root=spec.data_root or settings.data_root,
+            self.dataset = datasets.get_dataset(spec.dataset, spec.split, root=settings.data_root_of(spec),
                                                 size=spec.size)
             self.indices = datasets.test_subset(self.dataset, skip=spec.skip, max=spec.max_images)
         else:

@@ -31,6 +31,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+from dsq import checks
 from dsq.apis import ratelimit
 from dsq.errors import MissingCredentials
 from dsq.apis.ratelimit import FATAL, THROTTLE, TRANSIENT, Decision
@@ -90,7 +91,7 @@ def check_credentials(provider: str, env: Mapping[str, str]) -> None:
             session = boto3.session.Session()
             found = session.get_credentials() is not None
         except BotoCoreError as error:  # a profile that does not exist...
-            raise MissingCredentials(f"AWS configuration unusable ({_first_line(error)}): {NEEDED[provider]}") from None
+            raise MissingCredentials(f"AWS configuration unusable ({checks.first_line(error)}): {NEEDED[provider]}") from None
         if not found:
             _missing(provider)
         if not aws_region(session, env):
@@ -115,10 +116,6 @@ def aws_region(session, env: Mapping[str, str]) -> str | None:
 def _missing(provider: str):
     raise MissingCredentials(f"no {provider} credentials found: {NEEDED[provider]}")
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def scrub(text: str, env: Mapping[str, str]) -> str:
@@ -174,7 +171,7 @@ class AwsClient:
                     options.update(aws_access_key_id=PLACEHOLDER, aws_secret_access_key=PLACEHOLDER)
             self.client = session.client("rekognition", **options)
         except BotoCoreError as error:
-            raise MissingCredentials(f"AWS configuration unusable ({_first_line(error)}): {NEEDED['aws']}") from None
+            raise MissingCredentials(f"AWS configuration unusable ({checks.first_line(error)}): {NEEDED['aws']}") from None
 
     def detect(self, image: bytes) -> dict:
         answer = self.client.detect_labels(Image={"Bytes": image}, MaxLabels=MAX_LABELS)

@@ -31,7 +31,7 @@ def record_image(session: Session, job_id: int, index: int, spec: ApiCertifySpec
         correct=result.correct, p_lower=cert.p_lower, counts_selection=cert.counts_selection,
         counts_estimation=cert.counts_estimation, n0=cert.n0, n=cert.n, alpha=cert.alpha, sigma=cert.sigma,
         seconds=seconds, worker=worker, device="api", extra=extra)
-    repo.upsert_work_unit(session, job_id, f"image:{index}", status="done", worker=worker)
+    repo.upsert_work_unit(session, job_id, repo.image_unit(index), status="done", worker=worker)
 
 
 def recertify(session: Session, job_id: int, alpha: float | None = None) -> list[dict]:

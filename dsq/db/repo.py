@@ -61,16 +61,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _insert(s: Session, model):
+    """The INSERT of this session's dialect, which knows ON CONFLICT (SQLite and PostgreSQL)."""
+    dialect = s.get_bind().dialect.name
+    insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(dialect)
+    if insert is None:
+        raise NotImplementedError(f"upserts are not implemented for {dialect}")
+    return insert(model)
+
+
+def image_unit(index: int) -> str:
+    """The key of image ``index``'s work unit in the tasks table."""
+    return f"image:{index}"
+
+
 def _upsert(s: Session, model: type[M], identity: dict[str, Any], insert: dict, update_: dict) -> M:
     """Insert a row of ``model`` keyed by ``identity``, or update the existing one; return it."""
-    dialect = s.get_bind().dialect.name
-    if dialect == "sqlite":
-        stmt = sqlite.insert(model)
-    elif dialect == "postgresql":
-        stmt = postgresql.insert(model)
-    else:
-        raise NotImplementedError(f"upserts are not implemented for {dialect}")
-    stmt = stmt.values(**identity, **insert).on_conflict_do_update(index_elements=list(identity), set_=update_)
+    stmt = _insert(s, model).values(**identity, **insert).on_conflict_do_update(index_elements=list(identity), set_=update_)
     return s.scalars(stmt.returning(model), execution_options=_REFRESH).one()
 
 
@@ -160,7 +167,7 @@ def mark_queued(s: Session, job_id: int) -> Job:
 
 
 def set_spec(s: Session, job_id: int, spec: dict[str, Any]) -> Job:
-    """Replace a job's spec (the runner fixes choices left to it, such as an automatic batch size)."""
+    """Replace a job's spec (choices left to the runner, such as an automatic batch size; a raised query budget)."""
     return _require_job(_update_job(s, job_id, spec=_plain(spec)), job_id)
 
 
@@ -343,11 +350,7 @@ def store_api_answer(
     job_id: int | None,
 ) -> bool:
     """Keep the first answer paid for an image (later ones are dropped); True if this one was stored."""
-    dialect = s.get_bind().dialect.name
-    insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(dialect)
-    if insert is None:
-        raise NotImplementedError(f"upserts are not implemented for {dialect}")
-    stmt = insert(ApiAnswer).values(provider=provider, service=service, sha256=sha256, answer=_plain(answer),
+    stmt = _insert(s, ApiAnswer).values(provider=provider, service=service, sha256=sha256, answer=_plain(answer),
                                     top_label=top_label, job_id=job_id, created_at=utcnow())
     stmt = stmt.on_conflict_do_nothing(index_elements=["provider", "service", "sha256"]).returning(ApiAnswer.id)
     return s.execute(stmt).first() is not None
@@ -356,8 +359,3 @@ def store_api_answer(
 def count_paid_api_answers(s: Session, job_id: int) -> int:
     """How many queries this job paid for (answers it stored first)."""
     return int(s.scalar(select(_func.count()).select_from(ApiAnswer).where(ApiAnswer.job_id == job_id)))
-
-
-def set_job_spec(s: Session, job_id: int, spec: dict[str, Any]) -> Job:
-    """Replace a job's stored spec (e.g. a raised query budget before a resume)."""
-    return _require_job(_update_job(s, job_id, spec=_plain(spec)), job_id)

@@ -81,7 +81,7 @@ def check(session: Session, spec: CertifySpec, settings: Settings) -> int:
     """Data is there and, when its models exist now, f o D takes its images and has its classes; work = images."""
     from dsq import datasets, pipeline, references  # torch: only a submission loads models
 
-    root = spec.data_root or settings.data_root
+    root = settings.data_root_of(spec)
     info = datasets.dataset_info(spec.dataset, root=root, size=spec.size)
     if all(references.available(session, r) for r in spec.references()):
         models = [references.load(session, r, settings, role, spec.models.get(r)) for r, role in spec.model_roles()]
@@ -122,7 +122,7 @@ def record_certificate(session: Session, job_id: int, image_index: int, label: i
         counts_estimation=[int(c) for c in cert.counts_estimation],
         n0=cert.n0, n=cert.n, alpha=cert.alpha, sigma=cert.sigma, seconds=seconds, worker=worker, device=device,
         extra=extra or None)
-    repo.upsert_work_unit(session, job_id, f"image:{image_index}", status="done", worker=worker)
+    repo.upsert_work_unit(session, job_id, repo.image_unit(image_index), status="done", worker=worker)
 
 
 def sequential_extra(spec) -> dict:

@@ -238,7 +238,7 @@ def raise_budget(session: Session, job_id: int, max_queries: int | None) -> ApiC
     paid = repo.count_paid_api_answers(session, job_id)
     if max_queries is not None and max_queries <= paid:
         raise InvalidArgument(f"job {job_id} already paid for {paid} queries: --max-queries must be larger")
-    repo.set_job_spec(session, job_id, spec.to_dict())
+    repo.set_spec(session, job_id, spec.to_dict())
     return spec
 
 

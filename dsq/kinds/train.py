@@ -106,7 +106,7 @@ def check(session: Session, spec: TrainSpec, settings: Settings) -> int:
     """Data, architecture and store are usable, and the models that exist now fit the data; work = epochs."""
     from dsq import artifacts, checkpoints, pipeline, references, smoothing, training  # torch: models are loaded
 
-    root = spec.data_root or settings.data_root
+    root = settings.data_root_of(spec)
     classifiers = [references.load(session, reference, settings, "classifier", spec.models.get(reference))
                    for reference in spec.classifiers if references.available(session, reference)]
     info, train_set, _, _ = pipeline.train_data(spec, root, classifiers)
@@ -138,7 +138,7 @@ def run_training(engine, settings: Settings, job_id: int, spec: TrainSpec, devic
         sources = {r: references.source(session, r, spec.models.get(r)) for r in spec.references()}
     frozen = [references.load_source(settings, sources[r], "classifier", device) for r in spec.classifiers]
     init = references.load_source(settings, sources[spec.init], spec.target, device) if spec.init else None
-    info, train_set, test_set, notes = pipeline.train_data(spec, spec.data_root or settings.data_root,
+    info, train_set, test_set, notes = pipeline.train_data(spec, settings.data_root_of(spec),
                                                            frozen + ([init] if init is not None else []))
     if notes:  # images converted to the channels the job's models take: said in the job's log
         with session_scope(engine) as session:

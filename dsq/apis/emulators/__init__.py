@@ -20,8 +20,7 @@ from a seeded RNG. ``Ledger`` counts what was answered (billed) per sha256 of th
 
 from __future__ import annotations
 
-from dsq.apis.emulators.service import (FAILED, PROTOCOLS, THROTTLED, BadImage, EmulatorConfig, Ledger,  # noqa: F401
-                                       Service)
+from dsq.apis.emulators.service import PROTOCOLS, EmulatorConfig, Ledger, Service
 
 
 class Emulator:

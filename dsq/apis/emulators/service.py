@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 
 from PIL import Image
 
+from dsq.checks import first_line
+
 PROTOCOLS = ("aws", "google", "azure", "clarifai")
 THROTTLED, FAILED = "throttled", "failed"
 
@@ -102,7 +104,7 @@ class Service:
                 labels = self.labeller(picture)
         except Exception as error:  # noqa: BLE001 - anything unreadable is a bad image to the client
             self.ledger.count("bad_images")
-            raise BadImage(str(error).splitlines()[0] if str(error) else "not an image") from None
+            raise BadImage(first_line(error) or "not an image") from None
         self.ledger.answer(hashlib.sha256(data).hexdigest())
         kept = [(name, conf) for name, conf in labels if conf >= self.config.min_confidence]
         return sorted(kept, key=lambda item: (-item[1], item[0]))
