@@ -4,6 +4,9 @@ Symbols as in ``dsq.smoothing``: cA the top class of the selection votes, nA its
 estimation samples, p_lower the one-sided (1 - alpha) Clopper-Pearson lower bound on pA, R = sigma *
 Phi^-1(p_lower) the certified L2 radius, and abstain (-1) when p_lower < 1/2.
 
+scipy.stats and statsmodels take a second or more to import, so they are imported by the functions that
+certify; what a spec checks (``max_radius``, ``min_n``) needs only scipy.special.
+
 Shards computed anywhere return count vectors; ``sum_counts`` adds them and the bound is computed
 once per image. Both ``dsq.smoothing`` (the sampling loops) and ``dsq.sequential`` (the anytime-valid
 test) build on this module, which imports neither torch nor them.
@@ -17,8 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
-from scipy.stats import binomtest, norm
-from statsmodels.stats.proportion import proportion_confint
+from scipy.special import log_ndtr, ndtri
 
 from dsq import checks
 from dsq.errors import InvalidArgument
@@ -56,6 +58,8 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
 
     A zero count gives 0.0 (never NaN).
     """
+    from statsmodels.stats.proportion import proportion_confint  # a second to import: only certifying needs it
+
     if n_a <= 0:
         return 0.0
     return float(proportion_confint(n_a, n, alpha=2 * alpha, method="beta")[0])
@@ -63,6 +67,8 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
 
 def radius(p_lower: float, sigma: float) -> float:
     """R = sigma * Phi^-1(p_lower), 0.0 when the bound does not exceed 1/2."""
+    from scipy.stats import norm  # a second to import: only certifying needs it
+
     if p_lower <= 0.5:
         return 0.0
     return float(sigma * norm.ppf(p_lower))
@@ -113,6 +119,8 @@ def _samples_drawn(name: str, drawn: int | None, counts: np.ndarray) -> int:
 def predict_counts(counts, *, alpha: float) -> int:
     """PREDICT from vote counts: the top class if a two-sided binomial test
     of its count against the runner-up rejects equality at level alpha."""
+    from scipy.stats import binomtest
+
     counts = np.asarray(counts, dtype=np.int64)
     order = np.argsort(-counts, kind="stable")
     n_a = int(counts[order[0]])
@@ -146,7 +154,7 @@ def max_radius(n: int, alpha: float, sigma: float) -> float:
     checks.probability("alpha", alpha)
     checks.finite("sigma", sigma)
     fail = -math.expm1(math.log(alpha) / n)  # 1 - alpha^(1/n), exact for large n
-    return 0.0 if fail >= 0.5 else float(sigma * norm.isf(fail))
+    return 0.0 if fail >= 0.5 else float(-sigma * ndtri(fail))  # Phi^-1(1 - fail), exact in the tail
 
 
 def min_n(alpha: float, radius: float = 0.0, sigma: float = 1.0) -> int:
@@ -155,7 +163,7 @@ def min_n(alpha: float, radius: float = 0.0, sigma: float = 1.0) -> int:
     checks.finite("sigma", sigma)
     if not checks.is_real(radius) or not 0 <= radius < math.inf:
         raise InvalidArgument(f"radius must be a finite number >= 0, got {radius!r}")
-    log_p0 = float(norm.logcdf(radius / sigma))
+    log_p0 = float(log_ndtr(radius / sigma))
     if log_p0 >= 0.0:
         raise InvalidArgument(f"no number of samples can certify a radius of {radius} at sigma {sigma}")
     n = max(1, math.floor(math.log(alpha) / log_p0) + 1)

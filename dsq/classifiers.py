@@ -27,7 +27,6 @@ from typing import Callable
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import nn
 
 from dsq import checks
@@ -227,21 +226,26 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
 
 
 # ----------------------------------------------------------------------------- ImageNet ResNets
-_TORCHVISION_RESNETS = {
-    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights),
-    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights),
-    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights),
-}
+# name: its builder and weights enum in torchvision.models (imported when one is built: importing torchvision's
+# model zoo costs about a second, which every job that uses no torchvision model would pay)
+_TORCHVISION_RESNETS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights"}
+
+
+def _torchvision(arch: str):
+    """``(builder, weights enum)`` of torchvision's ``arch``."""
+    from torchvision import models
+
+    return getattr(models, arch), getattr(models, _TORCHVISION_RESNETS[arch])
 
 
 def cached_weights_path(arch: str) -> str:
     """Where torch hub keeps the default pretrained weights of a torchvision ResNet."""
-    url = _TORCHVISION_RESNETS[arch][1].DEFAULT.url
+    url = _torchvision(arch)[1].DEFAULT.url
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
 
 
 def _pretrained_state_dict(arch: str) -> dict:
-    weights = _TORCHVISION_RESNETS[arch][1].DEFAULT
+    weights = _torchvision(arch)[1].DEFAULT
     path = cached_weights_path(arch)
     if not os.path.isfile(path):
         raise ModelWeightsMissing(
@@ -258,7 +262,7 @@ def _pretrained_state_dict(arch: str) -> dict:
 
 
 def _torchvision_resnet(arch: str, num_classes: int, in_channels: int, pretrained: bool) -> nn.Module:
-    build = _TORCHVISION_RESNETS[arch][0]
+    build = _torchvision(arch)[0]
     if pretrained:
         if num_classes != 1000 or in_channels != 3:
             raise InvalidArgument(

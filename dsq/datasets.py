@@ -53,17 +53,18 @@ Roots: the ``root`` argument, else ``default_root(name, env)`` with ``env`` a ma
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import pickle
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Mapping, Sized
 
 import numpy as np
-import torch
+import torch  # torchvision (readers and transforms) is imported by the datasets that need it:
+# importing it loads its whole model zoo, a second or two that a digits job need not pay
 from torch.utils.data import Dataset, TensorDataset
-from torchvision import transforms as T
 from PIL import Image
-from torchvision.datasets import CIFAR10, ImageFolder
 
 from dsq import checks
 from dsq.errors import DatasetMissing, InvalidArgument, UnknownName
@@ -296,12 +297,22 @@ class DigitsDataset(TensorDataset):
 
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """All 1,797 digits as ``(images float32 [N,1,8,8] in [0,1], labels int64 [N])``; read once per process."""
-    from sklearn.datasets import load_digits
+    """All 1,797 digits as ``(images float32 [N,1,8,8] in [0,1], labels int64 [N])``; read once per process.
 
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    return images, digits.target.astype(np.int64)
+    They are scikit-learn's ``load_digits()``, read from the file scikit-learn ships (64 pixel values 0-16 and the
+    label per row) without importing scikit-learn, whose import takes longer than torch's.
+    """
+    found = importlib.util.find_spec("sklearn")
+    shipped = Path(found.origin).parent / "datasets" / "data" / "digits.csv.gz" if found and found.origin else None
+    if shipped is not None and shipped.is_file():
+        rows = np.loadtxt(shipped, delimiter=",")
+        pixels, labels = rows[:, :-1], rows[:, -1]
+    else:  # another layout of scikit-learn: its own loader
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        pixels, labels = digits.data, digits.target
+    return (pixels / 16.0).astype(np.float32).reshape(-1, 1, 8, 8), labels.astype(np.int64)
 
 
 def digits_split_indices(split: str) -> list[int]:
@@ -336,12 +347,16 @@ def _digits_mean_std() -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------- cifar10
 
 
-class CIFAR10Files(CIFAR10):
+def _cifar10_files(root: str, train: bool, transform) -> Dataset:
     """torchvision's CIFAR-10 reader with files checked for presence, not md5 (a md5 of None skips the hash)."""
+    from torchvision.datasets import CIFAR10
 
-    train_list = [[f, None] for f, _ in CIFAR10.train_list]
-    test_list = [[f, None] for f, _ in CIFAR10.test_list]
-    meta = {**CIFAR10.meta, "md5": None}
+    class CIFAR10Files(CIFAR10):
+        train_list = [[f, None] for f, _ in CIFAR10.train_list]
+        test_list = [[f, None] for f, _ in CIFAR10.test_list]
+        meta = {**CIFAR10.meta, "md5": None}
+
+    return CIFAR10Files(root, train=train, transform=transform, download=False)
 
 
 def _cifar10_dataset(root: str, split: str, channels: int | None = None) -> Dataset:
@@ -354,15 +369,19 @@ def _cifar10_dataset(root: str, split: str, channels: int | None = None) -> Data
             f"(missing: {', '.join(missing)}); download cifar-10-python.tar.gz and extract it there"
         )
     try:
+        from torchvision import transforms as T
+
         transform = _cifar10_transform(split)
         if channels == 1:
             transform = T.Compose([T.Grayscale(1), transform])  # PIL's convert("L")
-        return CIFAR10Files(root, train=split == "train", transform=transform, download=False)
+        return _cifar10_files(root, split == "train", transform)
     except (pickle.UnpicklingError, OSError, EOFError, ValueError, KeyError, IndexError, RuntimeError) as e:
         raise DatasetMissing(f"CIFAR-10 under {folder} is unreadable ({type(e).__name__}: {e})") from e
 
 
 def _cifar10_transform(split: str):
+    from torchvision import transforms as T
+
     if split == "train":
         return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
     return T.ToTensor()
@@ -382,6 +401,8 @@ def _imagenet_split_dir(root: str, split: str) -> str:
 
 
 def _imagenet_transform(split: str, side: int | None = None):
+    from torchvision import transforms as T
+
     side = side or 224
     if split == "train":
         return T.Compose([T.RandomResizedCrop(side), T.RandomHorizontalFlip(), T.ToTensor()])
@@ -442,6 +463,8 @@ def _named_split_dir(splits: dict[str, str], split: str, text: str) -> str:
 
 def _folder_transform(side: int | None):
     """The images as they are (``side`` None: they share one size, checked by the caller), else resized and cropped."""
+    from torchvision import transforms as T
+
     if side is None:
         return T.ToTensor()
     return T.Compose([T.Resize(side), T.CenterCrop(side), T.ToTensor()])
@@ -460,9 +483,11 @@ def _open_image(path: str, mode: str) -> Image.Image:
         return Image.open(handle).convert(mode)
 
 
-def _image_folder(folder: str, transform, what: str, channels: int = 3) -> ImageFolder:
+def _image_folder(folder: str, transform, what: str, channels: int = 3) -> Dataset:
     """``ImageFolder(folder)``, images opened with ``channels`` channels; an empty or class-less folder raises
     DatasetMissing."""
+    from torchvision.datasets import ImageFolder
+
     _folder_classes(folder)
     loader = functools.partial(_open_image, mode="L" if channels == 1 else "RGB")
     try:

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from dsq import datasets, references, smoothing
+from dsq import datasets, references, sampling
 from dsq.errors import InvalidArgument
 from dsq.settings import Settings
 
 
 def model_channels(classifier: torch.nn.Module, denoiser: torch.nn.Module | None = None) -> int | None:
     """The channels of the images f o D takes (D's, else f's); None when the models do not say."""
-    taken = smoothing.input_channels(classifier)
+    taken = sampling.input_channels(classifier)
     if denoiser is None:
         return taken
-    denoised = smoothing.input_channels(denoiser)
+    denoised = sampling.input_channels(denoiser)
     if denoised is not None and taken is not None and denoised != taken:
         raise InvalidArgument(f"the denoiser takes and returns {denoised}-channel images but the classifier takes "
                               f"{taken}-channel images: they cannot be chained")
@@ -36,10 +36,10 @@ def job_dataset(spec, root: str | None, channels: int | None):
 
 
 def takes_images(models: list[torch.nn.Module], x: torch.Tensor, spec) -> int:
-    """``smoothing.check_image`` of f o D (``models``: f, then D if any), its refusal naming the channels and size
+    """``sampling.check_image`` of f o D (``models``: f, then D if any), its refusal naming the channels and size
     of the dataset's images."""
     try:
-        return smoothing.check_image(torch.nn.Sequential(*reversed(models)), x)
+        return sampling.check_image(torch.nn.Sequential(*reversed(models)), x)
     except InvalidArgument as error:
         resizable = spec.size is None and (spec.dataset.startswith("folder") or spec.dataset == "imagenet")
         raise InvalidArgument(f"{error} (the images of {spec.dataset} are {x.shape[0]}-channel, "
@@ -69,7 +69,7 @@ def train_data(spec, root: str | None, models: list):
     Without models that say (a classifier trained from scratch), the test images' own channels. ``notes`` say
     what is converted; train images of another size than the test images are refused.
     """
-    taken = sorted({c for c in map(smoothing.input_channels, models) if c is not None})
+    taken = sorted({c for c in map(sampling.input_channels, models) if c is not None})
     if len(taken) > 1:
         raise InvalidArgument(f"the models of this job take images of different channels ({taken[0]} and "
                               f"{taken[1]}): they cannot be trained on the same images")

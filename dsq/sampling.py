@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dsq import checks
 from dsq.errors import InvalidArgument
 
 SELECTION, ESTIMATION, PREDICTION = "selection", "estimation", "prediction"
@@ -143,3 +144,39 @@ def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise InvalidArgument(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_image(model, x, device=None) -> int:
+    """Check that ``x`` is one finite [C, H, W] image the model accepts; return K (number of classes)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InvalidArgument(f"expected one image of shape [C, H, W], got {shape}")
+    non_finite = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
+    if non_finite:
+        raise InvalidArgument(f"{non_finite} of {x.numel()} pixels are not finite (NaN or inf); "
+                              f"the image must be finite, in [0, 1]")
+    device = torch.device(device) if device is not None else model_device(model)
+    with eval_mode(model), torch.inference_mode():
+        try:
+            logits = model(x.to(device)[None])
+        except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as error:  # shapes it cannot take
+            raise InvalidArgument(f"the model cannot take an image of shape {tuple(x.shape)}: "
+                                  f"{checks.first_line(error)}") from None
+    if logits.dim() != 2 or logits.shape[0] != 1:
+        raise InvalidArgument(f"the model must return logits [B, K], got shape {tuple(logits.shape)}")
+    return int(logits.shape[1])
+
+
+def input_channels(model) -> int | None:
+    """The channels of the images ``model`` takes, from its first NormalizeLayer or Conv2d; None if it has neither.
+
+    Modules are seen in the order they were registered, so for f o D (``Sequential(D, f)``) it is D's.
+    TorchScript modules are recognised by the class they were scripted from.
+    """
+    for module in model.modules():
+        name = getattr(module, "original_name", type(module).__name__)
+        if name == "NormalizeLayer":
+            return int(module.means.numel())
+        if name == "Conv2d":
+            return int(module.weight.shape[1]) * int(module.groups)
+    return None

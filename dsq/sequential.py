@@ -65,7 +65,7 @@ from typing import Iterable
 
 import numpy as np
 from scipy.special import betaincc, betaln
-from scipy.stats import norm
+from scipy.special import ndtr
 
 from dsq import bounds, checks
 from dsq.errors import InvalidArgument
@@ -173,7 +173,7 @@ class SequentialTest:
         """The test that certifies g at x within ``radius``: p0 = Phi(radius / sigma)."""
         check_radius(radius)
         checks.finite("sigma", sigma)
-        return cls(float(norm.cdf(radius / sigma)), alpha, max_n)
+        return cls(float(ndtr(radius / sigma)), alpha, max_n)  # Phi(r / sigma), as scipy.stats.norm.cdf
 
     @property
     def failures(self) -> int:

@@ -34,12 +34,11 @@ of samples drawn (``n``, ``n0``) rather than the counts' sum.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from dsq import checks, sampling, sequential
+from dsq.sampling import check_image, input_channels
 from dsq.bounds import (ABSTAIN, Certificate, certify_counts, lower_confidence_bound, predict_counts, radius,
                         sum_counts, validate)
-from dsq.errors import InvalidArgument
 
 __all__ = ["ABSTAIN", "Certificate", "certify", "certify_counts", "certify_radius", "check_image", "input_channels",
            "lower_confidence_bound", "predict", "predict_counts", "radius", "sum_counts", "validate"]
@@ -95,39 +94,3 @@ def predict(model, x, *, sigma, n, alpha, batch_size, seed, device=None, image=0
     counts = sampling.sample_phase(model, x, sigma=sigma, num=n, batch_size=batch_size, seed=seed,
                                    image=image, phase=sampling.PREDICTION, device=device)
     return predict_counts(counts, alpha=alpha)
-
-
-def check_image(model, x, device=None) -> int:
-    """Check that ``x`` is one finite [C, H, W] image the model accepts; return K (number of classes)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise InvalidArgument(f"expected one image of shape [C, H, W], got {shape}")
-    non_finite = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
-    if non_finite:
-        raise InvalidArgument(f"{non_finite} of {x.numel()} pixels are not finite (NaN or inf); "
-                              f"the image must be finite, in [0, 1]")
-    device = torch.device(device) if device is not None else sampling.model_device(model)
-    with sampling.eval_mode(model), torch.inference_mode():
-        try:
-            logits = model(x.to(device)[None])
-        except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as error:  # shapes it cannot take
-            raise InvalidArgument(f"the model cannot take an image of shape {tuple(x.shape)}: "
-                                  f"{checks.first_line(error)}") from None
-    if logits.dim() != 2 or logits.shape[0] != 1:
-        raise InvalidArgument(f"the model must return logits [B, K], got shape {tuple(logits.shape)}")
-    return int(logits.shape[1])
-
-
-def input_channels(model) -> int | None:
-    """The channels of the images ``model`` takes, from its first NormalizeLayer or Conv2d; None if it has neither.
-
-    Modules are seen in the order they were registered, so for f o D (``Sequential(D, f)``) it is D's.
-    TorchScript modules are recognised by the class they were scripted from.
-    """
-    for module in model.modules():
-        name = getattr(module, "original_name", type(module).__name__)
-        if name == "NormalizeLayer":
-            return int(module.means.numel())
-        if name == "Conv2d":
-            return int(module.weight.shape[1]) * int(module.groups)
-    return None

@@ -131,7 +131,7 @@ def check_certification(spec) -> None:
     Fixed n: with all n votes for cA, p_lower = alpha^(1/n), so the largest radius is sigma * Phi^-1(alpha^(1/n)),
     which is 0 when alpha^(1/n) <= 1/2 (``bounds.max_radius``): such an n is refused.
     """
-    from dsq import bounds, sequential  # scipy (seconds to import): only certification specs need it
+    from dsq import bounds  # numpy and scipy.special: only certification specs need them
 
     bounds.validate(sigma=spec.sigma, n0=spec.n0, n=spec.n, alpha=spec.alpha, batch_size=1)
     check_sigma_scale(spec.sigma)
@@ -144,6 +144,8 @@ def check_certification(spec) -> None:
                                   f"(even {spec.n} of {spec.n} votes leave p_lower <= 1/2); the smallest n that "
                                   f"can is {bounds.min_n(spec.alpha)}")
         return
+    from dsq import sequential
+
     sequential.check_radius(spec.radius)
     if spec.max_n is None:
         object.__setattr__(spec, "max_n", spec.n)

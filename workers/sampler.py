@@ -11,7 +11,7 @@ import time
 import ray
 import torch
 
-from dsq import fastpath, pipeline, sampling, sizing, smoothing
+from dsq import fastpath, pipeline, sampling, sizing
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
@@ -27,7 +27,7 @@ class SamplerActor:
         # Prepared once per actor (BN folded, channels-last where it helps). fp32 leaves f unchanged;
         # bf16/fp16 autocast changes it, so the runner records the precision with every result.
         chain = pipeline.load(classifier_source, denoiser_source, device, settings)
-        self.channels = smoothing.input_channels(chain)
+        self.channels = sampling.input_channels(chain)
         self.model = fastpath.prepare_for_inference(chain, device=device, precision=precision, compile=compile)
         self.name = f"{socket.gethostname()}:{ray.get_runtime_context().get_actor_id()[:8]}"
 

@@ -104,7 +104,7 @@ class TrainSpec:
 
 def check(session: Session, spec: TrainSpec, settings: Settings) -> int:
     """Data, architecture and store are usable, and the models that exist now fit the data; work = epochs."""
-    from dsq import artifacts, checkpoints, pipeline, references, smoothing, training  # torch: models are loaded
+    from dsq import artifacts, checkpoints, pipeline, references, sampling, training  # torch: models are loaded
 
     root = settings.data_root_of(spec)
     classifiers = [references.load(session, reference, settings, "classifier", spec.models.get(reference))
@@ -113,7 +113,7 @@ def check(session: Session, spec: TrainSpec, settings: Settings) -> int:
     artifacts.store_for(settings).check()  # fail now, not after training, if the checkpoint cannot be stored
     training.build_model(spec, info)
     for model in classifiers:
-        smoothing.check_image(model, train_set[0][0])
+        sampling.check_image(model, train_set[0][0])
     if spec.init and not specs.is_job_reference(spec.init) and usermodels.is_torchscript(spec.init):
         raise InvalidArgument(f"--init {spec.init} is a TorchScript file: fine-tuning needs a dsq checkpoint "
                               "(job:N or a file dsq wrote)")
