@@ -32,8 +32,8 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
           batch_sweep: str = typer.Option("", help="Also time plain and prepared forward at these batch sizes, "
                                           "e.g. 25,50,100,200,500."),
           out: str = typer.Option("bench-results.json", help="Where to write the results."),
-          cli: bool = typer.Option(False, "--cli", help="Only the CLI's answer time: `dsq jobs` against "
-                                   "`python -c 'import torch'`, interleaved."),
+          cli: bool = typer.Option(False, "--cli", help="Only the CLI's answer time: `dsq jobs`, cancel, resume "
+                                   "and submit against `python -c 'import torch'`, interleaved."),
           queue: int = typer.Option(0, help="Only the queue overhead: drain this many tiny certify jobs "
                                     "with one warm worker."),
           sequential: bool = typer.Option(False, "--sequential", help="Only sequential against fixed-n "
@@ -100,7 +100,12 @@ def queue_overhead(count: int, threads: int) -> None:
 
 
 def cli_answer_time(repeats: int) -> None:
-    """Wall time of `dsq jobs` (reads the database: no torch, no Ray) against importing torch, side by side."""
+    """Wall time of steering and submitting commands against importing torch, interleaved, side by side.
+
+    ``dsq jobs``, ``cancel`` and ``resume`` read or write the database only (no torch, no Ray); ``submit``
+    checks a digits job (data, models, sigma) with the worker's autostart off, so it measures the submit alone.
+    """
+    import os
     import statistics
     import subprocess
     import sys
@@ -109,21 +114,28 @@ def cli_answer_time(repeats: int) -> None:
 
     from dsq import report
 
+    torch_only = "python -c 'import torch'"
     with tempfile.TemporaryDirectory(prefix="dsq-cli-bench-") as home:
-        commands = {"dsq jobs": [sys.executable, "-m", "cli", "--db", f"sqlite:///{home}/dsq.db", "jobs"],
-                    "python -c 'import torch'": [sys.executable, "-c", "import torch"]}
+        env = {**os.environ, "DSQ_HOME": home, "DSQ_WORKER_AUTOSTART": "0"}
+        dsq = [sys.executable, "-m", "cli", "--db", f"sqlite:///{home}/dsq.db"]
+        train = ["submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
+                 "--objective", "standard", "--sigma", "0", "--epochs", "1"]
+        subprocess.run(dsq + train, capture_output=True, check=True, env=env)  # the schema, and job 1
+        commands = {"dsq jobs": dsq + ["jobs"], "dsq cancel": dsq + ["cancel", "1"], "dsq resume": dsq + ["resume", "1"],
+                    "dsq submit train": dsq + train,
+                    "dsq submit certify": dsq + ["submit", "certify", "--dataset", "digits", "--classifier", "job:1",
+                                                 "--sigma", "0.25", "--n", "1000"],
+                    torch_only: [sys.executable, "-c", "import torch"]}
         times = {name: [] for name in commands}
-        subprocess.run(commands["dsq jobs"], capture_output=True, check=True)  # creates the schema once
         for _ in range(repeats):
             for name, command in commands.items():
                 started = time.perf_counter()
-                subprocess.run(command, capture_output=True, check=True)
+                subprocess.run(command, capture_output=True, check=True, env=env)
                 times[name].append(time.perf_counter() - started)
     medians = {name: statistics.median(found) for name, found in times.items()}
-    rows = [[name, f"{medians[name]:.2f}", f"{min(found):.2f}", f"{max(found):.2f}"] for name, found in times.items()]
-    ratio = medians["dsq jobs"] / medians["python -c 'import torch'"]
-    rows.append(["ratio dsq jobs / import torch", f"{ratio:.2f}", "", ""])
-    common.console.print(report.render_table(["command", "median s", "min s", "max s"], rows,
+    rows = [[name, f"{medians[name]:.2f}", f"{min(found):.2f}", f"{max(found):.2f}",
+             f"{medians[name] / medians[torch_only]:.2f}"] for name, found in times.items()]
+    common.console.print(report.render_table(["command", "median s", "min s", "max s", "/ import torch"], rows,
                                              title=f"CLI answer time ({repeats} interleaved runs each)"))
 
 
