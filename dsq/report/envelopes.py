@@ -29,11 +29,17 @@ class Envelope(NamedTuple):
 
 def envelope(jobs: Jobs, radii: Sequence[float]) -> Envelope:
     """Best certified accuracy per radius across ``jobs`` (e.g. one job per sigma) and which job attains it."""
-    if not jobs:
-        raise InvalidArgument("envelope needs at least one job")
+    require_jobs(jobs)
     best = [best_job(job_counts(jobs, radii), j) for j in range(len(radii))]
     return Envelope([t.certified[j] / t.n for j, t in enumerate(best)], [t.label for t in best],
                     [t.clean / t.n for t in best])
+
+
+def require_jobs(jobs: Jobs) -> Jobs:
+    """``jobs`` when there is at least one: an envelope of no job is InvalidArgument."""
+    if not jobs:
+        raise InvalidArgument("envelope needs at least one job")
+    return jobs
 
 
 def best_job(table: Sequence[JobCounts], j: int) -> JobCounts:

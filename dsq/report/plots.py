@@ -50,23 +50,39 @@ def plot_curves(jobs: Sequence[tuple], path: str, *, title: str | None = None, m
     of the axes. The format follows the extension of ``path`` (``plot_format``): PNG at 150 dpi, or PDF and SVG
     with their text kept as text (TrueType fonts in a PDF). Agg, no pyplot state.
     """
-    from matplotlib import colormaps, rc_context
+    from matplotlib import rc_context
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fmt = plot_format(path)
+    curves, limit = _curves_and_limit(jobs, max_radius)
+    figure = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    _draw_methods(axes, curves, limit, envelope)
+    _style_axes(axes, limit, title)
+    with rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
+        figure.savefig(path, format=fmt, dpi=150, bbox_inches="tight")
+
+
+def _curves_and_limit(jobs: Sequence[tuple], max_radius: float | None) -> tuple[list[Curve], float]:
+    """The jobs as :class:`Curve` (none is InvalidArgument), and the radius the axes end at (> 0)."""
     if not jobs:
         raise InvalidArgument("plot_curves needs at least one job")
     curves = [_as_curve(job) for job in jobs]
     limit = _plot_limit(curves) if max_radius is None else float(max_radius)
     if not limit > 0:
         raise InvalidArgument(f"max_radius must be > 0, got {max_radius!r}")
+    return curves, limit
+
+
+def _draw_methods(axes, curves: Sequence[Curve], limit: float, envelope: bool) -> None:
+    """Each method's curves in its colour, a line style per sigma, and with ``envelope`` its envelope (of several)."""
+    from matplotlib import colormaps
+
     methods = list(dict.fromkeys(c.method for c in curves))
     sigmas = sorted({c.sigma for c in curves if c.sigma is not None})
     colours = colormaps["tab10" if len(methods) <= 10 else "tab20"].colors
-    figure = Figure(figsize=(6.4, 4.2))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
     for m, method in enumerate(methods):
         mine = [c for c in curves if c.method == method]
         colour = colours[m % len(colours)]
@@ -74,13 +90,15 @@ def plot_curves(jobs: Sequence[tuple], path: str, *, title: str | None = None, m
             style = "-" if c.sigma is None else LINE_STYLES[sigmas.index(c.sigma) % len(LINE_STYLES)]
             axes.plot(*_until_zero(*curve(c.rows, limit)), drawstyle="steps-pre", color=colour, linestyle=style,
                       linewidth=1.3, label=c.label if c.sigma is None else sigma_label(c.method, c.sigma))
-        if envelope and len(mine) > 1:  # beneath the curves, thick and light
-            best = _until_zero(*envelope_curve([c.rows for c in mine], limit))
-            axes.plot(*best, drawstyle="steps-pre", color=colour, linewidth=4.5, alpha=0.35, solid_capstyle="butt",
-                      zorder=1.8, label=f"{method} envelope".strip())
-    _style_axes(axes, limit, title)
-    with rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
-        figure.savefig(path, format=fmt, dpi=150, bbox_inches="tight")
+        if envelope and len(mine) > 1:
+            _draw_envelope(axes, method, mine, limit, colour)
+
+
+def _draw_envelope(axes, method: str, mine: Sequence[Curve], limit: float, colour) -> None:
+    """The envelope of one method's curves: beneath them, thick and light, in their colour."""
+    best = _until_zero(*envelope_curve([c.rows for c in mine], limit))
+    axes.plot(*best, drawstyle="steps-pre", color=colour, linewidth=4.5, alpha=0.35, solid_capstyle="butt",
+              zorder=1.8, label=f"{method} envelope".strip())
 
 
 def _as_curve(job: tuple) -> Curve:

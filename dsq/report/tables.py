@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 from dsq.errors import InvalidArgument
 from dsq.report.accuracy import Jobs, JobCounts, Rows, job_counts
-from dsq.report.envelopes import best_job
+from dsq.report.envelopes import best_job, require_jobs
 from dsq.report.intervals import optional_interval
 from dsq.text import safe
 
@@ -78,9 +78,7 @@ def envelope_row(jobs: Jobs, radii: Sequence[float], *, label: str = "envelope",
 
     With ``ci``, a cell's interval is that job's: it does not account for picking the best of several jobs.
     """
-    if not jobs:
-        raise InvalidArgument("envelope needs at least one job")
-    table = job_counts(jobs, radii)
+    table = job_counts(require_jobs(jobs), radii)
     return [label] + [_cell(best_job(table, j), j, decimals, ci) for j in range(len(radii))]
 
 
