@@ -18,7 +18,7 @@ TABLE_FORMATS = ("table", "markdown", "latex")
 RADII_HELP = "Comma-separated radii (L2, [0,1] pixel units)."
 CI_HELP = ("Add to each cell the two-sided Clopper-Pearson interval of the certified accuracy over the images: "
            "62.0 [52.1, 71.2] (clean).")
-CI_ALPHA_HELP = "The interval's alpha: a (1 - alpha) interval (implies --ci)."
+CI_ALPHA_HELP = f"The interval's alpha: a (1 - alpha) interval (implies --ci). Default: {intervals.DEFAULT_ALPHA}."
 PLOT_HELP = "Write the curves to this file: .png, .pdf or .svg (the format)."
 TITLE_HELP = "The plot's title."
 
@@ -39,7 +39,7 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
                                                      "the envelope across sigma."),
             by_sigma: bool = typer.Option(False, help="--experiment: also one table per sigma."),
             ci: bool = typer.Option(False, "--ci", help=CI_HELP),
-            ci_alpha: Optional[float] = typer.Option(None, "--ci-alpha", help=CI_ALPHA_HELP + " Default: 0.05."),
+            ci_alpha: Optional[float] = typer.Option(None, "--ci-alpha", help=CI_ALPHA_HELP),
             plot: Optional[str] = typer.Option(None, help="--experiment: " + PLOT_HELP),
             title: Optional[str] = typer.Option(None, help=TITLE_HELP)):
     """Certified accuracy of one job (table) or its per-image results (csv, json, tsv); or of an experiment."""
@@ -103,7 +103,7 @@ def _interval(ci: bool, ci_alpha: float | None) -> float | None:
     """The alpha of the tables' confidence intervals, None without --ci."""
     if ci_alpha is not None:
         return intervals.check_alpha(ci_alpha)
-    return 0.05 if ci else None
+    return intervals.DEFAULT_ALPHA if ci else None
 
 
 def _check_plot(plot: str | None, title: str | None) -> None:
@@ -134,7 +134,7 @@ def compare(ctx: typer.Context, job_ids: List[int] = typer.Argument(..., help="J
             plot: Optional[str] = typer.Option(None, help=PLOT_HELP),
             title: Optional[str] = typer.Option(None, help=TITLE_HELP),
             ci: bool = typer.Option(False, "--ci", help=CI_HELP),
-            ci_alpha: Optional[float] = typer.Option(None, "--ci-alpha", help=CI_ALPHA_HELP + " Default: 0.05."),
+            ci_alpha: Optional[float] = typer.Option(None, "--ci-alpha", help=CI_ALPHA_HELP),
             format: str = typer.Option("table", "--format", help="table, markdown or latex.")):
     """Certified accuracy per radius, one row per job, clean accuracy in parentheses."""
     with common.boundary():

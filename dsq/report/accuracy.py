@@ -16,8 +16,14 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from dsq.errors import InvalidArgument
 
+# The per-image columns every result row has: those of Cohen et al.'s certify log (exports.TSV_HEADER), in its
+# order, so that a row converts to that log and back column for column.
 RESULT_FIELDS = ("image_index", "label", "prediction", "radius", "correct", "seconds")
+# The radii of Salman et al. (2020)'s CIFAR-10 table (experiments/cifar10.toml): r = 0 (the clean accuracy of the
+# smoothed classifier), then steps of 0.25 up to 1.5.
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+# The prediction an abstaining smoothed classifier stores: dsq.smoothing.ABSTAIN (Cohen et al.'s -1), repeated
+# here because dsq.smoothing imports torch, which no module of dsq.report may.
 ABSTAIN = -1
 
 Rows = Iterable[Any]

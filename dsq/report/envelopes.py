@@ -12,8 +12,12 @@ from typing import NamedTuple, Sequence
 from dsq.errors import InvalidArgument
 from dsq.report.accuracy import Jobs, JobCounts, Rows, as_results, certified_accuracy, job_counts
 
+# What may join a method's name to its sigma ("MSE s=0.25", "cifar_sigma0.5", "a-@0.25"): the characters of
+# _SIGMA_IN_NAME's separator class ([\s_,;:/-], a space for \s), stripped around the sigma when it is cut out.
 _SEPARATORS = " _,;:/-"
-_SIGMA_IN_NAME = re.compile(  # " s=0.25", "_sigma0.5", " (σ=1)", "@0.25" ...; the number is group 2
+# " s=0.25", "_sigma0.5", " (σ=1)", "@0.25" ...; the number is group 2. The look-behinds (?<![^\W_]) let "sigma",
+# "σ" and "s" follow no letter or digit (an underscore may: "cifar_sigma0.5"), so "abs=0.3" names no sigma.
+_SIGMA_IN_NAME = re.compile(
     r"[\s_,;:/-]*(\()?\s*"  # separators, and an opening parenthesis closed after the number
     r"(?:(?<![^\W_])(?:sigma|σ)\s*[=:_ ]?\s*|(?<![^\W_])s\s*=\s*|@)(\d+(?:\.\d+)?|\.\d+)\s*(?(1)\))",
     re.IGNORECASE)

@@ -15,9 +15,17 @@ from typing import Any, Sequence
 
 from dsq.report.accuracy import RESULT_FIELDS, Rows, as_result, as_results, field
 
-TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"  # Cohen et al.'s code/certify.py log header
-EXPORT_FIELDS = ("p_lower", "counts_selection", "counts_estimation", "n0", "n", "alpha", "sigma", "worker", "device",
-                 "precision", "mode", "target_radius")  # every stored column, beside RESULT_FIELDS
+# Cohen et al.'s code/certify.py log header, word for word, so that their analysis code reads a dsq log.
+TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+# The columns of a stored result beside RESULT_FIELDS, exported as stored: what redoes the bound (p_lower, the
+# counts, n0, n, alpha, sigma) and where it was computed (worker, device).
+STORED_FIELDS = ("p_lower", "counts_selection", "counts_estimation", "n0", "n", "alpha", "sigma", "worker", "device")
+# What a result's ``extra`` tells of how it was certified: its model's precision, fixed n or sequential, and the
+# sequential target radius.
+EXTRA_FIELDS = ("precision", "mode", "target_radius")
+EXPORT_FIELDS = STORED_FIELDS + EXTRA_FIELDS  # every exported column beside RESULT_FIELDS, in the files' order
+# LaTeX's ten special characters, each as the text-mode command that prints it: a name such as "mse_0.25" or a
+# "%" in a cell would otherwise break the document or start a comment.
 _LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                   "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
 
@@ -61,7 +69,9 @@ def export_rows(rows: Rows) -> list[dict[str, Any]]:
     out = []
     for row in rows:
         extra = field(row, "extra", None) or {}
-        item = {name: field(row, name, None) for name in RESULT_FIELDS + EXPORT_FIELDS[:9]}
+        item = {name: field(row, name, None) for name in RESULT_FIELDS + STORED_FIELDS}
+        # extra names a model only for a local model (fp32 unless a precision was chosen) and a mode only for a
+        # sequential job: an API job's precision and a fixed-n job's mode are the defaults
         item.update(precision=(extra.get("model") or {}).get("precision", "fp32"), mode=extra.get("mode", "fixed"),
                     target_radius=extra.get("target_radius"))
         out.append(item)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dsq.errors import InvalidArgument
 
+# A 95% interval, the level papers usually report; ``dsq results|compare --ci`` use it unless --ci-alpha says otherwise.
+DEFAULT_ALPHA = 0.05
+
 
 def check_alpha(alpha: float) -> float:
     """``alpha`` of a confidence interval, checked: a number strictly between 0 and 1."""
@@ -17,7 +20,7 @@ def check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+def clopper_pearson(k: int, n: int, alpha: float = DEFAULT_ALPHA) -> tuple[float, float]:
     """Two-sided (1 - alpha) Clopper-Pearson interval for a proportion, k successes of n (exact, conservative).
 
     lower = Beta quantile alpha/2 of (k, n - k + 1), 0 when k = 0; upper = quantile 1 - alpha/2 of (k + 1, n - k),

@@ -12,8 +12,28 @@ from dsq.errors import InvalidArgument
 from dsq.report.accuracy import Rows, as_results
 from dsq.report.envelopes import curve, envelope_curve, split_sigma
 
+# What a paper takes, all written by matplotlib's Agg canvas: PNG for screens and slides, PDF and SVG (vector,
+# their text kept as text) for print.
 PLOT_FORMATS = ("png", "pdf", "svg")
-LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 4)), (0, (8, 3)))  # one per sigma
+# One per sigma, since colour already marks the method: solid, dashed, dotted, dash-dot, then three dash patterns
+# of their own, told apart in print; cycled past seven sigmas.
+LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 4)), (0, (8, 3)))
+# Inches: matplotlib's default width and less than its default height (4.8), as curves over radius need width
+# more than height; the legend beside the axes widens the saved figure further (bbox_inches="tight").
+FIGURE_SIZE = (6.4, 4.2)
+PNG_DPI = 150  # sharper than matplotlib's default 100 on screens and slides; PDF and SVG are vector
+CURVE_WIDTH = 1.3  # below matplotlib's default 1.5, so that overlapping dashed and dotted curves stay apart
+# An envelope is a band beneath the curves it follows: thick (about 3.5 curves) and light, so that they stay
+# readable on it; drawn above the grid (zorder 1.5 with matplotlib's default axes.axisbelow "line") and below the
+# curves (Line2D's default zorder 2).
+ENVELOPE_WIDTH, ENVELOPE_ALPHA, ENVELOPE_ZORDER = 4.5, 0.35, 1.8
+# matplotlib's qualitative colour maps, one colour per method: tab10's ten well-separated colours, tab20's twenty
+# (ten hues, each dark then pale) past ten methods, cycled beyond.
+FEW_COLOURS, MANY_COLOURS = "tab10", "tab20"
+LEGEND_COLUMN = 16  # about as many small-text legend entries as fit in one column beside the axes; more take two
+# The x axis ends 5% past the largest certified radius, so that the last step shows, at 0.5 at least (a readable
+# axis when little is certified), rounded up to a multiple of 0.25 (the step of DEFAULT_RADII) for round ticks.
+LIMIT_MARGIN, LIMIT_MIN, LIMIT_STEP = 1.05, 0.5, 0.25
 
 
 class Curve(NamedTuple):
@@ -56,13 +76,13 @@ def plot_curves(jobs: Sequence[tuple], path: str, *, title: str | None = None, m
 
     fmt = plot_format(path)
     curves, limit = _curves_and_limit(jobs, max_radius)
-    figure = Figure(figsize=(6.4, 4.2))
+    figure = Figure(figsize=FIGURE_SIZE)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     _draw_methods(axes, curves, limit, envelope)
     _style_axes(axes, limit, title)
-    with rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
-        figure.savefig(path, format=fmt, dpi=150, bbox_inches="tight")
+    with rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):  # text as text; TrueType (42) in a PDF
+        figure.savefig(path, format=fmt, dpi=PNG_DPI, bbox_inches="tight")
 
 
 def _curves_and_limit(jobs: Sequence[tuple], max_radius: float | None) -> tuple[list[Curve], float]:
@@ -82,14 +102,15 @@ def _draw_methods(axes, curves: Sequence[Curve], limit: float, envelope: bool) -
 
     methods = list(dict.fromkeys(c.method for c in curves))
     sigmas = sorted({c.sigma for c in curves if c.sigma is not None})
-    colours = colormaps["tab10" if len(methods) <= 10 else "tab20"].colors
+    few = colormaps[FEW_COLOURS].colors
+    colours = few if len(methods) <= len(few) else colormaps[MANY_COLOURS].colors
     for m, method in enumerate(methods):
         mine = [c for c in curves if c.method == method]
         colour = colours[m % len(colours)]
         for c in mine:
             style = "-" if c.sigma is None else LINE_STYLES[sigmas.index(c.sigma) % len(LINE_STYLES)]
             axes.plot(*_until_zero(*curve(c.rows, limit)), drawstyle="steps-pre", color=colour, linestyle=style,
-                      linewidth=1.3, label=c.label if c.sigma is None else sigma_label(c.method, c.sigma))
+                      linewidth=CURVE_WIDTH, label=c.label if c.sigma is None else sigma_label(c.method, c.sigma))
         if envelope and len(mine) > 1:
             _draw_envelope(axes, method, mine, limit, colour)
 
@@ -97,8 +118,8 @@ def _draw_methods(axes, curves: Sequence[Curve], limit: float, envelope: bool) -
 def _draw_envelope(axes, method: str, mine: Sequence[Curve], limit: float, colour) -> None:
     """The envelope of one method's curves: beneath them, thick and light, in their colour."""
     best = _until_zero(*envelope_curve([c.rows for c in mine], limit))
-    axes.plot(*best, drawstyle="steps-pre", color=colour, linewidth=4.5, alpha=0.35, solid_capstyle="butt",
-              zorder=1.8, label=f"{method} envelope".strip())
+    axes.plot(*best, drawstyle="steps-pre", color=colour, linewidth=ENVELOPE_WIDTH, alpha=ENVELOPE_ALPHA,
+              solid_capstyle="butt", zorder=ENVELOPE_ZORDER, label=f"{method} envelope".strip())
 
 
 def _as_curve(job: tuple) -> Curve:
@@ -122,7 +143,7 @@ def _until_zero(radii: list[float], accuracy: list[float]) -> tuple[list[float],
 def _plot_limit(curves: Sequence[Curve]) -> float:
     """A little beyond the largest certified radius (at least 0.5), rounded up to a multiple of 0.25."""
     largest = max((x.radius for c in curves for x in c.rows if x.correct), default=0.0)
-    return max(0.5, math.ceil(largest * 1.05 / 0.25) * 0.25)
+    return max(LIMIT_MIN, math.ceil(largest * LIMIT_MARGIN / LIMIT_STEP) * LIMIT_STEP)
 
 
 def _style_axes(axes, max_radius: float, title: str | None) -> None:
@@ -130,9 +151,10 @@ def _style_axes(axes, max_radius: float, title: str | None) -> None:
     axes.set_ylim(0.0, 1.0)
     axes.set_xlabel("radius (L2)")
     axes.set_ylabel("certified accuracy")
-    axes.grid(True, alpha=0.3)
+    axes.grid(True, alpha=0.3)  # faint: a guide to read values off, not lines to confuse with curves
     entries = len(axes.get_legend_handles_labels()[1])
+    # right of the axes (x = 1.02 in axes units), top-aligned with them: never over a curve
     axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False, fontsize="small",
-                ncol=1 if entries <= 16 else 2)
+                ncol=1 if entries <= LEGEND_COLUMN else 2)
     if title:
         axes.set_title(title)
