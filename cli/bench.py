@@ -49,7 +49,7 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
     on a temporary SQLite database; the machine should otherwise be idle for meaningful numbers.
     """
     import bench as benchmark
-    from dsq import report
+    from dsq.report import tables
 
     if cli:
         return cli_answer_time(repeats)
@@ -73,7 +73,7 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
                                 ray_jobs=ray_jobs)
     benchmark.write_results(results, out)
     for header, rows, title in benchmark.tables(results):
-        common.console.print(report.render_table(header, rows, title=title))
+        common.console.print(tables.render_table(header, rows, title=title))
     common.console.print(f"results written to {out}")
 
 
@@ -88,7 +88,7 @@ def parse_sizes(text: str) -> tuple[int, ...]:
 
 def queue_overhead(count: int, threads: int) -> None:
     from bench import queue_overhead as overhead
-    from dsq import report
+    from dsq.report import tables
 
     found = overhead.measure(count, threads=threads or None,
                              log=lambda line: common.errors.print(line, markup=False, highlight=False))
@@ -96,7 +96,7 @@ def queue_overhead(count: int, threads: int) -> None:
     rows = [[variant, f"{f['succeeded']}/{f['jobs']}", f"{f['wall_s']:.1f}", f"{f['sampling_s']:.1f}",
              f"{f['overhead_per_job_s']:.2f}", f"{f['first_job_s']:.1f}", f"{f['jobs_per_s']:.2f}"]
             for variant, f in found.items()]
-    common.console.print(report.render_table(header, rows, title="queue overhead (one warm worker, one job at a time)"))
+    common.console.print(tables.render_table(header, rows, title="queue overhead (one warm worker, one job at a time)"))
 
 
 def cli_answer_time(repeats: int) -> None:
@@ -112,7 +112,7 @@ def cli_answer_time(repeats: int) -> None:
     import tempfile
     import time
 
-    from dsq import report
+    from dsq.report import tables
 
     torch_only = "python -c 'import torch'"
     with tempfile.TemporaryDirectory(prefix="dsq-cli-bench-") as home:
@@ -135,7 +135,7 @@ def cli_answer_time(repeats: int) -> None:
     medians = {name: statistics.median(found) for name, found in times.items()}
     rows = [[name, f"{medians[name]:.2f}", f"{min(found):.2f}", f"{max(found):.2f}",
              f"{medians[name] / medians[torch_only]:.2f}"] for name, found in times.items()]
-    common.console.print(report.render_table(["command", "median s", "min s", "max s", "/ import torch"], rows,
+    common.console.print(tables.render_table(["command", "median s", "min s", "max s", "/ import torch"], rows,
                                              title=f"CLI answer time ({repeats} interleaved runs each)"))
 
 
@@ -149,10 +149,10 @@ def sequential_comparison(images: int, home: str | None, out: str) -> None:
 
     from bench import sequential as rules
     from bench import sequential_jobs
-    from dsq import report
+    from dsq.report import tables
 
     found = sequential_jobs.measure(images, home, log=_log)
-    common.console.print(report.render_table(rules.HEADER, rules.table(found["rows"]), title=(
+    common.console.print(tables.render_table(rules.HEADER, rules.table(found["rows"]), title=(
         f"sequential (max_n {found['max_n']:,}, a look every {found['batch']} samples) against fixed n, "
         f"{images} test digits, alpha {found['alpha']:g}")))
     missed = [row for row in found["rows"] if not all(rules.meets(row).values())]
@@ -168,7 +168,7 @@ def sequential_comparison(images: int, home: str | None, out: str) -> None:
 def sequential_api_queries(images: int) -> None:
     """Billed queries per image of sequential certify-api jobs on the embedded emulator, against n0 + n + 1."""
     from bench import sequential_jobs
-    from dsq import report
+    from dsq.report import tables
 
     rows = sequential_jobs.api_measure(images, n0=20, max_n=1000, sigma=0.25, multiples=(0.25, 0.5, 1.0, 1.5),
                                        log=_log)
@@ -176,5 +176,5 @@ def sequential_api_queries(images: int) -> None:
     table = [[f"{row['radius_over_sigma']:g}", f"{100 * row['certified']:.1f}", f"{row['mean_queries']:,.0f}",
               f"{row['median_queries']:,.0f}", f"{row['fixed_queries']:,}",
               f"{row['fixed_queries'] / row['mean_queries']:.1f}x"] for row in rows]
-    common.console.print(report.render_table(header, table, title=(
+    common.console.print(tables.render_table(header, table, title=(
         f"certify-api, sequential at r (embedded emulator, sigma 0.25, n0 20, max_n 1,000, {images} digits)")))

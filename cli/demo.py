@@ -21,14 +21,15 @@ def demo(ctx: typer.Context,
          n: int = typer.Option(1000, help="Estimation samples per image."),
          quick: bool = typer.Option(False, "--quick", help="One epoch per model: checks the pipeline, not the numbers.")):
     """Train f, denoisers and Cohen's classifiers on digits, certify them all, compare (jobs run side by side)."""
-    from dsq import demo as preset, experiments, report, views
+    from dsq import demo as preset, experiments, views
     from dsq.db.session import session_scope
+    from dsq.report import plots
     from workers import resources, worker
 
     config = common.settings(ctx)
     started = time.monotonic()
     with common.boundary():
-        report.plot_format(plot)  # a plot that cannot be written is refused now, not after the demo
+        plots.plot_format(plot)  # a plot that cannot be written is refused now, not after the demo
         plan = preset.plan(n=n, max_images=max_images or None, quick=quick)
         common.check_cluster(config)  # before anything is written
         engine = common.database(config)
@@ -59,7 +60,7 @@ def demo(ctx: typer.Context,
         for table in views.experiment_tables(runs, plan.radii, by_sigma=True):
             common.console.print(table)
         everything = [(label, rows) for found in runs.values() for _, label, rows in found]
-        report.plot_curves(everything, plot, title="dsq demo: digits, certified accuracy vs L2 radius")
+        plots.plot_curves(everything, plot, title="dsq demo: digits, certified accuracy vs L2 radius")
     common.console.print(f"curves written to {plot}")
     common.console.print(f"demo finished in {time.monotonic() - started:.0f} s; "
                          f"query it again with: dsq results --experiment {name} --by-sigma")

@@ -11,10 +11,11 @@ from typing import NamedTuple
 
 from sqlalchemy.orm import Session
 
-from dsq import jobqueue, report
+from dsq import jobqueue
 from dsq.db import repo
 from dsq.db.models import Job
 from dsq.errors import JobStateError
+from dsq.report import accuracy, envelopes, tables
 from dsq.text import escape_controls, safe
 
 
@@ -142,7 +143,7 @@ def labelled_results(session: Session, job_ids) -> list[tuple[str, list]]:
     labelled = []
     for job_id in job_ids:
         job = repo.get_job(session, job_id)
-        rows = report.as_results(repo.results_for_job(session, job_id))
+        rows = accuracy.as_results(repo.results_for_job(session, job_id))
         if not rows:
             raise JobStateError(f"job {job_id} has no results yet (status {job.status})")
         precision = (job.spec or {}).get("precision", "fp32")  # reduced precision changes f: say so
@@ -171,8 +172,8 @@ def sequential_costs(session: Session, job_id: int) -> tuple[float, str, list[in
 
 def sequential_summary(label: str, rows, target: float, unit: str, costs: list[int], ci: float | None = None):
     """The rich table of a sequential job: certified accuracy at its target and what an image cost."""
-    table = report.sequential_table([(label, rows, costs)], target, ci=ci)
-    return report.render_table(report.sequential_header(unit), table,
+    table = tables.sequential_table([(label, rows, costs)], target, ci=ci)
+    return tables.render_table(tables.sequential_header(unit), table,
                                title=f"{label}: certified accuracy % at radius {target:g}, {len(rows)} images")
 
 
@@ -187,14 +188,14 @@ class Run(NamedTuple):
 
 
 def compared_runs(session: Session, job_ids) -> list[Run]:
-    """The jobs to compare, each with its method: its label without the sigma (``report.split_sigma``).
+    """The jobs to compare, each with its method: its label without the sigma (``envelopes.split_sigma``).
 
     Jobs of one method differ only in sigma, e.g. an experiment's ``MSE s=0.25`` and ``MSE s=0.5``; the sigma is
     the job's own (its spec's), else the one its name gives.
     """
     runs = []
     for job_id, (label, rows) in zip(job_ids, labelled_results(session, job_ids)):
-        method, named = report.split_sigma(label)
+        method, named = envelopes.split_sigma(label)
         sigma = (repo.get_job(session, job_id).spec or {}).get("sigma", named)
         runs.append(Run(job_id, label, rows, method, None if sigma is None else float(sigma)))
     return runs
@@ -207,7 +208,7 @@ def comparison_rows(runs: list[Run], radii, *, envelope: bool = False, ci: float
     ``ci`` (an alpha) adds Clopper-Pearson intervals; ``images`` a column with each row's number of images (an
     envelope's, when its jobs certified different numbers of images: ``30-50``).
     """
-    rows = report.compare_table([(run.label, run.rows) for run in runs], radii, ci=ci)
+    rows = tables.compare_table([(run.label, run.rows) for run in runs], radii, ci=ci)
     counts = [str(len(run.rows)) for run in runs]
     groups: dict[str, list[Run]] = {}
     for run in runs if envelope else []:
@@ -216,10 +217,10 @@ def comparison_rows(runs: list[Run], radii, *, envelope: bool = False, ci: float
         if len(group) < 2:
             continue  # one job is its own envelope
         label = f"envelope: {method}" if method else "envelope"
-        rows.append(report.envelope_row([(run.label, run.rows) for run in group], radii, label=label, ci=ci))
+        rows.append(tables.envelope_row([(run.label, run.rows) for run in group], radii, label=label, ci=ci))
         sizes = sorted({len(run.rows) for run in group})
         counts.append(f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}")
-    header = report.compare_header(radii)
+    header = tables.compare_header(radii)
     if images:
         header.insert(1, "images")
         rows = [[row[0], count, *row[1:]] for row, count in zip(rows, counts)]
@@ -241,7 +242,7 @@ def image_warning(runs: list[Run]) -> str | None:
 
 def comparison(labelled, radii, *, title: str, ci: float | None = None, first: str = "job"):
     """A rich table: a row per (label, rows); ``first`` names the label column."""
-    return report.render_table(report.compare_header(radii, first), report.compare_table(labelled, radii, ci=ci),
+    return tables.render_table(tables.compare_header(radii, first), tables.compare_table(labelled, radii, ci=ci),
                                title=title)
 
 
@@ -253,7 +254,7 @@ def experiment_runs(session: Session, experiment: str) -> dict[str, list[tuple[f
         raise JobStateError(f"no certify jobs in experiment {experiment!r}")
     runs: dict[str, list] = {}
     for job in sorted(jobs, key=lambda j: j.id):
-        rows = report.as_results(repo.results_for_job(session, job.id))
+        rows = accuracy.as_results(repo.results_for_job(session, job.id))
         meta = job.meta or {}
         if rows:
             runs.setdefault(meta.get("method", job.name or f"job {job.id}"), []).append(
@@ -268,17 +269,17 @@ def experiment_tables(runs: dict, radii, *, by_sigma: bool = False, ci: float | 
 
     ``ci`` (an alpha) adds Clopper-Pearson intervals over the images to every cell.
     """
-    tables = []
-    what = report.accuracy_title(ci)
+    shown = []
+    what = tables.accuracy_title(ci)
     if by_sigma:
         for sigma in sorted({s for found in runs.values() for s, _, _ in found}):
             labelled = [(method, rows) for method, found in runs.items() for s, _, rows in found if s == sigma]
-            tables.append(comparison(labelled, radii, title=f"sigma = {sigma:g}: {what}", ci=ci, first="method"))
-    envelope = [report.envelope_row([(label, rows) for _, label, rows in found], radii, label=safe(method), ci=ci)
+            shown.append(comparison(labelled, radii, title=f"sigma = {sigma:g}: {what}", ci=ci, first="method"))
+    envelope = [tables.envelope_row([(label, rows) for _, label, rows in found], radii, label=safe(method), ci=ci)
                 for method, found in runs.items()]
-    tables.append(report.render_table(report.compare_header(radii, "method"), envelope,
-                                      title=f"envelope across sigma: best {what}"))
-    return tables
+    shown.append(tables.render_table(tables.compare_header(radii, "method"), envelope,
+                                     title=f"envelope across sigma: best {what}"))
+    return shown
 
 
 def partial_note(session: Session, job_id: int, stored: int) -> str | None:
