@@ -1,6 +1,6 @@
 """f o D and its images: load the chain, check it takes a dataset's images, convert their channels.
 
-What a certify job's check (``dsq.kinds.certify``), its loop and its sampler actors (``workers/``) and the
+What a certify job's check (``dsq.kinds.certify``), its loop and its sampler actors (the Ray side) and the
 API kind's denoiser check share: one place that knows how a denoiser, a classifier and a dataset fit.
 """
 

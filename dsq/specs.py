@@ -43,7 +43,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 class Kind:
     """A job kind: its spec class, its submit-time check and what a running job of it holds.
 
-    ``workers.runner`` owns the table from a kind's name to the loop that runs it.
+    The Ray side owns the table from a kind's name to the loop that runs it.
     """
 
     name: str

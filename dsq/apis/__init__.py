@@ -10,6 +10,6 @@
 - ``recertify``   offline re-certification of a job from its stored answers (no torch, no query)
 - ``errors``      the named errors of all of the above
 
-The job kind (spec, checks, cost estimate, results) is ``dsq.kinds.certify_api``. Ray lives in ``workers/api_actor.py`` (one actor per provider) and ``workers/api_runner.py`` (the job).
+The job kind (spec, checks, cost estimate, results) is ``dsq.kinds.certify_api``. The Ray side (one actor per provider, the job's runner) calls into these modules; none of them imports Ray.
 Importing this package imports no SDK: each is imported where a client or emulator is made.
 """

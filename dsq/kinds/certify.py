@@ -1,7 +1,7 @@
 """The ``certify`` kind: certify the smoothed f o D on a deterministic subset of a dataset.
 
 Its spec, its submit-time check, what a running job holds, and the steps its loop
-(``workers/certify_loop.py``) shares with the sampler actors. The spec loads without torch (``dsq
+(on the Ray side) shares with the sampler actors. The spec loads without torch (``dsq
 cancel`` and ``dsq resume`` rebuild specs): the model and data modules are imported by the functions
 that use them.
 """

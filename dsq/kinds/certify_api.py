@@ -1,7 +1,7 @@
 """The ``certify-api`` kind: certify a black-box vision API (Salman et al. 2020, section 5).
 
 Its spec, its submit-time check (credentials, endpoint, images, denoiser), what a running job holds, its
-cost estimate and budget, and how one image's certificate is stored. The runner is ``workers/api_runner.py``.
+cost estimate and budget, and how one image's certificate is stored. Its runner, on the Ray side, calls these.
 Nothing here imports torch at module level (``dsq resume --max-queries`` rebuilds the spec).
 
 ``endpoint`` says which server answers the queries:

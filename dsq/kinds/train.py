@@ -1,7 +1,7 @@
 """The ``train`` kind: train a denoiser (against frozen classifiers) or a classifier, store its checkpoint.
 
 Its spec, its submit-time check, what a running job holds, and the training run its trainer actor
-(``workers/trainer.py``) calls. The spec loads without torch (``dsq cancel`` and ``dsq resume`` rebuild
+calls. The spec loads without torch (``dsq cancel`` and ``dsq resume`` rebuild
 specs): the model and data modules are imported by the functions that use them.
 """
 
@@ -129,7 +129,7 @@ def demand(spec: TrainSpec, cluster: dict) -> dict:
 def run_training(engine, settings: Settings, job_id: int, spec: TrainSpec, device: str) -> dict:
     """Train what a train job describes, store its checkpoint and artifact row; return metrics.
 
-    Progress and the loss go to the job's row and log each epoch; its loop (``workers/train_loop.py``)
+    Progress and the loss go to the job's row and log each epoch; its loop
     steers it (cancel, hand-back) and stops the actor this runs in.
     """
     from dsq import pipeline, references, training  # torch
