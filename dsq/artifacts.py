@@ -32,7 +32,7 @@ from typing import Protocol
 from dsq import checks
 from dsq.errors import ArtifactStoreError, CheckpointError, DsqError
 
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # bytes read at a time when hashing a file: 1 MiB streams a GB checkpoint in constant memory
 
 
 class Store(Protocol):

@@ -45,7 +45,7 @@ from dsq.denoisers import build_denoiser
 from dsq.errors import CheckpointError, DsqError, InvalidArgument
 
 FORMAT = "dsq-checkpoint"
-VERSION = 1
+VERSION = 1  # of dsq's checkpoint format: raised when its keys change, so an older dsq refuses a newer file
 KINDS = ("denoiser", "classifier")
 
 CIFAR10_NORMALIZATION = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]}

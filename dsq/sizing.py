@@ -35,9 +35,9 @@ from dsq.fastpath import PreparedModel
 SEQUENTIAL_LOOKS = 100          # a sequential job looks at its test at least this often within max_n, so an
                                 # image can stop after 1% of it (clear-cut images need a few hundred samples)
 ACTOR_MEMORY = 3 << 29          # 1.5 GiB: torch in a process (~0.7 GB) plus a model and its batches
-CPU_ACTIVATION_BYTES = 8 << 20
+CPU_ACTIVATION_BYTES = 8 << 20  # a batch's activations on a CPU: cache-sized (module docstring's measurement)
 GPU_MEMORY_SHARE = 0.6          # of the memory free on the device when the actor starts
-GPU_PROBE_BATCH = 64
+GPU_PROBE_BATCH = 64            # samples of the one forward pass that measures a sample's GPU memory
 MIN_BATCH, MAX_BATCH = 8, 16_384
 
 

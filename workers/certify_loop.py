@@ -24,6 +24,8 @@ from workers import resources
 from workers.loop import POLL_SECONDS, Control, JobLoop, settle
 from workers.sampler import SamplerActor, SamplerPool, source_key
 
+# Shards in flight per sampler actor: one running and one waiting, so an actor never idles between a reply and
+# the next request, while a lost actor takes at most two shards with it.
 TASKS_PER_ACTOR = 2
 SHARD_RETRY_SECONDS = 180.0  # how long a shard lost with its actor is tried again while Ray restarts the actor
 

@@ -36,8 +36,8 @@ from dsq.apis import ratelimit
 from dsq.errors import MissingCredentials
 from dsq.apis.ratelimit import FATAL, THROTTLE, TRANSIENT, Decision
 
-MAX_LABELS = 10
-TIMEOUT_S = 30.0
+MAX_LABELS = 10  # labels asked of an API: the top label decides; ten keep ties visible and answers small
+TIMEOUT_S = 30.0  # one query's read timeout: vendors answer in well under a second; a stalled one is retried
 PLACEHOLDER = "dsq-emulator"
 SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "VISION_KEY", "CLARIFAI_PAT")
 NEEDED = {

@@ -332,7 +332,7 @@ from sqlalchemy import func as _func  # noqa: E402
 
 from dsq.db.models import ApiAnswer  # noqa: E402
 
-_IN_CHUNK = 500
+_IN_CHUNK = 500  # digests per IN (...) query: well under SQLite's 999 bound parameters of older builds
 
 
 def api_answers(s: Session, provider: str, service: str, digests: Iterable[str]) -> dict[str, ApiAnswer]:

@@ -31,8 +31,8 @@ from sqlalchemy.pool import StaticPool
 from dsq.errors import DatabaseUnreachable
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
-SQLITE_BUSY_TIMEOUT_MS = 30_000
-PG_CONNECT_TIMEOUT_S = 5
+SQLITE_BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another's lock: claims and upserts take milliseconds
+PG_CONNECT_TIMEOUT_S = 5  # a server that does not answer in 5 s is down; the grace period (Settings) retries
 RETRY_PAUSE_S = 1.0  # between two tries to reach a server that went away
 # Any constant: serializes concurrent schema upgrades on one PostgreSQL database.
 _PG_UPGRADE_LOCK = 0x647371

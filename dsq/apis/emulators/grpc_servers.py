@@ -8,7 +8,7 @@ import grpc
 
 from dsq.apis.emulators.service import FAILED, THROTTLED, BadImage, Service
 
-WORKERS = 32
+WORKERS = 32  # server threads: above an API actor's default concurrency, so the emulator never throttles by itself
 
 
 def _google_handler(service: Service):
