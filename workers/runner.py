@@ -25,15 +25,17 @@ from workers.loop import Control
 LOOPS = {"train": train_loop.run, "certify": certify_loop.run, "certify_api": api_runner.run}
 
 
-def run_job(settings: Settings, job_id: int, control: Control | None = None) -> str:
+def run_job(settings: Settings, job_id: int, control: Control | None = None, spec=None) -> str:
     """Run a job claimed by ``control.runner`` (or still queued) to its end; return its status.
 
-    A job whose worker stops goes back to the queue (status ``queued``).
+    A job whose worker stops goes back to the queue (status ``queued``). ``spec``: the job's spec when the
+    caller has already rebuilt it from the row (the worker, for its demand), else rebuilt here.
     """
     control = control or Control()
     engine = make_engine(settings.database_url, retry_seconds=settings.db_grace_seconds)
     try:
-        spec = _start(engine, job_id, control.runner)
+        stored = _start(engine, job_id, control.runner)
+        spec = spec or kinds.from_dict(stored)
         try:
             LOOPS[spec.kind](engine, settings, job_id, spec, control)
         except Exception as failure:  # noqa: BLE001 - a job keeps any failure with its traceback
@@ -65,7 +67,7 @@ def _start(engine, job_id: int, runner: str):
         if job is None or job.status != "running" or job.runner != runner:
             raise JobStateError(f"job {job_id} is not for {runner} to run")
         repo.add_log(session, job_id, f"running on {runner} (attempt {job.attempts})")
-        return kinds.from_dict(job.spec)
+        return job.spec
 
 
 def _hand_back(engine, job_id: int, runner: str, why: JobInterrupted) -> str:

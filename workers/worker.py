@@ -56,6 +56,7 @@ class Running:
     kind: str
     demand: dict
     control: Control
+    spec: object
     thread: threading.Thread | None = None
     status: str | None = None
 
@@ -203,7 +204,8 @@ class QueueWorker:
                 job = jobqueue.claim(session, self.name, only=self.only)
                 if job is None:
                     return
-            self._start(job, self._demand(job, cluster))
+            spec = kinds.from_dict(job.spec)  # rebuilt once: for its demand here, and for its run
+            self._start(job, spec, kinds.get(job.kind).demand(spec, cluster))
 
     @staticmethod
     def _demand(job, cluster: dict) -> dict:
@@ -216,9 +218,9 @@ class QueueWorker:
                 held[resource] = held.get(resource, 0.0) + amount
         return all(held.get(r, 0.0) + amount <= cluster.get(r, 0.0) + 1e-9 for r, amount in demand.items())
 
-    def _start(self, job, demand: dict) -> None:
+    def _start(self, job, spec, demand: dict) -> None:
         pool = self.pool if self.reuse_samplers else None
-        work = Running(job.id, job.kind, demand, Control(runner=self.name, pool=pool))
+        work = Running(job.id, job.kind, demand, Control(runner=self.name, pool=pool), spec)
         work.thread = threading.Thread(target=self._run_one, args=(work,), name=f"dsq-job-{job.id}", daemon=True)
         self.running[job.id] = work
         self.log(f"job {job.id} ({job.kind}{': ' + job.name if job.name else ''}): started")
@@ -226,7 +228,7 @@ class QueueWorker:
 
     def _run_one(self, work: Running) -> None:
         try:
-            work.status = runner.run_job(self.settings, work.job_id, work.control)
+            work.status = runner.run_job(self.settings, work.job_id, work.control, work.spec)
         except Exception as error:  # noqa: BLE001 - the job is left for the stale scan; the worker goes on
             work.status = f"error: {type(error).__name__}: {error}"
         finally:
