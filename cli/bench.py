@@ -121,7 +121,8 @@ def cli_answer_time(repeats: int) -> None:
         train = ["submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
                  "--objective", "standard", "--sigma", "0", "--epochs", "1"]
         subprocess.run(dsq + train, capture_output=True, check=True, env=env)  # the schema, and job 1
-        commands = {"dsq jobs": dsq + ["jobs"], "dsq cancel": dsq + ["cancel", "1"], "dsq resume": dsq + ["resume", "1"],
+        commands = {"dsq jobs": dsq + ["jobs"], "dsq cancel": dsq + ["cancel", "1"],
+                    "dsq resume": dsq + ["resume", "1"],
                     "dsq submit train": dsq + train,
                     "dsq submit certify": dsq + ["submit", "certify", "--dataset", "digits", "--classifier", "job:1",
                                                  "--sigma", "0.25", "--n", "1000"],

@@ -10,6 +10,7 @@
 - ``recertify``   offline re-certification of a job from its stored answers (no torch, no query)
 - ``errors``      the named errors of all of the above
 
-The job kind (spec, checks, cost estimate, results) is ``dsq.kinds.certify_api``. The Ray side (one actor per provider, the job's runner) calls into these modules; none of them imports Ray.
+The job kind (spec, checks, cost estimate) is ``dsq.kinds.certify_api``. The Ray side (one actor per provider,
+the job's runner) calls into these modules; none of them imports Ray.
 Importing this package imports no SDK: each is imported where a client or emulator is made.
 """

@@ -91,7 +91,8 @@ def check_credentials(provider: str, env: Mapping[str, str]) -> None:
             session = boto3.session.Session()
             found = session.get_credentials() is not None
         except BotoCoreError as error:  # a profile that does not exist...
-            raise MissingCredentials(f"AWS configuration unusable ({checks.first_line(error)}): {NEEDED[provider]}") from None
+            raise MissingCredentials(f"AWS configuration unusable ({checks.first_line(error)}): "
+                                     f"{NEEDED[provider]}") from None
         if not found:
             _missing(provider)
         if not aws_region(session, env):
@@ -171,7 +172,8 @@ class AwsClient:
                     options.update(aws_access_key_id=PLACEHOLDER, aws_secret_access_key=PLACEHOLDER)
             self.client = session.client("rekognition", **options)
         except BotoCoreError as error:
-            raise MissingCredentials(f"AWS configuration unusable ({checks.first_line(error)}): {NEEDED['aws']}") from None
+            raise MissingCredentials(f"AWS configuration unusable ({checks.first_line(error)}): "
+                                     f"{NEEDED['aws']}") from None
 
     def detect(self, image: bytes) -> dict:
         answer = self.client.detect_labels(Image={"Bytes": image}, MaxLabels=MAX_LABELS)

@@ -77,7 +77,8 @@ def image_unit(index: int) -> str:
 
 def _upsert(s: Session, model: type[M], identity: dict[str, Any], insert: dict, update_: dict) -> M:
     """Insert a row of ``model`` keyed by ``identity``, or update the existing one; return it."""
-    stmt = _insert(s, model).values(**identity, **insert).on_conflict_do_update(index_elements=list(identity), set_=update_)
+    stmt = _insert(s, model).values(**identity, **insert)
+    stmt = stmt.on_conflict_do_update(index_elements=list(identity), set_=update_)
     return s.scalars(stmt.returning(model), execution_options=_REFRESH).one()
 
 

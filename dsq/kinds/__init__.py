@@ -1,7 +1,8 @@
 """Job kinds: one module each (its spec, its submit-time check, what a running job holds), registered here once.
 
 Adding a kind is one module here (with its ``KIND``) and its entry in ``KINDS``, and its loop on the Ray
-side, which owns the table from a kind to its loop (DESIGN.md, "Adding a job kind"). The kind modules import no torch at module level, so rebuilding a stored spec
+side, which owns the table from a kind to its loop (DESIGN.md, "Adding a job kind"). The kind modules import no
+torch at module level, so rebuilding a stored spec
 (``from_dict``) is cheap: ``dsq cancel`` and ``dsq resume`` do it without loading a model.
 """
 

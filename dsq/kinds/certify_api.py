@@ -1,7 +1,7 @@
 """The ``certify-api`` kind: certify a black-box vision API (Salman et al. 2020, section 5).
 
 Its spec, its submit-time check (credentials, endpoint, images, denoiser), what a running job holds, its
-cost estimate and budget, and how one image's certificate is stored. Its runner, on the Ray side, calls these.
+cost estimate and its budget (``dsq.apis.results`` stores its certificates). Its runner, on the Ray side, calls these.
 Nothing here imports torch at module level (``dsq resume --max-queries`` rebuilds the spec).
 
 ``endpoint`` says which server answers the queries:
@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Mapping
 
 from sqlalchemy.orm import Session
 
-from dsq import checks, specs
+from dsq import checks, references, specs
 from dsq.apis import providers, ratelimit
 from dsq.db import repo
 from dsq.errors import DatasetMissing, EndpointUnreachable, InvalidArgument, UnknownName
@@ -140,7 +140,8 @@ class ApiCertifySpec(specs.TargetRadiusMode):
         if self.concurrency is not None:
             checks.positive_int("concurrency", self.concurrency)
             if self.concurrency > ratelimit.MAX_CONCURRENCY:
-                raise InvalidArgument(f"concurrency must be at most {ratelimit.MAX_CONCURRENCY}, got {self.concurrency}")
+                raise InvalidArgument(f"concurrency must be at most {ratelimit.MAX_CONCURRENCY}, "
+                                      f"got {self.concurrency}")
 
 
 def default_endpoint(provider: str, env: Mapping[str, str]) -> str | None:
@@ -152,12 +153,13 @@ def service_name(spec: ApiCertifySpec) -> str:
     """Who answers: ``vendor``, ``embedded`` or ``emulator:HOST:PORT`` (part of the answer cache key)."""
     if spec.endpoint is None:
         return VENDOR
-    return providers.EMBEDDED if spec.endpoint == providers.EMBEDDED else f"emulator:{providers.host_port(spec.endpoint)}"
+    if spec.endpoint == providers.EMBEDDED:
+        return providers.EMBEDDED
+    return f"emulator:{providers.host_port(spec.endpoint)}"
 
 
 def check(session: Session, spec: ApiCertifySpec, settings: Settings, env: Mapping[str, str] | None = None) -> int:
     """Check that the job can run (n, credentials, endpoint, images, denoiser); return its image count."""
-    from dsq import references
     from dsq.apis import images  # torch: images and the denoiser are loaded
 
     env = providers.environment() if env is None else env
