@@ -16,8 +16,10 @@ Symbols, as in the paper:
 anytime-valid test knows (``dsq.sequential``).
 
 The statistics (``lower_confidence_bound``, ``radius``, ``certify_counts``,
-``predict_counts``, ``sum_counts``) are pure functions of counts, so shards
-computed anywhere can be summed and the bound computed once per image.
+``predict_counts``, ``sum_counts``) are pure functions of counts in ``dsq.bounds``, which both this
+module and ``dsq.sequential`` build on; they are importable from here too. Shards computed anywhere
+can be summed and the bound computed once per image. ``check_image`` and ``input_channels`` come
+from ``dsq.sampling``.
 
 Non-finite numbers. An image with a NaN or inf pixel is refused
 (``check_image`` raises InvalidArgument): x + delta would be NaN or inf
@@ -36,9 +38,9 @@ from __future__ import annotations
 import numpy as np
 
 from dsq import checks, sampling, sequential
-from dsq.sampling import check_image, input_channels
 from dsq.bounds import (ABSTAIN, Certificate, certify_counts, lower_confidence_bound, predict_counts, radius,
                         sum_counts, validate)
+from dsq.sampling import check_image, input_channels
 
 __all__ = ["ABSTAIN", "Certificate", "certify", "certify_counts", "certify_radius", "check_image", "input_channels",
            "lower_confidence_bound", "predict", "predict_counts", "radius", "sum_counts", "validate"]
