@@ -68,3 +68,27 @@ def test_safe_text_prints_literally_through_rich(name, printed):
     console = Console(file=io.StringIO(), force_terminal=True, color_system="truecolor", highlight=False, width=200)
     console.print(f"[bold]{safe(name)}[/bold]")
     assert console.file.getvalue() == f"{ESC}[1m{printed}{ESC}[0m\n"  # the caller's bold, nothing else
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("zero\u200bwidth", r"'\u200b'"), ("join\u200dme", r"'\u200d'"), ("bom\ufeff", r"'\ufeff'"),
+    ("soft\u00adhyphen", r"'\xad'"), ("word\u2060joiner", r"'\u2060'"), ("hidden\U000e0041\U000e007f", r"'\U000e0041'"),
+])
+def test_invisible_characters_are_refused_and_shown_escaped(name, shown):
+    with pytest.raises(InvalidArgument) as refused:
+        check_name(name, what="job name")
+    message = str(refused.value)
+    assert "invisible character" in message and shown in message
+    assert escape_controls(name) != name and "\u200b" not in escape_controls("a\u200bb")  # printed visibly too
+
+
+def test_an_invisible_name_is_one_line_and_exit_2_through_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["--db", f"sqlite:///{tmp_path / 'dsq.db'}", "submit", "certify", "--dataset",
+                                      "digits", "--classifier", "f.pt", "--sigma", "0.25", "--name", "a\u200bb"],
+                                env={"DSQ_HOME": str(tmp_path), "DSQ_WORKER_AUTOSTART": "0"})
+    assert result.exit_code == 2 and "invisible character '\\u200b'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "dsq.db").exists()

@@ -82,14 +82,26 @@ def _upsert(s: Session, model: type[M], identity: dict[str, Any], insert: dict, 
     return s.scalars(stmt.returning(model), execution_options=_REFRESH).one()
 
 
+MAX_ID = 2**63 - 1  # ids are 64-bit signed integers on both databases: a larger number names no job
+
+
+def _known_id(job_id: int) -> int:
+    """``job_id`` if it can name a job at all; JobNotFound for a number no id column holds (SQLite would
+    otherwise raise OverflowError binding it)."""
+    if not 0 < job_id <= MAX_ID:
+        raise JobNotFound(f"no job with id {job_id}")
+    return job_id
+
+
 def _update_job(s: Session, job_id: int, *conditions: Any, **values: Any) -> Job | None:
     """UPDATE one job (if ``conditions`` hold) and return it fresh, or None if nothing matched."""
+    _known_id(job_id)
     stmt = update(Job).where(Job.id == job_id, *conditions).values(**values).returning(Job)
     return s.scalars(stmt, execution_options=_REFRESH).one_or_none()
 
 
 def _job_status(s: Session, job_id: int) -> str:
-    status = s.scalar(select(Job.status).where(Job.id == job_id))
+    status = s.scalar(select(Job.status).where(Job.id == _known_id(job_id)))
     if status is None:
         raise JobNotFound(f"no job with id {job_id}")
     return status
@@ -122,7 +134,7 @@ def create_job(
 
 def get_job(s: Session, job_id: int) -> Job:
     """The job with this id; raises ``JobNotFound``."""
-    return _require_job(s.get(Job, job_id), job_id)
+    return _require_job(s.get(Job, _known_id(job_id)), job_id)
 
 
 def list_jobs(s: Session, limit: int = 50, status: str | None = None, kind: str | None = None,
