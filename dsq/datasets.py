@@ -478,9 +478,24 @@ def _folder_classes(folder: str) -> list[str]:
 
 
 def _open_image(path: str, mode: str) -> Image.Image:
-    """ImageFolder's loader, to ``mode`` ("L" or "RGB") instead of always RGB."""
+    """ImageFolder's loader, to ``mode`` ("L" or "RGB") instead of always RGB; non-finite pixels refused."""
     with open(path, "rb") as handle:
-        return Image.open(handle).convert(mode)
+        return check_finite(Image.open(handle), path).convert(mode)
+
+
+def check_finite(picture: Image.Image, path: str) -> Image.Image:
+    """``picture`` unless it is a float image (PIL mode F, e.g. a float TIFF) with a NaN or inf pixel.
+
+    Converting such an image would read NaN as 0 and inf as 255, and the job would certify an image nobody gave
+    it; the Python API refuses non-finite pixels, and so does loading.
+    """
+    if picture.mode == "F":
+        pixels = np.asarray(picture)
+        bad = int((~np.isfinite(pixels)).sum())
+        if bad:
+            raise InvalidArgument(f"{path}: {bad} of {pixels.size} pixels are not finite (NaN or inf); "
+                                  f"the image must be finite")
+    return picture
 
 
 def _image_folder(folder: str, transform, what: str, channels: int = 3) -> Dataset:

@@ -37,8 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dsq import checks
-from dsq import sampling
+from dsq import checks, datasets, sampling
 from dsq.apis.labels import CLEAN, ESTIMATION, SELECTION
 from dsq.errors import InvalidArgument, NonFiniteOutput, UnreadableImage
 
@@ -138,7 +137,10 @@ def load_image(path: str, size: int | None = None) -> torch.Tensor:
     try:
         with Image.open(path) as picture:
             picture.load()
+            datasets.check_finite(picture, path)
             picture = picture.convert("L") if picture.mode in ("1", "L", "I;16", "I", "F") else picture.convert("RGB")
+    except InvalidArgument as error:  # a float image with NaN or inf pixels: this image is refused
+        raise UnreadableImage(str(error)) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         reason = checks.first_line(error)
         raise UnreadableImage(f"{path}: not a readable image ({reason})") from None
