@@ -185,7 +185,9 @@ def model_options(**roles) -> dict:
 def experiment(ctx: typer.Context, file: str = typer.Argument(..., help="An experiment file (TOML); see experiments/."),
                name: Optional[str] = typer.Option(None, help="Group name (default: the file's `name`)."),
                dry_run: bool = typer.Option(False, help="Print the job graph and sample counts; submit nothing."),
-               priority: int = typer.Option(0, help=PRIORITY_HELP)):
+               priority: int = typer.Option(0, help=PRIORITY_HELP),
+               max_jobs: int = typer.Option(1_000, help="Refuse a plan of more jobs than this (a typo in a "
+                                            "generated file should not queue thousands).")):
     """Queue a whole plan (models to train, a sigma grid, methods to certify) as jobs with their dependencies."""
     from dsq import experiments
     from dsq.db.session import session_scope
@@ -193,10 +195,12 @@ def experiment(ctx: typer.Context, file: str = typer.Argument(..., help="An expe
 
     config = common.settings(ctx)
     with common.boundary():
-        plan = experiments.load(file)
+        plan = experiments.load(file, max_jobs=max_jobs)
         for line in experiments.describe(plan):
             common.say(line)
         if dry_run:
+            for line in experiments.missing_data(plan, config):
+                common.say(line, err=True)
             common.say("dry run: nothing submitted")
             return
         common.check_cluster(config)

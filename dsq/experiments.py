@@ -40,7 +40,9 @@ file become ``job:N`` references, so every job waits for the jobs it needs; in a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,11 @@ TOP_KEYS = {"name", "dataset", "size", "sigmas", "radii", "data_root", "seed", "
 MODEL_REFERENCES = ("classifier", "init")  # plus "surrogates", a list
 METHOD_REFERENCES = ("classifier", "denoiser")
 TEST_IMAGES = {"digits": 364, "cifar10": 10_000, "imagenet": 50_000}  # test split sizes, for the estimate
+# A plan larger than this is refused unless the caller allows more (--max-jobs): the paper's CIFAR-10 grid is 38
+# jobs, and a typo in a generated file should not queue hundreds of thousands.
+MAX_JOBS = 1_000
+MAX_FILE_BYTES = 1 << 20  # an experiment file is a few hundred lines; a larger one is not one written by hand
+_MODEL_NAME = re.compile(r"^[A-Za-z_][\w-]*$")  # how a model of the file is named (a path has / or .)
 
 
 @dataclass
@@ -73,27 +80,37 @@ class Plan:
     radii: tuple[float, ...] | None = None
 
 
-def load(path: str | Path) -> Plan:
+def load(path: str | Path, *, max_jobs: int = MAX_JOBS) -> Plan:
     """Read and expand an experiment file; every mistake is one line naming the file and the key."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise InvalidArgument(f"{path}: {path.stat().st_size:,} bytes is not an experiment file (at most "
+                                  f"{MAX_FILE_BYTES:,})")
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise InvalidArgument(f"{path}: no such experiment file") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise InvalidArgument(f"{path}: not a readable TOML file: {error}") from None
     try:
-        return expand(data)
+        return expand(data, max_jobs=max_jobs)
     except DsqError as error:
         raise InvalidArgument(f"{path}: {error}") from None
 
 
-def expand(data: dict) -> Plan:
+def expand(data: dict, *, max_jobs: int = MAX_JOBS) -> Plan:
     _keys("the file", data, TOP_KEYS, required=("name", "dataset", "sigmas", "methods"))
-    sigmas = data["sigmas"]
-    if not isinstance(sigmas, list) or not sigmas or not all(_number(s) and s > 0 for s in sigmas):
-        raise InvalidArgument(f"sigmas must be a non-empty list of numbers > 0, got {sigmas!r}")
+    sigmas = _numbers("sigmas", data["sigmas"], positive=True)
+    radii = _numbers("radii", data["radii"], positive=False) if "radii" in data else None
     models = _table(data, "models")
+    methods = data["methods"]
+    if not isinstance(methods, list) or not methods or not all(isinstance(m, dict) for m in methods):
+        raise InvalidArgument("methods must be a list of tables ([[methods]] with a label and a classifier)")
+    planned = len(sigmas) * (len(methods) + len(models))  # at most: models fixed at one sigma are fewer
+    if planned > max_jobs:
+        raise InvalidArgument(f"the plan has up to {planned:,} jobs ({len(sigmas)} sigmas x ({len(methods)} methods "
+                              f"+ {len(models)} models)), more than {max_jobs:,}; allow it with --max-jobs {planned}")
+    _check_references(models, methods)
     common = {k: data[k] for k in ("dataset", "size", "data_root", "seed") if k in data}
     order = _model_order(models)
     per_sigma = _per_sigma(models, order)
@@ -102,17 +119,41 @@ def expand(data: dict) -> Plan:
         for sigma in (sigmas if per_sigma[name] else [None]):
             steps.update([_model_step(name, models[name], sigma, per_sigma, common)])
     certify = _table(data, "certify")
-    methods = data["methods"]
-    if not isinstance(methods, list) or not methods or not all(isinstance(m, dict) for m in methods):
-        raise InvalidArgument("methods must be a list of tables ([[methods]] with a label and a classifier)")
     for method in methods:
         for sigma in sigmas:
             step = _method_step(method, certify, sigma, models, per_sigma, common)
             if step.key in steps:
                 raise InvalidArgument(f"two methods are labelled {method['label']!r}")
             steps[step.key] = step
-    radii = tuple(data["radii"]) if "radii" in data else None
     return Plan(check_name(data["name"], "experiment name"), list(steps.values()), radii)
+
+
+def _numbers(key: str, values, *, positive: bool) -> tuple[float, ...]:
+    """A non-empty list of distinct finite numbers (> 0 or >= 0), as ``key`` of the file."""
+    rule = "> 0" if positive else ">= 0"
+    if not isinstance(values, list) or not values or not all(_number(v) and (v > 0 or not positive and v == 0)
+                                                              for v in values):
+        raise InvalidArgument(f"{key} must be a non-empty list of finite numbers {rule}, got {values!r}")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise InvalidArgument(f"{key}: {repeated[0]:g} is listed twice")
+    return tuple(values)
+
+
+def _check_references(models: dict, methods: list) -> None:
+    """A reference that is named like a model of the file (no path, no job:N) must be one: a typo is refused here,
+    naming the table and the key, not when the plan is submitted."""
+    tables = [(f"[models.{name}]", table) for name, table in models.items() if isinstance(table, dict)]
+    tables += [(f"[[methods]] {m.get('label')!r}" if m.get("label") else "[[methods]]", m) for m in methods]
+    for where, table in tables:
+        for key in MODEL_REFERENCES + METHOD_REFERENCES + ("surrogates",):
+            values = table.get(key)
+            for value in values if isinstance(values, list) else [values]:
+                if isinstance(value, str) and _MODEL_NAME.match(value) and value not in models:
+                    close = difflib.get_close_matches(value, list(models), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise InvalidArgument(f"{where}: {key} {value!r} is not a model of this file (its models: "
+                                          f"{', '.join(models) or 'none'}) nor a file path or job:N{hint}")
 
 
 def _keys(where: str, table: dict, allowed, required=()) -> None:
@@ -243,9 +284,18 @@ def resolve(spec, ids: dict[str, int]):
 
 
 def submit(session, plan: Plan, settings, *, experiment: str, priority: int = 0) -> dict[str, int]:
-    """Queue every job of the plan in one transaction; return job ids by step key."""
-    from dsq import jobs
+    """Queue every job of the plan in one transaction; return job ids by step key.
 
+    An experiment name already in the queue is refused: its results would be mixed with this run's.
+    """
+    from dsq import jobs
+    from dsq.db import repo
+
+    earlier = repo.list_jobs(session, limit=None, experiment=experiment)
+    if earlier:
+        ids = sorted(job.id for job in earlier)
+        raise InvalidArgument(f"experiment {experiment!r} already has {len(ids)} jobs ({ids[0]}-{ids[-1]}): submit "
+                              f"this run under another name (--name {experiment}-2)")
     ids: dict[str, int] = {}
     for step in plan.steps:
         job = jobs.submit(session, resolve(step.spec, ids), settings, priority=priority, experiment=experiment,
@@ -276,6 +326,24 @@ def describe(plan: Plan) -> list[str]:
     trains = sum(isinstance(s.spec, TrainSpec) for s in plan.steps)
     lines.append(f"{len(plan.steps)} jobs ({trains} train, {len(plan.steps) - trains} certify); "
                  f"{total:,} Monte-Carlo samples to certify")
+    return lines
+
+
+def missing_data(plan: Plan, settings) -> list[str]:
+    """A line for each dataset of the plan that is not where its jobs would read it (a dry run says so)."""
+    from dsq import datasets
+
+    lines, seen = [], set()
+    for step in plan.steps:
+        spec = step.spec
+        where = (spec.dataset, settings.data_root_of(spec))
+        if where in seen:
+            continue
+        seen.add(where)
+        try:
+            datasets.get_dataset(spec.dataset, "test", root=where[1], size=spec.size)
+        except DsqError as error:
+            lines.append(f"warning: {error} (submitting this plan would be refused)")
     return lines
 
 
