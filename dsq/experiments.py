@@ -161,10 +161,18 @@ def _keys(where: str, table: dict, allowed, required=()) -> None:
         raise InvalidArgument(f"{where} must be a table, got {table!r}")
     for key in table:
         if key not in allowed:
-            raise InvalidArgument(f"{where}: unknown key {key!r}; expected one of {', '.join(sorted(allowed))}")
+            raise _unknown_key(where, key, set(allowed))
     for key in required:
         if key not in table:
             raise InvalidArgument(f"{where}: missing key {key!r}")
+
+
+def _unknown_key(where: str, key: str, allowed: set[str]) -> InvalidArgument:
+    """The refusal of a key, with the closest known key, and the tables of models shown as ``[models.NAME]``."""
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    shown = sorted(allowed - {"models"}) + (["[models.NAME]"] if "models" in allowed else [])
+    return InvalidArgument(f"{where}: unknown key {key!r}; {hint}expected one of {', '.join(shown)}")
 
 
 def _table(data: dict, name: str) -> dict:

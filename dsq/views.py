@@ -23,7 +23,8 @@ def state(session: Session, job: Job, now: datetime, stale_after: timedelta, wor
     """A job's status as a user needs it: stale, waiting for job N, queued at position P, ..."""
     if jobqueue.is_stale(job, stale_after, now):
         age = (now - (job.heartbeat_at or job.started_at)).total_seconds()
-        return f"stale (no heartbeat for {age:.0f} s: its worker is gone; another worker takes it over)"
+        then = "another worker takes it over" if workers_alive else f"start one (dsq worker) or dsq resume {job.id}"
+        return f"stale (no heartbeat for {age:.0f} s: its worker is gone; {then})"
     if job.status != "queued":
         return job.status + (" (cancel requested)" if job.cancel_requested and job.status == "running" else "")
     waiting = jobqueue.unmet(session, job.id)
@@ -144,6 +145,9 @@ def labelled_results(session: Session, job_ids) -> list[tuple[str, list]]:
     for job_id in job_ids:
         job = repo.get_job(session, job_id)
         rows = accuracy.as_results(repo.results_for_job(session, job_id))
+        if not rows and job.kind == "train":
+            raise JobStateError(f"job {job_id} is a training: it has a model, not certified images "
+                                f"(dsq show {job_id} says what it trained)")
         if not rows:
             raise JobStateError(f"job {job_id} has no results yet (status {job.status})")
         precision = (job.spec or {}).get("precision", "fp32")  # reduced precision changes f: say so

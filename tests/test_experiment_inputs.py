@@ -92,3 +92,18 @@ def test_the_same_experiment_twice_is_refused_and_a_new_name_runs_beside_it(tmp_
     assert "--name t-2" in again.output and len(jobs_in(tmp_path)) == count
     assert dsq(tmp_path, "submit", "experiment", str(path), "--name", "t-2").exit_code == 0
     assert len(jobs_in(tmp_path)) == 2 * count
+
+
+def test_a_key_typo_gets_a_suggestion_and_the_model_tables_are_shown_as_such(tmp_path):
+    line = refused(tmp_path, PLAN.replace("sigmas =", "sigmaz ="))
+    assert "unknown key 'sigmaz'; did you mean 'sigmas'?" in line
+    assert "[models.NAME]" in line and ", models," not in line
+    assert "unknown key 'epochz'; did you mean 'epochs'?" in refused(tmp_path, PLAN.replace("epochs = 1", "epochz = 1"))
+
+
+def test_results_of_a_training_point_to_show(tmp_path):
+    path = tmp_path / "plan.toml"
+    path.write_text(PLAN)
+    assert dsq(tmp_path, "submit", "experiment", str(path)).exit_code == 0
+    result = dsq(tmp_path, "results", "1")
+    assert result.exit_code == 2 and "job 1 is a training" in result.output and "dsq show 1" in result.output

@@ -196,3 +196,15 @@ def test_a_database_at_0002_with_jobs_and_results_upgrades_without_loss(db_url):
             assert jobqueue.dependencies(session, 1) == [] and jobqueue.claim(session, "w") is None
     finally:
         engine.dispose()
+
+
+def test_a_stale_job_says_what_to_do_when_no_worker_is_alive(engine):
+    job_id = add(engine)
+    assert claim(engine) == job_id
+    with session_scope(engine) as session:
+        repo.heartbeat(session, job_id, now=utcnow() - timedelta(minutes=5))
+        job = repo.get_job(session, job_id)
+        alone = views.state(session, job, utcnow(), STALE, workers_alive=False)
+        served = views.state(session, job, utcnow(), STALE, workers_alive=True)
+    assert "another worker" not in alone and f"start one (dsq worker) or dsq resume {job_id}" in alone
+    assert "another worker takes it over" in served
