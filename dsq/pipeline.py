@@ -1,7 +1,7 @@
 """f o D and its images: load the chain, check it takes a dataset's images, convert their channels.
 
-What a certify job's check (``dsq.kinds.certify``), its loop and its sampler actors (the Ray side) and the
-API kind's denoiser check share: one place that knows how a denoiser, a classifier and a dataset fit.
+What a certify job's check (``dsq.kinds.certify``), its loop and its sampler actors (the Ray side), and a train
+job's data (``train_data``) share: one place that knows how a denoiser, a classifier and a dataset fit.
 """
 
 from __future__ import annotations
@@ -53,14 +53,14 @@ def image_plan(spec, dataset) -> list[int]:
 
 def load(classifier: str | dict, denoiser: str | dict | None, device, settings: Settings | None = None):
     """f o D (or f alone), in eval mode on ``device``, from checkpoint paths or ``references.source``s."""
-    def load(model, role):
+    def one(model, role):
         found = references.file_source(model) if isinstance(model, str) else model
         return references.load_source(settings, found, role, device)
 
-    classifier = load(classifier, "classifier")
+    classifier = one(classifier, "classifier")
     if denoiser is None:
         return classifier.eval()
-    return torch.nn.Sequential(load(denoiser, "denoiser"), classifier).eval()
+    return torch.nn.Sequential(one(denoiser, "denoiser"), classifier).eval()
 
 
 def train_data(spec, root: str | None, models: list):
