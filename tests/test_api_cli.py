@@ -107,6 +107,7 @@ def test_embedded_emulator_is_the_default_without_credentials_and_dry_run_submit
     engine.dispose()
 
 
+@pytest.mark.e2e
 def test_a_planted_secret_never_reaches_the_database_logs_or_output(tmp_path):
     secret = "SeCrEt-" + hashlib.sha256(os.urandom(16)).hexdigest()[:24]
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
@@ -136,6 +137,7 @@ def test_a_planted_secret_never_reaches_the_database_logs_or_output(tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.mark.e2e
 def test_dsq_emulate_serves_the_real_sdk_until_interrupted(tmp_path):
     import signal
 

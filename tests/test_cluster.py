@@ -18,7 +18,7 @@ DSQ = [sys.executable, "-m", "cli"]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, starts_processes):
     """A one-node Ray cluster on loopback, stopped by process group at the end."""
     port = free_port()
     temp = tmp_path_factory.mktemp("ray")

@@ -84,7 +84,7 @@ def inspect(address) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, starts_processes):
     temp = tmp_path_factory.mktemp("ray")
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -281,9 +281,8 @@ def test_two_certifications_and_a_training_at_once(cluster, world):
     assert checkpoints.load_checkpoint(path)[1]["kind"] == "denoiser"
 
 
-@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
-def test_many_concurrent_writers_lose_nothing(dialect, request):
-    url = request.getfixturevalue(f"{dialect}_url")
+def test_many_concurrent_writers_lose_nothing(db_url):
+    url = db_url
     engine = open_database(url)
     with session_scope(engine) as session:
         job_id = repo.create_job(session, kind="certify", spec={}, seed=0, total=40).id

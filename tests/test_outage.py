@@ -13,6 +13,7 @@ from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from tests.conftest import PgServer
 
+pytestmark = pytest.mark.e2e
 DSQ = [sys.executable, "-m", "cli"]
 CERTIFY = ["submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25", "--n0", "20",
            "--n", "3000", "--batch-size", "500", "--max-images", "40", "--workers", "1"]

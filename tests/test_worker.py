@@ -74,7 +74,7 @@ def stop_group(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def home_with_f(tmp_path):
+def home_with_f(tmp_path, starts_processes):
     """A home whose job 1 (a digits classifier) succeeded, trained by `dsq worker --drain`."""
     assert dsq(tmp_path, "submit", "train", *DIGITS_F, DSQ_WORKER_AUTOSTART="0").returncode == 0
     out = dsq(tmp_path, "worker", "--drain")
@@ -204,6 +204,7 @@ def test_the_autoscaler_is_asked_for_jobs_in_queue_order_within_the_cap():
     assert demand_bundles([], {"GPU": 3}) == []
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("text", ["GPU", "GPU=0", "GPU=-1", "GPU=x", "=3", "GPU=inf", "GPU=1,,CPU=2"])
 def test_a_bad_resource_cap_is_one_line_exit_2(tmp_path, text):
     out = dsq(tmp_path, "worker", "--drain", "--max-request", text)
@@ -240,13 +241,13 @@ def test_sampler_actors_are_reused_only_for_the_same_models():
     assert pool.idle == {}
 
 
-@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
-def test_four_real_workers_racing_over_sixty_jobs_run_each_exactly_once(dialect, request, tmp_path):
+@pytest.mark.e2e
+def test_four_real_workers_racing_over_sixty_jobs_run_each_exactly_once(db_url, tmp_path):
     """Four `dsq worker --drain` processes, each with its own local Ray, share one database."""
     from bench.config import PAIRS
     from bench.rayjobs import save_pair
 
-    url = request.getfixturevalue(f"{dialect}_url")
+    url = db_url
     classifier, denoiser = save_pair(PAIRS["digits"], 0, tmp_path)
     engine = open_database(url)
     config = Settings(database_url=url, home=tmp_path / "home")
@@ -272,6 +273,7 @@ def test_four_real_workers_racing_over_sixty_jobs_run_each_exactly_once(dialect,
     engine.dispose()
 
 
+@pytest.mark.e2e
 def test_sigterm_stops_the_demo_cleanly_and_a_worker_finishes_its_experiment(tmp_path):
     demo = start(tmp_path, "demo", "--quick", "--max-images", "4", "--n", "100", "--plot", tmp_path / "demo.png")
     try:
@@ -296,6 +298,7 @@ def test_sigterm_stops_the_demo_cleanly_and_a_worker_finishes_its_experiment(tmp
         assert all(j.status == "succeeded" for j in repo.list_jobs(session, limit=100))
 
 
+@pytest.mark.db
 def test_an_idle_worker_stops_serving_before_its_last_look_so_no_submitted_job_is_stranded(tmp_path):
     """The race of an idle exit with a submit: the worker first leaves the live list (and its pid file), then looks
     at the queue; a job there keeps it serving, else any later submit sees no worker and starts one."""
