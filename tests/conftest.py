@@ -6,6 +6,7 @@ import contextlib
 import glob
 import importlib.util
 import itertools
+import multiprocessing.util
 import os
 import pwd
 import shutil
@@ -297,6 +298,9 @@ def _confined(layer: str) -> Iterator[None]:
                 return execute_child(self, args, *rest, **kwargs)
 
             patch.setattr(subprocess.Popen, "_execute_child", only_system_commands)
+            started = _refuse(layer, "started a process", "request starts_processes")
+            patch.setattr(multiprocessing.util, "spawnv_passfds", started)  # spawn and forkserver
+            patch.setattr(os, "fork", started)
         if layer in ("unit", "db") and "ray" in sys.modules:
             ray = sys.modules["ray"]
             refused = _refuse(layer, "used Ray", "request ray_session")

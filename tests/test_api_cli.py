@@ -21,7 +21,6 @@ from dsq.db.session import open_database, session_scope
 
 from .test_apis import PER_IMAGE
 
-pytestmark = pytest.mark.usefixtures("ray_session")
 ROOT = Path(__file__).resolve().parents[1]
 NO_CREDENTIALS = {name: None for name in (*providers.SECRET_VARS, "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS",
                                         "VISION_ENDPOINT")}
@@ -41,7 +40,7 @@ def cli_app():
 
 
 @pytest.fixture
-def dsq(tmp_path):
+def dsq(tmp_path, opens_database):
     database = f"sqlite:///{tmp_path / 'dsq.db'}"
     env = {**NO_CREDENTIALS, "DSQ_HOME": str(tmp_path), "RAY_ADDRESS": "", "HOME": str(tmp_path),
            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
@@ -88,6 +87,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(dsq, tmp_path):
     assert job_count(dsq.database) == 0
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_embedded_emulator_is_the_default_without_credentials_and_dry_run_submits_nothing(dsq):
     args = ["submit", "certify-api", "--provider", "google", "--dataset", "digits", "--max-images", "1",
             "--sigma", "0.25", "--n0", "3", "--n", "10", "--qps", "500"]

@@ -23,12 +23,11 @@ from workers import runner
 from dsq.kinds.certify import CertifySpec
 from dsq.kinds.train import TrainSpec
 
-pytestmark = pytest.mark.usefixtures("ray_session")
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, ray_session):
     """A trained digits classifier (job 1) and the same net exported as TorchScript and as a state dict."""
     home = tmp_path_factory.mktemp("byom-home")
     config = Settings(database_url=f"sqlite:///{home / 'dsq.db'}", home=home)

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,13 +74,22 @@ def stop_group(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-@pytest.fixture
-def home_with_f(tmp_path, starts_processes):
+@pytest.fixture(scope="module")
+def trained_home(tmp_path_factory, starts_processes):
     """A home whose job 1 (a digits classifier) succeeded, trained by `dsq worker --drain`."""
-    assert dsq(tmp_path, "submit", "train", *DIGITS_F, DSQ_WORKER_AUTOSTART="0").returncode == 0
-    out = dsq(tmp_path, "worker", "--drain")
+    home = tmp_path_factory.mktemp("trained-home")
+    assert dsq(home, "submit", "train", *DIGITS_F, DSQ_WORKER_AUTOSTART="0").returncode == 0
+    out = dsq(home, "worker", "--drain")
     assert out.returncode == 0 and "ran 1 job(s)" in out.stdout, out.stdout + out.stderr
-    return tmp_path
+    return home
+
+
+@pytest.fixture
+def home_with_f(trained_home, tmp_path):
+    """A copy of trained_home for one test (its database and artifacts; a copied home keeps its artifacts)."""
+    home = tmp_path / "home"
+    shutil.copytree(trained_home, home)
+    return home
 
 
 def serving(home, *args, **extra) -> subprocess.Popen:
@@ -204,12 +214,15 @@ def test_the_autoscaler_is_asked_for_jobs_in_queue_order_within_the_cap():
     assert demand_bundles([], {"GPU": 3}) == []
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("text", ["GPU", "GPU=0", "GPU=-1", "GPU=x", "=3", "GPU=inf", "GPU=1,,CPU=2"])
 def test_a_bad_resource_cap_is_one_line_exit_2(tmp_path, text):
-    out = dsq(tmp_path, "worker", "--drain", "--max-request", text)
-    assert out.returncode == 2 and out.stderr.startswith("error: --max-request must look like")
-    assert out.stderr.count("\n") == 1
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = CliRunner().invoke(app, ["worker", "--drain", "--max-request", text], env=env_for(tmp_path))
+    assert out.exit_code == 2 and out.stderr.startswith("error: --max-request must look like"), out.output
+    assert out.stderr.count("\n") == 1 and not (tmp_path / "dsq.db").exists()  # refused before the database
 
 
 @pytest.mark.usefixtures("ray_session")
