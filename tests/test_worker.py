@@ -165,7 +165,7 @@ def test_a_killed_worker_leaves_a_stale_job_that_another_worker_takes_over(home_
     assert job(engine, 2).status == "running"
     shown = {}
     wait_until(lambda: "stale (no heartbeat for" in shown.setdefault("out", dsq(home, "status", 2, **fast_stale).stdout)
-               or shown.pop("out") is None, timeout=30, what="status says stale")
+               or shown.pop("out") is None, timeout=120, what="status says stale")
     assert "eta" not in shown["out"] and "rate" not in shown["out"]  # nothing live-looking about a dead job
     out = dsq(home, "worker", "--drain", **fast_stale)
     assert out.returncode == 0 and "its worker is gone (stale heartbeat); queued again" in out.stdout, out.stdout
