@@ -47,7 +47,7 @@ def cluster(tmp_path_factory, starts_processes):
 DSQ_CHECK = [sys.executable, "-c", "import sys; from workers.resources import check_reachable; check_reachable(sys.argv[1])"]
 
 
-def dsq(home, address, *args, timeout=300):
+def dsq(home, address, *args, timeout=900):  # deadlines against hangs, generous for a busy machine
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "DSQ_HOME": str(home), "RAY_ADDRESS": address}
     return subprocess.run(DSQ + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -154,7 +154,7 @@ def world(cluster, postgres_server, tmp_path_factory):
         admin.dispose()
 
 
-def dsq(env, *args, timeout=300):
+def dsq(env, *args, timeout=900):  # deadlines against hangs, generous for a busy machine
     return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], env=ENV | env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -170,7 +170,7 @@ def job_of(engine, job_id):
         return repo.get_job(session, job_id)
 
 
-def wait_for(engine, job_id, wanted, *, done=0, timeout=240) -> str:
+def wait_for(engine, job_id, wanted, *, done=0, timeout=600) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = job_of(engine, job_id)

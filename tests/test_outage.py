@@ -37,7 +37,7 @@ def env_for(tmp_path, server, **extra):
                          "DSQ_WORKER_AUTOSTART": "0", **extra}
 
 
-def dsq(env, *args, timeout=300):
+def dsq(env, *args, timeout=900):  # deadlines against hangs, generous for a busy machine
     return subprocess.run(DSQ + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -50,7 +50,7 @@ def results(url, job_id):
         engine.dispose()
 
 
-def wait_until(condition, timeout=180):
+def wait_until(condition, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -73,7 +73,7 @@ def prepared(tmp_path, server, **extra):
 
 def finish(worker):
     try:
-        return worker.communicate(timeout=120)
+        return worker.communicate(timeout=300)
     finally:
         try:
             os.killpg(worker.pid, signal.SIGKILL)
@@ -103,7 +103,7 @@ def test_a_database_restart_mid_job_costs_a_pause_not_the_job(tmp_path, server):
     reconnects_while_down(server)
     server.start()
     try:
-        wait_until(lambda: results(url, 2)[1].status in ("succeeded", "failed"), timeout=300)
+        wait_until(lambda: results(url, 2)[1].status in ("succeeded", "failed"), timeout=600)
         stored, job = results(url, 2)
         assert job.status == "succeeded" and len(stored) == 40 and job.attempts == 1, job.error
     finally:

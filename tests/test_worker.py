@@ -32,7 +32,7 @@ def env_for(home: Path, **extra) -> dict:
     return os.environ | {"DSQ_HOME": str(home), "RAY_ADDRESS": "", "DSQ_DATABASE_URL": "", **extra}
 
 
-def dsq(home, *args, timeout=300, **extra):
+def dsq(home, *args, timeout=900, **extra):  # a deadline against hangs, generous for a busy machine
     return subprocess.run(DSQ + [str(a) for a in args], env=env_for(home, **extra), capture_output=True, text=True,
                           timeout=timeout)
 
@@ -56,7 +56,7 @@ def stored(engine, job_id) -> dict[int, int]:
         return {r.image_index: r.id for r in repo.results_for_job(session, job_id)}
 
 
-def wait_until(condition, timeout=180, what="condition"):
+def wait_until(condition, timeout=300, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -134,7 +134,7 @@ def test_a_signal_hands_running_jobs_back_and_a_later_worker_finishes_them(home_
         assert out.returncode == 0 and out.stdout.strip() == "job 2" and "background worker" not in out.stderr
         wait_until(lambda: len(stored(engine, 2)) >= 3, what="3 results")
         worker.send_signal(how)
-        stdout, stderr = worker.communicate(timeout=60)
+        stdout, stderr = worker.communicate(timeout=180)
     finally:
         stop_group(worker)
     assert worker.returncode == 0 and not any(noise in stdout + stderr for noise in NOISE), stdout + stderr
@@ -185,12 +185,12 @@ def test_submit_returns_at_once_and_wait_stops_following_on_a_signal(home_with_f
     try:
         wait_until(lambda: status_of(engine, 3) == "running", what="job 3 running")
         waiting.send_signal(signal.SIGTERM)
-        stdout, stderr = waiting.communicate(timeout=30)
+        stdout, stderr = waiting.communicate(timeout=120)
     finally:
         stop_group(waiting)
     assert waiting.returncode == 128 + signal.SIGTERM and not any(n in stdout + stderr for n in NOISE), stderr
     assert "SIGTERM: stopped following job 3; it goes on" in stderr
-    wait_until(lambda: status_of(engine, 3) == "succeeded" and status_of(engine, 2) == "succeeded", timeout=300,
+    wait_until(lambda: status_of(engine, 3) == "succeeded" and status_of(engine, 2) == "succeeded", timeout=900,
                what="both jobs done by the background worker")
     assert dsq(home, "submit", "certify", *LONG_CERTIFY, "--seed", "4").returncode == 0
     assert dsq(home, "cancel", 4).returncode == 0
@@ -293,7 +293,7 @@ def test_sigterm_stops_the_demo_cleanly_and_a_worker_finishes_its_experiment(tmp
         wait_until(lambda: (tmp_path / "dsq.db").exists() and status_of(engine_of(tmp_path), 3) == "running",
                    what="the demo's third job running")
         demo.send_signal(signal.SIGTERM)
-        stdout, stderr = demo.communicate(timeout=60)
+        stdout, stderr = demo.communicate(timeout=180)
     finally:
         stop_group(demo)
     assert demo.returncode == 1 and not any(noise in stdout + stderr for noise in NOISE), stdout + stderr
