@@ -214,7 +214,7 @@ def raylet_pid(workers, port) -> int:
     raise AssertionError(f"no raylet with node manager port {port}")
 
 
-def actors(address, cls, *, at_least=1, timeout=60):
+def actors(address, cls, *, at_least=1, timeout=180):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = [a for a in inspect(address)["actors"] if a["cls"] == cls]
@@ -224,7 +224,7 @@ def actors(address, cls, *, at_least=1, timeout=60):
     raise AssertionError(f"no live {cls}")
 
 
-def sampler_node_without_runner(address, timeout=60) -> dict:
+def sampler_node_without_runner(address, timeout=180) -> dict:
     """A worker node that hosts a sampler of the running job but not the queue worker."""
     deadline = time.monotonic() + timeout
     while True:
