@@ -1,16 +1,20 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the suite's four layers (see "Running the tests" in README.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import itertools
+import multiprocessing.util
 import os
 import pwd
 import shutil
 import socket
+import sqlite3
 import stat
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -208,3 +212,120 @@ def settings(tmp_path: Path):
 
     home = tmp_path / "dsq-home"
     return Settings(database_url=f"sqlite:///{home / 'dsq.db'}", home=home)
+
+
+# ---------------------------------------------------------------------------------------
+# Layers: every test gets exactly one of the markers below (registered in pyproject.toml),
+# so that `pytest -m unit` runs in well under a minute and `-m "not e2e"` skips the slow
+# end-to-end runs (README.md, "Running the tests").  A test's layer is the highest of
+#   - the layers of the fixtures it uses, directly or through other fixtures (FIXTURE_LAYERS:
+#     the database fixtures, ray_session, and the two declarations below, which a test
+#     module's own fixture requests to say what it does);
+#   - a layer marker on the test, its class or its module (`pytestmark = pytest.mark.e2e`),
+#     for what no fixture shows (a subprocess, a database opened by the test itself, a
+#     fixture asked for by name with request.getfixturevalue);
+#   - unit, when neither says more.
+# A marker lower than what the test's fixtures imply is an error at collection.  While a
+# test runs, what its layer excludes raises LayerViolation and fails the test, even where
+# the test catches the error: a unit test opens no database, a unit or db test uses no Ray,
+# and only an e2e test starts a process (other than the system queries in SYSTEM_COMMANDS).
+# ---------------------------------------------------------------------------------------
+
+LAYERS = ("unit", "db", "ray", "e2e")
+FIXTURE_LAYERS = {"sqlite_url": "db", "postgres_url": "db", "postgres_server": "db", "db_url": "db", "engine": "db",
+                  "opens_database": "db", "ray_session": "ray", "starts_processes": "e2e"}
+# What libraries run for themselves (platform.uname() asks `uname -p`, matplotlib asks fontconfig, ...).
+SYSTEM_COMMANDS = {"uname", "file", "ldconfig", "fc-list", "fc-match", "lsb_release", "nvidia-smi"}
+_LAYER = pytest.StashKey[str]()
+
+
+@pytest.fixture(scope="session")
+def opens_database() -> None:
+    """Declares that a test (or a fixture) opens a database of its own: layer db at least."""
+
+
+@pytest.fixture(scope="session")
+def starts_processes() -> None:
+    """Declares that a test (or a fixture) starts processes: CLI runs, workers, Ray nodes. Layer e2e."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    conflicts = []
+    for item in items:
+        marked = {mark.name for mark in item.iter_markers() if mark.name in LAYERS}
+        implied = {FIXTURE_LAYERS[name] for name in getattr(item, "fixturenames", ()) if name in FIXTURE_LAYERS}
+        layer = max(marked | implied | {"unit"}, key=LAYERS.index)
+        if marked - {layer}:
+            conflicts.append(f"{item.nodeid}: marked {', '.join(sorted(marked - {layer}))}, but its fixtures or "
+                             f"markers make it {layer}")
+        if layer not in marked:
+            item.add_marker(layer)
+        item.stash[_LAYER] = layer
+    if conflicts:
+        raise pytest.UsageError("tests marked with a layer below their own:\n  " + "\n  ".join(conflicts))
+
+
+class LayerViolation(AssertionError):
+    """A test did what its layer excludes."""
+
+
+_violations: list[LayerViolation] = []
+
+
+def _violation(layer: str, what: str, instead: str) -> LayerViolation:
+    error = LayerViolation(f"a {layer} test {what}: {instead}, or mark the test with its layer")
+    _violations.append(error)
+    return error
+
+
+def _refuse(layer: str, what: str, instead: str):
+    def refused(*args, **kwargs):
+        raise _violation(layer, what, instead)
+    return refused
+
+
+@contextlib.contextmanager
+def _confined(layer: str) -> Iterator[None]:
+    """Refuse, while a test of ``layer`` runs, what that layer excludes."""
+    with pytest.MonkeyPatch.context() as patch, contextlib.ExitStack() as stack:
+        if layer != "e2e":
+            execute_child = subprocess.Popen._execute_child
+
+            def only_system_commands(self, args, *rest, **kwargs):
+                argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+                if os.path.basename(os.fsdecode(argv[0]).split()[0]) not in SYSTEM_COMMANDS:
+                    raise _violation(layer, f"started a process ({argv[0]!r})", "request starts_processes")
+                return execute_child(self, args, *rest, **kwargs)
+
+            patch.setattr(subprocess.Popen, "_execute_child", only_system_commands)
+            started = _refuse(layer, "started a process", "request starts_processes")
+            patch.setattr(multiprocessing.util, "spawnv_passfds", started)  # spawn and forkserver
+            patch.setattr(os, "fork", started)
+        if layer in ("unit", "db") and "ray" in sys.modules:
+            ray = sys.modules["ray"]
+            refused = _refuse(layer, "used Ray", "request ray_session")
+            patch.setattr(ray, "init", refused)
+            patch.setattr(ray._private.worker.Worker, "check_connected", refused)
+        if layer == "unit":
+            refused = _refuse(layer, "opened a database", "use a database fixture or request opens_database")
+            patch.setattr(sqlite3, "connect", refused)
+            patch.setattr(sqlite3.dbapi2, "connect", refused)
+            if "psycopg" in sys.modules:
+                patch.setattr(sys.modules["psycopg"], "connect", refused)
+            from sqlalchemy import Engine, event
+            from sqlalchemy.pool import Pool
+
+            for target, name in ((Engine, "do_connect"), (Pool, "checkout")):  # new and pooled connections
+                event.listen(target, name, refused)
+                stack.callback(event.remove, target, name, refused)
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    _violations.clear()
+    with _confined(item.stash.get(_LAYER, "e2e")):
+        result = yield
+    if _violations:  # raised even if the test caught it
+        raise _violations[0]
+    return result

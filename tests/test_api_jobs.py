@@ -45,6 +45,7 @@ def test_job_completes_under_30_percent_throttling_paying_each_query_once(provid
     assert server.ledger.billed == 2 * PER_IMAGE
 
 
+@pytest.mark.e2e
 def test_a_repeated_spec_and_a_runner_killed_midway_send_no_stored_query_again(emulator, db, settings, tmp_path):
     server = emulator("aws", latency=0.03)
     spec = api_spec("aws", server.endpoint, max_images=4, concurrency=2)

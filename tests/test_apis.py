@@ -31,7 +31,7 @@ FAST = dict(qps=1000.0, burst=100, concurrency=8)
 
 
 @pytest.fixture
-def db(settings):
+def db(settings, opens_database):
     engine = open_database(settings.database_url)
     yield engine
     engine.dispose()

@@ -116,6 +116,7 @@ PUT_AND_FETCH = """
 """
 
 
+@pytest.mark.e2e
 def test_an_unreadable_checkpoint_is_one_line_when_stored(tmp_path):
     path = blob(tmp_path)
     path.chmod(0)
@@ -124,6 +125,7 @@ def test_an_unreadable_checkpoint_is_one_line_when_stored(tmp_path):
     assert done.stdout == f"CheckpointError checkpoint {path} cannot be read: permission denied\n"
 
 
+@pytest.mark.e2e
 def test_an_unreadable_artifact_is_one_line_when_fetched(tmp_path):
     location, sha256 = artifacts.open_store(None, home=tmp_path / "home").put(blob(tmp_path))
     (tmp_path / "home" / "artifacts" / location).chmod(0)
@@ -171,6 +173,7 @@ TRAIN = ["submit", "train", "--dataset", "digits", "--target", "classifier", "--
          "--objective", "standard", "--sigma", "0", "--epochs", "1", "--wait"]
 
 
+@pytest.mark.e2e
 def test_training_through_s3_then_certify_verifies_the_hash(s3, tmp_path):
     env = {"DSQ_HOME": str(tmp_path), "DSQ_ARTIFACTS": "s3://dsq-test/jobs", "DSQ_S3_ENDPOINT_URL": s3,
            "RAY_AUTH_MODE": "disabled", **CREDENTIALS}
@@ -196,6 +199,7 @@ def test_training_through_s3_then_certify_verifies_the_hash(s3, tmp_path):
     engine.dispose()
 
 
+@pytest.mark.e2e
 def test_training_into_an_inaccessible_bucket_is_refused_at_submit(s3, tmp_path):
     env = {"DSQ_HOME": str(tmp_path), "DSQ_ARTIFACTS": "s3://no-such-bucket/jobs", "DSQ_S3_ENDPOINT_URL": s3,
            "RAY_AUTH_MODE": "disabled", **CREDENTIALS}

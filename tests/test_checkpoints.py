@@ -219,6 +219,7 @@ def run_without_file_access(code: str, *paths) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.e2e
 def test_unreadable_checkpoint_is_one_line(tmp_path):
     path = tmp_path / "locked.pt"
     save_tiny_denoiser(path)

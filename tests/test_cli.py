@@ -11,8 +11,6 @@ from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from tests.conftest import free_port
 
-pytestmark = pytest.mark.usefixtures("ray_session")
-
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
@@ -31,7 +29,7 @@ def dsq(home):
 
 
 @pytest.fixture(scope="module")
-def trained(dsq, home):
+def trained(dsq, home, ray_session):
     """Job 1: a digits classifier; job 2: a certification with its results; job 3: a denoiser."""
     out = dsq("submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
               "--objective", "standard", "--sigma", "0", "--epochs", "2", "--name", "f", "--wait")
@@ -152,6 +150,7 @@ def test_resume_of_a_running_job_is_refused(dsq, trained):
     assert out.exit_code == 2 and "is running" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_quick_demo_runs_every_step_end_to_end(tmp_path):
     """`dsq demo --quick`: every training and certification job of `make demo`, one epoch each, few images."""
     home = tmp_path / "demo-home"

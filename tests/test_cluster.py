@@ -2,10 +2,13 @@
 a detached runner drives the job, `--wait` follows it, and `dsq cancel` reaches it."""
 
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ DSQ = [sys.executable, "-m", "cli"]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, starts_processes):
     """A one-node Ray cluster on loopback, stopped by process group at the end."""
     port = free_port()
     temp = tmp_path_factory.mktemp("ray")
@@ -29,7 +32,7 @@ def cluster(tmp_path_factory):
          "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # generous: a busy machine starts a node in tens of seconds
     while subprocess.run(DSQ_CHECK + [address], env=env, capture_output=True).returncode != 0:
         assert time.monotonic() < deadline and head.poll() is None, "ray head did not start"
         time.sleep(1)
@@ -44,12 +47,12 @@ def cluster(tmp_path_factory):
 DSQ_CHECK = [sys.executable, "-c", "import sys; from workers.resources import check_reachable; check_reachable(sys.argv[1])"]
 
 
-def dsq(home, address, *args, timeout=300):
+def dsq(home, address, *args, timeout=900):  # deadlines against hangs, generous for a busy machine
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "DSQ_HOME": str(home), "RAY_ADDRESS": address}
     return subprocess.run(DSQ + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def wait_status(home, job_id, wanted, timeout=180):
+def wait_status(home, job_id, wanted, timeout=300):
     engine = open_database(f"sqlite:///{home / 'dsq.db'}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -61,33 +64,48 @@ def wait_status(home, job_id, wanted, timeout=180):
     raise AssertionError(f"job {job_id} not {wanted} within {timeout} s")
 
 
-def test_submit_returns_at_once_and_a_detached_runner_finishes_the_job(cluster, tmp_path):
-    out = dsq(tmp_path, cluster, "submit", "train", "--dataset", "digits", "--target", "classifier",
-              "--arch", "small_cnn", "--objective", "standard", "--sigma", "0", "--epochs", "2", "--wait")
+@pytest.fixture(scope="module")
+def trained(cluster, tmp_path_factory):
+    """A home whose job 1, a digits classifier, was trained on the cluster by `dsq submit train --wait`."""
+    home = tmp_path_factory.mktemp("cluster-home")
+    out = dsq(home, cluster, "submit", "train", "--dataset", "digits", "--target", "classifier",
+              "--arch", "small_cnn", "--objective", "standard", "--sigma", "0", "--epochs", "1", "--wait")
     assert out.returncode == 0, out.stderr
     assert "job 1 succeeded" in out.stdout
+    return home
+
+
+@pytest.fixture
+def home(trained, tmp_path):
+    """A copy of the trained home for one test: its database (copied by SQLite, as the cluster's worker for the
+    original may still be writing its heartbeat) and its artifacts (a copied home keeps its artifacts)."""
+    home = tmp_path / "home"
+    shutil.copytree(trained, home, ignore=shutil.ignore_patterns("dsq.db*", "workers"))
+    with closing(sqlite3.connect(trained / "dsq.db")) as source, closing(sqlite3.connect(home / "dsq.db")) as copy:
+        source.backup(copy)
+    return home
+
+
+def test_submit_returns_at_once_and_a_detached_runner_finishes_the_job(cluster, home):
     started = time.monotonic()
-    out = dsq(tmp_path, cluster, "submit", "certify", "--dataset", "digits", "--classifier", "job:1",
-              "--sigma", "0.25", "--n0", "20", "--n", "4000", "--batch-size", "100", "--max-images", "60",
+    out = dsq(home, cluster, "submit", "certify", "--dataset", "digits", "--classifier", "job:1",
+              "--sigma", "0.25", "--n0", "20", "--n", "4000", "--batch-size", "100", "--max-images", "30",
               "--workers", "2")
     assert out.returncode == 0 and out.stdout.strip() == "job 2", out.stderr
-    assert wait_status(tmp_path, 2, ("running", "succeeded"))[0] in ("running", "succeeded")
+    assert wait_status(home, 2, ("running", "succeeded"))[0] in ("running", "succeeded")
     submitted_in = time.monotonic() - started
-    status, done = wait_status(tmp_path, 2, ("succeeded", "failed"))
-    assert status == "succeeded" and done == 60
+    status, done = wait_status(home, 2, ("succeeded", "failed"))
+    assert status == "succeeded" and done == 30
     assert time.monotonic() - started > submitted_in  # the CLI had returned before the job ended
 
 
-def test_cancel_reaches_a_job_running_on_the_cluster(cluster, tmp_path):
-    assert dsq(tmp_path, cluster, "submit", "train", "--dataset", "digits", "--target", "classifier",
-               "--arch", "small_cnn", "--objective", "standard", "--sigma", "0", "--epochs", "1",
-               "--wait").returncode == 0
-    out = dsq(tmp_path, cluster, "submit", "certify", "--dataset", "digits", "--classifier", "job:1",
+def test_cancel_reaches_a_job_running_on_the_cluster(cluster, home):
+    out = dsq(home, cluster, "submit", "certify", "--dataset", "digits", "--classifier", "job:1",
               "--sigma", "0.5", "--n", "20000", "--batch-size", "200", "--workers", "1")
     assert out.returncode == 0
-    wait_status(tmp_path, 2, ("running",))
-    assert dsq(tmp_path, cluster, "cancel", "2").returncode == 0
-    status, done = wait_status(tmp_path, 2, ("cancelled", "failed", "succeeded"), timeout=30)
+    wait_status(home, 2, ("running",))
+    assert dsq(home, cluster, "cancel", "2").returncode == 0
+    status, done = wait_status(home, 2, ("cancelled", "failed", "succeeded"), timeout=120)
     assert status == "cancelled" and done < 364
-    out = dsq(tmp_path, cluster, "cancel", "2")
+    out = dsq(home, cluster, "cancel", "2")
     assert out.returncode == 2 and "already cancelled" in out.stderr

@@ -274,6 +274,7 @@ def test_default_url_comes_from_the_given_environment(tmp_path):
     assert default_database_url(tmp_path, env={"DSQ_DATABASE_URL": url, "DSQ_HOME": "/x"}) == url
 
 
+@pytest.mark.db
 def test_sqlite_file_is_created_with_its_folder(tmp_path):
     engine = open_database(f"sqlite:///{tmp_path}/deep/er/dsq.db")
     assert (tmp_path / "deep" / "er" / "dsq.db").exists()
@@ -284,6 +285,7 @@ def test_sqlite_file_is_created_with_its_folder(tmp_path):
     engine.dispose()
 
 
+@pytest.mark.db
 @pytest.mark.parametrize(
     "url",
     [

@@ -112,6 +112,7 @@ def test_dry_run_lists_every_job_and_writes_nothing(tmp_path):
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "epochz" in bad.stderr
 
 
+@pytest.mark.db
 def test_an_experiment_is_queued_in_one_transaction_with_its_dependencies(tmp_path):
     plan_path = write(tmp_path, BASE.replace('classifier = "f"', 'classifier = "f"\ndenoiser = "d"') + MODEL
                       + "epochs = 1\n[models.d]\narch = \"dncnn\"\nobjective = \"stab\"\nclassifier = \"f\"\n"

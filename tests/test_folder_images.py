@@ -20,8 +20,6 @@ from dsq.errors import InvalidArgument
 from tests.test_cli import dsq, home  # noqa: F401 - the same in-process CLI, with a home of this module's own
 from dsq.kinds.certify import CertifySpec
 
-pytestmark = pytest.mark.usefixtures("ray_session")
-
 CLASSES = ("cat", "dog", "fox")
 TINY = ["--sigma", "0.25", "--n0", "10", "--n", "100", "--batch-size", "50", "--workers", "1"]
 
@@ -53,7 +51,7 @@ def folders(home):
 
 
 @pytest.fixture(scope="module")
-def trained(dsq, folders):
+def trained(dsq, folders, ray_session):
     """Job 1: a 3-class RGB classifier trained on the 32x32 folder."""
     out = dsq("submit", "train", "--dataset", f"folder:{folders / 'pets'}", "--target", "classifier",
               "--arch", "small_cnn", "--objective", "standard", "--sigma", "0", "--epochs", "1", "--wait")

@@ -3,6 +3,7 @@ worker takes the job over once the server is back. Nothing stored is lost, redon
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from tests.conftest import PgServer
 
+pytestmark = pytest.mark.e2e
 DSQ = [sys.executable, "-m", "cli"]
 CERTIFY = ["submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25", "--n0", "20",
            "--n", "3000", "--batch-size", "500", "--max-images", "40", "--workers", "1"]
@@ -35,7 +37,7 @@ def env_for(tmp_path, server, **extra):
                          "DSQ_WORKER_AUTOSTART": "0", **extra}
 
 
-def dsq(env, *args, timeout=300):
+def dsq(env, *args, timeout=900):  # deadlines against hangs, generous for a busy machine
     return subprocess.run(DSQ + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -48,7 +50,7 @@ def results(url, job_id):
         engine.dispose()
 
 
-def wait_until(condition, timeout=180):
+def wait_until(condition, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -71,7 +73,7 @@ def prepared(tmp_path, server, **extra):
 
 def finish(worker):
     try:
-        return worker.communicate(timeout=120)
+        return worker.communicate(timeout=300)
     finally:
         try:
             os.killpg(worker.pid, signal.SIGKILL)
@@ -79,13 +81,29 @@ def finish(worker):
             pass
 
 
+def reconnects_while_down(server, attempts=5, timeout=180):
+    """While the server is down, take its port and turn away whoever tries to connect: return once that happened
+    ``attempts`` times (the worker or its job is riding out the outage), so the outage lasts until it is noticed."""
+    with socket.create_server(("127.0.0.1", server.port)) as listener:
+        listener.settimeout(1)
+        deadline = time.monotonic() + timeout
+        while attempts:
+            assert time.monotonic() < deadline, f"nobody tried to reach the database within {timeout} s"
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connection.close()
+            attempts -= 1
+
+
 def test_a_database_restart_mid_job_costs_a_pause_not_the_job(tmp_path, server):
     env, url, worker = prepared(tmp_path, server)
     server.stop()
-    time.sleep(8)
+    reconnects_while_down(server)
     server.start()
     try:
-        wait_until(lambda: results(url, 2)[1].status in ("succeeded", "failed"), timeout=300)
+        wait_until(lambda: results(url, 2)[1].status in ("succeeded", "failed"), timeout=600)
         stored, job = results(url, 2)
         assert job.status == "succeeded" and len(stored) == 40 and job.attempts == 1, job.error
     finally:

@@ -20,7 +20,7 @@ JOBS = [
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
+def home(tmp_path_factory, opens_database):
     """Jobs 1-4 of JOBS, succeeded, in experiment "paper" (methods MSE and Cohen)."""
     home = tmp_path_factory.mktemp("paper-home")
     engine = open_database(f"sqlite:///{home / 'dsq.db'}")

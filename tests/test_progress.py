@@ -153,6 +153,7 @@ assert not heavy, heavy
 """
 
 
+@pytest.mark.e2e
 def test_following_imports_neither_torch_nor_ray(sqlite_url):
     engine = open_database(sqlite_url)
     with session_scope(engine) as session:

@@ -142,6 +142,7 @@ def claim_all(url: str, worker: str, start=None) -> list[int]:
         engine.dispose()
 
 
+@pytest.mark.e2e  # four processes
 def test_four_workers_racing_over_sixty_jobs_run_each_exactly_once(engine, db_url):
     ids = [add(engine, priority=i % 3) for i in range(60)]
     chained = add(engine, after=ids[:10])  # runs only after ten of them

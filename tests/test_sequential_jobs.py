@@ -28,13 +28,12 @@ from dsq.apis import results as api_results
 from dsq.kinds.certify import CertifySpec
 from dsq.kinds.train import TrainSpec
 
-pytestmark = pytest.mark.usefixtures("ray_session")
 
 SIGMA, RADIUS, MAX_N, BATCH = 0.25, 0.2, 1000, 50
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, ray_session):
     """A database with a trained digits classifier (job 1)."""
     home = tmp_path_factory.mktemp("sequential-home")
     config = Settings(database_url=f"sqlite:///{home / 'dsq.db'}", home=home)
@@ -263,6 +262,7 @@ def billed_per_image(rows, ledger) -> list[int]:
                                              *r.extra["sha256"]["estimation"]}) for r in rows]
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_api_job_at_a_clear_radius_pays_a_fraction_of_n0_plus_n_plus_1(emulator, db, settings):
     server = emulator("google")
     spec = api_spec("google", server.endpoint, max_images=4, n0=5, n=200, radius=0.05)
@@ -289,6 +289,7 @@ def test_api_job_at_a_clear_radius_pays_a_fraction_of_n0_plus_n_plus_1(emulator,
     assert {count for count in server.ledger.answered.values()} == {1}
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_api_sequential_job_within_a_budget_then_raised(emulator, db, settings):
     server = emulator("aws")
     spec = api_spec("aws", server.endpoint, max_images=12, n0=5, n=100, radius=0.05, max_queries=120)

@@ -36,7 +36,7 @@ def one_line_exit_2(out, expected: str) -> None:
 
 
 @pytest.fixture
-def home(tmp_path):
+def home(tmp_path, opens_database):
     assert dsq(tmp_path, *TRAIN, "--name", "[red]f[/red]").exit_code == 0
     return tmp_path
 
@@ -70,6 +70,7 @@ def test_version_and_show(home):
     assert "job 1: train, queued" in shown and "  objective = 'standard'" in shown
 
 
+@pytest.mark.e2e
 def test_an_unwritable_database_is_one_line_and_exit_2(home):
     (home / "dsq.db").chmod(0o444)
     home.chmod(0o555)

@@ -23,12 +23,11 @@ from workers import runner
 from dsq.kinds.certify import CertifySpec
 from dsq.kinds.train import TrainSpec
 
-pytestmark = pytest.mark.usefixtures("ray_session")
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, ray_session):
     """A trained digits classifier (job 1) and the same net exported as TorchScript and as a state dict."""
     home = tmp_path_factory.mktemp("byom-home")
     config = Settings(database_url=f"sqlite:///{home / 'dsq.db'}", home=home)
@@ -245,6 +244,7 @@ def readme_example() -> str:
     return block
 
 
+@pytest.mark.e2e
 def test_the_readme_example_runs(tmp_path):
     """The README's "Bring your own model" commands, as written, from the repository root."""
     env = {**os.environ, "DSQ_HOME": str(tmp_path / "home"), "DSQ_WORKER_IDLE_SECONDS": "5"}
