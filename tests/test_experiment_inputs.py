@@ -12,6 +12,7 @@ from cli.main import app
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 
+pytestmark = pytest.mark.db  # each submits through the CLI into a SQLite file
 PRESETS = Path(__file__).resolve().parents[1] / "experiments"
 PLAN = ('name = "t"\ndataset = "digits"\nsigmas = [0.25]\n'
         '[models.f]\ntarget = "classifier"\narch = "small_cnn"\nobjective = "standard"\nepochs = 1\n'

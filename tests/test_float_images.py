@@ -42,6 +42,7 @@ def test_a_non_finite_float_image_is_refused_naming_the_file(folder, value):
         base.load_image(bad)
 
 
+@pytest.mark.db
 def test_submit_refuses_a_folder_whose_image_is_not_finite(folder, tmp_path):
     float_tiff(folder / "test" / "a" / "0.tiff", float("nan"))
     model = torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2)))

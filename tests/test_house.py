@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dsq import kinds
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
@@ -127,6 +129,7 @@ app()
 """
 
 
+@pytest.mark.e2e
 def test_steering_and_reading_commands_import_neither_torch_nor_ray(tmp_path):
     url = f"sqlite:///{tmp_path / 'dsq.db'}"
     engine = open_database(url)
