@@ -87,6 +87,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(dsq, tmp_path):
     assert job_count(dsq.database) == 0
 
 
+@pytest.mark.e2e  # the submit starts a background worker process, as a user's would
 @pytest.mark.usefixtures("ray_session")
 def test_embedded_emulator_is_the_default_without_credentials_and_dry_run_submits_nothing(dsq):
     args = ["submit", "certify-api", "--provider", "google", "--dataset", "digits", "--max-images", "1",
