@@ -78,11 +78,14 @@ def trained(cluster, tmp_path_factory):
 @pytest.fixture
 def home(trained, tmp_path):
     """A copy of the trained home for one test: its database (copied by SQLite, as the cluster's worker for the
-    original may still be writing its heartbeat) and its artifacts (a copied home keeps its artifacts)."""
+    original may still be writing its heartbeat; without that worker's row, which would make the copy look served)
+    and its artifacts (a copied home keeps its artifacts)."""
     home = tmp_path / "home"
     shutil.copytree(trained, home, ignore=shutil.ignore_patterns("dsq.db*", "workers"))
     with closing(sqlite3.connect(trained / "dsq.db")) as source, closing(sqlite3.connect(home / "dsq.db")) as copy:
         source.backup(copy)
+        with copy:  # the original's worker serves the original database: this copy starts a worker of its own
+            copy.execute("DELETE FROM workers")
     return home
 
 
