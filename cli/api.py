@@ -107,9 +107,10 @@ def emulate(provider: str = typer.Option(..., help=f"One of {', '.join(PROVIDERS
     common.console.print(f"{provider} emulator at {emulator.endpoint}: "
                          f"dsq submit certify-api --provider {provider} --endpoint {emulator.endpoint} ...")
     try:
-        while True:
-            time.sleep(5)
-    except KeyboardInterrupt:
+        with common.signals_raise():  # SIGINT and SIGTERM stop it even where the parent left SIGINT ignored
+            while True:
+                time.sleep(5)
+    except common.Stopped:
         pass
     finally:
         common.console.print(f"served {emulator.ledger.billed} answers")
