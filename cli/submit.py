@@ -69,9 +69,12 @@ def train(ctx: typer.Context,
           dataset: str = typer.Option(..., help="digits, cifar10, imagenet or folder."),
           size: Optional[int] = typer.Option(None, metavar="N", help=SIZE_HELP),
           target: str = typer.Option("denoiser", help="denoiser or classifier."),
-          arch: str = typer.Option(..., help="dncnn, dncnn_wide, memnet; or a classifier architecture."),
-          objective: str = typer.Option(..., help="mse, stab, stab_mse, clf (denoiser); standard, gaussian."),
-          sigma: float = typer.Option(0.25, help="Noise level in [0,1] pixel units (0 for standard)."),
+          arch: Optional[str] = typer.Option(None, help="dncnn, dncnn_wide, memnet, unet (diffusion, the "
+                                             "default there); or a classifier architecture."),
+          objective: str = typer.Option(..., help="mse, stab, stab_mse, clf, diffusion (a DDPM, a denoiser at "
+                                        "every sigma) for a denoiser; standard, gaussian for a classifier."),
+          sigma: Optional[float] = typer.Option(None, help="Noise level in [0,1] pixel units (default 0.25; 0 "
+                                                "for standard; none for diffusion)."),
           classifier: Optional[str] = typer.Option(None, help="White-box target classifier: " + MODEL_HELP),
           classifier_weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP.format("classifier")),
           classifier_args: Optional[str] = typer.Option(None, help=ARGS_HELP.format("classifier")),
@@ -87,10 +90,11 @@ def train(ctx: typer.Context,
           after: List[int] = typer.Option([], help=AFTER_HELP),
           wait: bool = typer.Option(False, help=WAIT_HELP)):
     """Train a denoiser in front of frozen classifier(s), or a classifier (standard or Gaussian)."""
-    from dsq.kinds.train import TrainSpec
+    from dsq.kinds.train import TrainSpec, default_arch, default_sigma
 
     launch(ctx, lambda: TrainSpec(
-        dataset=dataset, target=target, arch=arch, objective=objective, sigma=sigma,
+        dataset=dataset, target=target, arch=default_arch(arch, objective), objective=objective,
+        sigma=default_sigma(sigma, objective),
         arch_kwargs=parse_json(arch_kwargs), classifier=absolute(classifier),
         surrogates=tuple(map(absolute, surrogate)), init=absolute(init),
         optimizer=optimizer, lr=lr, epochs=epochs, batch_size=batch_size, lr_step=lr_step,
@@ -158,9 +162,12 @@ def parse_json(text: str, option: str = "--arch-kwargs") -> dict:
 
 
 def absolute(path: str | None) -> str | None:
-    """An existing file as an absolute path (a worker may run elsewhere); anything else unchanged."""
+    """An existing file, or a ``diffusers:`` folder, as an absolute path (a worker may run elsewhere); anything
+    else unchanged."""
     import os
 
+    if path and path.startswith("diffusers:") and os.path.isdir(path[len("diffusers:"):]):
+        return "diffusers:" + os.path.abspath(path[len("diffusers:"):])
     return os.path.abspath(path) if path and os.path.isfile(path) else path
 
 

@@ -4,7 +4,11 @@ A dsq checkpoint is a self-describing dict saved with ``torch.save``::
 
     {"format": "dsq-checkpoint", "version": 1, "kind": "denoiser" | "classifier",
      "arch": str, "arch_kwargs": dict, "normalization": {"mean": [...], "std": [...]} | None,
-     "training_spec": dict, "metrics": dict, "state_dict": {name: tensor}}
+     "training_spec": dict, "metrics": dict, "state_dict": {name: tensor},
+     "diffusion": {"schedule", "timesteps", "beta_start", "beta_end"}}   # a DDPM only
+
+* A DDPM (``dsq submit train --objective diffusion``) is a denoiser of arch ``unet`` (the ε-model) with its
+  noise schedule under ``diffusion``; ``load_model`` returns it as a ``dsq.diffusion.DiffusionModel``.
 
 It holds only tensors and plain data, so it loads with ``torch.load(weights_only=True)``.
 
@@ -135,7 +139,7 @@ def _normalization_of(model: nn.Module, normalization: dict | None) -> dict:
 # ----------------------------------------------------------------------------- saving
 def save_checkpoint(path: str | os.PathLike, *, kind: str, arch: str, arch_kwargs: dict,
                     model: nn.Module, normalization: dict | None, training_spec: dict,
-                    metrics: dict) -> str:
+                    metrics: dict, diffusion: dict | None = None) -> str:
     """Write a self-describing checkpoint atomically; return the sha256 of its bytes.
 
     The description is checked before writing: ``arch`` + ``arch_kwargs`` (+ normalization)
@@ -157,6 +161,7 @@ def save_checkpoint(path: str | os.PathLike, *, kind: str, arch: str, arch_kwarg
         "arch_kwargs": arch_kwargs, "normalization": normalization,
         "training_spec": _plain(training_spec, "training_spec"),
         "metrics": _plain(metrics, "metrics"), "state_dict": state_dict,
+        **({"diffusion": _plain(diffusion, "diffusion")} if diffusion else {}),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -202,6 +207,19 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> tuple[nn.Module, d
     model = _restore(path, metadata, state_dict)
     metadata["sha256"] = sha256
     return _to_device(model, device), metadata
+
+
+def load_model(path: str | os.PathLike, device="cpu"):
+    """The model of a checkpoint file: ``load_checkpoint``'s, or a DiffusionModel for a DDPM dsq trained."""
+    model, metadata = load_checkpoint(path, device)
+    if not metadata.get("diffusion"):
+        return model
+    from dsq import diffusion
+
+    kwargs = metadata["arch_kwargs"]
+    return diffusion.DiffusionModel(model, diffusion.schedule_alphas(metadata["diffusion"]),
+                                    channels=kwargs["in_channels"], sample_size=kwargs.get("sample_size"),
+                                    about=metadata["diffusion"])
 
 
 def read(path: str) -> tuple[object, str]:

@@ -178,19 +178,29 @@ def memnet(in_channels: int = 3, width: int = 64, num_memblock: int = 3,
                   num_memblock=num_memblock, num_resblock=num_resblock)
 
 
+def _unet(in_channels: int, **kwargs) -> nn.Module:
+    """The ε-model of a DDPM (``dsq.diffusion.build_unet``): a denoiser at every σ once paired with its schedule."""
+    from dsq import diffusion  # diffusers: only for this architecture
+
+    return diffusion.build_unet(in_channels, **kwargs)
+
+
 DENOISERS: dict[str, Callable[..., nn.Module]] = {
     "dncnn": dncnn,
     "dncnn_wide": dncnn_wide,
     "memnet": memnet,
 }
+# ε-models: trained by the diffusion objective, they denoise once paired with a schedule (dsq.diffusion).
+DIFFUSION_ARCHS: dict[str, Callable[..., nn.Module]] = {"unet": _unet}
 
 
 def build_denoiser(arch: str, in_channels: int, **kwargs) -> nn.Module:
     """Build a freshly initialised denoiser by registry name (``DENOISERS``)."""
-    if arch not in DENOISERS:
-        known = ", ".join(sorted(DENOISERS))
+    builders = {**DENOISERS, **DIFFUSION_ARCHS}
+    if arch not in builders:
+        known = ", ".join(sorted(builders))
         raise UnknownName(f"unknown denoiser architecture {arch!r}; known: {known}")
     try:
-        return DENOISERS[arch](in_channels=in_channels, **kwargs)
+        return builders[arch](in_channels=in_channels, **kwargs)
     except TypeError as error:
         raise InvalidArgument(f"bad arguments for denoiser {arch!r}: {error}") from None

@@ -9,6 +9,8 @@ D the denoiser being trained, F a frozen classifier (normalization inside).
                paper's "STAB+MSE": fine-tuning; the starting point is the
                training spec's ``init``)
 - ``clf``      E CE(F(D(x + delta)), y)                         (true labels)
+- ``diffusion`` the DDPM objective E ||eps(x_t, t) - eps||^2 (``dsq.diffusion``):
+               no sigma, no classifier; the model denoises at every sigma
 
 White-box: F is the target classifier itself. Black-box: F is one or more
 surrogate classifiers; with several, the loss is the mean of each surrogate's
@@ -77,6 +79,11 @@ def denoiser_loss(objective: str, denoiser: nn.Module, sigma: float,
         denoised = denoiser(noisy(x, sigma, generator))
         return torch.stack([F.cross_entropy(c(denoised), y) for c in frozen]).mean()
 
+    if objective == "diffusion":
+        from dsq import diffusion
+
+        schedule = torch.tensor(diffusion.schedule_alphas(diffusion.STANDARD_SCHEDULE), dtype=torch.float32)
+        return lambda x, y, generator: diffusion.ddpm_loss(denoiser, x, schedule, generator)
     return {"mse": mse, "stab": stab, "stab_mse": stab, "clf": clf}[objective]
 
 

@@ -35,15 +35,70 @@ def job_dataset(spec, root: str | None, channels: int | None):
     return dataset, datasets.channel_note(spec.dataset, own, channels)
 
 
+class ResizeTo(torch.nn.Module):
+    """Resizes images to ``size`` x ``size`` (bicubic, antialiased, kept in [0, 1]) when they have another size:
+    what a denoiser returns at the dataset's resolution, for a classifier that takes another one."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = int(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == (self.size, self.size):
+            return x
+        resized = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True,
+                                                  align_corners=False)
+        return resized.clamp(0.0, 1.0)
+
+
+def input_size(classifier: torch.nn.Module) -> int | None:
+    """The one image size a classifier takes, when it says so (an ``image_size`` attribute, as torchvision's
+    vision transformers have); None for a classifier of any size."""
+    for module in classifier.modules():
+        size = getattr(module, "image_size", None)
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return size
+    return None
+
+
+def chain(classifier: torch.nn.Module, denoiser: torch.nn.Module | None = None) -> torch.nn.Module:
+    """f o D as one module: D, then a resize to the classifier's input size if it declares one, then f."""
+    if denoiser is None:
+        return classifier
+    size = input_size(classifier)
+    return torch.nn.Sequential(denoiser, *([ResizeTo(size)] if size else []), classifier)
+
+
+def notes(model: torch.nn.Module, x: torch.Tensor | None = None) -> list[str]:
+    """What the job's log says of f o D (on images like ``x``): a diffusion denoiser's timestep, a resize."""
+    from dsq import diffusion
+
+    lines = []
+    for module in model.modules():
+        if isinstance(module, diffusion.OneShotDenoiser):
+            lines.append(module.describe())
+        if isinstance(module, ResizeTo) and x is not None and tuple(x.shape[-2:]) != (module.size, module.size):
+            lines.append(f"the denoised {x.shape[-1]}x{x.shape[-2]} images are resized to {module.size}x"
+                         f"{module.size} for the classifier (bicubic, antialiased)")
+    return lines
+
+
 def takes_images(models: list[torch.nn.Module], x: torch.Tensor, spec) -> int:
     """``sampling.check_image`` of f o D (``models``: f, then D if any), its refusal naming the channels and size
     of the dataset's images."""
+    resizable = spec.size is None and (spec.dataset.startswith("folder") or spec.dataset == "imagenet")
+    hint = "; --size N resizes them" if resizable else ""
+    for model in models[1:]:
+        if hasattr(model, "check_images"):  # a diffusion model takes the channels and size it was trained at
+            try:
+                model.check_images(x.shape[0], x.shape[1], x.shape[2], spec.dataset)
+            except InvalidArgument as error:
+                raise InvalidArgument(f"{error}{hint}") from None
     try:
-        return sampling.check_image(torch.nn.Sequential(*reversed(models)), x)
+        return sampling.check_image(chain(*models), x)
     except InvalidArgument as error:
-        resizable = spec.size is None and (spec.dataset.startswith("folder") or spec.dataset == "imagenet")
         raise InvalidArgument(f"{error} (the images of {spec.dataset} are {x.shape[0]}-channel, "
-                              f"{x.shape[2]}x{x.shape[1]}{'; --size N resizes them' if resizable else ''})") from None
+                              f"{x.shape[2]}x{x.shape[1]}{hint})") from None
 
 
 def image_plan(spec, dataset) -> list[int]:
@@ -58,9 +113,7 @@ def load(classifier: str | dict, denoiser: str | dict | None, device, settings: 
         return references.load_source(settings, found, role, device)
 
     classifier = one(classifier, "classifier")
-    if denoiser is None:
-        return classifier.eval()
-    return torch.nn.Sequential(one(denoiser, "denoiser"), classifier).eval()
+    return chain(classifier, one(denoiser, "denoiser") if denoiser is not None else None).eval()
 
 
 def train_data(spec, root: str | None, models: list):

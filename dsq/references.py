@@ -42,6 +42,10 @@ def check(session: Session, reference: str, role: str, options: dict | None = No
     number = job_id(reference)
     if number is None:
         kind = usermodels.form(reference)
+        if kind == "diffusers":
+            from dsq import diffusion  # torch: a diffusers folder is checked for its parts at submit
+
+            diffusion.diffusers_parts(reference[len(usermodels.DIFFUSERS):])
         for path in ([reference] if kind == "file" else []) + [(options or {}).get("weights")]:
             if path and not Path(path).is_file():
                 raise CheckpointError(f"{'weights file' if path != reference else 'checkpoint'} not found: {path}")
@@ -87,11 +91,15 @@ def checkpoint_source(session: Session, reference: str) -> tuple[str, str | None
     return found[0].location, found[0].sha256
 
 
-def source(session: Session, reference: str, options: dict | None = None) -> dict:
-    """What a process needs to load the model a reference names (plain data: it travels to Ray actors)."""
+def source(session: Session, reference: str, options: dict | None = None, sigma: float | None = None) -> dict:
+    """What a process needs to load the model a reference names (plain data: it travels to Ray actors).
+
+    A denoiser's source carries the job's ``sigma``: a diffusion model denoises at the step that σ chooses.
+    """
     location, sha256 = (checkpoint_source(session, reference)
                         if usermodels.form(reference) in ("job", "file") else (None, None))
-    return {"reference": reference, "location": location, "sha256": sha256, "options": options or {}}
+    found = {"reference": reference, "location": location, "sha256": sha256, "options": options or {}}
+    return found if sigma is None else {**found, "sigma": sigma}
 
 
 def file_source(path: str) -> dict:
@@ -100,20 +108,32 @@ def file_source(path: str) -> dict:
 
 
 def load_source(settings: Settings, found: dict, role: str, device="cpu"):
-    """The model of a ``source``, in eval mode on ``device`` (a stored checkpoint is fetched and hash-checked)."""
-    from dsq import checkpoints  # torch: only where models are loaded
+    """The model of a ``source``, in eval mode on ``device`` (a stored checkpoint is fetched and hash-checked).
+
+    A diffusion model (``dsq.diffusion``) is returned as the one-shot denoiser at the source's σ.
+    """
+    from dsq import checkpoints, diffusion  # torch: only where models are loaded
 
     path = local_checkpoint(settings, (found["location"], found["sha256"])) if found["location"] else None
     usermodels.verify(found["options"])
-    if path is None or usermodels.is_torchscript(path):
-        return usermodels.load(found["reference"], path, found["options"], role, device)
-    return checkpoints.load_checkpoint(path, device=device)[0]
+    if usermodels.form(found["reference"]) == "diffusers":
+        model = diffusion.load_diffusers(found["reference"][len(usermodels.DIFFUSERS):], device)
+    elif path is None or usermodels.is_torchscript(path):
+        model = usermodels.load(found["reference"], path, found["options"], role, device)
+    else:
+        model = checkpoints.load_model(path, device=device)
+    if not isinstance(model, diffusion.DiffusionModel):
+        return model
+    if role != "denoiser" or found.get("sigma") is None:
+        raise InvalidArgument(f"{found['reference']} is a diffusion model: it serves as the denoiser of a "
+                              f"certification (at its σ), not as a {role}")
+    return model.denoiser(found["sigma"])
 
 
 def load(session: Session, reference: str, settings: Settings, role: str, options: dict | None = None,
-         device="cpu"):
-    """The model a reference names, loaded now."""
-    return load_source(settings, source(session, reference, options), role, device)
+         device="cpu", sigma: float | None = None):
+    """The model a reference names, loaded now (a denoiser at ``sigma``)."""
+    return load_source(settings, source(session, reference, options, sigma), role, device)
 
 
 def local_checkpoint(settings: Settings, source: tuple[str, str | None]) -> str:

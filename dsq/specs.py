@@ -33,7 +33,8 @@ WARN_SIGMA = 1.0  # the largest sigma of the papers' grids; above it, say so
 REFERENCE = re.compile(r"^job:\d+$")
 # The names of what a spec may ask for; the modules that implement them (dsq.objectives, dsq.fastpath)
 # build their tables from these, so a spec is checked without importing torch.
-DENOISER_OBJECTIVES = ("mse", "stab", "stab_mse", "clf")
+DENOISER_OBJECTIVES = ("mse", "stab", "stab_mse", "clf", "diffusion")
+DIFFUSION_ARCHS = ("unet",)  # what the diffusion objective trains: an ε-model, a denoiser at every σ
 CLASSIFIER_OBJECTIVES = ("standard", "gaussian")
 NEEDS_CLASSIFIER = ("stab", "stab_mse", "clf")  # the denoiser objectives that train against a classifier
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -205,7 +206,7 @@ def check_models(spec) -> None:
         raise InvalidArgument(f"options given for {unused[0]}, which this job does not use "
                               f"(its models: {', '.join(roles) or 'none'})")
     for reference, role in roles.items():
-        if reference not in spec.models and usermodels.form(reference) == "torchvision":
+        if reference not in spec.models and usermodels.form(reference) in ("torchvision", "diffusers"):
             usermodels.check_options(reference, {}, role)
     object.__setattr__(spec, "models", {reference: usermodels.check_options(reference, options, roles[reference])
                                         for reference, options in spec.models.items()})

@@ -30,6 +30,7 @@ from dsq import objectives
 from dsq.errors import InvalidArgument, TrainingDiverged
 
 Progress = Callable[[int, int, dict], None]
+DIFFUSION_EVAL_SIGMAS = (0.25, 0.5)  # where a DDPM's one-shot denoising is measured after training
 
 
 def seeded(seed: int, purpose: str, epoch: int = 0) -> int:
@@ -53,6 +54,9 @@ def private_cpu_rng(seed: int):
 def build_model(spec, info) -> nn.Module:
     """A freshly initialised model for the spec, seeded by the spec's seed."""
     with private_cpu_rng(seeded(spec.seed, "init")):
+        if spec.objective == "diffusion":  # the ε-model takes the images' size unless told another
+            return denoiser_registry.build_denoiser(spec.arch, info.channels,
+                                                    **{"sample_size": info.height, **spec.arch_kwargs})
         if spec.target == "denoiser":
             return denoiser_registry.build_denoiser(spec.arch, info.channels, **spec.arch_kwargs)
         return classifier_registry.build_classifier(
@@ -150,6 +154,8 @@ def evaluate(spec, model, classifiers, test_set, device, batch_size: int = 256) 
     from one generator seeded by the spec, drawn batch after batch in dataset order.
     """
     noise = torch.Generator(device=device).manual_seed(seeded(spec.seed, "eval"))
+    if spec.objective == "diffusion":
+        return _evaluate_diffusion(model, test_set, device, noise, batch_size)
     denoiser = model.eval() if spec.target == "denoiser" else None
     pipeline = _pipeline(spec, model, classifiers)
     sums = {"test_mse": 0.0, "clean_accuracy": 0, "noisy_accuracy": 0}
@@ -166,6 +172,28 @@ def evaluate(spec, model, classifiers, test_set, device, batch_size: int = 256) 
             images, pixels = images + len(x), pixels + x.numel()
     return _metrics(sums, images, pixels, has_mse=denoiser is not None,
                     has_accuracy=pipeline is not None, noisy=spec.sigma > 0)
+
+
+def _evaluate_diffusion(model, test_set, device, noise, batch_size: int,
+                        sigmas=DIFFUSION_EVAL_SIGMAS) -> dict:
+    """A DDPM's test metrics: its training loss on the test images, and the MSE of its one-shot denoiser
+    (``dsq.diffusion``) at a few σ, the use dsq puts it to."""
+    from dsq import diffusion
+
+    alphas = diffusion.schedule_alphas(diffusion.STANDARD_SCHEDULE)
+    denoisers = {sigma: diffusion.OneShotDenoiser(model.eval(), alphas, sigma) for sigma in sigmas}
+    schedule = torch.tensor(alphas, dtype=torch.float32)
+    sums = {"test_loss": 0.0, **{f"test_mse_sigma_{sigma:g}": 0.0 for sigma in sigmas}}
+    images = pixels = 0
+    with torch.inference_mode():
+        for x, _ in _batches(test_set, batch_size):
+            x = x.to(device)
+            sums["test_loss"] += float(diffusion.ddpm_loss(model, x, schedule, noise)) * len(x)
+            for sigma, denoiser in denoisers.items():
+                denoised = denoiser(objectives.noisy(x, sigma, noise))
+                sums[f"test_mse_sigma_{sigma:g}"] += float(((denoised - x) ** 2).sum())
+            images, pixels = images + len(x), pixels + x.numel()
+    return {key: value / max(images if key == "test_loss" else pixels, 1) for key, value in sums.items()}
 
 
 def _pipeline(spec, model, classifiers) -> nn.Module | None:

@@ -9,7 +9,10 @@ Besides ``job:N`` and checkpoint files, a model reference (``--classifier``, ``-
   user's weights; ``num_classes`` is read from the weights unless the arguments give it;
 * ``package.module:function``: a function of the user's own code that returns an ``nn.Module``. Naming
   it is the explicit opt-in to import that module; it must be importable wherever the job runs
-  (installed, or on ``PYTHONPATH``). The weights are loaded into what it returns, when given.
+  (installed, or on ``PYTHONPATH``). The weights are loaded into what it returns, when given. A denoiser's
+  function may return a diffusion model instead (``dsq.diffusion.as_diffusion``: an ε-model and its
+  ``alphas_cumprod``); the weights then go to the ε-model;
+* ``diffusers:DIR``: a diffusion model folder in the format of the ``diffusers`` library (``dsq.diffusion``).
 
 Each such reference has options (``spec.models[reference]``): ``weights`` (a state dict saved with
 ``torch.save``, read with ``weights_only=True``), ``args`` (keyword arguments of the architecture, a
@@ -38,17 +41,21 @@ from dsq import checks
 from dsq.errors import CheckpointError, InvalidArgument
 
 TORCHVISION = "torchvision:"
+DIFFUSERS = "diffusers:"
 FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 OPTION_KEYS = ("weights", "args", "mean", "std", "code", "files")
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def form(reference: str) -> str:
-    """``job``, ``torchvision``, ``factory`` or ``file`` (a checkpoint or TorchScript file)."""
+    """``job``, ``torchvision``, ``diffusers`` (a diffusers model folder), ``factory`` or ``file`` (a checkpoint or
+    TorchScript file)."""
     if reference.startswith("job:"):
         return "job"
     if reference.startswith(TORCHVISION):
         return "torchvision"
+    if reference.startswith(DIFFUSERS):
+        return "diffusers"
     return "factory" if FACTORY.match(reference) and not os.path.isfile(reference) else "file"
 
 
@@ -62,6 +69,11 @@ def check_options(reference: str, options, role: str) -> dict:
     if kind == "job" and given:
         raise InvalidArgument(f"{reference} is a dsq checkpoint: it carries its architecture, weights and "
                               f"normalization, so {', '.join(sorted(given))} cannot be given for it")
+    if kind == "diffusers" and set(given) - {"files"}:
+        raise InvalidArgument(f"{reference} is a diffusers model folder: it carries its config, weights and noise "
+                              f"schedule, so {', '.join(sorted(set(given) - {'files'}))} cannot be given for it")
+    if kind == "diffusers" and role != "denoiser":
+        raise InvalidArgument(f"{reference} is a diffusion model: it can only be a denoiser, not a {role}")
     weights, args = options.get("weights"), options.get("args") or {}
     if weights is not None and (not isinstance(weights, str) or not weights):
         raise InvalidArgument(f"weights of {reference} must be a file path, got {weights!r}")
@@ -119,6 +131,10 @@ def pin(spec):
         if kind == "factory" and "code" not in options:
             options["code"] = locate(reference)
         paths = ([reference] if kind == "file" else []) + ([options["weights"]] if options.get("weights") else [])
+        if kind == "diffusers":
+            from dsq import diffusion
+
+            paths += diffusion.diffusers_files(reference[len(DIFFUSERS):])
         files = {path: artifacts.file_sha256(path) for path in paths if os.path.isfile(path)}
         if files and "files" not in options:
             options["files"] = files
@@ -188,6 +204,11 @@ def load(reference: str, path: str | None, options: dict, role: str, device="cpu
     else:
         weights = _read_state_dict(reference, options["weights"]) if options.get("weights") else None
         model = _build(reference, kind, options, weights)
+        if not isinstance(model, torch.nn.Module):  # a diffusion model: its ε-model takes the weights
+            if weights is not None:
+                _load_weights(model.eps_model, reference, options["weights"], weights)
+            model.eps_model = _frozen(model.eps_model, device)
+            return model
         if weights is not None:
             _load_weights(model, reference, options["weights"], weights)
     normalization = _normalization(reference, options.get("mean"), options.get("std"))
@@ -197,7 +218,15 @@ def load(reference: str, path: str | None, options: dict, role: str, device="cpu
         from dsq.classifiers import NormalizeLayer
 
         model = torch.nn.Sequential(NormalizeLayer(normalization["mean"], normalization["std"]), model)
-    for parameter in model.parameters():  # dsq never trains a user's model; frozen, it also copies cleanly
+    return _frozen(model, device)
+
+
+def _frozen(model, device):
+    """The model on ``device`` in eval mode, its parameters frozen: dsq never trains a user's model (and a frozen
+    model copies cleanly)."""
+    import torch
+
+    for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.to(torch.device(device)).eval()
 
@@ -236,9 +265,15 @@ def _build(reference: str, kind: str, options: dict, weights: dict | None):
         model = make(**args)
     except Exception as error:  # noqa: BLE001 - the user's code, or a wrong argument
         raise InvalidArgument(f"{reference} with arguments {args}: {type(error).__name__}: {error}") from None
-    if not isinstance(model, torch.nn.Module):
-        raise InvalidArgument(f"{reference} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+    if isinstance(model, torch.nn.Module):
+        return model
+    from dsq import diffusion
+
+    found = diffusion.as_diffusion(model)
+    if found is None:
+        raise InvalidArgument(f"{reference} returned {type(model).__name__}, not a torch.nn.Module nor a diffusion "
+                              f"model (an (eps_model, alphas_cumprod) pair)")
+    return found
 
 
 def _function(reference: str, code: str | None):

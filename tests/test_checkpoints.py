@@ -249,7 +249,7 @@ def dsq_payload(**overrides):
 @pytest.mark.parametrize("overrides, message", [
     ({"arch_kwargs": {"in_channels": 3, "depth": 4, "width": 8}}, r"shape mismatch.*dncnn\.0\.weight"),
     ({"arch_kwargs": {"in_channels": 1, "depth": 5, "width": 8}}, "missing keys"),
-    ({"arch": "unet"}, "unknown denoiser architecture 'unet'"),
+    ({"arch": "restormer"}, "unknown denoiser architecture 'restormer'"),
     ({"kind": "segmenter"}, "kind must be one of"),
     ({"kind": "classifier", "arch": "small_cnn"}, "at least"),
     ({"version": 7}, "version 7 is not supported"),

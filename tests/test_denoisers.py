@@ -155,8 +155,8 @@ def test_reference_memnet_checkpoint_loads(tmp_path):
 
 
 def test_unknown_arch_lists_the_known_ones():
-    with pytest.raises(UnknownName, match="dncnn, dncnn_wide, memnet"):
-        build_denoiser("unet", 3)
+    with pytest.raises(UnknownName, match="dncnn, dncnn_wide, memnet, unet"):
+        build_denoiser("restormer", 3)
 
 
 def test_bad_sizes_are_invalid_arguments():

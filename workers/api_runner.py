@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from dsq import sequential
+from dsq import pipeline, sequential
 from dsq.apis import base, images, labels
 from dsq.apis import results as api_results
 from dsq.kinds import certify_api
@@ -64,6 +64,8 @@ def run(engine, settings, job_id: int, spec, control) -> None:
     service = certify_api.service_name(spec)
     actor = api_actor.connect(spec.provider, spec.endpoint, service, limits)
     with session_scope(engine) as session:
+        for line in pipeline.notes(denoiser) if denoiser is not None else []:
+            repo.add_log(session, job_id, line)  # a diffusion denoiser's timestep
         repo.add_log(session, job_id, f"{spec.provider} ({service}): {len(todo)} images to certify, "
                                       f"{paid} queries paid so far; qps {limits.qps:g}, burst {limits.burst}, "
                                       f"concurrency {limits.concurrency}")

@@ -48,8 +48,8 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     with session_scope(engine) as session:
         # Each sampler fetches (and hash-checks) the checkpoints on its own node.
         sources = [references.source(session, spec.classifier, spec.models.get(spec.classifier)),
-                   references.source(session, spec.denoiser, spec.models.get(spec.denoiser)) if spec.denoiser
-                   else None]
+                   references.source(session, spec.denoiser, spec.models.get(spec.denoiser), spec.sigma)
+                   if spec.denoiser else None]
         done = repo.done_image_indices(session, job_id)
     root = settings.data_root_of(spec)
     dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size)
@@ -70,9 +70,13 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     loop, healthy = None, False
     try:
         dataset, note = pipeline.job_dataset(spec, root, ray.get(actors[0].input_channels.remote()))
-        if note:  # images converted to the channels f o D takes: said in the job's log
+        # Said in the job's log: images converted to the channels f o D takes, a diffusion denoiser's timestep...
+        lines = [note] if note else []
+        lines += ray.get(actors[0].notes.remote(dataset[todo[0]][0]))
+        if lines:
             with session_scope(engine) as session:
-                repo.add_log(session, job_id, note)
+                for line in lines:
+                    repo.add_log(session, job_id, line)
         probe = ray.get(actors[0].memory_probe.remote(dataset[todo[0]][0], options.get("num_gpus", 1.0)))
         spec = _size_job(engine, job_id, spec, workers, threads, probe)
         kind = SequentialLoop if spec.sequential else CertifyLoop

@@ -39,6 +39,10 @@ class SamplerActor:
         return {"counts": counts, "seconds": time.perf_counter() - started,
                 "worker": self.name, "device": self.device}
 
+    def notes(self, x) -> list[str]:
+        """What the job's log says of f o D on images like ``x`` (``pipeline.notes``)."""
+        return pipeline.notes(self.model.net, x)
+
     def input_channels(self) -> int | None:
         """The channels of the images f o D takes: the runner converts the dataset's images to them."""
         return self.channels
@@ -97,4 +101,5 @@ def source_key(source: dict | None) -> tuple | None:
     files = [path for path in (source["location"] if source["sha256"] is None else None,
                                source["options"].get("weights")) if path]
     stats = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files]
-    return source["reference"], source["sha256"], json.dumps(source["options"], sort_keys=True), *stats
+    return (source["reference"], source["sha256"], json.dumps(source["options"], sort_keys=True), source.get("sigma"),
+            *stats)

@@ -7,7 +7,7 @@ import os
 import torch
 from sqlalchemy.orm import Session
 
-from dsq import checks, checkpoints, datasets, references
+from dsq import checks, datasets, references
 from dsq.apis import base
 from dsq.errors import InvalidArgument, UnreadableImage
 from dsq.settings import Settings
@@ -42,9 +42,10 @@ class ImageSource:
 
 
 def load_denoiser(session: Session, spec, settings: Settings) -> torch.nn.Module | None:
+    """The denoiser in front of the API (a diffusion model's at the job's σ), or None."""
     if not spec.denoiser:
         return None
-    return checkpoints.load_checkpoint(references.resolve(session, spec.denoiser, settings))[0].eval()
+    return references.load(session, spec.denoiser, settings, "denoiser", sigma=spec.sigma).eval()
 
 
 def check_denoiser(denoiser: torch.nn.Module, source: ImageSource) -> None:

@@ -84,7 +84,8 @@ def check(session: Session, spec: CertifySpec, settings: Settings) -> int:
     root = settings.data_root_of(spec)
     info = datasets.dataset_info(spec.dataset, root=root, size=spec.size)
     if all(references.available(session, r) for r in spec.references()):
-        models = [references.load(session, r, settings, role, spec.models.get(r)) for r, role in spec.model_roles()]
+        models = [references.load(session, r, settings, role, spec.models.get(r), sigma=spec.sigma)
+                  for r, role in spec.model_roles()]
         dataset, _ = pipeline.job_dataset(spec, root, pipeline.model_channels(*models))
         outputs = pipeline.takes_images(models, dataset[0][0], spec)
     else:  # a classifier still to be trained will have the classes of its own dataset

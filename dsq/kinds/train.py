@@ -57,7 +57,7 @@ class TrainSpec:
 
     def __post_init__(self):
         specs.check_common(self, "train")
-        specs.check_sigma(self.sigma, allow_zero=self.objective == "standard")
+        specs.check_sigma(self.sigma, allow_zero=self.objective in ("standard", "diffusion"))
         object.__setattr__(self, "surrogates", specs.references_tuple("surrogates", self.surrogates))
         if not isinstance(self.arch_kwargs, dict) or not all(isinstance(k, str) for k in self.arch_kwargs):
             raise InvalidArgument(f"arch_kwargs must be a dict of argument names to values, got {self.arch_kwargs!r}")
@@ -85,6 +85,12 @@ class TrainSpec:
                 raise InvalidArgument(f"objective {self.objective!r} needs --classifier (white-box) or --surrogate (black-box)")
         if self.objective == "stab_mse" and not self.init:
             raise InvalidArgument("objective 'stab_mse' fine-tunes an MSE denoiser: give --init CHECKPOINT")
+        if (self.objective == "diffusion") != (self.arch in specs.DIFFUSION_ARCHS):
+            raise InvalidArgument(f"objective 'diffusion' trains arch {' or '.join(specs.DIFFUSION_ARCHS)}, and only "
+                                  f"it does; got objective {self.objective!r} with arch {self.arch!r}")
+        if self.objective == "diffusion" and (self.sigma or self.classifiers or self.init):
+            raise InvalidArgument("objective 'diffusion' trains a DDPM on clean images: it takes no sigma (one model "
+                                  "serves every sigma), no classifier, surrogate or init")
 
     @property
     def classifiers(self) -> tuple[str, ...]:
@@ -100,6 +106,20 @@ class TrainSpec:
 
     def to_dict(self) -> dict:
         return specs.to_dict(self)
+
+
+def default_arch(arch: str | None, objective: str) -> str:
+    """The command line's --arch: unet for a DDPM, required otherwise."""
+    if arch is None and objective != "diffusion":
+        raise InvalidArgument("--arch is required (e.g. dncnn for a denoiser, small_cnn for a classifier)")
+    return arch or specs.DIFFUSION_ARCHS[0]
+
+
+def default_sigma(sigma: float | None, objective: str) -> float:
+    """The command line's --sigma: none for a DDPM (it serves every sigma), else 0.25 unless given."""
+    if sigma is None:
+        return 0.0 if objective == "diffusion" else 0.25
+    return sigma
 
 
 def check(session: Session, spec: TrainSpec, settings: Settings) -> int:
@@ -161,10 +181,12 @@ def save_model(engine, settings: Settings, job_id: int, spec: TrainSpec, info, m
     import tempfile
     from pathlib import Path
 
-    from dsq import artifacts, checkpoints
+    from dsq import artifacts, checkpoints, diffusion
 
     name = spec.name or f"{spec.target}-{spec.arch}-{spec.objective}"
     arch_kwargs = dict(spec.arch_kwargs)
+    if spec.objective == "diffusion":
+        arch_kwargs.setdefault("sample_size", info.height)
     if spec.target == "denoiser":
         arch_kwargs.setdefault("in_channels", info.channels)
     else:
@@ -174,7 +196,8 @@ def save_model(engine, settings: Settings, job_id: int, spec: TrainSpec, info, m
         path = Path(scratch) / "model.pt"
         checkpoints.save_checkpoint(path, kind=spec.target, arch=spec.arch, arch_kwargs=arch_kwargs,
                                     model=model.cpu(), normalization=normalization,
-                                    training_spec=spec.to_dict(), metrics=metrics)
+                                    training_spec=spec.to_dict(), metrics=metrics,
+                                    diffusion=diffusion.STANDARD_SCHEDULE if spec.objective == "diffusion" else None)
         location, sha256 = artifacts.store_for(settings).put(path)
     with session_scope(engine) as session:
         repo.upsert_artifact(session, job_id=job_id, name=name, kind=spec.target, location=location,
