@@ -31,8 +31,8 @@ An experiment is a TOML file::
     classifier = "f"
     denoiser = "stab"
 
-A model is trained once per sigma unless it sets ``sigma`` or its objective is ``standard``
-(no noise); a model that uses a per-sigma model is per-sigma too. References to models of the
+A model is trained once per sigma unless it sets ``sigma`` or its objective is ``standard`` or
+``diffusion`` (no noise: a DDPM serves every sigma); a model that uses a per-sigma model is per-sigma too. References to models of the
 file become ``job:N`` references, so every job waits for the jobs it needs; in a checkpoint path
 ``{sigma}`` stands for the sigma at hand (``models/cohen-{sigma}.pt``).
 """
@@ -55,6 +55,9 @@ from dsq.text import check_name
 TOP_KEYS = {"name", "dataset", "size", "sigmas", "radii", "data_root", "seed", "models", "certify", "methods"}
 MODEL_REFERENCES = ("classifier", "init")  # plus "surrogates", a list
 METHOD_REFERENCES = ("classifier", "denoiser")
+# Objectives trained without smoothing noise, so once for the whole grid: a standard classifier, and a DDPM (one
+# diffusion model denoises at every sigma).
+UNSMOOTHED = ("standard", "diffusion")
 TEST_IMAGES = {"digits": 364, "cifar10": 10_000, "imagenet": 50_000}  # test split sizes, for the estimate
 # A plan larger than this is refused unless the caller allows more (--max-jobs): the paper's CIFAR-10 grid is 38
 # jobs, and a typo in a generated file should not queue hundreds of thousands.
@@ -216,7 +219,7 @@ def _per_sigma(models: dict, order: list[str]) -> dict[str, bool]:
     per = {}
     for name in order:
         table = models[name]
-        noisy = "sigma" not in table and table.get("objective") != "standard"
+        noisy = "sigma" not in table and table.get("objective") not in UNSMOOTHED
         per[name] = noisy or any(per.get(used, False) for used in _uses(table))
     return per
 
@@ -249,7 +252,7 @@ def _model_step(name: str, table: dict, sigma, per_sigma: dict, common: dict) ->
         needs += [need for _, need in pairs if need]
     if sigma is not None:
         fields["sigma"] = sigma
-    elif table.get("objective") == "standard":
+    elif table.get("objective") in UNSMOOTHED:
         fields.setdefault("sigma", 0.0)
     key = _key(name, sigma)
     label = name if sigma is None else f"{name} s={sigma:g}"

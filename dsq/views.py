@@ -110,6 +110,10 @@ def show(session: Session, job: Job) -> list[str]:
     for artifact in repo.artifacts_for_job(session, job.id):
         lines.append(f"artifact {escape_controls(artifact.name)}: {artifact.location} (sha256 {artifact.sha256[:12]})"
                      + _metrics_text(artifact.metrics))
+        schedule = (artifact.metrics or {}).get("diffusion")
+        if isinstance(schedule, dict):
+            lines.append(f"diffusion: {schedule.get('schedule')} schedule, T = {schedule.get('timesteps')} (beta "
+                         f"{schedule.get('beta_start'):g} to {schedule.get('beta_end'):g}); a denoiser at every sigma")
     if job.error:
         lines.append(f"error: {escape_controls(job.error)}")
     return lines

@@ -54,6 +54,9 @@ def check_denoiser(denoiser: torch.nn.Module, source: ImageSource) -> None:
             x = source.image(index)
         except UnreadableImage:
             continue
+        if hasattr(denoiser, "check_images"):  # a diffusion model takes the channels and size it was trained at
+            where = source.spec.dataset or source.spec.inputs[index]
+            denoiser.check_images(x.shape[0], x.shape[1], x.shape[2], where)
         with torch.inference_mode():
             try:
                 out = denoiser(x[None])

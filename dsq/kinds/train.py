@@ -192,12 +192,15 @@ def save_model(engine, settings: Settings, job_id: int, spec: TrainSpec, info, m
     else:
         arch_kwargs.update(num_classes=info.num_classes, in_channels=info.channels)
     normalization = {"mean": list(info.mean), "std": list(info.std)} if spec.target == "classifier" else None
+    schedule = diffusion.STANDARD_SCHEDULE if spec.objective == "diffusion" else None
+    if schedule:  # recorded with the metrics too: `dsq show` prints it without loading the checkpoint
+        metrics = {**metrics, "diffusion": schedule}
     with tempfile.TemporaryDirectory(prefix=f"dsq-job-{job_id}-") as scratch:
         path = Path(scratch) / "model.pt"
         checkpoints.save_checkpoint(path, kind=spec.target, arch=spec.arch, arch_kwargs=arch_kwargs,
                                     model=model.cpu(), normalization=normalization,
                                     training_spec=spec.to_dict(), metrics=metrics,
-                                    diffusion=diffusion.STANDARD_SCHEDULE if spec.objective == "diffusion" else None)
+                                    diffusion=schedule)
         location, sha256 = artifacts.store_for(settings).put(path)
     with session_scope(engine) as session:
         repo.upsert_artifact(session, job_id=job_id, name=name, kind=spec.target, location=location,
