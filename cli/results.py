@@ -57,6 +57,9 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
             raise InvalidArgument("give a job id or --experiment NAME (one of them)")
         if plot is not None and experiment is None:
             raise InvalidArgument("--plot draws an experiment (--experiment NAME); for jobs: dsq compare JOB... --plot")
+        if (summary_ or by_class) and format not in SUMMARY_FORMATS:
+            raise InvalidArgument(f"--summary and --by-class print a table: --format {', '.join(SUMMARY_FORMATS)}, "
+                                  f"not {format}")
         tabled = format in SUMMARY_FORMATS and (format in TABLE_FORMATS or summary_ or by_class)
         interval = _interval(ci, ci_alpha)
         if interval is not None and not tabled:
@@ -79,7 +82,7 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
                 report = report._replace(rows=accuracy.as_results(exported))
         if sequential and radii is not None and radius_list != [sequential[0]]:
             raise InvalidArgument(f"job {job} is sequential: it answers only at radius {sequential[0]:g} "
-                                  f"(--radii {sequential[0]:g}), so other --radii do not apply")
+                                  f"(--radii {sequential[0]:g}); any other --radii does not apply")
         if report.partial:
             common.say(report.partial, err=True)
         if not tabled:

@@ -217,3 +217,14 @@ def test_confidence_bands_on_plots(home, tmp_path):
     experiment = tmp_path / "experiment.svg"
     ok(home, "results", "--experiment", "digits-x", "--plot", experiment, "--ci")
     assert "PolyCollection" in experiment.read_text()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["results", "{fixed}", "--summary", "--format", "tsv"], "print a table: --format table, markdown"),
+    (["results", "{fixed}", "--by-class", "--format", "tsv"], "print a table: --format table, markdown"),
+])
+def test_bad_options_are_one_line_exit_2(home, args, expected):
+    home, ids = home
+    out = dsq(home, *[a.format(**ids) for a in args])
+    lines = out.stderr.strip().splitlines()
+    assert out.exit_code == 2 and len(lines) == 1 and expected in lines[0], out.stderr
