@@ -57,8 +57,11 @@ def demo(ctx: typer.Context,
             raise DsqError(f"demo jobs did not succeed: {failed}; see dsq logs JOB")
         with session_scope(engine) as session:
             runs = views.experiment_runs(session, name)
-        for table in views.experiment_tables(runs, plan.radii, by_sigma=True):
+            radii = views.experiment_radii(session, name)
+        for table in views.experiment_tables(runs, radii, by_sigma=True):
             common.console.print(table)
+        for note in views.experiment_notes(runs, radii) + ([preset.QUICK_NOTE] if quick else []):
+            common.say(note)
         everything = [(label, rows) for found in runs.values() for _, label, rows in found]
         plots.plot_curves(everything, plot, title="dsq demo: digits, certified accuracy vs L2 radius")
     common.console.print(f"curves written to {plot}")

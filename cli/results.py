@@ -11,14 +11,18 @@ from dsq import views
 from dsq.db import repo
 from dsq.db.session import session_scope
 from dsq.errors import InvalidArgument
-from dsq.report import accuracy, exports, intervals, plots, tables
+from dsq.report import accuracy, exports, intervals, plots, summary, tables
 
 FORMATS = ("table", "csv", "json", "tsv", "markdown", "latex")
 TABLE_FORMATS = ("table", "markdown", "latex")
+SUMMARY_FORMATS = TABLE_FORMATS + ("csv", "json")
 RADII_HELP = "Comma-separated radii (L2, [0,1] pixel units)."
 CI_HELP = ("Add to each cell the two-sided Clopper-Pearson interval of the certified accuracy over the images: "
            "62.0 [52.1, 71.2] (clean).")
 CI_ALPHA_HELP = f"The interval's alpha: a (1 - alpha) interval (implies --ci). Default: {intervals.DEFAULT_ALPHA}."
+DEFAULT_RADII_HELP = ("Default: the experiment file's radii, else from 0 to the largest radius the jobs' sigma, n and "
+                      "alpha can certify.")
+BY_CLASS_HELP = "Also a row per class (by true label) under each job."
 PLOT_HELP = "Write the curves to this file: .png, .pdf or .svg (the format)."
 TITLE_HELP = "The plot's title."
 
@@ -29,15 +33,18 @@ def register(app: typer.Typer) -> None:
 
 
 def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="Job id."),
-            radii: Optional[str] = typer.Option(None, help=RADII_HELP + f" Default: {accuracy.DEFAULT_RADII}."),
+            radii: Optional[str] = typer.Option(None, help=RADII_HELP + " " + DEFAULT_RADII_HELP),
             format: str = typer.Option("table", "--format", help="table, markdown or latex (certified "
-                                        "accuracy); csv or json (every stored column per image); tsv (Cohen et "
-                                        "al.'s log)."),
+                                        "accuracy, ACR, abstain rate); csv or json (every stored column per image, "
+                                        "or the table with --summary or --by-class); tsv (Cohen et al.'s log)."),
             alpha: Optional[float] = typer.Option(None, help="certify-api: re-certify offline from the stored "
                                                   "answers at this alpha (no query is sent)."),
             experiment: Optional[str] = typer.Option(None, help="The paper's table of an experiment: per method, "
                                                      "the envelope across sigma."),
             by_sigma: bool = typer.Option(False, help="--experiment: also one table per sigma."),
+            by_class: bool = typer.Option(False, "--by-class", help=BY_CLASS_HELP),
+            summary_: bool = typer.Option(False, "--summary", help="--format csv|json: the table's numbers instead "
+                                          "of the per-image rows."),
             ci: bool = typer.Option(False, "--ci", help=CI_HELP),
             ci_alpha: Optional[float] = typer.Option(None, "--ci-alpha", help=CI_ALPHA_HELP),
             plot: Optional[str] = typer.Option(None, help="--experiment: " + PLOT_HELP),
@@ -50,53 +57,70 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
             raise InvalidArgument("give a job id or --experiment NAME (one of them)")
         if plot is not None and experiment is None:
             raise InvalidArgument("--plot draws an experiment (--experiment NAME); for jobs: dsq compare JOB... --plot")
+        if (summary_ or by_class) and format not in SUMMARY_FORMATS:
+            raise InvalidArgument(f"--summary and --by-class print a table: --format {', '.join(SUMMARY_FORMATS)}, "
+                                  f"not {format}")
+        tabled = format in SUMMARY_FORMATS and (format in TABLE_FORMATS or summary_ or by_class)
         interval = _interval(ci, ci_alpha)
-        if interval is not None and format not in TABLE_FORMATS:
-            raise InvalidArgument(f"--ci applies to the tables ({', '.join(TABLE_FORMATS)}), not to --format {format}")
+        if interval is not None and not tabled:
+            raise InvalidArgument(f"--ci applies to the tables ({', '.join(TABLE_FORMATS)}, or csv and json with "
+                                  f"--summary), not to --format {format}")
         _check_plot(plot, title)
-        radius_list = accuracy.parse_radii(radii or ",".join(map(str, accuracy.DEFAULT_RADII)))
+        radius_list = None if radii is None else accuracy.parse_radii(radii)
         engine = common.database(common.settings(ctx))
         if experiment is not None:
             return _experiment(engine, experiment, radius_list, by_sigma, plot, title, interval)
         with session_scope(engine) as session:
-            [(label, rows)] = views.labelled_results(session, [job])
+            [report] = views.report_jobs(session, [job])
             sequential = views.sequential_costs(session, job)
-            partial = views.partial_note(session, job, len(rows))
+            radius_list = radius_list or views.table_radii(session, [report])
             exported = exports.export_rows(repo.results_for_job(session, job))
             if alpha is not None:
                 from dsq.apis import results as api_results
 
                 exported = api_results.recertify(session, job, alpha)
-                rows = accuracy.as_results(exported)
-        if sequential and radii is not None:
-            raise InvalidArgument(f"job {job} is sequential: it answers only at radius {sequential[0]:g}, "
-                                  f"so --radii does not apply")
-        if partial:
-            common.say(partial, err=True)
-        if format not in TABLE_FORMATS:
+                report = report._replace(rows=accuracy.as_results(exported))
+        if sequential and radii is not None and radius_list != [sequential[0]]:
+            raise InvalidArgument(f"job {job} is sequential: it answers only at radius {sequential[0]:g} "
+                                  f"(--radii {sequential[0]:g}); any other --radii does not apply")
+        if report.partial:
+            common.say(report.partial, err=True)
+        if not tabled:
             fields = exports.EXPORT_FIELDS if alpha is None else ()
             text = {"csv": lambda: exports.to_csv(exported, fields), "json": lambda: exports.to_json(exported, fields),
-                    "tsv": lambda: exports.to_tsv(rows)}[format]()
+                    "tsv": lambda: exports.to_tsv(report.rows)}[format]()
             typer.echo(text, nl=not text.endswith("\n"))
             return
-        if sequential:
-            common.console.print(views.sequential_summary(label, rows, *sequential, ci=interval))
+        if sequential and format == "table" and not by_class:
+            common.console.print(views.sequential_summary(report.label, report.rows, *sequential, ci=interval))
             common.say(tables.sequential_note(sequential[0]))
             return
-        table = tables.compare_table([(label, rows)], radius_list, ci=interval)
-        title = (f"{label}: {tables.accuracy_title(interval)}, {len(rows)} images"
-                 + (" (partial)" if partial else ""))
-        show_table(tables.compare_header(radius_list), table, title, format)
+        table = summary.build([report], [sequential[0]] if sequential else radius_list, ci=interval,
+                              by_class=by_class)
+        title = (f"{report.label}: {tables.accuracy_title(interval)}, {len(report.rows)} images"
+                 + (" (partial)" if report.partial else ""))
+        show(table, title, format)
 
 
-def show_table(header, rows, title: str, format: str) -> None:
-    """A table on the terminal, or as Markdown or LaTeX to paste into a paper."""
+def show(table: summary.Table, title: str, format: str, *, images: bool = False) -> None:
+    """A table on the terminal, as Markdown or LaTeX to paste into a paper, or as CSV or JSON; and its notes."""
+    if format == "json":
+        typer.echo(exports.table_to_json(title, table.radii, summary.records(table), table.notes))
+        return
+    if format == "csv":
+        typer.echo(exports.records_to_csv(summary.records(table)), nl=False)
+        for note in table.notes:  # the data stays a clean CSV
+            common.say(note, err=True)
+        return
+    header, rows = summary.header(table, images=images), summary.text_rows(table, images=images)
     if format == "markdown":
-        typer.echo(exports.to_markdown(header, rows), nl=False)
+        typer.echo(exports.to_markdown(header, rows, notes=table.notes), nl=False)
     elif format == "latex":
-        typer.echo(exports.to_latex(header, rows, caption=title), nl=False)
+        typer.echo(exports.to_latex(header, rows, caption=title, notes=table.notes), nl=False)
     else:
         common.console.print(tables.render_table(header, rows, title=title))
+        for note in table.notes:
+            common.say(note)
 
 
 def _interval(ci: bool, ci_alpha: float | None) -> float | None:
@@ -118,41 +142,48 @@ def _experiment(engine, name: str, radii, by_sigma: bool, plot: str | None, titl
                 ci: float | None) -> None:
     with session_scope(engine) as session:
         runs = views.experiment_runs(session, name)
+        radii = radii or views.experiment_radii(session, name)
     for table in views.experiment_tables(runs, radii, by_sigma=by_sigma, ci=ci):
         common.console.print(table)
+    for note in views.experiment_notes(runs, radii):
+        common.say(note)
     if plot:
         curves = [plots.Curve(label, rows, method, sigma) for method, found in runs.items()
                   for sigma, label, rows in found]
-        plots.plot_curves(curves, plot, title=title or f"{name}: certified accuracy vs L2 radius")
+        plots.plot_curves(curves, plot, title=title or f"{name}: certified accuracy vs L2 radius", ci=ci)
         common.say(f"curves written to {plot}")
 
 
 def compare(ctx: typer.Context, job_ids: List[int] = typer.Argument(..., help="Job ids."),
-            radii: str = typer.Option(",".join(map(str, accuracy.DEFAULT_RADII)), help=RADII_HELP),
+            radii: Optional[str] = typer.Option(None, help=RADII_HELP + " " + DEFAULT_RADII_HELP),
             envelope: bool = typer.Option(False, help="Add a row per method with several jobs (a method: a job's "
                                           "name without its sigma, MSE s=0.25 -> MSE): their best per radius."),
             plot: Optional[str] = typer.Option(None, help=PLOT_HELP),
             title: Optional[str] = typer.Option(None, help=TITLE_HELP),
-            ci: bool = typer.Option(False, "--ci", help=CI_HELP),
+            ci: bool = typer.Option(False, "--ci", help=CI_HELP + " On --plot: a band around each curve."),
             ci_alpha: Optional[float] = typer.Option(None, "--ci-alpha", help=CI_ALPHA_HELP),
-            format: str = typer.Option("table", "--format", help="table, markdown or latex.")):
-    """Certified accuracy per radius, one row per job, clean accuracy in parentheses."""
+            by_class: bool = typer.Option(False, "--by-class", help=BY_CLASS_HELP),
+            format: str = typer.Option("table", "--format", help="table, markdown, latex, csv or json.")):
+    """Certified accuracy per radius, one row per job, clean accuracy in parentheses; ACR and abstain rate."""
     with common.boundary():
-        if format not in TABLE_FORMATS:
-            raise InvalidArgument(f"--format must be one of {', '.join(TABLE_FORMATS)}, got {format!r}")
+        if format not in SUMMARY_FORMATS:
+            raise InvalidArgument(f"--format must be one of {', '.join(SUMMARY_FORMATS)}, got {format!r}")
         interval = _interval(ci, ci_alpha)
         _check_plot(plot, title)
-        radius_list = accuracy.parse_radii(radii)
+        radius_list = None if radii is None else accuracy.parse_radii(radii)
         engine = common.database(common.settings(ctx))
         with session_scope(engine) as session:
-            runs = views.compared_runs(session, job_ids)
-        warning = views.image_warning(runs)
+            jobs = views.report_jobs(session, job_ids)
+            radius_list = radius_list or views.table_radii(session, jobs)
+        warning = views.image_warning(jobs)
         if warning:
             common.say(warning, err=True)
-        header, rows = views.comparison_rows(runs, radius_list, envelope=envelope, ci=interval,
-                                             images=format == "table")
-        show_table(header, rows, tables.accuracy_title(interval), format)
+        groups = views.envelope_groups(jobs) if envelope else []
+        if envelope and not groups:
+            common.say(views.envelope_warning(jobs), err=True)
+        table = summary.build(jobs, radius_list, ci=interval, by_class=by_class, envelopes=groups)
+        show(table, tables.accuracy_title(interval), format, images=format == "table")
         if plot:
-            curves = [plots.Curve(run.label, run.rows, run.method, run.sigma) for run in runs]
-            plots.plot_curves(curves, plot, title=title or "certified accuracy", envelope=envelope)
+            curves = [plots.Curve(job.label, job.rows, job.method, job.sigma, job.target) for job in jobs]
+            plots.plot_curves(curves, plot, title=title or "certified accuracy", envelope=envelope, ci=interval)
             common.say(f"curves written to {plot}")

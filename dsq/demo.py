@@ -14,6 +14,9 @@ from pathlib import Path
 from dsq import experiments
 from dsq.kinds.certify import CertifySpec
 
+# What a --quick demo's tables are worth: one epoch per model says that the pipeline runs, not how methods compare.
+QUICK_NOTE = ("--quick: one epoch per model checks the pipeline, not the numbers: these accuracies compare "
+              "nothing (run dsq demo without --quick for the methods' numbers)")
 PRESET = Path(__file__).resolve().parents[1] / "experiments" / "digits.toml"
 
 

@@ -125,6 +125,8 @@ def expand(data: dict, *, max_jobs: int = MAX_JOBS) -> Plan:
     for method in methods:
         for sigma in sigmas:
             step = _method_step(method, certify, sigma, models, per_sigma, common)
+            if radii:  # stored with each certification: the table's radii, whoever prints it later
+                step.meta["radii"] = list(radii)
             if step.key in steps:
                 raise InvalidArgument(f"two methods are labelled {method['label']!r}")
             steps[step.key] = step

@@ -7,15 +7,14 @@ answer at once.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import NamedTuple
 
 from sqlalchemy.orm import Session
 
 from dsq import jobqueue
 from dsq.db import repo
 from dsq.db.models import Job
-from dsq.errors import JobStateError
-from dsq.report import accuracy, envelopes, tables
+from dsq.errors import InvalidArgument, JobStateError
+from dsq.report import accuracy, envelopes, summary, tables
 from dsq.text import escape_controls, safe
 
 
@@ -144,22 +143,109 @@ def job_rows(session: Session, jobs: list[Job], now: datetime, stale_after: time
 
 
 def labelled_results(session: Session, job_ids) -> list[tuple[str, list]]:
-    """(label, per-image results) for each job, label = its name or ``job N``."""
-    labelled = []
+    """(label, per-image results) for each job (``report_jobs``)."""
+    return [(job.label, job.rows) for job in report_jobs(session, job_ids)]
+
+
+# How a default name calls a denoiser by its training objective (dsq.specs.DENOISER_OBJECTIVES).
+OBJECTIVE_NAMES = {"mse": "MSE", "stab": "STAB", "stab_mse": "STAB+MSE", "clf": "CLF"}
+
+
+def report_jobs(session: Session, job_ids) -> list[summary.Job]:
+    """The jobs to report, with their results, label, method, sigma, sequential target, cap and partial note.
+
+    A job's label is its name, else a default name from its spec (``default_method`` and sigma); its method is
+    that name without the sigma (``envelopes.split_sigma``), and a reduced precision's. Its sequential target is
+    said in its label but leaves its method alone: an envelope takes it where it answers. Default names shared by
+    several jobs get their id.
+    """
+    found = []
     for job_id in job_ids:
         job = repo.get_job(session, job_id)
-        rows = accuracy.as_results(repo.results_for_job(session, job_id))
-        if not rows and job.kind == "train":
-            raise JobStateError(f"job {job_id} is a training: it has a model, not certified images "
-                                f"(dsq show {job_id} says what it trained)")
-        if not rows:
-            raise JobStateError(f"job {job_id} has no results yet (status {job.status})")
-        precision = (job.spec or {}).get("precision", "fp32")  # reduced precision changes f: say so
-        label = job.name or f"job {job.id}"
-        label = label if precision == "fp32" else f"{label} ({precision})"
-        target = (job.spec or {}).get("radius")  # a sequential job answers only at its target: say so
-        labelled.append((label if target is None else f"{label} (sequential, r = {target:g})", rows))
-    return labelled
+        spec = job.spec or {}
+        rows = _results(session, job)
+        sigma = spec.get("sigma")
+        if job.name:
+            method, named = envelopes.split_sigma(job.name)
+            label, sigma = job.name, sigma if sigma is not None else named
+        else:
+            method = default_method(session, job)
+            label = method if sigma is None else f"{method} σ={sigma:g}"
+        precision = spec.get("precision", "fp32")  # reduced precision changes f: say so (another method)
+        if precision != "fp32":
+            label, method = f"{label} ({precision})", f"{method} ({precision})"
+        target = spec.get("radius")  # a sequential job answers only at its target: say so
+        label = label if target is None else f"{label} (sequential, r = {target:g})"
+        found.append(summary.Job(label, rows, method, None if sigma is None else float(sigma),
+                                 None if target is None else float(target), _cap(spec),
+                                 partial_note(session, job_id, len(rows)), job_id))
+    labels = [job.label for job in found]
+    return [job._replace(label=f"{job.label} (job {job.job_id})")
+            if labels.count(job.label) > 1 and not repo.get_job(session, job.job_id).name else job for job in found]
+
+
+def _results(session: Session, job: Job) -> list:
+    rows = accuracy.as_results(repo.results_for_job(session, job.id))
+    if not rows and job.kind == "train":
+        raise JobStateError(f"job {job.id} is a training: it has a model, not certified images "
+                            f"(dsq show {job.id} says what it trained)")
+    if not rows:
+        raise JobStateError(f"job {job.id} has no results yet (status {job.status})")
+    return rows
+
+
+def default_method(session: Session, job: Job) -> str:
+    """What an unnamed certification does, from its spec: ``STAB+MSE (white-box)``, ``no denoiser``, ..."""
+    spec = job.spec or {}
+    denoiser = spec.get("denoiser")
+    if denoiser:
+        trained = _trained_spec(session, denoiser)
+        if trained is None:
+            method = f"denoiser {str(denoiser).rstrip('/').rsplit('/', 1)[-1]}"
+        else:
+            objective = trained.get("objective", "")
+            method = OBJECTIVE_NAMES.get(objective, objective)
+            against = "white-box" if trained.get("classifier") else "black-box" if trained.get("surrogates") else None
+            method += f" ({against})" if against else ""
+    else:
+        trained = _trained_spec(session, spec.get("classifier"))
+        method = "Gaussian training" if (trained or {}).get("objective") == "gaussian" else "no denoiser"
+    return f"{spec['provider']} API, {method}" if job.kind == "certify_api" and spec.get("provider") else method
+
+
+def _trained_spec(session: Session, reference) -> dict | None:
+    """The spec of the training a ``job:N`` reference names; None for anything else."""
+    if not (isinstance(reference, str) and reference.startswith("job:") and reference[4:].isdigit()):
+        return None
+    trained = session.get(Job, int(reference[4:]))
+    return None if trained is None else trained.spec or {}
+
+
+def _cap(spec: dict) -> float | None:
+    """The largest radius a fixed-n certification can give (``bounds.max_radius``); None if sequential or unknown."""
+    from dsq import bounds  # scipy.special only
+
+    if spec.get("radius") is not None or not all(k in spec for k in ("n", "alpha", "sigma")):
+        return None
+    try:
+        return bounds.max_radius(spec["n"], spec["alpha"], spec["sigma"])
+    except InvalidArgument:
+        return None
+
+
+def stored_radii(session: Session, job_ids) -> list[float] | None:
+    """The radii of the experiment file the jobs came from (stored with each job), when they all share them."""
+    found = {tuple((repo.get_job(session, job_id).meta or {}).get("radii") or ()) for job_id in job_ids}
+    return list(found.pop()) if len(found) == 1 and () not in found else None
+
+
+def table_radii(session: Session, jobs: list[summary.Job]) -> list[float]:
+    """Default radii: the experiment file's, else from 0 to the largest radius the jobs can certify."""
+    stored = stored_radii(session, [job.job_id for job in jobs])
+    if stored:
+        return stored
+    return summary.auto_radii([job.cap for job in jobs if job.cap is not None],
+                              [job.target for job in jobs if job.target is not None], accuracy.DEFAULT_RADII)
 
 
 def sequential_costs(session: Session, job_id: int) -> tuple[float, str, list[int]] | None:
@@ -185,57 +271,22 @@ def sequential_summary(label: str, rows, target: float, unit: str, costs: list[i
                                title=f"{label}: certified accuracy % at radius {target:g}, {len(rows)} images")
 
 
-class Run(NamedTuple):
-    """A compared job: id, label (``labelled_results``), results, method (the label without its sigma), sigma."""
-
-    job_id: int
-    label: str
-    rows: list
-    method: str
-    sigma: float | None
-
-
-def compared_runs(session: Session, job_ids) -> list[Run]:
-    """The jobs to compare, each with its method: its label without the sigma (``envelopes.split_sigma``).
-
-    Jobs of one method differ only in sigma, e.g. an experiment's ``MSE s=0.25`` and ``MSE s=0.5``; the sigma is
-    the job's own (its spec's), else the one its name gives.
-    """
-    runs = []
-    for job_id, (label, rows) in zip(job_ids, labelled_results(session, job_ids)):
-        method, named = envelopes.split_sigma(label)
-        sigma = (repo.get_job(session, job_id).spec or {}).get("sigma", named)
-        runs.append(Run(job_id, label, rows, method, None if sigma is None else float(sigma)))
-    return runs
+def envelope_groups(jobs: list[summary.Job]) -> list[tuple[str, list[summary.Job]]]:
+    """(label, jobs) per method of several jobs: what ``--envelope`` adds (one job is its own envelope)."""
+    groups: dict[str, list[summary.Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.method, []).append(job)
+    return [(f"envelope: {method}" if method else "envelope", group) for method, group in groups.items()
+            if len(group) > 1]
 
 
-def comparison_rows(runs: list[Run], radii, *, envelope: bool = False, ci: float | None = None,
-                    images: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one per job and, with ``envelope``, one per method of several jobs (the best across sigma).
-
-    ``ci`` (an alpha) adds Clopper-Pearson intervals; ``images`` a column with each row's number of images (an
-    envelope's, when its jobs certified different numbers of images: ``30-50``).
-    """
-    rows = tables.compare_table([(run.label, run.rows) for run in runs], radii, ci=ci)
-    counts = [str(len(run.rows)) for run in runs]
-    groups: dict[str, list[Run]] = {}
-    for run in runs if envelope else []:
-        groups.setdefault(run.method, []).append(run)
-    for method, group in groups.items():
-        if len(group) < 2:
-            continue  # one job is its own envelope
-        label = f"envelope: {method}" if method else "envelope"
-        rows.append(tables.envelope_row([(run.label, run.rows) for run in group], radii, label=label, ci=ci))
-        sizes = sorted({len(run.rows) for run in group})
-        counts.append(f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}")
-    header = tables.compare_header(radii)
-    if images:
-        header.insert(1, "images")
-        rows = [[row[0], count, *row[1:]] for row, count in zip(rows, counts)]
-    return header, rows
+def envelope_warning(jobs: list[summary.Job]) -> str:
+    methods = sorted({job.method for job in jobs})
+    return (f"warning: --envelope has nothing to combine: no two jobs share a method (a name without its sigma): "
+            f"{', '.join(methods)}")
 
 
-def image_warning(runs: list[Run]) -> str | None:
+def image_warning(runs: list[summary.Job]) -> str | None:
     """A warning line when the jobs certified different images (their numbers are then not comparable)."""
     sets: dict[int, set[int]] = {}
     for run in runs:
@@ -256,12 +307,8 @@ def comparison(labelled, radii, *, title: str, ci: float | None = None, first: s
 
 def experiment_runs(session: Session, experiment: str) -> dict[str, list[tuple[float, str, list]]]:
     """Per method of an experiment, its certify jobs with results: (sigma, label, rows), by sigma."""
-    jobs = repo.list_jobs(session, limit=100_000, kind="certify", experiment=experiment)
-    jobs += repo.list_jobs(session, limit=100_000, kind="certify_api", experiment=experiment)
-    if not jobs:
-        raise JobStateError(f"no certify jobs in experiment {experiment!r}")
     runs: dict[str, list] = {}
-    for job in sorted(jobs, key=lambda j: j.id):
+    for job in _experiment_jobs(session, experiment):
         rows = accuracy.as_results(repo.results_for_job(session, job.id))
         meta = job.meta or {}
         if rows:
@@ -270,6 +317,28 @@ def experiment_runs(session: Session, experiment: str) -> dict[str, list[tuple[f
     if not runs:
         raise JobStateError(f"experiment {experiment!r} has no results yet")
     return {method: sorted(found, key=lambda run: run[0]) for method, found in runs.items()}
+
+
+def _experiment_jobs(session: Session, experiment: str) -> list[Job]:
+    """The certifications of an experiment, by id; none is JobStateError."""
+    jobs = repo.list_jobs(session, limit=100_000, kind="certify", experiment=experiment)
+    jobs += repo.list_jobs(session, limit=100_000, kind="certify_api", experiment=experiment)
+    if not jobs:
+        raise JobStateError(f"no certify jobs in experiment {experiment!r}")
+    return sorted(jobs, key=lambda j: j.id)
+
+
+def experiment_radii(session: Session, experiment: str) -> list[float]:
+    """An experiment's radii: its file's (stored with its jobs), else up to the largest its jobs can certify."""
+    jobs = _experiment_jobs(session, experiment)
+    caps = [_cap(job.spec or {}) for job in jobs]
+    return (stored_radii(session, [job.id for job in jobs])
+            or summary.auto_radii([cap for cap in caps if cap is not None], (), accuracy.DEFAULT_RADII))
+
+
+def experiment_notes(runs: dict, radii) -> list[str]:
+    """The notes under an experiment's tables (``summary.notes``): how uncertain a percentage is on few images."""
+    return summary.notes([summary.Job(label, rows) for found in runs.values() for _, label, rows in found], radii, [])
 
 
 def experiment_tables(runs: dict, radii, *, by_sigma: bool = False, ci: float | None = None) -> list:

@@ -185,8 +185,10 @@ def test_exports_carry_every_column_and_tables_paste_into_a_paper(dsq, trained):
     assert rows[0]["n"] == 200 and rows[0]["precision"] == "fp32" and len(rows[0]["counts_selection"]) == 10
     header = dsq("results", 2, "--format", "csv").output.splitlines()[0].split(",")
     assert header[:6] == ["image_index", "label", "prediction", "radius", "correct", "seconds"] and "p_lower" in header
-    markdown = dsq("compare", 2, 2, "--radii", "0,0.25", "--envelope", "--format", "markdown").output.splitlines()
-    assert markdown[0] == "| job | r = 0 | r = 0.25 |" and markdown[1] == "|---|---|---|" and len(markdown) == 5
+    markdown = dsq("compare", 2, 2, "--radii", "0,0.25", "--envelope", "--format", "markdown").output
+    table, notes = markdown.split("\n\n")
+    assert table.splitlines()[:2] == ["| job | r = 0 | r = 0.25 | ACR | abstain % |", "|---|---|---|---|---|"]
+    assert len(table.splitlines()) == 5 and "5 images" in notes  # two rows and their envelope; few images
     latex = dsq("results", 2, "--radii", "0,0.25", "--format", "latex").output
-    assert "\\begin{tabular}{lrr}" in latex and "certified accuracy \\% (clean)" in latex
-    assert dsq("compare", 2, "--format", "csv").exit_code == 2
+    assert "\\begin{tabular}{lrrrr}" in latex and "certified accuracy \\% (clean)" in latex
+    assert dsq("compare", 2, "--format", "tsv").exit_code == 2

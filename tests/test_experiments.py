@@ -35,7 +35,7 @@ def test_the_digits_preset_is_the_demo_plan():
     assert steps["stab_black@0.25"].spec.surrogates == ("step:surrogate",)
     certify = steps["STAB+MSE black-box@0.25"]
     assert certify.spec.denoiser == "step:stab_black@0.25" and certify.spec.n == 1000 and certify.spec.sigma == 0.25
-    assert certify.meta == {"method": "STAB+MSE black-box", "sigma": 0.25}
+    assert certify.meta == {"method": "STAB+MSE black-box", "sigma": 0.25, "radii": list(plan.radii)}
     assert steps["Cohen et al. (Gaussian training)@0.5"].needs == ["cohen@0.5"]
     order = [s.key for s in plan.steps]
     assert all(order.index(need) < order.index(s.key) for s in plan.steps for need in s.needs)

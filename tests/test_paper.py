@@ -47,7 +47,9 @@ def dsq(home, *args):
 
 
 def markdown_rows(output):
-    return {line.split(" | ")[0][2:]: line.strip("| ").split(" | ")[1:] for line in output.splitlines()[2:]}
+    """label -> its certified accuracy cells (the ACR and abstain columns and the notes below the table left out)."""
+    return {line.split(" | ")[0][2:]: line.strip("| ").split(" | ")[1:-2]
+            for line in output.split("\n\n")[0].splitlines()[2:]}
 
 
 def test_envelope_is_per_method_and_warns_of_different_images(home):

@@ -7,9 +7,10 @@ Import the module you need; each is cheap to import (no torch, no Ray; scipy, ri
 - ``envelopes``: the best of several jobs per radius, as numbers or a step curve; ``split_sigma`` (a job's method)
 - ``tables``: comparison and sequential tables as strings, and ``render_table`` to print them
 - ``exports``: per-image JSON, CSV and Cohen et al.'s TSV log; tables as Markdown or LaTeX
+- ``summary``: one table's lines (per job, class, envelope: accuracy, ACR, abstain rate) and notes, as text or records
 - ``plots``: certified accuracy against radius as a PNG, PDF or SVG figure
 
 Imports go one way: ``accuracy`` and ``intervals`` import nothing of this package; ``envelopes`` and ``exports``
-import ``accuracy``; ``plots`` imports ``accuracy`` and ``envelopes``; ``tables`` imports ``accuracy``,
-``envelopes`` and ``intervals``.
+import ``accuracy``; ``plots`` imports ``accuracy``, ``envelopes`` and ``intervals``; ``tables`` imports ``accuracy``,
+``envelopes`` and ``intervals``; ``summary`` imports ``accuracy``, ``intervals`` and ``tables``.
 """

@@ -91,15 +91,17 @@ def to_tsv(rows: Rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub-flavoured Markdown table (pipes in cells escaped)."""
+def to_markdown(header: Sequence[str], rows: Sequence[Sequence[str]], *, notes: Sequence[str] = ()) -> str:
+    """A GitHub-flavoured Markdown table (pipes in cells escaped), and its notes as a list below it."""
     def line(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-    return "\n".join([line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]) + "\n"
+    text = "\n".join([line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]) + "\n"
+    return text + ("\n" + "".join(f"- {note}\n" for note in notes) if notes else "")
 
 
-def to_latex(header: Sequence[str], rows: Sequence[Sequence[str]], *, caption: str | None = None) -> str:
-    """A booktabs LaTeX table (``\\usepackage{booktabs}``), special characters escaped."""
+def to_latex(header: Sequence[str], rows: Sequence[Sequence[str]], *, caption: str | None = None,
+             notes: Sequence[str] = ()) -> str:
+    """A booktabs LaTeX table (``\\usepackage{booktabs}``), special characters escaped; notes in small type below."""
     def cell(text):
         return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
@@ -109,5 +111,26 @@ def to_latex(header: Sequence[str], rows: Sequence[Sequence[str]], *, caption: s
     lines += [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
               " & ".join(cell(h) for h in header) + r" \\", r"\midrule"]
     lines += [" & ".join(cell(c) for c in row) + r" \\" for row in rows]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if notes:
+        lines += [r"\par\smallskip{\footnotesize", " \\\\\n".join(cell(note) for note in notes) + "}"]
+    lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
+
+
+def table_to_json(title: str, radii: Sequence[float], records: Sequence[dict], notes: Sequence[str]) -> str:
+    """A table's numbers (``summary.records``) as one JSON object, with its radii and notes."""
+    return json.dumps({"title": title, "radii": list(radii), "rows": list(records), "notes": list(notes)}, indent=1)
+
+
+def records_to_csv(records: Sequence[dict]) -> str:
+    """A table's numbers as CSV: a not-answered number (None) is ``n/a``, a job's own line has no class, an
+    interval is a JSON list."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in records for k in r)), lineterminator="\n",
+                            restval="")
+    writer.writeheader()
+    for item in records:
+        writer.writerow({k: ("" if k == "class" else "n/a") if v is None else json.dumps(v) if isinstance(v, list)
+                         else v for k, v in item.items()})
+    return buffer.getvalue()

@@ -11,6 +11,7 @@ from typing import NamedTuple, Sequence
 from dsq.errors import InvalidArgument
 from dsq.report.accuracy import Rows, as_results
 from dsq.report.envelopes import curve, envelope_curve, split_sigma
+from dsq.report.intervals import clopper_pearson
 
 # What a paper takes, all written by matplotlib's Agg canvas: PNG for screens and slides, PDF and SVG (vector,
 # their text kept as text) for print.
@@ -22,6 +23,7 @@ LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 4)), (0, (
 # more than height; the legend beside the axes widens the saved figure further (bbox_inches="tight").
 FIGURE_SIZE = (6.4, 4.2)
 PNG_DPI = 150  # sharper than matplotlib's default 100 on screens and slides; PDF and SVG are vector
+BAND_ALPHA = 0.15  # a confidence band (--ci): light enough that the curves of other methods show through it
 CURVE_WIDTH = 1.3  # below matplotlib's default 1.5, so that overlapping dashed and dotted curves stay apart
 # An envelope is a band beneath the curves it follows: thick (about 3.5 curves) and light, so that they stay
 # readable on it; drawn above the grid (zorder 1.5 with matplotlib's default axes.axisbelow "line") and below the
@@ -37,12 +39,14 @@ LIMIT_MARGIN, LIMIT_MIN, LIMIT_STEP = 1.05, 0.5, 0.25
 
 
 class Curve(NamedTuple):
-    """A job to plot: label and rows, and its method and sigma (when None, read from the label: ``split_sigma``)."""
+    """A job to plot: label and rows, its method and sigma (when None, read from the label: ``split_sigma``), and
+    for a sequential job the one radius it answers (a point, not a curve)."""
 
     label: str
     rows: Rows
     method: str | None = None
     sigma: float | None = None
+    target: float | None = None
 
 
 def sigma_label(method: str, sigma: float) -> str:
@@ -62,11 +66,13 @@ def plot_format(path: str) -> str:
 
 
 def plot_curves(jobs: Sequence[tuple], path: str, *, title: str | None = None, max_radius: float | None = None,
-                envelope: bool = True) -> None:
+                envelope: bool = True, ci: float | None = None) -> None:
     """Certified accuracy vs radius: a step curve per job, one colour per method and one line style per sigma.
 
     ``jobs`` are (label, rows) pairs or :class:`Curve`. With ``envelope``, each method with several curves also
-    gets its envelope (the best of its curves at each radius), thicker and in its colour. The legend stands right
+    gets its envelope (the best of its curves at each radius), thicker and in its colour. A sequential job is a
+    point at its target radius (it answers no other). ``ci`` (an alpha) shades each curve's two-sided
+    Clopper-Pearson band over the images (an error bar on a point). The legend stands right
     of the axes. The format follows the extension of ``path`` (``plot_format``): PNG at 150 dpi, or PDF and SVG
     with their text kept as text (TrueType fonts in a PDF). Agg, no pyplot state.
     """
@@ -79,7 +85,7 @@ def plot_curves(jobs: Sequence[tuple], path: str, *, title: str | None = None, m
     figure = Figure(figsize=FIGURE_SIZE)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    _draw_methods(axes, curves, limit, envelope)
+    _draw_methods(axes, curves, limit, envelope, ci)
     _style_axes(axes, limit, title)
     with rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):  # text as text; TrueType (42) in a PDF
         figure.savefig(path, format=fmt, dpi=PNG_DPI, bbox_inches="tight")
@@ -96,7 +102,7 @@ def _curves_and_limit(jobs: Sequence[tuple], max_radius: float | None) -> tuple[
     return curves, limit
 
 
-def _draw_methods(axes, curves: Sequence[Curve], limit: float, envelope: bool) -> None:
+def _draw_methods(axes, curves: Sequence[Curve], limit: float, envelope: bool, ci: float | None) -> None:
     """Each method's curves in its colour, a line style per sigma, and with ``envelope`` its envelope (of several)."""
     from matplotlib import colormaps
 
@@ -108,11 +114,32 @@ def _draw_methods(axes, curves: Sequence[Curve], limit: float, envelope: bool) -
         mine = [c for c in curves if c.method == method]
         colour = colours[m % len(colours)]
         for c in mine:
+            label = c.label if c.sigma is None or c.target is not None else sigma_label(c.method, c.sigma)
+            if c.target is not None:
+                _draw_point(axes, c, colour, label, ci)
+                continue
             style = "-" if c.sigma is None else LINE_STYLES[sigmas.index(c.sigma) % len(LINE_STYLES)]
-            axes.plot(*_until_zero(*curve(c.rows, limit)), drawstyle="steps-pre", color=colour, linestyle=style,
-                      linewidth=CURVE_WIDTH, label=c.label if c.sigma is None else sigma_label(c.method, c.sigma))
-        if envelope and len(mine) > 1:
-            _draw_envelope(axes, method, mine, limit, colour)
+            radii, accuracy = _until_zero(*curve(c.rows, limit))
+            axes.plot(radii, accuracy, drawstyle="steps-pre", color=colour, linestyle=style, linewidth=CURVE_WIDTH,
+                      label=label)
+            if ci is not None:
+                low, high = zip(*(clopper_pearson(round(a * len(c.rows)), len(c.rows), ci) for a in accuracy))
+                axes.fill_between(radii, low, high, step="pre", color=colour, alpha=BAND_ALPHA, linewidth=0)
+        curves_only = [c for c in mine if c.target is None]
+        if envelope and len(curves_only) > 1:
+            _draw_envelope(axes, method, curves_only, limit, colour)
+
+
+def _draw_point(axes, c: Curve, colour, label: str, ci: float | None) -> None:
+    """A sequential job: its certified accuracy at its target radius, with its interval as an error bar."""
+    n = len(c.rows)
+    k = sum(1 for x in c.rows if x.correct and x.radius >= c.target)
+    error = None
+    if ci is not None:
+        low, high = clopper_pearson(k, n, ci)
+        error = [[k / n - low], [high - k / n]]
+    point = axes.errorbar([c.target], [k / n], yerr=error, fmt="D", color=colour, capsize=3, label=label)
+    point.lines[0].set_gid(f"sequential-{c.target:g}-{len(axes.lines)}")  # an SVG names it: a point, not a curve
 
 
 def _draw_envelope(axes, method: str, mine: Sequence[Curve], limit: float, colour) -> None:
@@ -129,7 +156,7 @@ def _as_curve(job: tuple) -> Curve:
     if not results:
         raise InvalidArgument(f"job {found.label}: no certified images to plot")
     method, sigma = (found.method, None) if found.method is not None else split_sigma(found.label)
-    return Curve(found.label, results, method, found.sigma if found.sigma is not None else sigma)
+    return Curve(found.label, results, method, found.sigma if found.sigma is not None else sigma, found.target)
 
 
 def _until_zero(radii: list[float], accuracy: list[float]) -> tuple[list[float], list[float]]:
@@ -142,7 +169,7 @@ def _until_zero(radii: list[float], accuracy: list[float]) -> tuple[list[float],
 
 def _plot_limit(curves: Sequence[Curve]) -> float:
     """A little beyond the largest certified radius (at least 0.5), rounded up to a multiple of 0.25."""
-    largest = max((x.radius for c in curves for x in c.rows if x.correct), default=0.0)
+    largest = max([x.radius for c in curves for x in c.rows if x.correct] + [c.target or 0.0 for c in curves])
     return max(LIMIT_MIN, math.ceil(largest * LIMIT_MARGIN / LIMIT_STEP) * LIMIT_STEP)
 
 

@@ -39,10 +39,10 @@ def format_cell(accuracy: float, clean: float, decimals: int = 1,
 
     With a confidence ``interval`` (fractions) on the certified accuracy: ``"57.0 [47.1, 66.5] (71.2)"``.
     """
-    return f"{_percent(accuracy, decimals, interval)} ({100 * clean:.{decimals}f})"
+    return f"{percent(accuracy, decimals, interval)} ({100 * clean:.{decimals}f})"
 
 
-def _percent(fraction: float, decimals: int, interval: tuple[float, float] | None = None) -> str:
+def percent(fraction: float, decimals: int, interval: tuple[float, float] | None = None) -> str:
     text = f"{100 * fraction:.{decimals}f}"
     if interval is not None:
         text += f" [{100 * interval[0]:.{decimals}f}, {100 * interval[1]:.{decimals}f}]"
@@ -114,7 +114,7 @@ def sequential_table(jobs: Sequence[tuple[str, Rows, Sequence[float]]], radius: 
     for label, rows, costs in jobs:
         [t] = job_counts([(label, rows)], [radius])
         mean, median = cost_summary(costs)
-        accuracy = _percent(t.certified[0] / t.n, decimals, optional_interval(t.certified[0], t.n, ci))
+        accuracy = percent(t.certified[0] / t.n, decimals, optional_interval(t.certified[0], t.n, ci))
         table.append([label, f"{radius:g}", accuracy, f"{mean:,.0f}", f"{median:,.0f}", str(len(costs))])
     return table
 
