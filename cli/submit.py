@@ -186,6 +186,9 @@ def experiment(ctx: typer.Context, file: str = typer.Argument(..., help="An expe
                name: Optional[str] = typer.Option(None, help="Group name (default: the file's `name`)."),
                dry_run: bool = typer.Option(False, help="Print the job graph and sample counts; submit nothing."),
                priority: int = typer.Option(0, help=PRIORITY_HELP),
+               set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                              help="Change a key of the file for this run (repeatable), e.g. "
+                                              "--set max_images=20 --set n=200; recorded with every job."),
                max_jobs: int = typer.Option(1_000, help="Refuse a plan of more jobs than this (a typo in a "
                                             "generated file should not queue thousands).")):
     """Queue a whole plan (models to train, a sigma grid, methods to certify) as jobs with their dependencies."""
@@ -195,7 +198,7 @@ def experiment(ctx: typer.Context, file: str = typer.Argument(..., help="An expe
 
     config = common.settings(ctx)
     with common.boundary():
-        plan = experiments.load(file, max_jobs=max_jobs)
+        plan = experiments.load(file, max_jobs=max_jobs, overrides=tuple(set_))
         for line in experiments.describe(plan):
             common.say(line)
         if dry_run:

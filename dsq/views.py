@@ -100,6 +100,10 @@ def show(session: Session, job: Job) -> list[str]:
     lines = [f"job {job.id}: {job.kind}, {job.status}" + (f", name {escape_controls(job.name)}" if job.name else ""),
              f"created {job.created_at:%Y-%m-%d %H:%M:%S} UTC, priority {job.priority}, attempts {job.attempts}"
              + (f", experiment {escape_controls(job.experiment)}" if job.experiment else "")]
+    if (job.meta or {}).get("overrides"):
+        from dsq.experiments import changed_by_set
+
+        lines.append(escape_controls(changed_by_set(job.meta["overrides"])))
     lines += ["spec:"] + [f"  {key} = {escape_controls(repr(value))}" for key, value in sorted((job.spec or {}).items())]
     depends = jobqueue.dependencies(session, job.id)
     if depends:
