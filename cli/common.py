@@ -61,6 +61,18 @@ def boundary() -> Iterator[None]:
 
 
 
+def stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def confirm(question: str) -> bool:
+    """Ask on the terminal; without one, refuse (exit 2) unless the command was given --yes."""
+    if not stdin_is_terminal():
+        say("error: no terminal to confirm on: pass --yes to go ahead without asking", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    return typer.confirm(question, default=False)
+
+
 OPENED: list[str] = []  # the database this command opened (password masked), named in its error lines
 
 

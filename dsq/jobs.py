@@ -99,5 +99,24 @@ def resume(session: Session, job_id: int, stale_after: timedelta, *, now: dateti
     return requeued
 
 
+def delete(session: Session, job_ids: Iterable[int], stale_after: timedelta, *, artifacts: bool = False):
+    """Delete jobs and everything they stored, in the caller's transaction; return the artifact rows they had.
+
+    Refused, deleting nothing, for a job that runs (cancel it first) and for a job that a queued or running job
+    outside ``job_ids`` depends on. Artifacts stay (as rows of no job) unless ``artifacts``.
+    """
+    ids = sorted(set(job_ids))
+    for job_id in ids:
+        job = repo.get_job(session, job_id)
+        if job.status == "running":
+            stale = " (stale)" if jobqueue.is_stale(job, stale_after) else ""
+            raise JobStateError(f"job {job_id} is running{stale}: cancel it first (dsq cancel {job_id})")
+        for dependent in jobqueue.dependents(session, job_id):
+            status = repo.get_job(session, dependent).status
+            if dependent not in ids and status in ("queued", "running"):
+                raise JobStateError(f"job {dependent} ({status}) depends on job {job_id}: cancel or delete it first")
+    return repo.delete_jobs(session, ids, artifacts=artifacts)
+
+
 def load_spec(session: Session, job_id: int):
     return kinds.from_dict(repo.get_job(session, job_id).spec)
