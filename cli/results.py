@@ -62,6 +62,7 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
             [(label, rows)] = views.labelled_results(session, [job])
             sequential = views.sequential_costs(session, job)
             partial = views.partial_note(session, job, len(rows))
+            spend = views.api_spend_line(session, job)
             exported = exports.export_rows(repo.results_for_job(session, job))
             if alpha is not None:
                 from dsq.apis import results as api_results
@@ -73,6 +74,8 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
                                   f"so --radii does not apply")
         if partial:
             common.say(partial, err=True)
+        if spend:
+            common.say(spend, err=True)
         if format not in TABLE_FORMATS:
             fields = exports.EXPORT_FIELDS if alpha is None else ()
             text = {"csv": lambda: exports.to_csv(exported, fields), "json": lambda: exports.to_json(exported, fields),

@@ -53,9 +53,17 @@ def describe(session: Session, job: Job, now: datetime, stale_after: timedelta) 
         lines.append(f"rate {rate:.2f} items/s over the {elapsed:.0f} s of this run")
         if job.status == "running" and rate > 0:
             lines.append(f"eta {(job.progress_total - job.progress_done) / rate:.0f} s")
+    lines += filter(None, [api_spend_line(session, job.id)])
     if job.error:
         lines.append(f"error: {escape_controls(job.error)}")
     return lines
+
+
+def api_spend_line(session: Session, job_id: int) -> str | None:
+    """A certify-api job's spend (queries paid, answers reused, dollars) in a line; None for other kinds."""
+    from dsq.kinds import certify_api
+
+    return certify_api.spend(session, repo.get_job(session, job_id))
 
 
 def progress_line(session: Session, job: Job, now: datetime, *, live: bool = True) -> str | None:
@@ -114,6 +122,7 @@ def show(session: Session, job: Job) -> list[str]:
     for artifact in repo.artifacts_for_job(session, job.id):
         lines.append(f"artifact {escape_controls(artifact.name)}: {artifact.location} (sha256 {artifact.sha256[:12]})"
                      + _metrics_text(artifact.metrics))
+    lines += filter(None, [api_spend_line(session, job.id)])
     if job.error:
         lines.append(f"error: {escape_controls(job.error)}")
     return lines
