@@ -47,12 +47,11 @@ def describe(session: Session, job: Job, now: datetime, stale_after: timedelta) 
     certifying = progress_line(session, job, now, live=not stale)
     if certifying:  # a certification: images, rate, certified so far and ETA in one line
         lines.append(certifying)
-    elif job.started_at and job.progress_done and not stale:  # a training: epochs
-        elapsed = _run_seconds(job, now)
-        rate = job.progress_done / max(elapsed, 1e-9)
-        lines.append(f"rate {rate:.2f} items/s over the {elapsed:.0f} s of this run")
-        if job.status == "running" and rate > 0:
-            lines.append(f"eta {(job.progress_total - job.progress_done) / rate:.0f} s")
+    elif job.started_at and job.progress_done and not stale:  # a training: its progress counts epochs
+        per_epoch = _run_seconds(job, now) / job.progress_done
+        eta = (job.progress_total - job.progress_done) * per_epoch
+        lines.append(f"epoch {job.progress_done} of {job.progress_total} done · {_duration(per_epoch)} an epoch"
+                     + (f" · ETA {_duration(eta)}" if job.status == "running" else ""))
     lines += filter(None, [api_spend_line(session, job.id)])
     if job.error:
         lines.append(f"error: {escape_controls(job.error)}")
@@ -112,7 +111,13 @@ def show(session: Session, job: Job) -> list[str]:
         from dsq.experiments import changed_by_set
 
         lines.append(escape_controls(changed_by_set(job.meta["overrides"])))
-    lines += ["spec:"] + [f"  {key} = {escape_controls(repr(value))}" for key, value in sorted((job.spec or {}).items())]
+    lines += ["spec:"] + [f"  {key} = {escape_controls(repr(value))}" for key, value in sorted((job.spec or {}).items())
+                          if key != "models"]
+    models = (job.spec or {}).get("models") or {}
+    lines += ["  models:"] if models else []
+    for reference, options in models.items():  # each user model's options, one a line
+        lines.append(f"    {escape_controls(reference)}:")
+        lines += [f"      {key} = {escape_controls(repr(value))}" for key, value in sorted(options.items())]
     depends = jobqueue.dependencies(session, job.id)
     if depends:
         lines.append("depends on: " + ", ".join(f"job {d.id} ({d.status})" for d in depends))
