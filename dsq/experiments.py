@@ -7,6 +7,7 @@ An experiment is a TOML file::
     sigmas = [0.25, 0.5]
     radii = [0.0, 0.25, 0.5]     # optional: the table's radii
     size = 64                    # optional: --size of every job (folder and imagenet datasets)
+    classes = ["cat", "dog"]     # optional: --classes of every job (a folder's class order)
 
     [models.f]                   # a train job (any `dsq submit train` option)
     target = "classifier"
@@ -58,7 +59,7 @@ from dsq.kinds.certify import CertifySpec
 from dsq.kinds.train import TrainSpec
 from dsq.text import check_name
 
-TOP_KEYS = {"name", "dataset", "size", "sigmas", "radii", "data_root", "seed", "models", "certify", "methods"}
+TOP_KEYS = {"name", "dataset", "size", "classes", "sigmas", "radii", "data_root", "seed", "models", "certify", "methods"}
 MODEL_REFERENCES = ("classifier", "init")  # plus "surrogates", a list
 METHOD_REFERENCES = ("classifier", "denoiser")
 TEST_IMAGES = {"digits": 364, "cifar10": 10_000, "imagenet": 50_000}  # test split sizes, for the estimate
@@ -173,7 +174,7 @@ def expand(data: dict, *, max_jobs: int = MAX_JOBS) -> Plan:
         raise InvalidArgument(f"the plan has up to {planned:,} jobs ({len(sigmas)} sigmas x ({len(methods)} methods "
                               f"+ {len(models)} models)), more than {max_jobs:,}; allow it with --max-jobs {planned}")
     _check_references(models, methods)
-    common = {k: data[k] for k in ("dataset", "size", "data_root", "seed") if k in data}
+    common = {k: data[k] for k in ("dataset", "size", "classes", "data_root", "seed") if k in data}
     order = _model_order(models)
     per_sigma = _per_sigma(models, order)
     steps: dict[str, Step] = {}

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from sqlalchemy.orm import Session
 
-from dsq import jobqueue
+from dsq import jobqueue, specs
 from dsq.db import repo
 from dsq.db.models import Job
 from dsq.errors import JobStateError
@@ -118,6 +118,8 @@ def show(session: Session, job: Job) -> list[str]:
     for reference, options in models.items():  # each user model's options, one a line
         lines.append(f"    {escape_controls(reference)}:")
         lines += [f"      {key} = {escape_controls(repr(value))}" for key, value in sorted(options.items())]
+    if (job.spec or {}).get("classes"):
+        lines.append(f"class order: {escape_controls(specs.class_order(job.spec['classes']))}")
     depends = jobqueue.dependencies(session, job.id)
     if depends:
         lines.append("depends on: " + ", ".join(f"job {d.id} ({d.status})" for d in depends))

@@ -60,6 +60,7 @@ class ApiCertifySpec(specs.TargetRadiusMode):
     max_images: int | None = None
     size: int | None = None
     scale: int = 1
+    classes: tuple[str, ...] | None = None  # a folder's class order (None: sorted, pinned at submit)
     endpoint: str | None = None
     denoiser: str | None = None
     n0: int = 20
@@ -82,6 +83,7 @@ class ApiCertifySpec(specs.TargetRadiusMode):
         if self.provider not in providers.PROVIDERS:
             raise UnknownName(f"unknown provider {self.provider!r}; expected one of {', '.join(providers.PROVIDERS)}")
         specs.check_common(self, "certify_api")
+        specs.check_classes(self)
         specs.check_certification(self)
         self._check_images()
         self._check_endpoint()
