@@ -515,14 +515,15 @@ def _image_folder(folder: str, transform, what: str, channels: int = 3, classes:
     from torchvision.datasets import ImageFolder
 
     order = _class_order(folder, classes)
-
-    class Ordered(ImageFolder):
-        def find_classes(self, directory):
-            return list(order), {name: label for label, name in enumerate(order)}
-
     loader = functools.partial(_open_image, mode="L" if channels == 1 else "RGB")
     try:
-        return Ordered(folder, transform=transform, loader=loader)
+        dataset = ImageFolder(folder, transform=transform, loader=loader)
+        if order != dataset.classes:  # relabelled in place: the dataset stays a plain (picklable) ImageFolder
+            label = {dataset.class_to_idx[name]: new for new, name in enumerate(order)}
+            dataset.samples = dataset.imgs = [(path, label[old]) for path, old in dataset.samples]
+            dataset.targets = [new for _, new in dataset.samples]
+            dataset.classes, dataset.class_to_idx = order, {name: new for new, name in enumerate(order)}
+        return dataset
     except (FileNotFoundError, OSError) as e:
         raise DatasetMissing(f"{what} under {folder} has no readable images ({e})") from e
 
