@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from cli import common
-from cli.submit import AFTER_HELP, MAX_N_HELP, PRIORITY_HELP, RADIUS_HELP, WAIT_HELP
+from cli.submit import AFTER_HELP, CLASSES_HELP, MAX_N_HELP, PRIORITY_HELP, RADIUS_HELP, WAIT_HELP
 from dsq.apis.providers import EMBEDDED, PROVIDERS
 from dsq.kinds.certify_api import DEFAULT_N
 
@@ -45,6 +45,7 @@ def certify_api(ctx: typer.Context,
                 price_per_1000: Optional[float] = typer.Option(None, help="USD per 1,000 queries for the estimate."),
                 split: str = "test", skip: int = 1, max_images: Optional[int] = None,
                 size: Optional[int] = typer.Option(None, help=SIZE_HELP),
+                classes: Optional[str] = typer.Option(None, metavar="A,B,C", help=CLASSES_HELP),
                 scale: int = typer.Option(1, help="Upscale the encoded image by this factor (nearest)."),
                 seed: int = 0, data_root: Optional[str] = None, name: Optional[str] = None,
                 dry_run: bool = typer.Option(False, help="Check and estimate cost; submit nothing."),
@@ -52,7 +53,7 @@ def certify_api(ctx: typer.Context,
                 after: List[int] = typer.Option([], help=AFTER_HELP),
                 wait: bool = typer.Option(False, help=WAIT_HELP)):
     """Certify a vision API's smoothed top label (with an optional denoiser in front), within a budget."""
-    from cli.submit import launch
+    from cli.submit import class_list, launch
     from dsq import specs
     from dsq.db.session import session_scope
     from dsq.kinds import certify_api
@@ -64,7 +65,7 @@ def certify_api(ctx: typer.Context,
             endpoint=None if where == "vendor" else where, n0=n0, n=specs.given_n(n, max_n, radius, DEFAULT_N),
             alpha=alpha, radius=radius, max_n=max_n, max_queries=max_queries,
             qps=qps, burst=burst, concurrency=concurrency, price_per_1000=price_per_1000, split=split, skip=skip,
-            max_images=max_images, size=size, scale=scale, seed=seed, data_root=data_root, name=name)
+            max_images=max_images, size=size, classes=class_list(classes), scale=scale, seed=seed, data_root=data_root, name=name)
 
     if dry_run:
         with common.boundary():

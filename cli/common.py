@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+from rich.table import Column
 from rich.text import Text
 
 from sqlalchemy import exc
@@ -59,6 +60,18 @@ def boundary() -> Iterator[None]:
         say(f"error: {verb} database {where}: {reason}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
+
+
+def stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def confirm(question: str) -> bool:
+    """Ask on the terminal; without one, refuse (exit 2) unless the command was given --yes."""
+    if not stdin_is_terminal():
+        say("error: no terminal to confirm on: pass --yes to go ahead without asking", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    return typer.confirm(question, default=False)
 
 
 OPENED: list[str] = []  # the database this command opened (password masked), named in its error lines
@@ -109,8 +122,8 @@ def following() -> Iterator[None]:
 class JobColumn(ProgressColumn):
     """A certification's line (images, img/s, certified, ETA), else done/total, elapsed and remaining (training)."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, table_column=None):
+        super().__init__(table_column)
         self.plain = (MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
 
     def render(self, task) -> Text:
@@ -119,7 +132,14 @@ class JobColumn(ProgressColumn):
 
 
 def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), JobColumn(), console=errors, transient=False,
+    """One line within the terminal's width: the description takes at most a quarter of it and the job's line what
+    it needs, each cut (…) rather than wrapped; the bar takes what is left."""
+    def one_line(**width) -> Column:
+        return Column(no_wrap=True, overflow="ellipsis", **width)
+
+    return Progress(TextColumn("{task.description}", table_column=one_line(max_width=max(16, errors.width // 4))),
+                    BarColumn(bar_width=None, table_column=Column(min_width=4, max_width=40)),
+                    JobColumn(table_column=one_line()), console=errors, transient=False,
                     disable=not sys.stderr.isatty() and os.environ.get("DSQ_PROGRESS") != "1")
 
 

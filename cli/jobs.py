@@ -18,7 +18,7 @@ FOLLOW_SECONDS = 1.0  # how often --follow looks again: one small query
 
 
 def register(app: typer.Typer) -> None:
-    for command in (list_jobs, status, logs, show, cancel, resume):
+    for command in (list_jobs, status, logs, show, cancel, resume, delete):
         app.command(name=command.__name__.replace("list_", ""))(command)
 
 
@@ -134,3 +134,38 @@ def resume(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
         common.say(started, err=True)
     if wait:
         common.finish(engine, job, common.follow(engine, job, f"job {job}"))
+
+
+def delete(ctx: typer.Context, job: list[int] = typer.Argument(None, help="Job id(s)."),
+           experiment: Optional[str] = typer.Option(None, "--experiment", help="Every job of this experiment."),
+           artifacts: bool = typer.Option(False, "--artifacts", help="Remove the model files they trained too "
+                                          "(default: kept in the artifact store)."),
+           yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")):
+    """Delete jobs with their results and logs, in one transaction; refused while one runs or is needed."""
+    from dsq import artifacts as store, jobs as lifecycle
+    from dsq.errors import InvalidArgument, JobStateError
+
+    config = common.settings(ctx)
+    with common.boundary():
+        if bool(job) == bool(experiment):
+            raise InvalidArgument("give either job ids or --experiment NAME")
+        engine = common.database(config)
+        with session_scope(engine) as session:
+            ids = job or sorted(j.id for j in repo.list_jobs(session, limit=None, experiment=experiment))
+            if not ids:
+                raise JobStateError(f"no jobs in experiment {experiment!r}")
+            found = lifecycle.delete(session, ids, config.stale_after, artifacts=artifacts)
+            session.rollback()  # a dry run: the refusals, and what would go
+        what = f"job{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"
+        kept = f"; their {len(found)} artifact(s) {'too' if artifacts else 'are kept'}" if found else ""
+        if not yes and not common.confirm(f"delete {what} with their results and logs{kept}?"):
+            common.say("nothing deleted")
+            raise typer.Exit(common.EXIT_FAILED)
+        with session_scope(engine) as session:
+            had = lifecycle.delete(session, ids, config.stale_after, artifacts=artifacts)
+            files = [(a.location, a.sha256) for a in had if artifacts]
+            unused = [f for f in files if not repo.artifact_in_use(session, f[1])]
+    for location, sha256 in dict.fromkeys(unused):
+        with common.boundary():
+            store.remove(config, location, sha256)
+    common.say(f"deleted {what}" + (f"; {'removed' if artifacts else 'kept'} {len(had)} artifact(s)" if had else ""))

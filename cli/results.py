@@ -74,6 +74,7 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
             [report] = views.report_jobs(session, [job])
             sequential = views.sequential_costs(session, job)
             radius_list = radius_list or views.table_radii(session, [report])
+            spend = views.api_spend_line(session, job)
             exported = exports.export_rows(repo.results_for_job(session, job))
             if alpha is not None:
                 from dsq.apis import results as api_results
@@ -85,6 +86,8 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
                                   f"(--radii {sequential[0]:g}); any other --radii does not apply")
         if report.partial:
             common.say(report.partial, err=True)
+        if spend:
+            common.say(spend, err=True)
         if not tabled:
             fields = exports.EXPORT_FIELDS if alpha is None else ()
             text = {"csv": lambda: exports.to_csv(exported, fields), "json": lambda: exports.to_json(exported, fields),

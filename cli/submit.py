@@ -22,6 +22,8 @@ MAX_N_HELP = "With --radius: the most estimation samples per image (default: --n
 SIZE_HELP = ("Resize each image (shorter side) to N and center-crop it to NxN; folder and imagenet datasets only. "
              "Default: a folder's own size when all its images share one (required when they differ); "
              "imagenet 224.")
+CLASSES_HELP = ("folder: datasets: the class order the model was trained with, e.g. cat,dog,fox (label i is the "
+                "i-th; default: the class folders sorted by name). It must name the folder's classes exactly.")
 MODEL_HELP = ("job:ID, a checkpoint or TorchScript file, torchvision:NAME or package.module:function "
               "(see README, 'Bring your own model').")
 WEIGHTS_HELP = "State dict file (torch.save) for a torchvision:NAME or package.module:function {}."
@@ -68,6 +70,7 @@ def launch(ctx: typer.Context, spec_of, wait: bool, priority: int = 0, after: tu
 def train(ctx: typer.Context,
           dataset: str = typer.Option(..., help="digits, cifar10, imagenet or folder."),
           size: Optional[int] = typer.Option(None, metavar="N", help=SIZE_HELP),
+          classes: Optional[str] = typer.Option(None, metavar="A,B,C", help=CLASSES_HELP),
           target: str = typer.Option("denoiser", help="denoiser or classifier."),
           arch: Optional[str] = typer.Option(None, help="dncnn, dncnn_wide, memnet, unet (diffusion, the "
                                              "default there); or a classifier architecture."),
@@ -98,7 +101,7 @@ def train(ctx: typer.Context,
         arch_kwargs=parse_json(arch_kwargs), classifier=absolute(classifier),
         surrogates=tuple(map(absolute, surrogate)), init=absolute(init),
         optimizer=optimizer, lr=lr, epochs=epochs, batch_size=batch_size, lr_step=lr_step,
-        lr_gamma=lr_gamma, seed=seed, size=size, data_root=data_root, name=name,
+        lr_gamma=lr_gamma, seed=seed, size=size, classes=class_list(classes), data_root=data_root, name=name,
         models=model_options(classifier=(absolute(classifier), absolute(classifier_weights), classifier_args,
                                          mean, std))),
         wait, priority, tuple(after))
@@ -108,6 +111,7 @@ def train(ctx: typer.Context,
 def certify(ctx: typer.Context,
             dataset: str = typer.Option(..., help="digits, cifar10, imagenet or folder."),
             size: Optional[int] = typer.Option(None, metavar="N", help=SIZE_HELP),
+            classes: Optional[str] = typer.Option(None, metavar="A,B,C", help=CLASSES_HELP),
             classifier: str = typer.Option(..., help="Base classifier: " + MODEL_HELP),
             denoiser: Optional[str] = typer.Option(None, help="Denoiser in front of it (none: plain smoothing): "
                                                    + MODEL_HELP),
@@ -142,7 +146,7 @@ def certify(ctx: typer.Context,
         dataset=dataset, classifier=absolute(classifier), denoiser=absolute(denoiser), sigma=sigma, n0=n0,
         n=specs.given_n(n, max_n, radius, DEFAULT_N), alpha=alpha, radius=radius, max_n=max_n,
         batch_size=batch_size, split=split, skip=skip, max_images=max_images, seed=seed, workers=workers,
-        precision=precision, compile=compile, size=size, data_root=data_root, name=name,
+        precision=precision, compile=compile, size=size, classes=class_list(classes), data_root=data_root, name=name,
         models=model_options(
             classifier=(absolute(classifier), absolute(classifier_weights), classifier_args, mean, std),
             denoiser=(absolute(denoiser), absolute(denoiser_weights), denoiser_args, None, None))),
@@ -159,6 +163,11 @@ def parse_json(text: str, option: str = "--arch-kwargs") -> dict:
     if not isinstance(value, dict):
         raise InvalidArgument(f"{option} must be a JSON object, got {text!r}")
     return value
+
+
+def class_list(text: str | None) -> tuple[str, ...] | None:
+    """``--classes cat,dog,fox`` as names (the spec checks them)."""
+    return None if text is None else tuple(part.strip() for part in text.split(","))
 
 
 def absolute(path: str | None) -> str | None:
@@ -193,6 +202,9 @@ def experiment(ctx: typer.Context, file: str = typer.Argument(..., help="An expe
                name: Optional[str] = typer.Option(None, help="Group name (default: the file's `name`)."),
                dry_run: bool = typer.Option(False, help="Print the job graph and sample counts; submit nothing."),
                priority: int = typer.Option(0, help=PRIORITY_HELP),
+               set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                              help="Change a key of the file for this run (repeatable), e.g. "
+                                              "--set max_images=20 --set n=200; recorded with every job."),
                max_jobs: int = typer.Option(1_000, help="Refuse a plan of more jobs than this (a typo in a "
                                             "generated file should not queue thousands).")):
     """Queue a whole plan (models to train, a sigma grid, methods to certify) as jobs with their dependencies."""
@@ -202,7 +214,7 @@ def experiment(ctx: typer.Context, file: str = typer.Argument(..., help="An expe
 
     config = common.settings(ctx)
     with common.boundary():
-        plan = experiments.load(file, max_jobs=max_jobs)
+        plan = experiments.load(file, max_jobs=max_jobs, overrides=tuple(set_))
         for line in experiments.describe(plan):
             common.say(line)
         if dry_run:

@@ -48,20 +48,27 @@ def worker(ctx: typer.Context,
             common.console.print(f"worker {name} started on the cluster")
             return
         runner = queue_worker.QueueWorker(config, max_jobs=max_jobs, drain=drain, idle_exit=idle_exit,
-                                          log=lambda line: common.say(f"worker: {line}"), max_request=cap)
+                                          log=lambda line: common.say(f"{now()} worker: {line}"), max_request=cap)
     previous = {number: signal.signal(number, lambda n, f: runner.stop(signal.Signals(n).name))
                 for number in (signal.SIGINT, signal.SIGTERM)}
-    common.say(f"worker {runner.name}: serving {config.database_url.split('@')[-1]}")
+    common.say(f"{now()} worker {runner.name}: serving {config.database_url.split('@')[-1]}")
     try:
         summary = runner.run()
     finally:
         for number, old in previous.items():
             signal.signal(number, old)
     back = f"; handed back to the queue: jobs {', '.join(map(str, summary.handed_back))}" if summary.handed_back else ""
-    common.say(f"worker {runner.name} stopped ({summary.reason}); ran {len(summary.ran)} job(s){back}",
+    common.say(f"{now()} worker {runner.name} stopped ({summary.reason}); ran {len(summary.ran)} job(s){back}",
                err=summary.database_lost)
     if summary.database_lost:
         raise typer.Exit(common.EXIT_FAILED)
+
+
+def now() -> str:
+    """The local time with its offset from UTC, to the second: ``2026-11-29T16:58:14+01:00``."""
+    from datetime import datetime
+
+    return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def parse_resources(text: str) -> dict[str, float]:

@@ -266,3 +266,20 @@ def fetch(settings, location: str, sha256: str) -> Path:
         roots = " or ".join(dict.fromkeys(str(store.root) for store in stores))
         raise CheckpointError(f"artifact {location} not found in the artifact store ({roots})")
     return verify(found, sha256, location)
+
+
+def remove(settings, location: str, sha256: str) -> None:
+    """Delete an artifact's file from its store (``dsq delete --artifacts``); one that is gone already is fine."""
+    if location.startswith("s3://"):
+        store = open_store(location, home=settings.home, endpoint_url=settings.s3_endpoint_url)
+        bucket, key = split_s3(location)
+        with _s3_errors(location):
+            store.client.delete_object(Bucket=bucket, Key=key)
+        (store.cache / f"{sha256}.pt").unlink(missing_ok=True)
+        return
+    for store in (store_for(settings), LocalStore(Path(settings.home) / "artifacts")):
+        if isinstance(store, LocalStore):
+            try:
+                store.path_of(location, sha256).unlink(missing_ok=True)
+            except OSError as error:
+                raise ArtifactStoreError(f"cannot remove artifact {location}: {os_reason(error)}") from None

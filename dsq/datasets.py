@@ -119,12 +119,15 @@ def get_dataset(
     env: Mapping[str, str] | None = None,
     size: int | None = None,
     channels: int | None = None,
+    classes: tuple[str, ...] | None = None,
 ) -> Dataset:
     """The ``split`` (``"train"`` or ``"test"``) of dataset ``name``, yielding ``(image [C,H,W] in [0,1], int)``.
 
     ``root`` is where the files are (unused for ``digits``); without it, ``default_root(name, env)``.
     ``size`` resizes and center-crops folder and imagenet images to ``size`` x ``size`` (default: a folder's
     own size, imagenet's 224); ``channels`` (1 or 3) converts the images (default: their own channels).
+    ``classes`` orders a folder's classes (label i is ``classes[i]``; default: sorted by name): they must be its
+    class folders exactly.
     """
     kind, folder_path = _parse_name(name)
     _check_split(split)
@@ -148,7 +151,15 @@ def get_dataset(
         if side is None:
             _native_size(folder, images)  # refuses images of different sizes
         channels = channels or images.channels
-    return _image_folder(folder, _folder_transform(side), "image folder", channels)
+    return _image_folder(folder, _folder_transform(side), "image folder", channels, classes)
+
+
+def folder_classes(name: str, split: str = "test", *, root: str | None = None,
+                   env: Mapping[str, str] | None = None) -> list[str]:
+    """The class folders of a ``folder`` dataset's ``split``, sorted by name (its default class order)."""
+    _, folder_path = _parse_name(name)
+    _check_split(split)
+    return _folder_classes(_folder_split_dir(_folder_root(folder_path, root, env), split))
 
 
 def dataset_info(
@@ -498,17 +509,36 @@ def check_finite(picture: Image.Image, path: str) -> Image.Image:
     return picture
 
 
-def _image_folder(folder: str, transform, what: str, channels: int = 3) -> Dataset:
-    """``ImageFolder(folder)``, images opened with ``channels`` channels; an empty or class-less folder raises
-    DatasetMissing."""
+def _image_folder(folder: str, transform, what: str, channels: int = 3, classes: tuple[str, ...] | None = None):
+    """``ImageFolder(folder)``, images opened with ``channels`` channels, classes in the order ``classes`` (default:
+    sorted); an empty or class-less folder raises DatasetMissing."""
     from torchvision.datasets import ImageFolder
 
-    _folder_classes(folder)
+    order = _class_order(folder, classes)
     loader = functools.partial(_open_image, mode="L" if channels == 1 else "RGB")
     try:
-        return ImageFolder(folder, transform=transform, loader=loader)
+        dataset = ImageFolder(folder, transform=transform, loader=loader)
+        if order != dataset.classes:  # relabelled in place: the dataset stays a plain (picklable) ImageFolder
+            label = {dataset.class_to_idx[name]: new for new, name in enumerate(order)}
+            dataset.samples = dataset.imgs = [(path, label[old]) for path, old in dataset.samples]
+            dataset.targets = [new for _, new in dataset.samples]
+            dataset.classes, dataset.class_to_idx = order, {name: new for new, name in enumerate(order)}
+        return dataset
     except (FileNotFoundError, OSError) as e:
         raise DatasetMissing(f"{what} under {folder} has no readable images ({e})") from e
+
+
+def _class_order(folder: str, classes: tuple[str, ...] | None) -> list[str]:
+    """``classes`` if they name the class folders of ``folder`` exactly (as a set), else InvalidArgument; None: the
+    folders sorted."""
+    found = _folder_classes(folder)
+    if classes is None or sorted(classes) == found:
+        return list(found) if classes is None else list(classes)
+    extra, missing = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+    why = "; ".join([f"{', '.join(extra)} {'is' if len(extra) == 1 else 'are'} not one of them"] * bool(extra)
+                    + [f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"] * bool(missing))
+    raise InvalidArgument(f"--classes {','.join(classes)} does not name the classes of {folder} "
+                          f"({', '.join(found)}) exactly: {why}")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ An experiment is a TOML file::
     sigmas = [0.25, 0.5]
     radii = [0.0, 0.25, 0.5]     # optional: the table's radii
     size = 64                    # optional: --size of every job (folder and imagenet datasets)
+    classes = ["cat", "dog"]     # optional: --classes of every job (a folder's class order)
 
     [models.f]                   # a train job (any `dsq submit train` option)
     target = "classifier"
@@ -35,6 +36,12 @@ A model is trained once per sigma unless it sets ``sigma`` or its objective is `
 ``diffusion`` (no noise: a DDPM serves every sigma); a model that uses a per-sigma model is per-sigma too. References to models of the
 file become ``job:N`` references, so every job waits for the jobs it needs; in a checkpoint path
 ``{sigma}`` stands for the sigma at hand (``models/cohen-{sigma}.pt``).
+
+``overrides`` (``dsq submit experiment FILE --set KEY=VALUE``) change the file before it is checked, for a smoke
+run: a key of the file's top level sets it there; a ``[certify]`` key sets it in ``[certify]`` and in every method
+that sets it; a ``[models.*]`` key (``epochs``) in every model; ``certify.KEY`` and ``models.NAME.KEY`` name one
+table. VALUE is read as a TOML value (``20``, ``[0.25]``, ``"x"``), else taken as a string. Every job of the plan
+records them in its ``meta`` (``overrides``).
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from dsq.kinds.certify import CertifySpec
 from dsq.kinds.train import TrainSpec
 from dsq.text import check_name
 
-TOP_KEYS = {"name", "dataset", "size", "sigmas", "radii", "data_root", "seed", "models", "certify", "methods"}
+TOP_KEYS = {"name", "dataset", "size", "classes", "sigmas", "radii", "data_root", "seed", "models", "certify", "methods"}
 MODEL_REFERENCES = ("classifier", "init")  # plus "surrogates", a list
 METHOD_REFERENCES = ("classifier", "denoiser")
 # Objectives trained without smoothing noise, so once for the whole grid: a standard classifier, and a DDPM (one
@@ -81,9 +88,10 @@ class Plan:
     name: str
     steps: list[Step]
     radii: tuple[float, ...] | None = None
+    overrides: dict = field(default_factory=dict)  # --set KEY=VALUE, as given
 
 
-def load(path: str | Path, *, max_jobs: int = MAX_JOBS) -> Plan:
+def load(path: str | Path, *, max_jobs: int = MAX_JOBS, overrides: tuple[str, ...] = ()) -> Plan:
     """Read and expand an experiment file; every mistake is one line naming the file and the key."""
     path = Path(path)
     try:
@@ -95,10 +103,65 @@ def load(path: str | Path, *, max_jobs: int = MAX_JOBS) -> Plan:
         raise InvalidArgument(f"{path}: no such experiment file") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise InvalidArgument(f"{path}: not a readable TOML file: {error}") from None
+    changes = parse_overrides(overrides)
     try:
-        return expand(data, max_jobs=max_jobs)
+        override(data, changes)
+        plan = expand(data, max_jobs=max_jobs)
     except DsqError as error:
         raise InvalidArgument(f"{path}: {error}") from None
+    plan.overrides = changes
+    return plan
+
+
+def changed_by_set(overrides: dict) -> str:
+    """The line that says what ``--set`` changed (``dsq submit experiment --dry-run``, ``dsq show``)."""
+    return "changed by --set: " + ", ".join(f"{key}={value!r}" for key, value in overrides.items())
+
+
+def parse_overrides(given) -> dict:
+    """``KEY=VALUE`` texts as {KEY: value}; VALUE is a TOML value, else the text itself."""
+    changes = {}
+    for text in given:
+        key, equals, raw = text.partition("=")
+        if not equals or not key.strip():
+            raise InvalidArgument(f"--set {text!r}: expected KEY=VALUE, e.g. --set max_images=20")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        changes[key.strip()] = value
+    return changes
+
+
+def override(data: dict, changes: dict) -> None:
+    """Apply ``--set`` changes to the file's data (see the module docstring); an unknown key is refused."""
+    models = _table(data, "models")
+    tables = {"certify": _table(data, "certify"), **{f"models.{name}": t for name, t in models.items()}}
+    methods = [m for m in data.get("methods", []) if isinstance(m, dict)]
+    top = TOP_KEYS - {"models", "certify", "methods"}
+    certify, train = (_fields(spec) - {"models", "name"} for spec in (CertifySpec, TrainSpec))
+    for key, value in changes.items():
+        where, _, field_ = key.rpartition(".")
+        if where:
+            allowed = certify if where == "certify" else train
+            if where not in tables or field_ not in allowed:
+                raise _unknown_key(f"--set {key}", field_ if where in tables else key,
+                                   allowed if where in tables else {*tables, *top})
+            tables[where][field_] = value
+            continue
+        if key not in top | certify | train:
+            raise _unknown_key(f"--set {key}", key, top | certify | train)
+        if key in top:
+            data[key] = value
+            continue
+        targets = ([tables["certify"]] + [m for m in methods if key in m]) if key in certify else []
+        targets += [t for name, t in tables.items() if name != "certify" and key in train and isinstance(t, dict)]
+        if not targets:
+            raise InvalidArgument(f"--set {key}: no table of this file takes {key!r} (it has no [models.NAME])")
+        for table in targets:
+            table[key] = value
+    if "certify" in tables and tables["certify"] and "certify" not in data:
+        data["certify"] = tables["certify"]
 
 
 def expand(data: dict, *, max_jobs: int = MAX_JOBS) -> Plan:
@@ -114,7 +177,7 @@ def expand(data: dict, *, max_jobs: int = MAX_JOBS) -> Plan:
         raise InvalidArgument(f"the plan has up to {planned:,} jobs ({len(sigmas)} sigmas x ({len(methods)} methods "
                               f"+ {len(models)} models)), more than {max_jobs:,}; allow it with --max-jobs {planned}")
     _check_references(models, methods)
-    common = {k: data[k] for k in ("dataset", "size", "data_root", "seed") if k in data}
+    common = {k: data[k] for k in ("dataset", "size", "classes", "data_root", "seed") if k in data}
     order = _model_order(models)
     per_sigma = _per_sigma(models, order)
     steps: dict[str, Step] = {}
@@ -311,8 +374,9 @@ def submit(session, plan: Plan, settings, *, experiment: str, priority: int = 0)
                               f"this run under another name (--name {experiment}-2)")
     ids: dict[str, int] = {}
     for step in plan.steps:
+        meta = {**step.meta, "overrides": plan.overrides} if plan.overrides else step.meta
         job = jobs.submit(session, resolve(step.spec, ids), settings, priority=priority, experiment=experiment,
-                          meta=step.meta)
+                          meta=meta)
         ids[step.key] = job.id
     return ids
 
@@ -339,6 +403,8 @@ def describe(plan: Plan) -> list[str]:
     trains = sum(isinstance(s.spec, TrainSpec) for s in plan.steps)
     lines.append(f"{len(plan.steps)} jobs ({trains} train, {len(plan.steps) - trains} certify); "
                  f"{total:,} Monte-Carlo samples to certify")
+    if plan.overrides:
+        lines.append(changed_by_set(plan.overrides))
     return lines
 
 

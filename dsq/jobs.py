@@ -7,12 +7,13 @@ references in ``dsq.references``; what ``dsq status`` prints in ``dsq.views``.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timedelta
 from typing import Iterable
 
 from sqlalchemy.orm import Session
 
-from dsq import jobqueue, kinds, references, usermodels
+from dsq import jobqueue, kinds, references, specs, usermodels
 from dsq.db import repo
 from dsq.db.models import utcnow
 from dsq.errors import InvalidArgument, JobNotFound, JobStateError
@@ -25,7 +26,7 @@ def submit(session: Session, spec, settings: Settings, *, priority: int = 0, aft
            experiment: str | None = None, meta: dict | None = None):
     """Check a spec against the database and the disk, then queue it as a job that waits for its dependencies."""
     kind = kinds.get(spec.kind)
-    spec = usermodels.pin(spec)
+    spec = _pin_classes(usermodels.pin(spec), settings)
     if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > MAX_PRIORITY:
         raise InvalidArgument(f"priority must be an integer in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {priority!r}")
     options = getattr(spec, "models", {})
@@ -38,7 +39,20 @@ def submit(session: Session, spec, settings: Settings, *, priority: int = 0, aft
     jobqueue.add_dependencies(session, job.id, depends)
     waits = f"; waits for job(s) {', '.join(map(str, sorted(depends)))}" if depends else ""
     repo.add_log(session, job.id, f"submitted {spec.kind} job ({total} work items, priority {priority}){waits}")
+    if getattr(spec, "classes", None):
+        repo.add_log(session, job.id, f"class order of {spec.dataset}: {specs.class_order(spec.classes)}")
     return job
+
+
+def _pin_classes(spec, settings: Settings):
+    """A folder dataset's spec with its class order: the given one, else the folder's (sorted), so that the job
+    reads its labels in the order it was checked with."""
+    if getattr(spec, "classes", ()) is not None or not (spec.dataset or "").startswith("folder"):
+        return spec
+    from dsq import datasets  # torch: a submission loads data anyway
+
+    found = datasets.folder_classes(spec.dataset, getattr(spec, "split", "train"), root=settings.data_root_of(spec))
+    return dataclasses.replace(spec, classes=tuple(found))
 
 
 def _check_after(session: Session, number: int) -> int:
@@ -97,6 +111,25 @@ def resume(session: Session, job_id: int, stale_after: timedelta, *, now: dateti
     for dependent in requeued:
         repo.add_log(session, dependent, f"queued again: dependency job {job_id} was resumed")
     return requeued
+
+
+def delete(session: Session, job_ids: Iterable[int], stale_after: timedelta, *, artifacts: bool = False):
+    """Delete jobs and everything they stored, in the caller's transaction; return the artifact rows they had.
+
+    Refused, deleting nothing, for a job that runs (cancel it first) and for a job that a queued or running job
+    outside ``job_ids`` depends on. Artifacts stay (as rows of no job) unless ``artifacts``.
+    """
+    ids = sorted(set(job_ids))
+    for job_id in ids:
+        job = repo.get_job(session, job_id)
+        if job.status == "running":
+            stale = " (stale)" if jobqueue.is_stale(job, stale_after) else ""
+            raise JobStateError(f"job {job_id} is running{stale}: cancel it first (dsq cancel {job_id})")
+        for dependent in jobqueue.dependents(session, job_id):
+            status = repo.get_job(session, dependent).status
+            if dependent not in ids and status in ("queued", "running"):
+                raise JobStateError(f"job {dependent} ({status}) depends on job {job_id}: cancel or delete it first")
+    return repo.delete_jobs(session, ids, artifacts=artifacts)
 
 
 def load_spec(session: Session, job_id: int):

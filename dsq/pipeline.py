@@ -31,7 +31,8 @@ def job_dataset(spec, root: str | None, channels: int | None):
         raise InvalidArgument(f"the model takes {channels}-channel images; dsq converts images to 1 (grayscale) or "
                               f"3 (RGB) channels only")
     own = datasets.image_channels(spec.dataset, spec.split, root=root)
-    dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size, channels=channels)
+    dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size, channels=channels,
+                                   classes=spec.classes)
     return dataset, datasets.channel_note(spec.dataset, own, channels)
 
 
@@ -127,7 +128,8 @@ def train_data(spec, root: str | None, models: list):
         raise InvalidArgument(f"the models of this job take images of different channels ({taken[0]} and "
                               f"{taken[1]}): they cannot be trained on the same images")
     info = datasets.dataset_info(spec.dataset, root=root, size=spec.size, channels=taken[0] if taken else None)
-    sets = {split: datasets.get_dataset(spec.dataset, split, root=root, size=spec.size, channels=info.channels)
+    sets = {split: datasets.get_dataset(spec.dataset, split, root=root, size=spec.size, channels=info.channels,
+                                        classes=spec.classes)
             for split in ("train", "test")}
     shape = tuple(sets["train"][0][0].shape)
     if shape != info.shape:

@@ -109,6 +109,29 @@ def check_common(spec, kind: str) -> None:
         checks.positive_int("size", spec.size)
 
 
+def check_classes(spec) -> None:
+    """``spec.classes``: a folder dataset's class order, distinct names (label i is ``classes[i]``); None leaves it
+    to the folder (its class folders sorted by name, recorded at submit). Whether they name the folder's classes
+    is checked when the data is read."""
+    if spec.classes is None:
+        return
+    if not (spec.dataset or "").startswith("folder"):
+        raise InvalidArgument(f"--classes applies to folder: datasets, not to {spec.dataset or 'input files'}")
+    names = spec.classes
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(c, str) and c and c == c.strip()
+                                                                    for c in names):
+        raise InvalidArgument(f"--classes must be class names separated by commas, got {names!r}")
+    repeated = [name for name in names if names.count(name) > 1]
+    if repeated:
+        raise InvalidArgument(f"--classes: {repeated[0]!r} is listed twice")
+    object.__setattr__(spec, "classes", tuple(names))
+
+
+def class_order(classes) -> str:
+    """``0 cat, 1 dog, 2 fox``: each label and its class."""
+    return ", ".join(f"{label} {name}" for label, name in enumerate(classes))
+
+
 def check_sigma(sigma, *, allow_zero: bool = False) -> None:
     """sigma is a finite number > 0 (>= 0 for a standard classifier, trained without noise), in [0, 1] units."""
     if not checks.is_real(sigma) or not math.isfinite(sigma) or sigma < 0:

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from dsq import jobqueue
+from dsq import jobqueue, specs
 from dsq.db import repo
 from dsq.db.models import Job
 from dsq.errors import InvalidArgument, JobStateError
@@ -46,15 +46,22 @@ def describe(session: Session, job: Job, now: datetime, stale_after: timedelta) 
     certifying = progress_line(session, job, now, live=not stale)
     if certifying:  # a certification: images, rate, certified so far and ETA in one line
         lines.append(certifying)
-    elif job.started_at and job.progress_done and not stale:  # a training: epochs
-        elapsed = _run_seconds(job, now)
-        rate = job.progress_done / max(elapsed, 1e-9)
-        lines.append(f"rate {rate:.2f} items/s over the {elapsed:.0f} s of this run")
-        if job.status == "running" and rate > 0:
-            lines.append(f"eta {(job.progress_total - job.progress_done) / rate:.0f} s")
+    elif job.started_at and job.progress_done and not stale:  # a training: its progress counts epochs
+        per_epoch = _run_seconds(job, now) / job.progress_done
+        eta = (job.progress_total - job.progress_done) * per_epoch
+        lines.append(f"epoch {job.progress_done} of {job.progress_total} done · {_duration(per_epoch)} an epoch"
+                     + (f" · ETA {_duration(eta)}" if job.status == "running" else ""))
+    lines += filter(None, [api_spend_line(session, job.id)])
     if job.error:
         lines.append(f"error: {escape_controls(job.error)}")
     return lines
+
+
+def api_spend_line(session: Session, job_id: int) -> str | None:
+    """A certify-api job's spend (queries paid, answers reused, dollars) in a line; None for other kinds."""
+    from dsq.kinds import certify_api
+
+    return certify_api.spend(session, repo.get_job(session, job_id))
 
 
 def progress_line(session: Session, job: Job, now: datetime, *, live: bool = True) -> str | None:
@@ -99,7 +106,19 @@ def show(session: Session, job: Job) -> list[str]:
     lines = [f"job {job.id}: {job.kind}, {job.status}" + (f", name {escape_controls(job.name)}" if job.name else ""),
              f"created {job.created_at:%Y-%m-%d %H:%M:%S} UTC, priority {job.priority}, attempts {job.attempts}"
              + (f", experiment {escape_controls(job.experiment)}" if job.experiment else "")]
-    lines += ["spec:"] + [f"  {key} = {escape_controls(repr(value))}" for key, value in sorted((job.spec or {}).items())]
+    if (job.meta or {}).get("overrides"):
+        from dsq.experiments import changed_by_set
+
+        lines.append(escape_controls(changed_by_set(job.meta["overrides"])))
+    lines += ["spec:"] + [f"  {key} = {escape_controls(repr(value))}" for key, value in sorted((job.spec or {}).items())
+                          if key != "models"]
+    models = (job.spec or {}).get("models") or {}
+    lines += ["  models:"] if models else []
+    for reference, options in models.items():  # each user model's options, one a line
+        lines.append(f"    {escape_controls(reference)}:")
+        lines += [f"      {key} = {escape_controls(repr(value))}" for key, value in sorted(options.items())]
+    if (job.spec or {}).get("classes"):
+        lines.append(f"class order: {escape_controls(specs.class_order(job.spec['classes']))}")
     depends = jobqueue.dependencies(session, job.id)
     if depends:
         lines.append("depends on: " + ", ".join(f"job {d.id} ({d.status})" for d in depends))
@@ -113,6 +132,7 @@ def show(session: Session, job: Job) -> list[str]:
         if isinstance(schedule, dict):
             lines.append(f"diffusion: {schedule.get('schedule')} schedule, T = {schedule.get('timesteps')} (beta "
                          f"{schedule.get('beta_start'):g} to {schedule.get('beta_end'):g}); a denoiser at every sigma")
+    lines += filter(None, [api_spend_line(session, job.id)])
     if job.error:
         lines.append(f"error: {escape_controls(job.error)}")
     return lines

@@ -139,6 +139,7 @@ def test_steering_and_reading_commands_import_neither_torch_nor_ray(tmp_path):
     with session_scope(engine) as session:
         first = repo.create_job(session, kind="train", spec=train.to_dict(), seed=0, total=1).id
         second = repo.create_job(session, kind="certify_api", spec=api.to_dict(), seed=0, total=1).id
+        third = repo.create_job(session, kind="train", spec=train.to_dict(), seed=0, total=1).id
     engine.dispose()
 
     def dsq(*args: str) -> str:
@@ -154,6 +155,7 @@ def test_steering_and_reading_commands_import_neither_torch_nor_ray(tmp_path):
     dsq("resume", str(second), "--max-queries", "2000")  # rebuilds the API spec with a new budget
     assert "2000" in dsq("show", str(second)) and "certify_api" in dsq("jobs")
     assert kinds.from_dict(repo_spec(url, second)).max_queries == 2000
+    assert f"deleted job {third}" in dsq("delete", str(third), "--yes") and f"{third}  " not in dsq("jobs")
 
 
 def repo_spec(url: str, job_id: int) -> dict:

@@ -111,7 +111,7 @@ def test_queued_stale_and_training_jobs(engine):
         record = repo.get_job(session, train)
         assert views.progress_line(session, record, utcnow()) is None
         lines = views.describe(session, record, utcnow(), timedelta(seconds=60))
-    assert lines[3].startswith("rate 0.20 items/s over the 10 s of this run") and lines[4].startswith("eta 10 s")
+    assert lines[3] == "epoch 2 of 4 done · 5 s an epoch · ETA 10 s" and len(lines) == 4
 
 
 def test_follow_shows_the_line_for_a_certification_and_epochs_for_a_training(engine, capsys, monkeypatch):

@@ -52,7 +52,7 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
                    if spec.denoiser else None]
         done = repo.done_image_indices(session, job_id)
     root = settings.data_root_of(spec)
-    dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size)
+    dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size, classes=spec.classes)
     plan = pipeline.image_plan(spec, dataset)
     todo = collections.deque(i for i in plan if i not in done)
     if not todo:

@@ -118,6 +118,7 @@ class QueueWorker:
                 with session_scope(engine) as session:
                     jobqueue.stop_worker(session, self.name)
             engine.dispose()
+            pidfile.forget(self.settings)  # a background worker's (kill PID, idle, drained): the next submit starts one
         return self.summary
 
     def _loop(self, engine) -> None:

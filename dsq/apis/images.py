@@ -20,7 +20,7 @@ class ImageSource:
         self.spec = spec
         if spec.dataset:
             self.dataset = datasets.get_dataset(spec.dataset, spec.split, root=settings.data_root_of(spec),
-                                                size=spec.size)
+                                                size=spec.size, classes=spec.classes)
             self.indices = datasets.test_subset(self.dataset, skip=spec.skip, max=spec.max_images)
         else:
             indices = list(range(0, len(spec.inputs), spec.skip))

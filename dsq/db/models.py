@@ -118,7 +118,7 @@ class Job(Base):
     # What an experiment says of the job (method label, sigma, step name); None outside experiments.
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # The dependency whose failure or cancellation failed this job; resuming it re-queues this one.
-    blocked_by: Mapped[int | None] = mapped_column(Integer)  # a job id (jobs are never deleted)
+    blocked_by: Mapped[int | None] = mapped_column(Integer)  # a job id (dsq delete clears it)
 
     @property
     def finished(self) -> bool:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import Select, and_, case, false, func, select, update
+from sqlalchemy import Select, and_, case, delete, false, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -28,6 +28,7 @@ from dsq.db.models import (
     Artifact,
     Base,
     Job,
+    JobDependency,
     JobLog,
     Result,
     WorkUnit,
@@ -145,6 +146,32 @@ def list_jobs(s: Session, limit: int = 50, status: str | None = None, kind: str 
         if value is not None:
             stmt = stmt.where(column == value)
     return list(s.scalars(stmt))
+
+
+def delete_jobs(s: Session, job_ids: Iterable[int], *, artifacts: bool = False) -> list[Artifact]:
+    """Delete jobs with their results, work units, logs and dependency edges; return the artifact rows they had.
+
+    Their artifacts stay as rows of no job unless ``artifacts`` (then the rows go; the files are the caller's),
+    the API answers they paid for stay in the cache, and a job they failed forgets them (``blocked_by``).
+    """
+    from dsq.db.models import ApiAnswer
+
+    ids = sorted(set(job_ids))
+    owned = Artifact.job_id.in_(ids)
+    had = list(s.scalars(select(Artifact).where(owned)))
+    s.execute(delete(Artifact).where(owned) if artifacts else update(Artifact).where(owned).values(job_id=None))
+    s.execute(update(ApiAnswer).where(ApiAnswer.job_id.in_(ids)).values(job_id=None))
+    s.execute(update(Job).where(Job.blocked_by.in_(ids)).values(blocked_by=None))
+    s.execute(delete(JobDependency).where(or_(JobDependency.job_id.in_(ids), JobDependency.depends_on.in_(ids))))
+    for model in (Result, WorkUnit, JobLog):
+        s.execute(delete(model).where(model.job_id.in_(ids)))
+    s.execute(delete(Job).where(Job.id.in_(ids)))
+    return had
+
+
+def artifact_in_use(s: Session, sha256: str) -> bool:
+    """Whether an artifact row still names these bytes (a content-addressed file may serve several)."""
+    return s.scalar(select(func.count()).select_from(Artifact).where(Artifact.sha256 == sha256)) > 0
 
 
 def mark_running(s: Session, job_id: int, runner: str, *, now: datetime | None = None) -> Job:

@@ -45,6 +45,7 @@ class CertifySpec(specs.TargetRadiusMode):
     compile: bool = False  # noqa: A003 - torch.compile the sampler's model
     radius: float | None = None  # a target radius: sequential certification, "radius >= r or not" per image
     max_n: int | None = None  # sequential: the most estimation samples per image (None: n)
+    classes: tuple[str, ...] | None = None  # a folder's class order (None: sorted)
     size: int | None = None  # resize and center-crop images to size x size (None: a folder's own size)
     data_root: str | None = None
     name: str | None = None
@@ -53,6 +54,7 @@ class CertifySpec(specs.TargetRadiusMode):
 
     def __post_init__(self):
         specs.check_common(self, "certify")
+        specs.check_classes(self)
         specs.check_certification(self)
         if self.batch_size is not None:
             checks.positive_int("batch size", self.batch_size)
@@ -89,7 +91,7 @@ def check(session: Session, spec: CertifySpec, settings: Settings) -> int:
         dataset, _ = pipeline.job_dataset(spec, root, pipeline.model_channels(*models))
         outputs = pipeline.takes_images(models, dataset[0][0], spec)
     else:  # a classifier still to be trained will have the classes of its own dataset
-        dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size)
+        dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size, classes=spec.classes)
         outputs = references.trained_classes(session, spec.classifier, settings)
     if outputs is not None and outputs != info.num_classes:
         raise InvalidArgument(f"the classifier has {outputs} outputs but dataset {spec.dataset} has "

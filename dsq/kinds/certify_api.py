@@ -60,6 +60,7 @@ class ApiCertifySpec(specs.TargetRadiusMode):
     max_images: int | None = None
     size: int | None = None
     scale: int = 1
+    classes: tuple[str, ...] | None = None  # a folder's class order (None: sorted, pinned at submit)
     endpoint: str | None = None
     denoiser: str | None = None
     n0: int = 20
@@ -82,6 +83,7 @@ class ApiCertifySpec(specs.TargetRadiusMode):
         if self.provider not in providers.PROVIDERS:
             raise UnknownName(f"unknown provider {self.provider!r}; expected one of {', '.join(providers.PROVIDERS)}")
         specs.check_common(self, "certify_api")
+        specs.check_classes(self)
         specs.check_certification(self)
         self._check_images()
         self._check_endpoint()
@@ -225,10 +227,36 @@ class Estimate:
 
 def estimate(spec: ApiCertifySpec, images: int) -> Estimate:
     """Upper bound on queries, cost and a lower bound on time (answers already stored cost nothing)."""
-    price = spec.price_per_1000 if spec.price_per_1000 is not None else PRICES_PER_1000[spec.provider]
+    price = price_of(spec.to_dict())
     qps = ratelimit.limits_for(spec.provider, spec.qps, spec.burst, spec.concurrency).qps
     per_image = "n0 + max n + 1" if spec.sequential else "n0 + n + 1"
     return Estimate(images, images * spec.queries_per_image, spec.max_queries, price, qps, per_image)
+
+
+def price_of(spec: dict) -> float:
+    """The price per 1,000 queries a stored spec (``job.spec``) pays: its own, else the provider's list price."""
+    given = spec.get("price_per_1000")
+    return given if given is not None else PRICES_PER_1000[spec["provider"]]
+
+
+def spend(session: Session, job) -> str | None:
+    """What a certify-api job spent, in a line: the queries it paid (as the budget counts them), the answers its
+    stored images took from the cache (paid by another job or run before), and the dollars; None for other kinds."""
+    if job.kind != "certify_api":
+        return None
+    paid = repo.count_paid_api_answers(session, job.id)
+    used: dict[tuple[str, str], set[str]] = {}
+    for row in repo.results_for_job(session, job.id):
+        digests = (row.extra or {}).get("sha256", {})
+        used.setdefault((row.extra["provider"], row.extra["service"]), set()).update(
+            [digests.get("clean"), *digests.get("selection", []), *digests.get("estimation", [])])
+    reused = sum(answer.job_id != job.id for (provider, service), digests in used.items()
+                 for answer in repo.api_answers(session, provider, service, digests - {None}).values())
+    price = price_of(job.spec)
+    dollars = paid * price / 1000
+    shown = f"{dollars:,.2f}" if dollars >= 1 else f"{dollars:.4g}"
+    return (f"API spend: {paid:,} queries paid, {reused:,} answers reused from the cache, about ${shown} "
+            f"at ${price:g} per 1,000 queries")
 
 
 def raise_budget(session: Session, job_id: int, max_queries: int | None) -> ApiCertifySpec:

@@ -49,6 +49,7 @@ class TrainSpec:
     lr_step: int = 30
     lr_gamma: float = 0.1
     seed: int = 0
+    classes: tuple[str, ...] | None = None  # a folder's class order (None: sorted)
     size: int | None = None  # resize and center-crop images to size x size (None: a folder's own size)
     data_root: str | None = None
     name: str | None = None
@@ -57,6 +58,7 @@ class TrainSpec:
 
     def __post_init__(self):
         specs.check_common(self, "train")
+        specs.check_classes(self)
         specs.check_sigma(self.sigma, allow_zero=self.objective in ("standard", "diffusion"))
         object.__setattr__(self, "surrogates", specs.references_tuple("surrogates", self.surrogates))
         if not isinstance(self.arch_kwargs, dict) or not all(isinstance(k, str) for k in self.arch_kwargs):
