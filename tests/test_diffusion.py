@@ -293,3 +293,44 @@ def test_broken_folders_are_one_line(tmp_path, breakage, message):
     with pytest.raises((CheckpointError, InvalidArgument), match=message) as error:
         diffusion.load_diffusers(str(folder))
     assert "\n" not in str(error.value)
+
+
+# -- a user's factory and the presets ----------------------------------------------------------------
+
+
+def test_a_factory_that_returns_a_diffusion_model_loads_as_the_one_shot_denoiser(tmp_path):
+    from dsq import references, usermodels
+
+    (tmp_path / "my_ddpm.py").write_text(
+        "import torch\n"
+        "from dsq import diffusion\n"
+        "def make(width=8):\n"
+        "    torch.manual_seed(0)\n"
+        "    eps = diffusion.build_unet(1, sample_size=8, block_out_channels=(width,), layers_per_block=1,\n"
+        "                               norm_num_groups=4)\n"
+        "    return eps, diffusion.schedule_alphas(diffusion.STANDARD_SCHEDULE)\n")
+    source = {"reference": "my_ddpm:make", "location": None, "sha256": None,
+              "options": usermodels.check_options("my_ddpm:make", {"code": str(tmp_path)}, "denoiser"),
+              "sigma": 0.5}
+    denoiser = references.load_source(None, source, "denoiser")
+    assert isinstance(denoiser, diffusion.OneShotDenoiser) and denoiser.timestep == 259
+    assert not any(p.requires_grad for p in denoiser.parameters())
+    with pytest.raises(InvalidArgument, match="is a diffusion model: it serves as the denoiser"):
+        references.load_source(None, {**source, "sigma": None}, "denoiser")
+
+
+@pytest.mark.parametrize("preset, images, n", [("cifar10-diffusion", 10_000, 100_000),
+                                               ("imagenet-diffusion", 1_000, 10_000)])
+def test_the_diffusion_presets_dry_run(preset, images, n):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["submit", "experiment", f"experiments/{preset}.toml", "--dry-run"],
+                                env={"DSQ_DATA": "/nonexistent"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for sigma in ("0.25", "0.5", "1"):
+        assert any(f"sigma {sigma}, {images} images x {100 + n:,}" in line for line in lines), lines
+    assert "3 jobs (0 train, 3 certify)" in result.output and "dry run: nothing submitted" in result.output
+    assert "(submitting this plan would be refused)" in result.output  # no data here: said at once
