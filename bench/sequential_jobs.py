@@ -25,7 +25,8 @@ from dsq.errors import DsqError
 from dsq.kinds.certify_api import ApiCertifySpec
 from dsq.settings import Settings
 
-METHODS = ("STAB+MSE white-box", "Cohen et al. (Gaussian training)")  # labels of the preset's [[methods]]
+# Labels of the preset's [[methods]]: a trained denoiser, Gaussian training, and the DDPM's one-shot denoiser.
+METHODS = ("STAB+MSE white-box", "Cohen et al. (Gaussian training)", "diffusion (one-shot)")
 EXPERIMENT = "sequential-bench"  # a name no preset uses: a rerun in the same home reuses only this benchmark's models
 CHUNK = 25  # images per Ray task: 25 x 10,100 samples is a few seconds, small enough to spread over the CPUs
 
@@ -122,7 +123,7 @@ def _sample_chunk(classifier: str, denoiser: str | None, sigma: float, indices: 
     from dsq import datasets, fastpath, sampling
 
     torch.set_num_threads(1)
-    model = fastpath.prepare_for_inference(pipeline.load(classifier, denoiser, "cpu"), device="cpu")
+    model = fastpath.prepare_for_inference(pipeline.load(classifier, denoiser, "cpu", sigma=sigma), device="cpu")
     test_set = datasets.get_dataset("digits", "test")
     found = []
     for index in indices:

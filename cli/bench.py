@@ -42,7 +42,9 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
                                               "of sequential certify-api jobs on the embedded emulator."),
           sequential_images: int = typer.Option(200, help="--sequential(-api): test digits per method and sigma."),
           sequential_home: str = typer.Option("", help="--sequential: train the models here, or reuse those "
-                                              "trained here before (default: a temporary folder).")):
+                                              "trained here before (default: a temporary folder)."),
+          diffusion: bool = typer.Option(False, "--diffusion", help="Only the sampling speed of a diffusion pair "
+                                         "beside a DnCNN pair of about the same size (--pair digits or cifar).")):
     """Benchmark certification throughput of one model pair; print a table and write JSON.
 
     Random weights (speed does not depend on them). The Ray jobs run on a local Ray started here,
@@ -57,6 +59,8 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
         return queue_overhead(queue, threads)
     if sequential_api:
         return sequential_api_queries(sequential_images)
+    if diffusion:
+        return diffusion_speed(pair, repeats)
     if sequential:
         return sequential_comparison(sequential_images, sequential_home or None,
                                      "sequential-bench.json" if out == "bench-results.json" else out)
@@ -75,6 +79,21 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
     for header, rows, title in benchmark.tables(results):
         common.console.print(tables.render_table(header, rows, title=title))
     common.console.print(f"results written to {out}")
+
+
+def diffusion_speed(pair: str, rounds: int) -> None:
+    """Samples/s of a diffusion pair and a DnCNN pair, interleaved; the ratio per round."""
+    from bench import diffusion
+    from dsq.errors import InvalidArgument
+
+    with common.boundary():
+        if pair not in diffusion.PAIRS:
+            raise InvalidArgument(f"--diffusion compares the pairs {', '.join(diffusion.PAIRS)}, not {pair!r}")
+    found = diffusion.measure(pair, rounds, log=_log)
+    for name, rate in found["samples_per_s"].items():
+        common.say(f"{name}: {found['parameters'][name]:,} denoiser parameters, {rate:,.0f} samples/s (median)")
+    common.say(f"diffusion / DnCNN: {found['ratio_median']:.2f} (median of {rounds} interleaved rounds, "
+               f"{found['threads']} threads)")
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:

@@ -107,10 +107,14 @@ def image_plan(spec, dataset) -> list[int]:
     return datasets.test_subset(dataset, skip=spec.skip, max=spec.max_images)
 
 
-def load(classifier: str | dict, denoiser: str | dict | None, device, settings: Settings | None = None):
-    """f o D (or f alone), in eval mode on ``device``, from checkpoint paths or ``references.source``s."""
+def load(classifier: str | dict, denoiser: str | dict | None, device, settings: Settings | None = None,
+         sigma: float | None = None):
+    """f o D (or f alone), in eval mode on ``device``, from checkpoint paths or ``references.source``s; a diffusion
+    model denoises at ``sigma`` (or at the σ its source carries)."""
     def one(model, role):
         found = references.file_source(model) if isinstance(model, str) else model
+        if role == "denoiser" and sigma is not None:
+            found = {"sigma": sigma, **found}
         return references.load_source(settings, found, role, device)
 
     classifier = one(classifier, "classifier")
