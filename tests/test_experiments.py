@@ -25,10 +25,13 @@ def by_key(plan):
 def test_the_digits_preset_is_the_demo_plan():
     plan = experiments.load(PRESETS / "digits.toml")
     steps = by_key(plan)
-    assert len(plan.steps) == 20 and plan.name == "digits"
+    assert len(plan.steps) == 23 and plan.name == "digits"
     trains = [s for s in plan.steps if isinstance(s.spec, TrainSpec)]
     assert sorted(s.key for s in trains) == sorted(
-        ["f", "surrogate"] + [f"{m}@{s}" for m in ("mse", "stab_white", "stab_black", "cohen") for s in (0.25, 0.5)])
+        ["f", "surrogate", "ddpm"] + [f"{m}@{s}" for m in ("mse", "stab_white", "stab_black", "cohen")
+                                      for s in (0.25, 0.5)])
+    assert steps["ddpm"].spec.objective == "diffusion" and steps["ddpm"].spec.sigma == 0.0
+    assert [steps[f"diffusion (one-shot)@{s}"].spec.denoiser for s in (0.25, 0.5)] == ["step:ddpm"] * 2
     assert steps["f"].spec.sigma == 0.0 and steps["mse@0.5"].spec.sigma == 0.5
     white = steps["stab_white@0.5"]
     assert white.needs == ["f", "mse@0.5"] and white.spec.classifier == "step:f" and white.spec.init == "step:mse@0.5"

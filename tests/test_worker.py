@@ -301,7 +301,7 @@ def test_sigterm_stops_the_demo_cleanly_and_a_worker_finishes_its_experiment(tmp
     engine = engine_of(tmp_path)
     with session_scope(engine) as session:
         found = repo.list_jobs(session, limit=100)
-    assert len(found) == 20 and not any(j.status == "running" for j in found)
+    assert len(found) == 23 and not any(j.status == "running" for j in found)
     assert dsq(tmp_path, "worker", "--drain").returncode == 0
     [experiment] = {j.experiment for j in found}
     out = dsq(tmp_path, "results", "--experiment", experiment, "--by-sigma", "--plot", tmp_path / "exp.png")
