@@ -168,7 +168,8 @@ def labelled_results(session: Session, job_ids) -> list[tuple[str, list]]:
 
 
 # How a default name calls a denoiser by its training objective (dsq.specs.DENOISER_OBJECTIVES).
-OBJECTIVE_NAMES = {"mse": "MSE", "stab": "STAB", "stab_mse": "STAB+MSE", "clf": "CLF"}
+OBJECTIVE_NAMES = {"mse": "MSE", "stab": "STAB", "stab_mse": "STAB+MSE", "clf": "CLF",
+                   "diffusion": "diffusion (one-shot)"}
 
 
 def report_jobs(session: Session, job_ids) -> list[summary.Job]:
@@ -220,7 +221,9 @@ def default_method(session: Session, job: Job) -> str:
     denoiser = spec.get("denoiser")
     if denoiser:
         trained = _trained_spec(session, denoiser)
-        if trained is None:
+        if trained is None and str(denoiser).startswith("diffusers:"):
+            method = f"diffusion (one-shot) {str(denoiser).rstrip('/').rsplit('/', 1)[-1]}"
+        elif trained is None:
             method = f"denoiser {str(denoiser).rstrip('/').rsplit('/', 1)[-1]}"
         else:
             objective = trained.get("objective", "")

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from dsq import checkpoints, diffusion, experiments, references
+from dsq import checkpoints, diffusion, experiments, references, views
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.kinds.certify import CertifySpec
@@ -85,6 +85,8 @@ def test_counts_are_the_same_on_one_or_three_samplers_and_the_log_names_the_time
     three = run(config, engine, certify(f, folder, workers=3))
     assert rows_of(engine, one) == rows_of(engine, three) and len(rows_of(engine, one)) == 3
     assert "diffusion denoiser: timestep 145 of 1000 (ᾱ 0.798) for σ 0.25" in logs_of(engine, one)
+    with session_scope(engine) as session:
+        assert views.default_method(session, repo.get_job(session, one)) == "diffusion (one-shot) ddpm-diffusers"
 
 
 def test_a_ddpm_job_certifies_fixed_n_sequentially_and_in_bf16(world):
@@ -96,6 +98,8 @@ def test_a_ddpm_job_certifies_fixed_n_sequentially_and_in_bf16(world):
         assert len(rows_of(engine, job_id)) == 3
         timestep = 259 if spec.sigma == 0.5 else 145
         assert any(f"timestep {timestep} of 1000" in line for line in logs_of(engine, job_id))
+        with session_scope(engine) as session:  # an unnamed job's name in tables
+            assert views.default_method(session, repo.get_job(session, job_id)) == "diffusion (one-shot)"
 
 
 def test_a_diffusion_denoiser_in_front_of_a_vision_api(world, emulator, settings):
