@@ -31,7 +31,7 @@ EXPERIMENT = "sequential-bench"  # a name no preset uses: a rerun in the same ho
 CHUNK = 25  # images per Ray task: 25 x 10,100 samples is a few seconds, small enough to spread over the CPUs
 
 
-def measure(images: int, home: str | None = None, log=print) -> dict:
+def measure(images: int, home: str | None = None, log=print, methods: tuple[str, ...] = METHODS) -> dict:
     """Train (or reuse) the models, sample ``images`` test digits per method and sigma, compare the rules."""
     from workers import resources
 
@@ -43,7 +43,7 @@ def measure(images: int, home: str | None = None, log=print) -> dict:
         was_running = ray.is_initialized()
         resources.connect(None)
         try:
-            models = train(settings, log)
+            models = train(settings, log, methods)
             trained = time.perf_counter()
             votes = sample(models, images, log)
         finally:
@@ -55,12 +55,14 @@ def measure(images: int, home: str | None = None, log=print) -> dict:
             "training_s": trained - started, "sampling_s": time.perf_counter() - trained, "rows": rows}
 
 
-def train(settings: Settings, log) -> dict[tuple[str, float], tuple[str, str | None]]:
+def train(settings: Settings, log, labels: tuple[str, ...] = METHODS) -> dict[tuple[str, float], tuple[str, str | None]]:
     """Checkpoint paths (classifier, denoiser) per (method, sigma), training what ``settings.home`` lacks."""
     from workers import worker
 
     plan = experiments.load(demo.PRESET)
-    methods = [step for step in plan.steps if step.meta.get("method") in METHODS and step.meta["sigma"] in rules.SIGMAS]
+    methods = [step for step in plan.steps if step.meta.get("method") in labels and step.meta["sigma"] in rules.SIGMAS]
+    if not methods:
+        raise DsqError(f"no method of the digits preset is labelled {' or '.join(map(repr, labels))}")
     models = [step for step in plan.steps if step.key in _needed(plan, methods)]
     engine = open_database(settings.database_url)
     with session_scope(engine) as session:

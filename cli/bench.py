@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import List
 
 import typer
 
@@ -43,6 +44,9 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
           sequential_images: int = typer.Option(200, help="--sequential(-api): test digits per method and sigma."),
           sequential_home: str = typer.Option("", help="--sequential: train the models here, or reuse those "
                                               "trained here before (default: a temporary folder)."),
+          sequential_method: List[str] = typer.Option([], help="--sequential: only this method of the digits "
+                                                      "preset (repeatable; default: STAB+MSE white-box, Cohen et al. "
+                                                      "and diffusion (one-shot))."),
           diffusion: bool = typer.Option(False, "--diffusion", help="Only the sampling speed of a diffusion pair "
                                          "beside a DnCNN pair of about the same size (--pair digits or cifar).")):
     """Benchmark certification throughput of one model pair; print a table and write JSON.
@@ -63,7 +67,8 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
         return diffusion_speed(pair, repeats)
     if sequential:
         return sequential_comparison(sequential_images, sequential_home or None,
-                                     "sequential-bench.json" if out == "bench-results.json" else out)
+                                     "sequential-bench.json" if out == "bench-results.json" else out,
+                                     tuple(sequential_method))
     with common.boundary():
         cfg = benchmark.BenchConfig(
             pair=pair, batch_size=batch_size or None, reference_batch_size=reference_batch_size, device=device,
@@ -163,7 +168,7 @@ def _log(line: str) -> None:
     common.errors.print(line, markup=False, highlight=False)
 
 
-def sequential_comparison(images: int, home: str | None, out: str) -> None:
+def sequential_comparison(images: int, home: str | None, out: str, methods: tuple[str, ...] = ()) -> None:
     """Sequential at r against fixed n = 10,000 and 1,000 on the digits demo's models; table, targets, JSON."""
     import json
 
@@ -171,7 +176,8 @@ def sequential_comparison(images: int, home: str | None, out: str) -> None:
     from bench import sequential_jobs
     from dsq.report import tables
 
-    found = sequential_jobs.measure(images, home, log=_log)
+    with common.boundary():
+        found = sequential_jobs.measure(images, home, log=_log, methods=methods or sequential_jobs.METHODS)
     common.console.print(tables.render_table(rules.HEADER, rules.table(found["rows"]), title=(
         f"sequential (max_n {found['max_n']:,}, a look every {found['batch']} samples) against fixed n, "
         f"{images} test digits, alpha {found['alpha']:g}")))
