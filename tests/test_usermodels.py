@@ -245,7 +245,7 @@ def readme_example() -> str:
 
 
 @pytest.mark.e2e
-def test_the_readme_example_runs(tmp_path, joins_local_ray):
+def test_the_readme_example_runs(tmp_path):
     """The README's "Bring your own model" commands, as written, from the repository root."""
     env = {**os.environ, "DSQ_HOME": str(tmp_path / "home"), "DSQ_WORKER_IDLE_SECONDS": "5"}
     env.pop("PYTHONPATH", None)
