@@ -257,8 +257,9 @@ def test_sampler_actors_are_reused_only_for_the_same_models():
 
 
 @pytest.mark.e2e
-def test_four_real_workers_racing_over_sixty_jobs_run_each_exactly_once(db_url, tmp_path, joins_local_ray):
-    """Four `dsq worker --drain` processes share one database (and the session's Ray)."""
+def test_four_real_workers_racing_over_sixty_jobs_run_each_exactly_once(db_url, tmp_path):
+    """Four `dsq worker --drain` processes, each with its own local Ray, share one database. (Not on the session's
+    Ray: there the sampler actors each worker keeps for its next job hold CPUs the other workers wait for.)"""
     from bench.config import PAIRS
     from bench.rayjobs import save_pair
 
