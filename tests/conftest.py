@@ -261,7 +261,7 @@ def local_ray(starts_processes) -> Iterator[str]:
             time.sleep(1)
         yield address
     finally:
-        _stop_group(head)
+        _stop_group(head, grace=5)  # `ray start --block` often outlasts 20 s of SIGTERM; nothing of it is kept
         shutil.rmtree(temp, ignore_errors=True)
 
 
