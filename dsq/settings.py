@@ -5,7 +5,8 @@ never read at import time.
 
 - ``DSQ_HOME``          default ``~/.dsq``; holds ``dsq.db`` and ``artifacts/``
 - ``DSQ_DATABASE_URL``  default ``sqlite:///$DSQ_HOME/dsq.db``
-- ``RAY_ADDRESS``       default: none, a local Ray started in-process
+- ``RAY_ADDRESS``       default: none, a local Ray started in-process (or, with ``DSQ_LOCAL_RAY_ADDRESS``,
+  a Ray already running on this machine, joined instead)
 - ``DSQ_DATA``          default root for dataset folders (cifar10, imagenet)
 - ``DSQ_ARTIFACTS``     artifact store: a directory or ``s3://bucket/prefix``; default ``$DSQ_HOME/artifacts``
 - ``DSQ_S3_ENDPOINT_URL`` an S3-compatible server instead of AWS (MinIO, moto...)

@@ -10,12 +10,14 @@ import multiprocessing.util
 import os
 import pwd
 import shutil
+import signal
 import socket
 import sqlite3
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,7 +191,7 @@ def engine(db_url: str) -> Iterator[Engine]:
 # loopback, token auth off for every driver and node the tests start.
 # ---------------------------------------------------------------------------------------
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ["RAY_AUTH_MODE"] = "disabled"  # the same for every driver and node, whatever the caller's environment
 # Background workers that `dsq submit` starts exit soon after the queue is empty, not minutes later.
 os.environ.setdefault("DSQ_WORKER_IDLE_SECONDS", "10")
 
@@ -203,6 +205,83 @@ def ray_session() -> Iterator[None]:
                  _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
+
+
+def ray_node_ports() -> list[str]:
+    """`ray start` options that put every port of a node on a free one (other Rays may run on this machine)."""
+    names = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "runtime-env-agent-port", "min-worker-port")
+    ports = {name: free_port() for name in names}
+    ports["max-worker-port"] = ports["min-worker-port"] + 40
+    return [f"--{name}={port}" for name, port in ports.items()]
+
+
+READY = """
+import sys, time, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+while not ray.cluster_resources().get("CPU"):
+    time.sleep(0.2)
+"""
+
+
+def _start_head(temp: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    with open(temp / "head.log", "w") as log:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+             "--node-ip-address=127.0.0.1", f"--num-cpus={os.cpu_count()}", "--memory=4000000000",
+             "--object-store-memory=200000000", "--include-dashboard=false", "--disable-usage-stats",
+             f"--temp-dir={temp}", f"--ray-client-server-port={free_port()}", *ray_node_ports()],
+            env=os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True, cwd=temp)
+    return head, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def local_ray(starts_processes) -> Iterator[str]:
+    """The address of one Ray for the whole session, `ray start`ed on this machine like a local Ray (as many CPUs),
+    that the `dsq` processes of the tests which ask for it join (``joins_local_ray``) instead of each starting a
+    local Ray of its own (seconds and hundreds of MB each). Stopped by its process group at the end."""
+    temp = Path(tempfile.mkdtemp(prefix="dsq-ray-"))  # short: Ray's socket paths have a length limit
+    head, address = _start_head(temp)
+    try:
+        deadline = time.monotonic() + 300  # generous: a busy machine starts a node in tens of seconds
+        while True:
+            assert time.monotonic() < deadline, \
+                f"the session's Ray did not start: {(temp / 'head.log').read_text()[-3000:]}"
+            if head.poll() is not None:  # `ray start` gives its raylet 30 s, which a busy machine can exceed: again
+                _stop_group(head)
+                head, address = _start_head(temp)
+            try:
+                if subprocess.run([sys.executable, "-c", READY, address], capture_output=True,
+                                  timeout=120).returncode == 0:
+                    break
+            except subprocess.TimeoutExpired:
+                pass
+            time.sleep(1)
+        yield address
+    finally:
+        _stop_group(head, grace=5)  # `ray start --block` often outlasts 20 s of SIGTERM; nothing of it is kept
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_group(process: subprocess.Popen, grace: float = 20) -> None:
+    """Stop a process started with start_new_session=True and whatever it started: SIGTERM, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.fixture
+def joins_local_ray(local_ray: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The `dsq` processes this test starts join the session's Ray (``local_ray``) instead of starting their own:
+    for tests about the queue, workers and jobs, not about a local Ray's own start and end."""
+    monkeypatch.setenv("DSQ_LOCAL_RAY_ADDRESS", local_ray)
+    return local_ray
 
 
 @pytest.fixture

@@ -175,6 +175,8 @@ TRAIN = ["submit", "train", "--dataset", "digits", "--target", "classifier", "--
 
 @pytest.mark.e2e
 def test_training_through_s3_then_certify_verifies_the_hash(s3, tmp_path):
+    # Not on the session's Ray (joins_local_ray): the trainer actor reads the credentials from its environment,
+    # which a local Ray started by the `dsq` process passes on, and a Ray started before it does not.
     env = {"DSQ_HOME": str(tmp_path), "DSQ_ARTIFACTS": "s3://dsq-test/jobs", "DSQ_S3_ENDPOINT_URL": s3,
            "RAY_AUTH_MODE": "disabled", **CREDENTIALS}
     out = dsq(env, *TRAIN)

@@ -1,6 +1,10 @@
 """The dsq command in-process: a short tour, and every kind of bad input -> one line, exit 2, nothing written."""
 
+import contextlib
+import dataclasses
 import json
+import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,25 +25,47 @@ def home(tmp_path_factory):
 def dsq(home):
     runner = CliRunner()
     database = f"sqlite:///{home / 'dsq.db'}"
+    env = {"DSQ_HOME": str(home), "RAY_ADDRESS": "", "DSQ_WORKER_AUTOSTART": "0"}  # see serving()
 
     def invoke(*args, db=database):
-        return runner.invoke(app, ["--db", db, *map(str, args)], env={"DSQ_HOME": str(home), "RAY_ADDRESS": ""})
+        return runner.invoke(app, ["--db", db, *map(str, args)], env=env)
 
+    invoke.database = database
     return invoke
+
+
+@contextlib.contextmanager
+def serving(database: str, home) -> Iterator[None]:
+    """Within the block a queue worker serves ``database`` from a thread of this process, on the session's Ray
+    (ray_session): `--wait` is served without a background `dsq worker` process and a local Ray of its own."""
+    from dsq.settings import Settings
+    from workers.worker import QueueWorker
+
+    open_database(database).dispose()  # the schema, before the worker and the CLI both look for it
+    worker = QueueWorker(Settings(database_url=database, home=home), log=lambda line: None)
+    thread = threading.Thread(target=worker.run, name="dsq-test-worker", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        worker.stop("the block ended")
+        thread.join(timeout=120)
+    assert not thread.is_alive()
 
 
 @pytest.fixture(scope="module")
 def trained(dsq, home, ray_session):
     """Job 1: a digits classifier; job 2: a certification with its results; job 3: a denoiser."""
-    out = dsq("submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
-              "--objective", "standard", "--sigma", "0", "--epochs", "2", "--name", "f", "--wait")
-    assert out.exit_code == 0, out.output
-    out = dsq("submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25",
-              "--n0", "20", "--n", "200", "--batch-size", "100", "--max-images", "5", "--workers", "2", "--wait")
-    assert out.exit_code == 0, out.output
-    out = dsq("submit", "train", "--dataset", "digits", "--arch", "dncnn", "--objective", "mse",
-              "--arch-kwargs", '{"depth": 3, "width": 8}', "--epochs", "1", "--wait")
-    assert out.exit_code == 0, out.output
+    with serving(dsq.database, home):
+        out = dsq("submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
+                  "--objective", "standard", "--sigma", "0", "--epochs", "2", "--name", "f", "--wait")
+        assert out.exit_code == 0, out.output
+        out = dsq("submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25",
+                  "--n0", "20", "--n", "200", "--batch-size", "100", "--max-images", "5", "--workers", "2", "--wait")
+        assert out.exit_code == 0, out.output
+        out = dsq("submit", "train", "--dataset", "digits", "--arch", "dncnn", "--objective", "mse",
+                  "--arch-kwargs", '{"depth": 3, "width": 8}', "--epochs", "1", "--wait")
+        assert out.exit_code == 0, out.output
     return home
 
 
@@ -151,22 +177,33 @@ def test_resume_of_a_running_job_is_refused(dsq, trained):
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_quick_demo_runs_every_step_end_to_end(tmp_path):
-    """`dsq demo --quick`: every training and certification job of `make demo`, one epoch each, few images."""
+def test_quick_demo_runs_its_experiment_to_the_end_then_prints_and_plots_it(tmp_path, monkeypatch):
+    """`dsq demo --quick` in-process, on 3 of the preset's 20 jobs (classifier f and its rows without a denoiser):
+    it drains its own experiment, prints a table per sigma and the envelope, and writes the curves. All 20 jobs run
+    end to end once in test_worker.py (the demo stopped by SIGTERM, then finished by `dsq worker --drain`)."""
+    from dsq import demo as preset
+
+    full_plan = preset.plan
+
+    def three_jobs(**options):
+        plan = full_plan(**options)
+        kept = [s for s in plan.steps if s.key == "f" or s.meta.get("method") == "no denoiser"]
+        return dataclasses.replace(plan, steps=kept)
+
+    monkeypatch.setattr(preset, "plan", three_jobs)
     home = tmp_path / "demo-home"
     plot = tmp_path / "demo.png"
     out = CliRunner().invoke(app, ["--db", f"sqlite:///{home / 'dsq.db'}", "demo", "--quick", "--max-images", "4",
                                    "--n", "100", "--plot", str(plot)], env={"DSQ_HOME": str(home), "RAY_ADDRESS": ""})
     assert out.exit_code == 0, out.output
-    assert "sigma = 0.25: certified accuracy" in out.output and "envelope across sigma" in out.output
-    for method in ("no denoiser", "MSE", "STAB+MSE white-box", "STAB+MSE black-box", "Cohen et al."):
-        assert method in out.output
+    assert "sigma = 0.25: certified accuracy" in out.output and "sigma = 0.5: certified accuracy" in out.output
+    assert "envelope across sigma" in out.output and "no denoiser" in out.output
     assert "dsq results --experiment digits-demo-" in out.output and plot.stat().st_size > 1000
     engine = open_database(f"sqlite:///{home / 'dsq.db'}")
     with session_scope(engine) as session:
-        finished = [repo.get_job(session, job_id) for job_id in range(1, 21)]
-        assert all(job.status == "succeeded" for job in finished)
-        assert sum(len(repo.results_for_job(session, job.id)) for job in finished if job.kind == "certify") == 40
+        finished = repo.list_jobs(session, limit=100)
+        assert len(finished) == 3 and all(job.status == "succeeded" for job in finished)
+        assert sum(len(repo.results_for_job(session, job.id)) for job in finished if job.kind == "certify") == 8
     engine.dispose()
 
 

@@ -3,48 +3,25 @@ a detached runner drives the job, `--wait` follows it, and `dsq cancel` reaches 
 
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
 import time
 from contextlib import closing
-from pathlib import Path
 
 import pytest
 
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
-from tests.conftest import free_port
 
 DSQ = [sys.executable, "-m", "cli"]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, starts_processes):
-    """A one-node Ray cluster on loopback, stopped by process group at the end."""
-    port = free_port()
-    temp = tmp_path_factory.mktemp("ray")
-    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
-         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--memory=4000000000", "--object-store-memory=200000000",
-         "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 300  # generous: a busy machine starts a node in tens of seconds
-    while subprocess.run(DSQ_CHECK + [address], env=env, capture_output=True).returncode != 0:
-        assert time.monotonic() < deadline and head.poll() is None, "ray head did not start"
-        time.sleep(1)
-    yield address
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-
-
-DSQ_CHECK = [sys.executable, "-c", "import sys; from workers.resources import check_reachable; check_reachable(sys.argv[1])"]
+def cluster(local_ray):
+    """A one-node Ray cluster on loopback: the session's `ray start`ed Ray (conftest's local_ray), here reached as a
+    cluster (RAY_ADDRESS), so that submit starts a detached worker on it instead of a background process."""
+    return local_ray
 
 
 def dsq(home, address, *args, timeout=900):  # deadlines against hangs, generous for a busy machine

@@ -19,7 +19,7 @@ from dsq.kinds import certify
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import free_port, ray_node_ports
 
 RAY = str(Path(sys.executable).parent / "ray")
 # A killed raylet refuses the health check at once, so it is declared dead after about threshold x period; a live
@@ -32,19 +32,11 @@ CERTIFY = ["submit", "certify", "--dataset", "digits", "--classifier", "job:1", 
            "--n", "20000", "--batch-size", "1000", "--max-images", str(IMAGES), "--workers", "2", "--seed", "7"]
 
 
-def node_ports() -> list[str]:
-    names = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
-             "dashboard-agent-grpc-port", "runtime-env-agent-port", "min-worker-port")
-    ports = {name: free_port() for name in names}
-    ports["max-worker-port"] = ports["min-worker-port"] + 40
-    return [f"--{name}={port}" for name, port in ports.items()]
-
-
 def start_node(args, temp) -> subprocess.Popen:
     log = open(Path(temp) / f"node-{len(list(Path(temp).glob('node-*.log')))}.log", "w")
     return subprocess.Popen(
         [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--memory=3000000000",
-         "--object-store-memory=150000000", "--disable-usage-stats", *node_ports(), *args],
+         "--object-store-memory=150000000", "--disable-usage-stats", *ray_node_ports(), *args],
         env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp)
 
 

@@ -17,7 +17,7 @@ from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.denoisers import build_denoiser
 from dsq.errors import InvalidArgument
-from tests.test_cli import dsq, home  # noqa: F401 - the same in-process CLI, with a home of this module's own
+from tests.test_cli import dsq, home, serving  # noqa: F401 - the same in-process CLI and worker, a home of its own
 from dsq.kinds.certify import CertifySpec
 
 CLASSES = ("cat", "dog", "fox")
@@ -51,10 +51,11 @@ def folders(home):
 
 
 @pytest.fixture(scope="module")
-def trained(dsq, folders, ray_session):
+def trained(dsq, home, folders, ray_session):
     """Job 1: a 3-class RGB classifier trained on the 32x32 folder."""
-    out = dsq("submit", "train", "--dataset", f"folder:{folders / 'pets'}", "--target", "classifier",
-              "--arch", "small_cnn", "--objective", "standard", "--sigma", "0", "--epochs", "1", "--wait")
+    with serving(dsq.database, home):
+        out = dsq("submit", "train", "--dataset", f"folder:{folders / 'pets'}", "--target", "classifier",
+                  "--arch", "small_cnn", "--objective", "standard", "--sigma", "0", "--epochs", "1", "--wait")
     assert out.exit_code == 0, out.output
     return 1
 
@@ -72,8 +73,9 @@ def spec_of(home, job_id):
 
 
 def test_a_folder_is_certified_at_its_own_size(dsq, home, folders, trained):
-    out = dsq("submit", "certify", "--dataset", f"folder:{folders / 'pets'}", "--classifier", "job:1", *TINY,
-              "--max-images", "2", "--wait")
+    with serving(dsq.database, home):
+        out = dsq("submit", "certify", "--dataset", f"folder:{folders / 'pets'}", "--classifier", "job:1", *TINY,
+                  "--max-images", "2", "--wait")
     assert out.exit_code == 0, out.output
     job_id = max(job.id for job in jobs_in(home))
     rows = json.loads(dsq("results", job_id, "--format", "json").output)
@@ -82,8 +84,9 @@ def test_a_folder_is_certified_at_its_own_size(dsq, home, folders, trained):
 
 
 def test_grayscale_images_are_converted_for_an_rgb_classifier_and_the_log_says_so(dsq, home, folders, trained):
-    out = dsq("submit", "certify", "--dataset", f"folder:{folders / 'grey'}", "--classifier", "job:1", *TINY,
-              "--max-images", "1", "--wait")
+    with serving(dsq.database, home):
+        out = dsq("submit", "certify", "--dataset", f"folder:{folders / 'grey'}", "--classifier", "job:1", *TINY,
+                  "--max-images", "1", "--wait")
     assert out.exit_code == 0, out.output
     job_id = max(job.id for job in jobs_in(home))
     logs = dsq("logs", job_id).output
@@ -97,8 +100,9 @@ def test_images_of_different_sizes_need_a_size(dsq, home, folders, trained):
     assert out.exit_code == 2 and len(lines) == 1, out.output
     assert "differ in size (32x32 and 40x24): pass --size N" in lines[0]
     assert len(jobs_in(home)) == before  # nothing written
-    out = dsq("submit", "certify", "--dataset", f"folder:{folders / 'mixed'}", "--classifier", "job:1", *TINY,
-              "--size", "16", "--max-images", "1", "--wait")
+    with serving(dsq.database, home):
+        out = dsq("submit", "certify", "--dataset", f"folder:{folders / 'mixed'}", "--classifier", "job:1", *TINY,
+                  "--size", "16", "--max-images", "1", "--wait")
     assert out.exit_code == 0, out.output
     assert spec_of(home, max(job.id for job in jobs_in(home)))["size"] == 16
 

@@ -97,7 +97,7 @@ def reconnects_while_down(server, attempts=5, timeout=180):
             attempts -= 1
 
 
-def test_a_database_restart_mid_job_costs_a_pause_not_the_job(tmp_path, server):
+def test_a_database_restart_mid_job_costs_a_pause_not_the_job(tmp_path, server, joins_local_ray):
     env, url, worker = prepared(tmp_path, server)
     server.stop()
     reconnects_while_down(server)
@@ -112,7 +112,8 @@ def test_a_database_restart_mid_job_costs_a_pause_not_the_job(tmp_path, server):
     assert not any(noise in out + err for noise in NOISE), out + err
 
 
-def test_a_database_gone_for_good_stops_the_worker_in_one_line_and_the_job_resumes_later(tmp_path, server):
+def test_a_database_gone_for_good_stops_the_worker_in_one_line_and_the_job_resumes_later(tmp_path, server,
+                                                                                           joins_local_ray):
     env, url, worker = prepared(tmp_path, server, DSQ_DB_GRACE_SECONDS="5", DSQ_STALE_SECONDS="5")
     before, _ = results(url, 2)
     server.stop()

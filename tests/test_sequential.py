@@ -77,8 +77,13 @@ def sequential_rule(p0, alpha, max_n, final_share=sequential.FINAL_SHARE):
 
 
 def peeking_rule(p0, alpha, max_n):
+    clears = {}  # t -> for each S, whether the fixed-n bound after t samples clears p0 (one array ppf per t)
+
     def decision(s, t):
-        if s and beta.ppf(alpha, s, t - s + 1) >= p0:
+        if t not in clears:
+            successes = np.arange(1, t + 1)
+            clears[t] = np.concatenate([[False], beta.ppf(alpha, successes, t - successes + 1) >= p0])
+        if clears[t][s]:
             return CERTIFIED
         return FUTILE if t == max_n else CONTINUE
     return decision

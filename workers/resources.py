@@ -12,6 +12,10 @@ from dsq import sizing
 from dsq.errors import ClusterUnreachable
 
 NAMESPACE = "dsq"
+# The address of a Ray already running on this machine that a process joins instead of starting its own local Ray
+# (the test suite starts one for all its `dsq` processes). Nothing else changes: no --address is set, so workers,
+# background workers and jobs behave as with a local Ray (README.md, "Running the tests").
+LOCAL_RAY = "DSQ_LOCAL_RAY_ADDRESS"
 
 
 def connect(address: str | None, *, num_cpus: int | None = None) -> None:
@@ -25,6 +29,8 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
     try:
         if address:
             ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+        elif os.environ.get(LOCAL_RAY):  # a Ray of this machine, already running, stands in for the local one
+            ray.init(address=os.environ[LOCAL_RAY], namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE,
                      logging_level="ERROR", log_to_driver=False, _node_ip_address="127.0.0.1")
