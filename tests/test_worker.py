@@ -291,7 +291,7 @@ def test_four_real_workers_racing_over_sixty_jobs_run_each_exactly_once(db_url, 
 
 @pytest.mark.e2e
 def test_sigterm_stops_the_demo_cleanly_and_a_worker_finishes_its_experiment(tmp_path, joins_local_ray):
-    """The suite's one run of the demo's 20 jobs (`dsq demo --quick`, one epoch each, few images): stopped by SIGTERM,
+    """The suite's one run of the demo's 23 jobs (`dsq demo --quick`, one epoch each, few images): stopped by SIGTERM,
     then finished by `dsq worker --drain`. test_cli runs the demo itself to its end on 3 of its jobs."""
     demo = start(tmp_path, "demo", "--quick", "--max-images", "4", "--n", "100", "--plot", tmp_path / "demo.png")
     try:
@@ -313,13 +313,14 @@ def test_sigterm_stops_the_demo_cleanly_and_a_worker_finishes_its_experiment(tmp
               COLUMNS="200")
     assert out.returncode == 0 and "sigma = 0.5: certified accuracy" in out.stdout, out.stderr
     assert "sigma = 0.25: certified accuracy" in out.stdout and "envelope across sigma" in out.stdout
-    for method in ("no denoiser", "MSE", "STAB+MSE white-box", "STAB+MSE black-box", "Cohen et al."):
+    for method in ("no denoiser", "MSE", "STAB+MSE white-box", "STAB+MSE black-box", "Cohen et al.",
+                   "diffusion (one-shot)"):
         assert method in out.stdout
     assert (tmp_path / "exp.png").stat().st_size > 1000
     with session_scope(engine) as session:
         finished = repo.list_jobs(session, limit=100)
-        assert len(finished) == 20 and all(j.status == "succeeded" for j in finished)
-        assert sum(len(repo.results_for_job(session, j.id)) for j in finished if j.kind == "certify") == 40
+        assert len(finished) == 23 and all(j.status == "succeeded" for j in finished)
+        assert sum(len(repo.results_for_job(session, j.id)) for j in finished if j.kind == "certify") == 48
     engine.dispose()
 
 
