@@ -178,8 +178,8 @@ def test_resume_of_a_running_job_is_refused(dsq, trained):
 
 @pytest.mark.usefixtures("ray_session")
 def test_quick_demo_runs_its_experiment_to_the_end_then_prints_and_plots_it(tmp_path, monkeypatch):
-    """`dsq demo --quick` in-process, on 3 of the preset's 20 jobs (classifier f and its rows without a denoiser):
-    it drains its own experiment, prints a table per sigma and the envelope, and writes the curves. All 20 jobs run
+    """`dsq demo --quick` in-process, on 3 of the preset's 23 jobs (classifier f and its rows without a denoiser):
+    it drains its own experiment, prints a table per sigma and the envelope, and writes the curves. All 23 jobs run
     end to end once in test_worker.py (the demo stopped by SIGTERM, then finished by `dsq worker --drain`)."""
     from dsq import demo as preset
 
