@@ -253,5 +253,5 @@ def test_the_readme_example_runs(tmp_path):
     out = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_example()], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith(("│ job 1", "│ job 2"))]
+    rows = [line for line in out.stdout.splitlines() if "(job 1)" in line or "(job 2)" in line]
     assert len(rows) == 2 and rows[0].split("│")[2:] == rows[1].split("│")[2:], out.stdout  # the same radii
