@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import List, Optional
 
 import typer
@@ -71,6 +72,16 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
         if experiment is not None:
             return _experiment(engine, experiment, radius_list, by_sigma, plot, title, interval)
         with session_scope(engine) as session:
+            predicted = views.prediction(session, job)
+        if predicted is not None:
+            given = {"--radii": radii, "--alpha": alpha, "--by-class": by_class or None, "--summary": summary_ or None,
+                     "--ci": interval, "--format tsv": format == "tsv" or None}
+            refused = [option for option, value in given.items() if value is not None]
+            if refused:
+                raise InvalidArgument(f"job {job} is a PREDICT job (a class or an abstain per image, no radius): "
+                                      f"{refused[0]} does not apply")
+            return _prediction(job, *predicted, format)
+        with session_scope(engine) as session:
             [report] = views.report_jobs(session, [job])
             sequential = views.sequential_costs(session, job)
             radius_list = radius_list or views.table_radii(session, [report])
@@ -103,6 +114,27 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
         title = (f"{report.label}: {tables.accuracy_title(interval)}, {len(report.rows)} images"
                  + (" (partial)" if report.partial else ""))
         show(table, title, format)
+
+
+def _prediction(job: int, found: list[dict], api: bool, partial: str | None, format: str) -> None:
+    """A PREDICT job's answers: per image in csv and json, a table and its summary otherwise."""
+    from dsq.report import predictions
+
+    if partial:
+        common.say(partial, err=True)
+    if format in ("csv", "json"):
+        text = json.dumps(found, indent=1) if format == "json" else exports.records_to_csv(found)
+        typer.echo(text, nl=not text.endswith("\n"))
+        return
+    rows, notes = predictions.text_rows(found), predictions.summary_lines(found, api=api)
+    if format == "markdown":
+        typer.echo(exports.to_markdown(predictions.HEADER, rows, notes=notes), nl=False)
+    elif format == "latex":
+        typer.echo(exports.to_latex(predictions.HEADER, rows, caption=f"job {job}: PREDICT", notes=notes), nl=False)
+    else:
+        common.console.print(tables.render_table(predictions.HEADER, rows, title=f"job {job}: PREDICT"))
+        for note in notes:
+            common.say(note)
 
 
 def show(table: summary.Table, title: str, format: str, *, images: bool = False) -> None:

@@ -109,7 +109,9 @@ def train(ctx: typer.Context,
 
 @app.command()
 def certify(ctx: typer.Context,
-            dataset: str = typer.Option(..., help="digits, cifar10, imagenet or folder."),
+            dataset: Optional[str] = typer.Option(None, help="digits, cifar10, imagenet or folder."),
+            input: List[str] = typer.Option([], "--input", help="An image file to certify (repeatable; no label); "
+                                            "instead of --dataset."),
             size: Optional[int] = typer.Option(None, metavar="N", help=SIZE_HELP),
             classes: Optional[str] = typer.Option(None, metavar="A,B,C", help=CLASSES_HELP),
             classifier: str = typer.Option(..., help="Base classifier: " + MODEL_HELP),
@@ -143,7 +145,7 @@ def certify(ctx: typer.Context,
     from dsq.kinds.certify import CertifySpec
 
     launch(ctx, lambda: CertifySpec(
-        dataset=dataset, classifier=absolute(classifier), denoiser=absolute(denoiser), sigma=sigma, n0=n0,
+        dataset=dataset, inputs=tuple(absolute(path) for path in input), classifier=absolute(classifier), denoiser=absolute(denoiser), sigma=sigma, n0=n0,
         n=specs.given_n(n, max_n, radius, DEFAULT_N), alpha=alpha, radius=radius, max_n=max_n,
         batch_size=batch_size, split=split, skip=skip, max_images=max_images, seed=seed, workers=workers,
         precision=precision, compile=compile, size=size, classes=class_list(classes), data_root=data_root, name=name,
@@ -151,6 +153,80 @@ def certify(ctx: typer.Context,
             classifier=(absolute(classifier), absolute(classifier_weights), classifier_args, mean, std),
             denoiser=(absolute(denoiser), absolute(denoiser_weights), denoiser_args, None, None))),
         wait, priority, tuple(after))
+
+
+PREDICT_N = 1_000  # PREDICT's default n: a clear-cut image answers well below it, and it costs 1% of certify's n
+
+
+@app.command()
+def predict(ctx: typer.Context,
+            classifier: Optional[str] = typer.Option(None, help="White-box base classifier: " + MODEL_HELP),
+            provider: Optional[str] = typer.Option(None, help="A vision API instead: aws, google, azure or clarifai "
+                                                   "(its top label is f; see dsq submit certify-api)."),
+            dataset: Optional[str] = typer.Option(None, help="digits, cifar10, imagenet or folder:PATH."),
+            input: List[str] = typer.Option([], "--input", help="An image file to predict (repeatable); "
+                                            "instead of --dataset."),
+            denoiser: Optional[str] = typer.Option(None, help="Denoiser in front of f: " + MODEL_HELP),
+            sigma: float = typer.Option(..., help="Noise level in [0,1] pixel units."),
+            n: int = typer.Option(PREDICT_N, help="Noisy samples (or queries) per image."),
+            alpha: float = typer.Option(0.001, help="Level of the binomial test: the chance of a wrong answer "
+                                        "(rather than an abstain) is at most alpha per image."),
+            size: Optional[int] = typer.Option(None, metavar="N", help=SIZE_HELP + " Also resizes --input files."),
+            classes: Optional[str] = typer.Option(None, metavar="A,B,C", help=CLASSES_HELP),
+            classifier_weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP.format("classifier")),
+            classifier_args: Optional[str] = typer.Option(None, help=ARGS_HELP.format("classifier")),
+            mean: Optional[str] = typer.Option(None, help=MEAN_HELP),
+            std: Optional[str] = typer.Option(None, help="Standard deviations to go with --mean."),
+            batch_size: Optional[int] = typer.Option(None, help="White-box: samples per forward pass (default: "
+                                                     "chosen for the hardware)."),
+            workers: Optional[int] = typer.Option(None, help="White-box: sampler actors sharing each image."),
+            precision: str = typer.Option("fp32", help="White-box: fp32, or bf16/fp16 autocast."),
+            endpoint: Optional[str] = typer.Option(None, help="API: vendor, embedded or HOST:PORT (dsq submit "
+                                                   "certify-api --help)."),
+            max_queries: Optional[int] = typer.Option(None, help="API: query budget of the job (all its runs)."),
+            price_per_1000: Optional[float] = typer.Option(None, help="API: USD per 1,000 queries."),
+            split: str = "test", skip: int = 1, max_images: Optional[int] = None, seed: int = 0,
+            data_root: Optional[str] = None, name: Optional[str] = None,
+            priority: int = typer.Option(0, help=PRIORITY_HELP),
+            after: List[int] = typer.Option([], help=AFTER_HELP),
+            wait: bool = typer.Option(False, help=WAIT_HELP)):
+    """PREDICT (Cohen et al.): each image's smoothed class, or an abstain, from n noisy samples; no radius."""
+    import os
+
+    from dsq.errors import InvalidArgument
+
+    def spec_of():
+        if (classifier is None) == (provider is None):
+            raise InvalidArgument("give --classifier (a white-box model) or --provider (a vision API), one of them")
+        shared = dict(sigma=sigma, dataset=dataset, inputs=tuple(absolute(path) for path in input),
+                      denoiser=absolute(denoiser), n0=0, n=n, alpha=alpha, split=split, skip=skip,
+                      max_images=max_images, size=size, classes=class_list(classes), seed=seed,
+                      data_root=data_root, name=name, predict=True)
+        if provider is not None:
+            white_box = {"--classifier-weights": classifier_weights, "--classifier-args": classifier_args,
+                         "--mean": mean, "--std": std, "--batch-size": batch_size, "--workers": workers,
+                         "--precision": None if precision == "fp32" else precision}
+            given = [option for option, value in white_box.items() if value is not None]
+            if given:
+                raise InvalidArgument(f"{given[0]} applies to a white-box --classifier, not to --provider")
+            from dsq.kinds import certify_api
+
+            where = certify_api.default_endpoint(provider, os.environ) if endpoint is None else endpoint
+            return certify_api.ApiCertifySpec(provider=provider, endpoint=None if where == "vendor" else where,
+                                              max_queries=max_queries, price_per_1000=price_per_1000, **shared)
+        api = {"--endpoint": endpoint, "--max-queries": max_queries, "--price-per-1000": price_per_1000}
+        given = [option for option, value in api.items() if value is not None]
+        if given:
+            raise InvalidArgument(f"{given[0]} applies to --provider (a vision API), not to a white-box --classifier")
+        from dsq.kinds.certify import CertifySpec
+
+        return CertifySpec(
+            classifier=absolute(classifier), batch_size=batch_size, workers=workers, precision=precision,
+            models=model_options(
+                classifier=(absolute(classifier), absolute(classifier_weights), classifier_args, mean, std)),
+            **shared)
+
+    launch(ctx, spec_of, wait, priority, tuple(after))
 
 
 def parse_json(text: str, option: str = "--arch-kwargs") -> dict:

@@ -119,16 +119,28 @@ def _samples_drawn(name: str, drawn: int | None, counts: np.ndarray) -> int:
 def predict_counts(counts, *, alpha: float) -> int:
     """PREDICT from vote counts: the top class if a two-sided binomial test
     of its count against the runner-up rejects equality at level alpha."""
+    return prediction_test(counts, alpha=alpha)[0]
+
+
+def prediction_test(counts, *, alpha: float) -> tuple[int, float]:
+    """PREDICT's ``(prediction or ABSTAIN, p-value)``: nA against nB, the two largest counts, under Binomial(nA + nB,
+    1/2). Ties go to the lowest class index (and abstain, since their p-value is 1)."""
     from scipy.stats import binomtest
 
     counts = np.asarray(counts, dtype=np.int64)
     order = np.argsort(-counts, kind="stable")
-    n_a = int(counts[order[0]])
+    n_a = int(counts[order[0]]) if len(counts) else 0
     n_b = int(counts[order[1]]) if len(counts) > 1 else 0
     if n_a + n_b == 0:
-        return ABSTAIN
-    p_value = binomtest(n_a, n_a + n_b, 0.5).pvalue
-    return int(order[0]) if p_value <= alpha else ABSTAIN
+        return ABSTAIN, 1.0
+    p_value = float(binomtest(n_a, n_a + n_b, 0.5).pvalue)
+    return (int(order[0]) if p_value <= alpha else ABSTAIN), p_value
+
+
+def min_predict_n(alpha: float) -> int:
+    """The smallest n for which PREDICT can answer at level alpha: n of n votes give p-value 2 / 2^n <= alpha."""
+    checks.probability("alpha", alpha)
+    return max(1, math.ceil(math.log2(2 / alpha) - 1e-12))
 
 
 def sum_counts(shard_counts: Iterable[Sequence[int]]) -> np.ndarray:

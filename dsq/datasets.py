@@ -67,7 +67,7 @@ from torch.utils.data import Dataset, TensorDataset
 from PIL import Image
 
 from dsq import checks
-from dsq.errors import DatasetMissing, InvalidArgument, UnknownName
+from dsq.errors import DatasetMissing, InvalidArgument, UnknownName, UnreadableImage
 
 SPLITS = ("train", "test")
 DATA_ENV = "DSQ_DATA"
@@ -81,7 +81,7 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights of PIL's convert("L")
-GREY_MODES = ("1", "L", "I;16", "I", "F")  # PIL modes read as one grey channel (as dsq.apis.base.load_image)
+GREY_MODES = ("1", "L", "I;16", "I", "F")  # PIL modes read as one grey channel (as load_image_file)
 DIGITS_TEST_EVERY = 5  # within each class, positions 0, 5, 10, ... are test images
 
 
@@ -486,6 +486,62 @@ def _folder_classes(folder: str) -> list[str]:
     if not classes:
         raise DatasetMissing(f"no class subfolders in {folder}: expected ImageFolder layout (FOLDER/CLASS/IMAGE)")
     return classes
+
+
+class InputImages(Dataset):
+    """Image files given one by one (``--input``), in their order: ``(image, None)``, no label.
+
+    Each is read when asked for (``load_image_file``), resized and center-cropped to ``size`` when given, and
+    converted to ``channels`` (1 or 3) when given, as the registered datasets convert theirs.
+    """
+
+    def __init__(self, paths: tuple[str, ...], size: int | None = None, channels: int | None = None):
+        _check_channels(channels)
+        self.paths, self.size, self.channels = tuple(paths), size, channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, None]:
+        x = load_image_file(self.paths[index], self.size)
+        if self.channels == 3 and x.shape[0] == 1:
+            x = x.repeat(3, 1, 1)
+        elif self.channels == 1 and x.shape[0] == 3:
+            x = torch.tensordot(torch.tensor(LUMA), x, dims=1)[None]
+        return x, None
+
+
+def load_image_file(path: str, size: int | None = None) -> torch.Tensor:
+    """An image file as [C, H, W] in [0, 1] (grey stays 1 channel, anything else RGB).
+
+    UnreadableImage names the file when it is missing, not an image, or a float image with a non-finite pixel.
+    """
+    from PIL import UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise UnreadableImage(f"{path}: file not found")
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            check_finite(picture, path)
+            picture = picture.convert("L") if picture.mode in GREY_MODES else picture.convert("RGB")
+    except InvalidArgument as error:  # a float image with NaN or inf pixels: this image is refused
+        raise UnreadableImage(str(error)) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise UnreadableImage(f"{path}: not a readable image ({checks.first_line(error)})") from None
+    if size is not None:
+        picture = _resize_center_crop(picture, size)
+    pixels = np.asarray(picture, dtype=np.float32) / 255.0
+    pixels = pixels[None] if pixels.ndim == 2 else np.transpose(pixels, (2, 0, 1))
+    return torch.from_numpy(np.ascontiguousarray(pixels))
+
+
+def _resize_center_crop(picture: Image.Image, size: int) -> Image.Image:
+    width, height = picture.size
+    ratio = size / min(width, height)
+    picture = picture.resize((max(size, round(width * ratio)), max(size, round(height * ratio))), Image.BILINEAR)
+    left, top = (picture.width - size) // 2, (picture.height - size) // 2
+    return picture.crop((left, top, left + size, top + size))
 
 
 def _open_image(path: str, mode: str) -> Image.Image:

@@ -30,10 +30,24 @@ def job_dataset(spec, root: str | None, channels: int | None):
     if channels not in (None, 1, 3):
         raise InvalidArgument(f"the model takes {channels}-channel images; dsq converts images to 1 (grayscale) or "
                               f"3 (RGB) channels only")
+    if spec.inputs:  # each file keeps its own channels until converted; no note for a list of files
+        return datasets.InputImages(spec.inputs, spec.size, channels), None
     own = datasets.image_channels(spec.dataset, spec.split, root=root)
     dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size, channels=channels,
                                    classes=spec.classes)
     return dataset, datasets.channel_note(spec.dataset, own, channels)
+
+
+def images(spec, root: str | None):
+    """The job's images as they are stored (a dataset split, or its input files), before any conversion."""
+    if spec.inputs:
+        return datasets.InputImages(spec.inputs, spec.size)
+    return datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size, classes=spec.classes)
+
+
+def where(spec) -> str:
+    """The job's images in a message: its dataset, or its input files."""
+    return spec.dataset or f"the input files ({len(spec.inputs)})"
 
 
 class ResizeTo(torch.nn.Module):
@@ -87,18 +101,19 @@ def notes(model: torch.nn.Module, x: torch.Tensor | None = None) -> list[str]:
 def takes_images(models: list[torch.nn.Module], x: torch.Tensor, spec) -> int:
     """``sampling.check_image`` of f o D (``models``: f, then D if any), its refusal naming the channels and size
     of the dataset's images."""
-    resizable = spec.size is None and (spec.dataset.startswith("folder") or spec.dataset == "imagenet")
+    resizable = spec.size is None and (bool(spec.inputs) or spec.dataset.startswith("folder")
+                                       or spec.dataset == "imagenet")
     hint = "; --size N resizes them" if resizable else ""
     for model in models[1:]:
         if hasattr(model, "check_images"):  # a diffusion model takes the channels and size it was trained at
             try:
-                model.check_images(x.shape[0], x.shape[1], x.shape[2], spec.dataset)
+                model.check_images(x.shape[0], x.shape[1], x.shape[2], where(spec))
             except InvalidArgument as error:
                 raise InvalidArgument(f"{error}{hint}") from None
     try:
         return sampling.check_image(chain(*models), x)
     except InvalidArgument as error:
-        raise InvalidArgument(f"{error} (the images of {spec.dataset} are {x.shape[0]}-channel, "
+        raise InvalidArgument(f"{error} (the images of {where(spec)} are {x.shape[0]}-channel, "
                               f"{x.shape[2]}x{x.shape[1]}{hint})") from None
 
 

@@ -109,6 +109,19 @@ def check_common(spec, kind: str) -> None:
         checks.positive_int("size", spec.size)
 
 
+def input_files(dataset, inputs) -> tuple[str, ...]:
+    """A spec's ``inputs`` as a tuple of paths: either a dataset or image files, not both and not neither."""
+    if isinstance(inputs, str) or not isinstance(inputs, (list, tuple)):
+        raise InvalidArgument(f"inputs must be a list of image file paths, got {inputs!r}")
+    if bool(dataset) == bool(inputs):
+        raise InvalidArgument("give either a dataset or a list of input images, not both and not neither")
+    if dataset is not None and not isinstance(dataset, str):
+        raise InvalidArgument(f"dataset must be a name, got {dataset!r}")
+    if any(not isinstance(path, str) or not path for path in inputs):
+        raise InvalidArgument("every input must be a file path")
+    return tuple(inputs)
+
+
 def check_classes(spec) -> None:
     """``spec.classes``: a folder dataset's class order, distinct names (label i is ``classes[i]``); None leaves it
     to the folder (its class folders sorted by name, recorded at submit). Whether they name the folder's classes
@@ -157,6 +170,10 @@ def check_certification(spec) -> None:
     """
     from dsq import bounds  # numpy and scipy.special: only certification specs need them
 
+    if not isinstance(spec.predict, bool):
+        raise InvalidArgument(f"predict must be true or false, got {spec.predict!r}")
+    if spec.predict:
+        return check_prediction(spec)
     bounds.validate(sigma=spec.sigma, n0=spec.n0, n=spec.n, alpha=spec.alpha, batch_size=1)
     check_sigma_scale(spec.sigma)
     if spec.radius is None:
@@ -183,9 +200,35 @@ def check_certification(spec) -> None:
                               f"(such a job could only spend samples); lower --radius or raise --max-n")
 
 
+def check_prediction(spec) -> None:
+    """A PREDICT spec (``spec.predict``): n samples at level alpha, no selection phase (n0 = 0) and no radius.
+
+    n of n votes for one class give the two-sided binomial p-value 2 / 2^n; an n whose p-value can never reach
+    alpha could only abstain, and is refused.
+    """
+    from dsq import bounds
+
+    if spec.radius is not None or spec.max_n is not None:
+        raise InvalidArgument("PREDICT certifies no radius: --radius and --max-n belong to certification "
+                              "(dsq submit certify)")
+    if spec.n0 != 0:
+        raise InvalidArgument(f"PREDICT draws no selection samples: n0 must be 0, got {spec.n0!r}")
+    bounds.validate(sigma=spec.sigma, n0=1, n=spec.n, alpha=spec.alpha, batch_size=1)
+    check_sigma_scale(spec.sigma)
+    smallest = bounds.min_predict_n(spec.alpha)
+    if spec.n < smallest:
+        raise InvalidArgument(f"n = {spec.n} samples can only abstain at alpha {spec.alpha:g} (even {spec.n} of "
+                              f"{spec.n} votes leave a p-value above alpha); the smallest n that can answer is "
+                              f"{smallest}")
+
+
 def reach(spec) -> str:
-    """One line on what a (valid) certification spec can certify."""
+    """One line on what a (valid) certification or PREDICT spec can answer."""
     from dsq import bounds, sequential
+
+    if spec.predict:
+        return (f"PREDICT: {spec.n:,} samples per image; an image gets the top class when a binomial test of it "
+                f"against the runner-up rejects a tie at alpha {spec.alpha:g}, else abstains (no radius)")
 
     if spec.radius is not None:
         largest = sequential.max_sequential_radius(spec.max_n, spec.alpha, spec.sigma)

@@ -14,7 +14,7 @@ from dsq import jobqueue, specs
 from dsq.db import repo
 from dsq.db.models import Job
 from dsq.errors import InvalidArgument, JobStateError
-from dsq.report import accuracy, envelopes, summary, tables
+from dsq.report import accuracy, envelopes, predictions, summary, tables
 from dsq.text import escape_controls, safe
 
 
@@ -103,7 +103,7 @@ def _duration(seconds: float) -> str:
 
 def show(session: Session, job: Job) -> list[str]:
     """Lines for ``dsq show``: the spec, what the job waits for or produced, its models and their metrics."""
-    lines = [f"job {job.id}: {job.kind}, {job.status}" + (f", name {escape_controls(job.name)}" if job.name else ""),
+    lines = [f"job {job.id}: {kind_label(job)}, {job.status}" + (f", name {escape_controls(job.name)}" if job.name else ""),
              f"created {job.created_at:%Y-%m-%d %H:%M:%S} UTC, priority {job.priority}, attempts {job.attempts}"
              + (f", experiment {escape_controls(job.experiment)}" if job.experiment else "")]
     if (job.meta or {}).get("overrides"):
@@ -157,9 +157,14 @@ def _metrics_text(metrics: dict | None) -> str:
 def job_rows(session: Session, jobs: list[Job], now: datetime, stale_after: timedelta) -> list[list[str]]:
     """Rows for ``dsq jobs``: id, kind, name, state, priority, progress, created."""
     alive = bool(jobqueue.live_workers(session, stale_after, now=now))
-    return [[str(job.id), job.kind, safe(job.name or ""), state(session, job, now, stale_after, alive),
+    return [[str(job.id), kind_label(job), safe(job.name or ""), state(session, job, now, stale_after, alive),
              str(job.priority), f"{job.progress_done}/{job.progress_total}", f"{job.created_at:%Y-%m-%d %H:%M:%S}"]
             for job in jobs]
+
+
+def kind_label(job: Job) -> str:
+    """A job's kind as the CLI shows it: PREDICT is a mode of ``certify`` and ``certify_api``, said beside them."""
+    return f"{job.kind} (PREDICT)" if predictions.is_prediction(job.spec) else job.kind
 
 
 def labelled_results(session: Session, job_ids) -> list[tuple[str, list]]:
@@ -206,6 +211,9 @@ def report_jobs(session: Session, job_ids) -> list[summary.Job]:
 
 
 def _results(session: Session, job: Job) -> list:
+    if predictions.is_prediction(job.spec):  # its rows have no radius: no certified-accuracy table may count them
+        raise JobStateError(f"job {job.id} is a PREDICT job: a class or an abstain per image, no radius to "
+                            f"compare (dsq results {job.id} shows its answers)")
     rows = accuracy.as_results(repo.results_for_job(session, job.id))
     if not rows and job.kind == "train":
         raise JobStateError(f"job {job.id} is a training: it has a model, not certified images "
@@ -389,3 +397,15 @@ def partial_note(session: Session, job_id: int, stored: int) -> str | None:
         return None
     return (f"partial: {stored} of {job.progress_total} images, job {job.status}"
             + ("" if job.finished else "; the numbers will change"))
+
+
+def prediction(session: Session, job_id: int) -> tuple[list[dict], bool, str | None] | None:
+    """A PREDICT job's per-image answers (``predictions.records``), whether an API gave them, and its partial
+    note; None for any other job."""
+    job = repo.get_job(session, job_id)
+    if not predictions.is_prediction(job.spec):
+        return None
+    rows = repo.results_for_job(session, job_id)
+    if not rows:
+        raise JobStateError(f"job {job_id} has no results yet (status {job.status})")
+    return predictions.records(rows, job.spec), job.kind == "certify_api", partial_note(session, job_id, len(rows))

@@ -10,6 +10,7 @@ goes on from there.
 Sequential mode (a target radius): an image first asks its clean and n0 selection queries, then its
 estimation queries in batches of ``QUERY_BATCH``, in sample order, one batch at a time, until the test
 decides; the queries it needed are the ones it is billed for (fewer when answers are stored already).
+PREDICT: the clean query and the n estimation queries, then a label or an abstain.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def run(engine, settings, job_id: int, spec, control) -> None:
         repo.add_log(session, job_id, f"{spec.provider} ({service}): {len(todo)} images to certify, "
                                       f"{paid} queries paid so far; qps {limits.qps:g}, burst {limits.burst}, "
                                       f"concurrency {limits.concurrency}")
-    kind = SequentialApiLoop if spec.sequential else ApiLoop
+    kind = SequentialApiLoop if spec.sequential else PredictApiLoop if spec.predict else ApiLoop
     loop = kind(engine, settings, job_id, spec, source, denoiser, actor, paid=paid,
                 window=2 * limits.concurrency, done=len(source.indices) - len(todo), control=control)
     loop.run(todo)
@@ -258,3 +259,14 @@ class SequentialApiLoop(ApiLoop):
             alpha=spec.alpha, sigma=spec.sigma, max_n=spec.max_n, batch=QUERY_BATCH)
         self._record(work, result, {"mode": "sequential", "target_radius": spec.radius, "max_n": spec.max_n,
                                     "batch": QUERY_BATCH})
+
+
+class PredictApiLoop(ApiLoop):
+    """PREDICT over the API's labels: the clean query and n noisy ones (those of certification's estimation
+    phase, so stored answers serve both), then a label or an abstain."""
+
+    def _finish(self, work: ImageWork) -> None:
+        del self.images[work.index]
+        result, p_value = labels.predict_labels(work.top(labels.CLEAN)[0], work.top(labels.ESTIMATION),
+                                                alpha=self.spec.alpha, sigma=self.spec.sigma)
+        self._record(work, result, {"mode": "predict", "p_value": p_value})

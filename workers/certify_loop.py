@@ -3,6 +3,7 @@
 Fixed n: each phase of an image is cut into a shard per actor; the image is certified once all are in.
 Sequential (a target radius): the selection shards as with a fixed n, then estimation batches, one
 batch per task, decided in batch order (``dsq.sequential.Stream``) until the test stops.
+PREDICT: one phase of n samples, cut into a shard per actor, then Cohen et al.'s binomial test.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from dsq import datasets, pipeline, references, sampling, sequential, sizing, smoothing
+from dsq import bounds, pipeline, references, sampling, sequential, sizing, smoothing
 from dsq.db import repo
 from dsq.db.session import session_scope
 from dsq.kinds import certify
@@ -33,7 +34,7 @@ SHARD_RETRY_SECONDS = 180.0  # how long a shard lost with its actor is tried aga
 @dataclass
 class ImageState:
     index: int
-    label: int
+    label: int | None
     x: object
     shards_left: int
     started: float = field(default_factory=time.perf_counter)
@@ -52,8 +53,7 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
                    if spec.denoiser else None]
         done = repo.done_image_indices(session, job_id)
     root = settings.data_root_of(spec)
-    dataset = datasets.get_dataset(spec.dataset, spec.split, root=root, size=spec.size, classes=spec.classes)
-    plan = pipeline.image_plan(spec, dataset)
+    plan = pipeline.image_plan(spec, pipeline.images(spec, root))
     todo = collections.deque(i for i in plan if i not in done)
     if not todo:
         return
@@ -79,7 +79,7 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
                     repo.add_log(session, job_id, line)
         probe = ray.get(actors[0].memory_probe.remote(dataset[todo[0]][0], options.get("num_gpus", 1.0)))
         spec = _size_job(engine, job_id, spec, workers, threads, probe)
-        kind = SequentialLoop if spec.sequential else CertifyLoop
+        kind = SequentialLoop if spec.sequential else PredictLoop if spec.predict else CertifyLoop
         loop = kind(engine, job_id, control, spec, dataset, actors, len(plan) - len(todo), len(plan),
                     model=probe["model"])
         loop.run(todo)
@@ -133,7 +133,8 @@ class CertifyLoop(JobLoop):
     def _open(self, index: int) -> None:
         x, label = self.dataset[index]
         shards = self._shards()
-        self.images[index] = ImageState(index, int(label), ray.put(x), len(shards))
+        label = None if label is None else int(label)  # input files have no label
+        self.images[index] = ImageState(index, label, ray.put(x), len(shards))
         with session_scope(self.engine) as session:
             repo.upsert_work_unit(session, self.job_id, repo.image_unit(index), status="running")
         self.queue.extend((index, shard, None) for shard in shards)
@@ -277,3 +278,19 @@ class SequentialLoop(CertifyLoop):
         cert = sequential.to_certificate(state.stream.test, smoothing.sum_counts(state.counts[sampling.SELECTION]),
                                          state.stream.counts, n0=spec.n0, sigma=spec.sigma, radius=spec.radius)
         self._store(state, cert, device, extra=certify.sequential_extra(spec))
+
+
+class PredictLoop(CertifyLoop):
+    """PREDICT: n samples of the prediction phase per image, then a class or an abstain (no radius)."""
+
+    def _shards(self) -> list[sampling.Shard]:
+        return sampling.plan_shards(self.spec.n, self.spec.batch_size, len(self.actors), sampling.PREDICTION)
+
+    def _finish(self, state: ImageState, device: str) -> None:
+        spec = self.spec
+        counts = smoothing.sum_counts(state.counts[sampling.PREDICTION])
+        prediction, p_value = bounds.prediction_test(counts, alpha=spec.alpha)
+        answer = bounds.Certificate(prediction=prediction, radius=0.0, p_lower=0.0,
+                                    counts_selection=np.zeros(0, dtype=np.int64), counts_estimation=counts,
+                                    n0=0, n=spec.n, alpha=spec.alpha, sigma=spec.sigma)
+        self._store(state, answer, device, extra=certify.predict_extra(p_value))

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from dsq import checks, datasets, sampling
+from dsq import datasets, sampling
 from dsq.apis.labels import CLEAN, ESTIMATION, SELECTION
-from dsq.errors import InvalidArgument, NonFiniteOutput, UnreadableImage
+from dsq.errors import InvalidArgument, NonFiniteOutput
 
 # Noisy copies denoised per forward pass: 50 images of 224x224 keep the denoiser's activations to a few
 # hundred MB on a CPU, and queries go out while the next batch is denoised.
@@ -133,27 +133,5 @@ def image_queries(x: torch.Tensor, denoiser: torch.nn.Module | None, *, sigma: f
 
 
 def load_image(path: str, size: int | None = None) -> torch.Tensor:
-    """An image file as [C, H, W] in [0, 1] (grey stays 1 channel, anything else RGB)."""
-    try:
-        with Image.open(path) as picture:
-            picture.load()
-            datasets.check_finite(picture, path)
-            picture = picture.convert("L") if picture.mode in ("1", "L", "I;16", "I", "F") else picture.convert("RGB")
-    except InvalidArgument as error:  # a float image with NaN or inf pixels: this image is refused
-        raise UnreadableImage(str(error)) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        reason = checks.first_line(error)
-        raise UnreadableImage(f"{path}: not a readable image ({reason})") from None
-    if size is not None:
-        picture = _resize_center_crop(picture, size)
-    pixels = np.asarray(picture, dtype=np.float32) / 255.0
-    pixels = pixels[None] if pixels.ndim == 2 else np.transpose(pixels, (2, 0, 1))
-    return torch.from_numpy(np.ascontiguousarray(pixels))
-
-
-def _resize_center_crop(picture: Image.Image, size: int) -> Image.Image:
-    width, height = picture.size
-    ratio = size / min(width, height)
-    picture = picture.resize((max(size, round(width * ratio)), max(size, round(height * ratio))), Image.BILINEAR)
-    left, top = (picture.width - size) // 2, (picture.height - size) // 2
-    return picture.crop((left, top, left + size, top + size))
+    """An image file as [C, H, W] in [0, 1] (grey stays 1 channel, anything else RGB); UnreadableImage if not."""
+    return datasets.load_image_file(path, size)

@@ -66,6 +66,19 @@ def certify_labels(clean_label: str, selection: Sequence[str], estimation: Seque
     return ApiCertificate(cert, labels, clean_label)
 
 
+def predict_labels(clean_label: str, estimation: Sequence[str], *, alpha: float,
+                   sigma: float) -> tuple[ApiCertificate, float]:
+    """PREDICT from the top labels of the n noisy queries: ``(answer, p-value)``; the answer has no radius and its
+    ``p_lower`` is 0 (``bounds.prediction_test``). Ties go to the smallest label, as ``top_label``'s do."""
+    labels = sorted({clean_label, *estimation})
+    position = {label: i for i, label in enumerate(labels)}
+    counts = np.bincount([position[label] for label in estimation], minlength=len(labels))
+    prediction, p_value = bounds.prediction_test(counts, alpha=alpha)
+    cert = bounds.Certificate(prediction=prediction, radius=0.0, p_lower=0.0, counts_selection=np.zeros_like(counts),
+                              counts_estimation=counts, n0=0, n=len(estimation), alpha=alpha, sigma=sigma)
+    return ApiCertificate(cert, labels, clean_label), p_value
+
+
 def selection_winner(clean_label: str, selection: Sequence[str]) -> str:
     """cA as ``certify_labels`` picks it: the most frequent selection label, ties to the smallest label."""
     labels = sorted({clean_label, *selection})

@@ -64,7 +64,9 @@ def _recertify_row(session: Session, row, alpha: float) -> dict:
 
     tops = (top(digests["clean"]), [top(d) for d in digests[labels.SELECTION]],
             [top(d) for d in digests[labels.ESTIMATION]])
-    if extra.get("mode") == "sequential":  # the test again at this alpha, on the batches stored; never a fixed-n bound
+    if extra.get("mode") == "predict":
+        result, _ = labels.predict_labels(tops[0], tops[2], alpha=alpha, sigma=row.sigma)
+    elif extra.get("mode") == "sequential":  # the test again at this alpha, on the batches stored; never a fixed-n bound
         result = labels.certify_labels_at_radius(*tops, radius=extra["target_radius"], alpha=alpha, sigma=row.sigma,
                                                  max_n=extra["max_n"], batch=extra["batch"])
     else:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from dsq import checks, specs
 from dsq.db import repo
-from dsq.errors import InvalidArgument
+from dsq.errors import InvalidArgument, UnreadableImage
 from dsq.settings import Settings
 
 if TYPE_CHECKING:
@@ -24,11 +24,13 @@ if TYPE_CHECKING:
 DEFAULT_N = 100_000  # Cohen et al.'s n: certifies up to ~4 sigma at alpha 0.001 (bounds.max_radius)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CertifySpec(specs.TargetRadiusMode):
-    """Certify the smoothed classifier f o D on a deterministic subset of a dataset."""
+    """Certify the smoothed classifier f o D on a deterministic subset of a dataset or on image files; or, with
+    ``predict``, give its PREDICT answer (a class or an abstain per image, no radius)."""
 
-    dataset: str
+    dataset: str | None = None
+    inputs: tuple[str, ...] = ()  # image files instead of a dataset: image i is the i-th file, with no label
     classifier: str
     sigma: float
     denoiser: str | None = None
@@ -47,12 +49,14 @@ class CertifySpec(specs.TargetRadiusMode):
     max_n: int | None = None  # sequential: the most estimation samples per image (None: n)
     classes: tuple[str, ...] | None = None  # a folder's class order (None: sorted)
     size: int | None = None  # resize and center-crop images to size x size (None: a folder's own size)
+    predict: bool = False  # Cohen et al.'s PREDICT: n samples (no selection, n0 = 0), a class or an abstain
     data_root: str | None = None
     name: str | None = None
     models: dict = field(default_factory=dict)  # the user's own models' options: {reference: {weights, args, ...}}
     kind: str = "certify"
 
     def __post_init__(self):
+        object.__setattr__(self, "inputs", specs.input_files(self.dataset, self.inputs))
         specs.check_common(self, "certify")
         specs.check_classes(self)
         specs.check_certification(self)
@@ -84,6 +88,8 @@ def check(session: Session, spec: CertifySpec, settings: Settings) -> int:
     from dsq import datasets, pipeline, references  # torch: only a submission loads models
 
     root = settings.data_root_of(spec)
+    if spec.inputs:
+        return _check_inputs(session, spec, settings)
     info = datasets.dataset_info(spec.dataset, root=root, size=spec.size)
     if all(references.available(session, r) for r in spec.references()):
         models = [references.load(session, r, settings, role, spec.models.get(r), sigma=spec.sigma)
@@ -97,6 +103,31 @@ def check(session: Session, spec: CertifySpec, settings: Settings) -> int:
         raise InvalidArgument(f"the classifier has {outputs} outputs but dataset {spec.dataset} has "
                               f"{info.num_classes} classes: its labels and the predictions would not match")
     return len(pipeline.image_plan(spec, dataset))
+
+
+def _check_inputs(session: Session, spec: CertifySpec, settings: Settings) -> int:
+    """Every input file reads as an image of one shape (``--size`` makes it so), which f o D takes when its models
+    exist now; work = the files the job covers."""
+    from dsq import datasets, pipeline, references
+
+    files = datasets.InputImages(spec.inputs, spec.size)
+    plan = pipeline.image_plan(spec, files)
+    shapes = {}
+    for index in plan:
+        try:
+            shapes.setdefault(tuple(files[index][0].shape[1:]), spec.inputs[index])
+        except UnreadableImage as error:
+            raise InvalidArgument(str(error)) from None
+    if len(shapes) > 1:
+        (a, first), (b, second) = list(shapes.items())[:2]
+        raise InvalidArgument(f"the input images differ in size ({first} is {a[1]}x{a[0]}, {second} is "
+                              f"{b[1]}x{b[0]}); --size N resizes and center-crops them all to NxN")
+    if all(references.available(session, r) for r in spec.references()):
+        models = [references.load(session, r, settings, role, spec.models.get(r), sigma=spec.sigma)
+                  for r, role in spec.model_roles()]
+        dataset, _ = pipeline.job_dataset(spec, None, pipeline.model_channels(*models))
+        pipeline.takes_images(models, dataset[plan[0]][0], spec)
+    return len(plan)
 
 
 def demand(spec: CertifySpec, cluster: dict) -> dict:
@@ -126,6 +157,12 @@ def record_certificate(session: Session, job_id: int, image_index: int, label: i
         n0=cert.n0, n=cert.n, alpha=cert.alpha, sigma=cert.sigma, seconds=seconds, worker=worker, device=device,
         extra=extra or None)
     repo.upsert_work_unit(session, job_id, repo.image_unit(image_index), status="done", worker=worker)
+
+
+def predict_extra(p_value: float) -> dict:
+    """What a PREDICT result carries in ``extra``: its mode and the binomial test's p-value (it has no radius, and
+    its ``p_lower`` is 0)."""
+    return {"mode": "predict", "p_value": p_value}
 
 
 def sequential_extra(spec) -> dict:

@@ -74,12 +74,13 @@ class ApiCertifySpec(specs.TargetRadiusMode):
     seed: int = 0
     radius: float | None = None  # a target radius: sequential certification (dsq.specs.check_certification)
     max_n: int | None = None  # sequential: the most estimation queries per image (None: n)
+    predict: bool = False  # Cohen et al.'s PREDICT over the API's labels: n queries (n0 = 0), a label or an abstain
     data_root: str | None = None
     name: str | None = None
     kind: str = "certify_api"
 
     def __post_init__(self):
-        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "inputs", specs.input_files(self.dataset, self.inputs))
         if self.provider not in providers.PROVIDERS:
             raise UnknownName(f"unknown provider {self.provider!r}; expected one of {', '.join(providers.PROVIDERS)}")
         specs.check_common(self, "certify_api")
@@ -91,7 +92,8 @@ class ApiCertifySpec(specs.TargetRadiusMode):
 
     @property
     def queries_per_image(self) -> int:
-        """n0 selection + n estimation queries (at most max_n in sequential mode) + the clean query."""
+        """n0 selection + n estimation queries (at most max_n in sequential mode; n0 = 0 for PREDICT) + the clean
+        query."""
         return self.n0 + self.most_n + 1
 
     def references(self) -> tuple[str, ...]:
@@ -107,10 +109,6 @@ class ApiCertifySpec(specs.TargetRadiusMode):
         return dataclasses.replace(self, max_queries=max_queries)
 
     def _check_images(self):
-        if bool(self.dataset) == bool(self.inputs):
-            raise InvalidArgument("give either a dataset or a list of input images, not both and not neither")
-        if any(not isinstance(path, str) or not path for path in self.inputs):
-            raise InvalidArgument("every input must be a file path")
         if self.split not in ("train", "test"):
             raise InvalidArgument(f"split must be train or test, got {self.split!r}")
         checks.positive_int("skip", self.skip)
@@ -229,7 +227,7 @@ def estimate(spec: ApiCertifySpec, images: int) -> Estimate:
     """Upper bound on queries, cost and a lower bound on time (answers already stored cost nothing)."""
     price = price_of(spec.to_dict())
     qps = ratelimit.limits_for(spec.provider, spec.qps, spec.burst, spec.concurrency).qps
-    per_image = "n0 + max n + 1" if spec.sequential else "n0 + n + 1"
+    per_image = "n0 + max n + 1" if spec.sequential else "n + 1" if spec.predict else "n0 + n + 1"
     return Estimate(images, images * spec.queries_per_image, spec.max_queries, price, qps, per_image)
 
 
