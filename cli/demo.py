@@ -21,7 +21,8 @@ def demo(ctx: typer.Context,
          n: int = typer.Option(1000, help="Estimation samples per image."),
          quick: bool = typer.Option(False, "--quick", help="One epoch per model: checks the pipeline, not the numbers.")):
     """Train f, denoisers and Cohen's classifiers on digits, certify them all, compare (jobs run side by side)."""
-    from dsq import demo as preset, experiments, views
+    from cli import results
+    from dsq import demo as preset, experiments
     from dsq.db.session import session_scope
     from dsq.report import plots
     from workers import resources, worker
@@ -55,15 +56,11 @@ def demo(ctx: typer.Context,
         failed = {job_id: status for job_id, status in summary.ran.items() if status != "succeeded"}
         if failed:
             raise DsqError(f"demo jobs did not succeed: {failed}; see dsq logs JOB")
-        with session_scope(engine) as session:
-            runs = views.experiment_runs(session, name)
-            radii = views.experiment_radii(session, name)
-        for table in views.experiment_tables(runs, radii, by_sigma=True):
-            common.console.print(table)
-        for note in views.experiment_notes(runs, radii) + ([preset.QUICK_NOTE] if quick else []):
-            common.say(note)
-        everything = [(label, rows) for found in runs.values() for _, label, rows in found]
-        plots.plot_curves(everything, plot, title="dsq demo: digits, certified accuracy vs L2 radius")
+        # the tables of `dsq results --experiment NAME --by-sigma`, printed by the same code
+        jobs = results.print_experiment(engine, name, None, by_sigma=True,
+                                        notes=[preset.QUICK_NOTE] if quick else [])
+        plots.plot_curves([(job.label, job.rows) for job in jobs], plot,
+                          title="dsq demo: digits, certified accuracy vs L2 radius")
     common.console.print(f"curves written to {plot}")
     common.console.print(f"demo finished in {time.monotonic() - started:.0f} s; "
                          f"query it again with: dsq results --experiment {name} --by-sigma")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import typer
 
@@ -41,8 +41,9 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
             alpha: Optional[float] = typer.Option(None, help="certify-api: re-certify offline from the stored "
                                                   "answers at this alpha (no query is sent)."),
             experiment: Optional[str] = typer.Option(None, help="The paper's table of an experiment: per method, "
-                                                     "the envelope across sigma."),
-            by_sigma: bool = typer.Option(False, help="--experiment: also one table per sigma."),
+                                                     "the envelope across sigma (ACR, abstain rate; --by-class, "
+                                                     "--ci; csv and json: every table's rows, with their table)."),
+            by_sigma: bool = typer.Option(False, help="--experiment: also one table per sigma, first."),
             by_class: bool = typer.Option(False, "--by-class", help=BY_CLASS_HELP),
             summary_: bool = typer.Option(False, "--summary", help="--format csv|json: the table's numbers instead "
                                           "of the per-image rows."),
@@ -61,7 +62,10 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
         if (summary_ or by_class) and format not in SUMMARY_FORMATS:
             raise InvalidArgument(f"--summary and --by-class print a table: --format {', '.join(SUMMARY_FORMATS)}, "
                                   f"not {format}")
-        tabled = format in SUMMARY_FORMATS and (format in TABLE_FORMATS or summary_ or by_class)
+        _check_experiment_options(experiment, format, alpha, by_sigma)
+        # an experiment has no per-image rows to export: its csv and json are its tables' numbers
+        tabled = format in SUMMARY_FORMATS and (format in TABLE_FORMATS or summary_ or by_class
+                                                or experiment is not None)
         interval = _interval(ci, ci_alpha)
         if interval is not None and not tabled:
             raise InvalidArgument(f"--ci applies to the tables ({', '.join(TABLE_FORMATS)}, or csv and json with "
@@ -70,7 +74,14 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
         radius_list = None if radii is None else accuracy.parse_radii(radii)
         engine = common.database(common.settings(ctx))
         if experiment is not None:
-            return _experiment(engine, experiment, radius_list, by_sigma, plot, title, interval)
+            jobs = print_experiment(engine, experiment, radius_list, by_sigma=by_sigma, by_class=by_class,
+                                    ci=interval, format=format)
+            if plot:
+                curves = [plots.Curve(job.label, job.rows, job.method, job.sigma, job.target) for job in jobs]
+                plots.plot_curves(curves, plot, title=title or f"{experiment}: certified accuracy vs L2 radius",
+                                  ci=interval)
+                _written(plot, format)
+            return
         with session_scope(engine) as session:
             predicted = views.prediction(session, job)
         if predicted is not None:
@@ -137,17 +148,12 @@ def _prediction(job: int, found: list[dict], api: bool, partial: str | None, for
             common.say(note)
 
 
-def show(table: summary.Table, title: str, format: str, *, images: bool = False) -> None:
+def show(table: summary.Table, title: str, format: str, *, images: bool = False, first: str = "job") -> None:
     """A table on the terminal, as Markdown or LaTeX to paste into a paper, or as CSV or JSON; and its notes."""
-    if format == "json":
-        typer.echo(exports.table_to_json(title, table.radii, summary.records(table), table.notes))
+    if format in ("csv", "json"):
+        _show_records(table, summary.records(table), title, format)
         return
-    if format == "csv":
-        typer.echo(exports.records_to_csv(summary.records(table)), nl=False)
-        for note in table.notes:  # the data stays a clean CSV
-            common.say(note, err=True)
-        return
-    header, rows = summary.header(table, images=images), summary.text_rows(table, images=images)
+    header, rows = summary.header(table, first=first, images=images), summary.text_rows(table, images=images)
     if format == "markdown":
         typer.echo(exports.to_markdown(header, rows, notes=table.notes), nl=False)
     elif format == "latex":
@@ -156,6 +162,11 @@ def show(table: summary.Table, title: str, format: str, *, images: bool = False)
         common.console.print(tables.render_table(header, rows, title=title))
         for note in table.notes:
             common.say(note)
+
+
+def _written(plot: str, format: str) -> None:
+    """Say where the curves went: on stderr beside data or text to paste (csv, json, markdown, latex)."""
+    common.say(f"curves written to {plot}", err=format != "table")
 
 
 def _interval(ci: bool, ci_alpha: float | None) -> float | None:
@@ -173,20 +184,63 @@ def _check_plot(plot: str | None, title: str | None) -> None:
         plots.plot_format(plot)
 
 
-def _experiment(engine, name: str, radii, by_sigma: bool, plot: str | None, title: str | None,
-                ci: float | None) -> None:
+def _check_experiment_options(experiment: str | None, format: str, alpha: float | None, by_sigma: bool) -> None:
+    """Refuse what an experiment's tables cannot do, and --by-sigma without an experiment."""
+    if experiment is None:
+        if by_sigma:
+            raise InvalidArgument("--by-sigma splits an experiment's table: give --experiment NAME")
+        return
+    if format not in SUMMARY_FORMATS:
+        raise InvalidArgument(f"--experiment prints tables: --format {', '.join(SUMMARY_FORMATS)}, not {format} "
+                              f"(per-image rows: dsq results JOB --format {format})")
+    if alpha is not None:
+        raise InvalidArgument("--alpha re-certifies one certify-api job: give its id, not --experiment")
+
+
+def print_experiment(engine, name: str, radii: list[float] | None, *, by_sigma: bool, by_class: bool = False,
+                     ci: float | None = None, format: str = "table", notes: Sequence[str] = ()) -> list[summary.Job]:
+    """An experiment's tables in ``format`` (``views.experiment_tables``), as ``dsq compare`` prints a table; its
+    notes (and ``notes``) once after them on the terminal. Returns its jobs, for the curves."""
     with session_scope(engine) as session:
-        runs = views.experiment_runs(session, name)
-        radii = radii or views.experiment_radii(session, name)
-    for table in views.experiment_tables(runs, radii, by_sigma=by_sigma, ci=ci):
-        common.console.print(table)
-    for note in views.experiment_notes(runs, radii):
-        common.say(note)
-    if plot:
-        curves = [plots.Curve(label, rows, method, sigma) for method, found in runs.items()
-                  for sigma, label, rows in found]
-        plots.plot_curves(curves, plot, title=title or f"{name}: certified accuracy vs L2 radius", ci=ci)
-        common.say(f"curves written to {plot}")
+        jobs = views.experiment_jobs(session, name)
+        radii = radii or views.table_radii(session, jobs)
+    warning = views.image_warning(jobs)
+    if warning:
+        common.say(warning, err=True)
+    shown = views.experiment_tables(jobs, radii, by_sigma=by_sigma, by_class=by_class, ci=ci)
+    # the envelope table, last, holds every job: its notes are the experiment's (the others' repeat them in part)
+    everything = [*shown[-1].table.notes, *notes]
+    if format in ("csv", "json"):  # one data set: each row says its table
+        records = [{"table": part.key, **record} for part in shown for record in summary.records(part.table)]
+        _show_records(summary.Table(list(radii), [], everything), records,
+                      f"experiment {name}: {tables.accuracy_title(ci)}", format)
+    else:
+        _show_tables(shown, format, everything)
+    return jobs
+
+
+def _show_tables(shown: list[views.ExperimentTable], format: str, notes: list[str]) -> None:
+    """Tables one after the other, ``notes`` under the last. On a terminal the others have none (they would repeat);
+    in Markdown and LaTeX each keeps its own and its title, as a pasted table is read alone."""
+    for k, part in enumerate(shown):
+        last = k == len(shown) - 1
+        own = notes if last else [] if format == "table" else part.table.notes
+        if format == "markdown":
+            typer.echo(f"**{part.title}**\n")
+        show(part.table._replace(notes=own), part.title, format, first="method")
+        if not last and format != "table":
+            typer.echo("")
+
+
+def _show_records(table: summary.Table, records: list[dict], title: str, format: str) -> None:
+    """A table's records (``summary.records``, of one table or several) as CSV (its notes on stderr) or as one JSON
+    object with its title, radii and notes."""
+    if format == "json":
+        typer.echo(exports.table_to_json(title, table.radii, records, table.notes))
+        return
+    typer.echo(exports.records_to_csv(records), nl=False)
+    for note in table.notes:  # the data stays a clean CSV
+        common.say(note, err=True)
 
 
 def compare(ctx: typer.Context, job_ids: List[int] = typer.Argument(..., help="Job ids."),
@@ -221,4 +275,4 @@ def compare(ctx: typer.Context, job_ids: List[int] = typer.Argument(..., help="J
         if plot:
             curves = [plots.Curve(job.label, job.rows, job.method, job.sigma, job.target) for job in jobs]
             plots.plot_curves(curves, plot, title=title or "certified accuracy", envelope=envelope, ci=interval)
-            common.say(f"curves written to {plot}")
+            _written(plot, format)

@@ -6,7 +6,9 @@ answer at once.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy.orm import Session
 
@@ -271,10 +273,11 @@ def stored_radii(session: Session, job_ids) -> list[float] | None:
 
 
 def table_radii(session: Session, jobs: list[summary.Job]) -> list[float]:
-    """Default radii: the experiment file's, else from 0 to the largest radius the jobs can certify."""
+    """Default radii: the experiment file's (with every sequential job's target: the one radius it answers), else
+    from 0 to the largest radius the jobs can certify."""
     stored = stored_radii(session, [job.job_id for job in jobs])
     if stored:
-        return stored
+        return sorted({*stored, *(job.target for job in jobs if job.target is not None)})
     return summary.auto_radii([job.cap for job in jobs if job.cap is not None],
                               [job.target for job in jobs if job.target is not None], accuracy.DEFAULT_RADII)
 
@@ -304,11 +307,16 @@ def sequential_summary(label: str, rows, target: float, unit: str, costs: list[i
 
 def envelope_groups(jobs: list[summary.Job]) -> list[tuple[str, list[summary.Job]]]:
     """(label, jobs) per method of several jobs: what ``--envelope`` adds (one job is its own envelope)."""
+    return [(f"envelope: {method}" if method else "envelope", group) for method, group in by_method(jobs).items()
+            if len(group) > 1]
+
+
+def by_method(jobs: list[summary.Job]) -> dict[str, list[summary.Job]]:
+    """The jobs of each method, in the order of their first job."""
     groups: dict[str, list[summary.Job]] = {}
     for job in jobs:
         groups.setdefault(job.method, []).append(job)
-    return [(f"envelope: {method}" if method else "envelope", group) for method, group in groups.items()
-            if len(group) > 1]
+    return groups
 
 
 def envelope_warning(jobs: list[summary.Job]) -> str:
@@ -330,24 +338,32 @@ def image_warning(runs: list[summary.Job]) -> str | None:
             + f" ({len(common)} in common)")
 
 
-def comparison(labelled, radii, *, title: str, ci: float | None = None, first: str = "job"):
-    """A rich table: a row per (label, rows); ``first`` names the label column."""
-    return tables.render_table(tables.compare_header(radii, first), tables.compare_table(labelled, radii, ci=ci),
-                               title=title)
+class ExperimentTable(NamedTuple):
+    """One table of an experiment: its key in CSV and JSON rows (``sigma=0.25``, ``envelope``), its title, and the
+    ``summary.Table`` every format prints."""
+
+    key: str
+    title: str
+    table: summary.Table
 
 
-def experiment_runs(session: Session, experiment: str) -> dict[str, list[tuple[float, str, list]]]:
-    """Per method of an experiment, its certify jobs with results: (sigma, label, rows), by sigma."""
-    runs: dict[str, list] = {}
-    for job in _experiment_jobs(session, experiment):
-        rows = accuracy.as_results(repo.results_for_job(session, job.id))
-        meta = job.meta or {}
-        if rows:
-            runs.setdefault(meta.get("method", job.name or f"job {job.id}"), []).append(
-                (meta.get("sigma", job.spec.get("sigma")), job.name or f"job {job.id}", rows))
-    if not runs:
+def experiment_jobs(session: Session, experiment: str) -> list[summary.Job]:
+    """An experiment's certifications with results, as ``report_jobs`` reports them (label, sequential target, cap,
+    partial note), with the method and sigma of its file; by method (in the order of their first job), then sigma.
+
+    A job submitted with ``--experiment`` but not from a file has no method there: its name without its sigma is.
+    """
+    found = [job for job in _experiment_jobs(session, experiment) if repo.count_results(session, job.id).stored]
+    if not found:
         raise JobStateError(f"experiment {experiment!r} has no results yet")
-    return {method: sorted(found, key=lambda run: run[0]) for method, found in runs.items()}
+    jobs = []
+    for job, report in zip(found, report_jobs(session, [job.id for job in found])):
+        meta = job.meta or {}
+        sigma = meta.get("sigma", report.sigma)
+        jobs.append(report._replace(method=meta.get("method", report.method),
+                                    sigma=None if sigma is None else float(sigma)))
+    return [job for group in by_method(jobs).values()
+            for job in sorted(group, key=lambda job: math.inf if job.sigma is None else job.sigma)]
 
 
 def _experiment_jobs(session: Session, experiment: str) -> list[Job]:
@@ -359,35 +375,33 @@ def _experiment_jobs(session: Session, experiment: str) -> list[Job]:
     return sorted(jobs, key=lambda j: j.id)
 
 
-def experiment_radii(session: Session, experiment: str) -> list[float]:
-    """An experiment's radii: its file's (stored with its jobs), else up to the largest its jobs can certify."""
-    jobs = _experiment_jobs(session, experiment)
-    caps = [_cap(job.spec or {}) for job in jobs]
-    return (stored_radii(session, [job.id for job in jobs])
-            or summary.auto_radii([cap for cap in caps if cap is not None], (), accuracy.DEFAULT_RADII))
+def experiment_tables(jobs: list[summary.Job], radii, *, by_sigma: bool = False, by_class: bool = False,
+                      ci: float | None = None) -> list[ExperimentTable]:
+    """The paper's table (a row per method: its envelope across sigma), after a table per sigma on request.
 
-
-def experiment_notes(runs: dict, radii) -> list[str]:
-    """The notes under an experiment's tables (``summary.notes``): how uncertain a percentage is on few images."""
-    return summary.notes([summary.Job(label, rows) for found in runs.values() for _, label, rows in found], radii, [])
-
-
-def experiment_tables(runs: dict, radii, *, by_sigma: bool = False, ci: float | None = None) -> list:
-    """The paper's table (per method, the envelope across sigma), and per-sigma tables on request.
-
-    ``ci`` (an alpha) adds Clopper-Pearson intervals over the images to every cell.
+    Rows are labelled by method, as in the paper; a sequential job's keeps its mark. Each is a ``summary.Table``
+    as ``dsq compare`` builds it (ACR, abstain rate, classes, not-answered and capped cells, partial jobs). The
+    envelope table, last, holds every job: its notes are the experiment's.
     """
-    shown = []
     what = tables.accuracy_title(ci)
+    shown = []
     if by_sigma:
-        for sigma in sorted({s for found in runs.values() for s, _, _ in found}):
-            labelled = [(method, rows) for method, found in runs.items() for s, _, rows in found if s == sigma]
-            shown.append(comparison(labelled, radii, title=f"sigma = {sigma:g}: {what}", ci=ci, first="method"))
-    envelope = [tables.envelope_row([(label, rows) for _, label, rows in found], radii, label=safe(method), ci=ci)
-                for method, found in runs.items()]
-    shown.append(tables.render_table(tables.compare_header(radii, "method"), envelope,
-                                     title=f"envelope across sigma: best {what}"))
+        for sigma in sorted({job.sigma for job in jobs if job.sigma is not None}):
+            rows = [job._replace(label=_method_label(job.method, [job])) for job in jobs if job.sigma == sigma]
+            shown.append(ExperimentTable(f"sigma={sigma:g}", f"sigma = {sigma:g}: {what}",
+                                         summary.build(rows, radii, ci=ci, by_class=by_class)))
+    envelopes = [(_method_label(method, group), group) for method, group in by_method(jobs).items()]
+    shown.append(ExperimentTable("envelope", f"envelope across sigma: best {what}",
+                                 summary.build([], radii, ci=ci, by_class=by_class, envelopes=envelopes)))
     return shown
+
+
+def _method_label(method: str, jobs: list[summary.Job]) -> str:
+    """A method's row label, marked as ``report_jobs`` marks a sequential job when every job of the row is one."""
+    targets = {job.target for job in jobs}
+    if None in targets:
+        return method
+    return f"{method} (sequential, r = {', '.join(f'{t:g}' for t in sorted(targets))})"
 
 
 def partial_note(session: Session, job_id: int, stored: int) -> str | None:

@@ -107,28 +107,61 @@ def class_lines(job: Job, radii: Sequence[float], ci: float | None = None) -> li
                      klass=c) for c in sorted({x.label for x in results})]
 
 
-def envelope_line(jobs: Sequence[Job], radii: Sequence[float], label: str, ci: float | None = None) -> Line:
-    """The best job at each radius among those that answer it (first of equals); ACR the best job's."""
-    lines = [job_line(job, radii, ci) for job in jobs]
+def envelope_line(jobs: Sequence[Job], radii: Sequence[float], label: str, ci: float | None = None, *,
+                  klass: int | None = None) -> Line:
+    """The best job at each radius among those that answer it (first of equals); ACR the best job's.
+
+    The abstain rate is a job's, not a radius's: only an envelope of one job has one. With ``klass``, the envelope
+    of the jobs' images of that class.
+    """
+    lines = [job_line(job, radii, ci) if klass is None else
+             job_line(job, radii, ci, rows=[x for x in as_results(job.rows) if x.label == klass], klass=klass)
+             for job in jobs]
     cells = []
     for j in range(len(radii)):
         answered = [line.cells[j] for line in lines if line.cells[j] is not None]
         cells.append(max(answered, key=lambda c: c.accuracy) if answered else None)
     acrs = [line.acr for line in lines if line.acr is not None]
-    sizes = sorted({len(job.rows) for job in jobs})
+    sizes = sorted({int(line.images) for line in lines})
     images = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
-    return Line(label, images, cells, max(acrs) if acrs else None, None, any(line.partial for line in lines))
+    return Line(label, images, cells, max(acrs) if acrs else None, lines[0].abstain if len(lines) == 1 else None,
+                any(line.partial for line in lines), klass)
+
+
+def class_envelope_lines(jobs: Sequence[Job], radii: Sequence[float], label: str,
+                         ci: float | None = None) -> list[Line]:
+    """An envelope line per class among the jobs' images (a class some job lacks: the envelope of those that have
+    it)."""
+    classes = sorted({x.label for job in jobs for x in as_results(job.rows)})
+    lines = []
+    for c in classes:
+        having = [job for job in jobs if any(x.label == c for x in as_results(job.rows))]
+        lines.append(envelope_line(having, radii, f"{label}: class {c}", ci, klass=c))
+    return lines
 
 
 def build(jobs: Sequence[Job], radii: Sequence[float], *, ci: float | None = None, by_class: bool = False,
           envelopes: Sequence[tuple[str, Sequence[Job]]] = ()) -> Table:
-    """The table of ``jobs`` at ``radii``: their lines (and their classes'), then one per envelope, and its notes."""
+    """The table of ``jobs`` at ``radii``: their lines (and their classes'), then one per envelope (and its
+    classes'), and its notes, which cover the jobs of the envelopes too (an experiment's table may have no other)."""
     lines = []
     for job in jobs:
         lines.append(job_line(job, radii, ci))
         lines += class_lines(job, radii, ci) if by_class else []
-    lines += [envelope_line(group, radii, label, ci) for label, group in envelopes]
-    return Table(list(radii), lines, notes(jobs, radii, lines))
+    for label, group in envelopes:
+        lines.append(envelope_line(group, radii, label, ci))
+        lines += class_envelope_lines(group, radii, label, ci) if by_class else []
+    return Table(list(radii), lines, notes(_distinct([*jobs, *(job for _, group in envelopes for job in group)]),
+                                           radii, lines))
+
+
+def _distinct(jobs: Sequence[Job]) -> list[Job]:
+    """Each job once (by identity: a Job holds lists, so it cannot be hashed), in order."""
+    found: list[Job] = []
+    for job in jobs:
+        if not any(job is seen for seen in found):
+            found.append(job)
+    return found
 
 
 def notes(jobs: Sequence[Job], radii: Sequence[float], lines: Sequence[Line]) -> list[str]:
