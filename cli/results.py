@@ -271,7 +271,7 @@ def compare(ctx: typer.Context, job_ids: List[int] = typer.Argument(..., help="J
         if envelope and not groups:
             common.say(views.envelope_warning(jobs), err=True)
         table = summary.build(jobs, radius_list, ci=interval, by_class=by_class, envelopes=groups)
-        show(table, tables.accuracy_title(interval), format, images=format == "table")
+        show(table, tables.accuracy_title(interval), format, images=True)  # in every format: how many images
         if plot:
             curves = [plots.Curve(job.label, job.rows, job.method, job.sigma, job.target) for job in jobs]
             plots.plot_curves(curves, plot, title=title or "certified accuracy", envelope=envelope, ci=interval)

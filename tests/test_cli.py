@@ -224,7 +224,8 @@ def test_exports_carry_every_column_and_tables_paste_into_a_paper(dsq, trained):
     assert header[:6] == ["image_index", "label", "prediction", "radius", "correct", "seconds"] and "p_lower" in header
     markdown = dsq("compare", 2, 2, "--radii", "0,0.25", "--envelope", "--format", "markdown").output
     table, notes = markdown.split("\n\n")
-    assert table.splitlines()[:2] == ["| job | r = 0 | r = 0.25 | ACR | abstain % |", "|---|---|---|---|---|"]
+    assert table.splitlines()[:2] == ["| job | images | r = 0 | r = 0.25 | ACR | abstain % |",
+                                       "|---|---|---|---|---|---|"]
     assert len(table.splitlines()) == 5 and "5 images" in notes  # two rows and their envelope; few images
     latex = dsq("results", 2, "--radii", "0,0.25", "--format", "latex").output
     assert "\\begin{tabular}{lrrrr}" in latex and "certified accuracy \\% (clean)" in latex

@@ -48,8 +48,17 @@ def dsq(home, *args):
 
 def markdown_rows(output):
     """label -> its certified accuracy cells (the ACR and abstain columns and the notes below the table left out)."""
-    return {line.split(" | ")[0][2:]: line.strip("| ").split(" | ")[1:-2]
-            for line in output.split("\n\n")[0].splitlines()[2:]}
+    lines = output.split("\n\n")[0].splitlines()
+    header = lines[0].strip("| ").split(" | ")
+    radii = [i for i, name in enumerate(header) if name.startswith("r = ")]
+    return {line.split(" | ")[0][2:]: [line.strip("| ").split(" | ")[i] for i in radii] for line in lines[2:]}
+
+
+def markdown_images(output: str) -> dict[str, str]:
+    """label -> its images column, in a markdown table that has one."""
+    lines = output.split("\n\n")[0].splitlines()
+    column = lines[0].strip("| ").split(" | ").index("images")
+    return {line.split(" | ")[0][2:]: line.strip("| ").split(" | ")[column] for line in lines[2:]}
 
 
 def test_envelope_is_per_method_and_warns_of_different_images(home):
@@ -59,6 +68,10 @@ def test_envelope_is_per_method_and_warns_of_different_images(home):
     assert rows["envelope: MSE"] == ["60.0 (60.0)", "60.0 (60.0)", "40.0 (40.0)"]
     assert rows["envelope: Cohen"] == ["80.0 (80.0)", "80.0 (80.0)", "50.0 (50.0)"]
     assert rows["Cohen s=0.5"] == ["50.0 (50.0)", "50.0 (50.0)", "50.0 (50.0)"] and len(rows) == 6
+    assert markdown_images(out.stdout) == {"MSE s=0.25": "10", "MSE s=0.5": "10", "Cohen s=0.25": "10",
+                                           "Cohen s=0.5": "6", "envelope: MSE": "10", "envelope: Cohen": "6-10"}
+    latex = dsq(home, "compare", 1, 4, "--radii", "0.5", "--format", "latex").stdout
+    assert "job & images & r = 0.5" in latex, latex
     assert out.stderr.strip() == ("warning: jobs certified different images: job 1 has 10, job 2 has 10, "
                                   "job 3 has 10, job 4 has 6 (6 in common)")
     table = dsq(home, "compare", 1, 2, 3, 4, "--envelope", "--radii", "0.5")

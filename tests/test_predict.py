@@ -241,10 +241,11 @@ def test_predict_through_a_vision_api_reuses_certifications_answers(world, emula
     assert shown.exit_code == 0 and "agree with the API's answer on the clean image" in shown.output, shown.output
 
 
-def test_predict_through_the_cli_with_wait(world, monkeypatch):
-    """``dsq submit predict --wait`` on a white-box classifier: the job id, a worker in this process, success."""
+def test_predict_through_the_cli(world, monkeypatch):
+    """``dsq submit predict`` on a white-box classifier and an image file: checked, queued, then run."""
     config, engine, f, files = world
     monkeypatch.setenv("DSQ_WORKER_AUTOSTART", "0")
+    monkeypatch.setenv("DSQ_HOME", str(config.home))
     out = runner.invoke(app, ["--db", config.database_url, "submit", "predict", "--classifier", f"job:{f}",
                               "--sigma", "0.25", "--input", files[1], "--n", "50"])
     assert out.exit_code == 0, out.output

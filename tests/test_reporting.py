@@ -90,12 +90,14 @@ def rows_of(text: str, format: str) -> dict[str, list]:
         return {row["label"]: row for row in json.loads(text)["rows"]}
     if format == "csv":
         return {row["label"]: row for row in csv.DictReader(io.StringIO(text))}
-    if format == "markdown":
-        lines = text.split("\n\n")[0].splitlines()[2:]
-        return {line.split(" | ")[0][2:]: line.strip("| ").split(" | ")[1:] for line in lines}
+    if format == "markdown":  # the images column (compare's) left out, as in the other formats' cells read here
+        lines = text.split("\n\n")[0].splitlines()
+        keep = [i for i, name in enumerate(lines[0].strip("| ").split(" | ")) if i and name != "images"]
+        return {line.split(" | ")[0][2:]: [line.strip("| ").split(" | ")[i] for i in keep] for line in lines[2:]}
     if format == "latex":
-        lines = [line for line in text.splitlines() if line.endswith(r" \\") and "&" in line][1:]
-        return {line.split(" & ")[0]: line[:-3].split(" & ")[1:] for line in lines}
+        lines = [line for line in text.splitlines() if line.endswith(r" \\") and "&" in line]
+        keep = [i for i, name in enumerate(lines[0][:-3].split(" & ")) if i and name != "images"]
+        return {line.split(" & ")[0]: [line[:-3].split(" & ")[i] for i in keep] for line in lines[1:]}
     cells = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.count("│") > 2]
     return {row[0]: row[1:] for row in cells}
 
