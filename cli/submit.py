@@ -109,9 +109,7 @@ def train(ctx: typer.Context,
 
 @app.command()
 def certify(ctx: typer.Context,
-            dataset: Optional[str] = typer.Option(None, help="digits, cifar10, imagenet or folder."),
-            input: List[str] = typer.Option([], "--input", help="An image file to certify (repeatable; no label); "
-                                            "instead of --dataset."),
+            dataset: str = typer.Option(..., help="digits, cifar10, imagenet or folder."),
             size: Optional[int] = typer.Option(None, metavar="N", help=SIZE_HELP),
             classes: Optional[str] = typer.Option(None, metavar="A,B,C", help=CLASSES_HELP),
             classifier: str = typer.Option(..., help="Base classifier: " + MODEL_HELP),
@@ -145,7 +143,7 @@ def certify(ctx: typer.Context,
     from dsq.kinds.certify import CertifySpec
 
     launch(ctx, lambda: CertifySpec(
-        dataset=dataset, inputs=tuple(absolute(path) for path in input), classifier=absolute(classifier), denoiser=absolute(denoiser), sigma=sigma, n0=n0,
+        dataset=dataset, classifier=absolute(classifier), denoiser=absolute(denoiser), sigma=sigma, n0=n0,
         n=specs.given_n(n, max_n, radius, DEFAULT_N), alpha=alpha, radius=radius, max_n=max_n,
         batch_size=batch_size, split=split, skip=skip, max_images=max_images, seed=seed, workers=workers,
         precision=precision, compile=compile, size=size, classes=class_list(classes), data_root=data_root, name=name,

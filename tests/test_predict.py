@@ -67,6 +67,8 @@ def spec(**overrides) -> CertifySpec:
     ({"dataset": None}, "not both and not neither"),
     ({"dataset": None, "inputs": "a.png"}, "inputs must be a list of image file paths"),
     ({"alpha": 1.5}, "alpha"),
+    ({"dataset": None, "inputs": ("a.png",), "predict": False, "n0": 100, "n": 1000},
+     "input files have no label, so a certified accuracy of them would mean nothing"),
 ])
 def test_a_predict_spec_refuses(overrides, message):
     with pytest.raises(InvalidArgument, match=None) as refused:

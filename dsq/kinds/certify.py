@@ -30,7 +30,7 @@ class CertifySpec(specs.TargetRadiusMode):
     ``predict``, give its PREDICT answer (a class or an abstain per image, no radius)."""
 
     dataset: str | None = None
-    inputs: tuple[str, ...] = ()  # image files instead of a dataset: image i is the i-th file, with no label
+    inputs: tuple[str, ...] = ()  # PREDICT: image files instead of a dataset; image i is the i-th file, no label
     classifier: str
     sigma: float
     denoiser: str | None = None
@@ -58,6 +58,10 @@ class CertifySpec(specs.TargetRadiusMode):
     def __post_init__(self):
         object.__setattr__(self, "inputs", specs.input_files(self.dataset, self.inputs))
         specs.check_common(self, "certify")
+        if self.inputs and not self.predict:  # every image would count as wrong in a certified-accuracy table
+            raise InvalidArgument("input files have no label, so a certified accuracy of them would mean nothing: "
+                                  "certify a dataset (a folder: dataset has labels), or PREDICT them "
+                                  "(dsq submit predict --input FILE)")
         specs.check_classes(self)
         specs.check_certification(self)
         if self.batch_size is not None:
