@@ -523,7 +523,7 @@ def load_image_file(path: str, size: int | None = None) -> torch.Tensor:
     try:
         with Image.open(path) as picture:
             picture.load()
-            check_finite(picture, path)
+            picture = eight_bit(check_finite(picture, path), path)
             picture = picture.convert("L") if picture.mode in GREY_MODES else picture.convert("RGB")
     except InvalidArgument as error:  # a float image with NaN or inf pixels: this image is refused
         raise UnreadableImage(str(error)) from None
@@ -547,7 +547,23 @@ def _resize_center_crop(picture: Image.Image, size: int) -> Image.Image:
 def _open_image(path: str, mode: str) -> Image.Image:
     """ImageFolder's loader, to ``mode`` ("L" or "RGB") instead of always RGB; non-finite pixels refused."""
     with open(path, "rb") as handle:
-        return check_finite(Image.open(handle), path).convert(mode)
+        return eight_bit(check_finite(Image.open(handle), path), path).convert(mode)
+
+
+def eight_bit(picture: Image.Image, path: str) -> Image.Image:
+    """A 16-bit grey image (PIL modes I;16..., and I, as which older Pillows open 16-bit PNGs) as 8-bit grey, each
+    value scaled by 255/65535; any other image as it is.
+
+    PIL's own conversion clips such values at 255 instead of scaling them, so a 16-bit scan would be read as white
+    nearly everywhere and certified as an image nobody gave. A mode-I image with values outside 0..65535 is refused.
+    """
+    if not (picture.mode.startswith("I;16") or picture.mode == "I"):
+        return picture
+    pixels = np.asarray(picture).astype(np.int64)
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+        raise InvalidArgument(f"{path}: a {picture.mode} image with values from {pixels.min()} to {pixels.max()}; "
+                              f"dsq reads integer images of 8 or 16 bits (0 to 65535)")
+    return Image.fromarray(np.round(pixels * (255 / 65535)).astype(np.uint8), "L")
 
 
 def check_finite(picture: Image.Image, path: str) -> Image.Image:

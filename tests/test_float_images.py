@@ -1,4 +1,5 @@
-"""Float images (a float TIFF) with NaN or inf pixels are refused when they load, never read as 0 or 255."""
+"""Float images (a float TIFF) with NaN or inf pixels are refused when they load, never read as 0 or 255; 16-bit
+grey images are scaled to 8 bits, not clipped."""
 
 from __future__ import annotations
 
@@ -52,3 +53,21 @@ def test_submit_refuses_a_folder_whose_image_is_not_finite(folder, tmp_path):
                                 env={"DSQ_HOME": str(tmp_path), "DSQ_WORKER_AUTOSTART": "0"})
     assert result.exit_code == 2, result.output
     assert "pixels are not finite" in result.output and "Traceback" not in result.output
+
+
+def test_a_16_bit_image_is_scaled_not_clipped(tmp_path):
+    """PIL converts 16-bit grey to 8 bits by clipping at 255: a 16-bit scan would be read as white nearly everywhere.
+    Folders and input files read it scaled by 255/65535."""
+    levels = np.array([[0, 257, 32896, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    for split in ("train", "test"):
+        (tmp_path / "scans" / split / "a").mkdir(parents=True)
+        Image.fromarray(levels).save(tmp_path / "scans" / split / "a" / "0.png")
+    path = tmp_path / "scans" / "test" / "a" / "0.png"
+    assert Image.open(path).mode.startswith("I;16")
+    expected = torch.tensor([0, 1, 128, 255], dtype=torch.float32).div(255).repeat(4, 1)
+    for x in (datasets.get_dataset(f"folder:{tmp_path / 'scans'}", "test")[0][0], base.load_image(str(path))):
+        assert torch.allclose(x[0], expected, atol=1e-6), x
+    wide = tmp_path / "wide.tiff"
+    Image.fromarray(np.full((4, 4), 70000, dtype=np.int32), mode="I").save(wide)
+    with pytest.raises(UnreadableImage, match="values from 70000 to 70000"):
+        base.load_image(str(wide))
