@@ -550,13 +550,28 @@ def _open_image(path: str, mode: str) -> Image.Image:
         return eight_bit(check_finite(Image.open(handle), path), path).convert(mode)
 
 
+def _float_in_unit_range(picture: Image.Image, path: str) -> Image.Image:
+    """A float image (PIL mode F, e.g. a float TIFF) holds values in [0, 1], as dsq's images do: as 8-bit grey.
+
+    PIL's own conversion reads F values on a 0..255 scale, so a float image in [0, 1] would be read as black; values
+    outside [0, 1] are refused rather than guessed at.
+    """
+    pixels = np.asarray(picture, dtype=np.float64)
+    if pixels.size and (pixels.min() < 0.0 or pixels.max() > 1.0):
+        raise InvalidArgument(f"{path}: a float image with values from {pixels.min():g} to {pixels.max():g}; dsq reads "
+                              f"float images in [0, 1] (save 8- or 16-bit integer images for other ranges)")
+    return Image.fromarray(np.round(pixels * 255).astype(np.uint8), "L")
+
+
 def eight_bit(picture: Image.Image, path: str) -> Image.Image:
     """A 16-bit grey image (PIL modes I;16..., and I, as which older Pillows open 16-bit PNGs) as 8-bit grey, each
-    value scaled by 255/65535; any other image as it is.
+    value scaled by 255/65535; a float image in [0, 1] as 8-bit grey; any other image as it is.
 
     PIL's own conversion clips such values at 255 instead of scaling them, so a 16-bit scan would be read as white
     nearly everywhere and certified as an image nobody gave. A mode-I image with values outside 0..65535 is refused.
     """
+    if picture.mode == "F":
+        return _float_in_unit_range(picture, path)
     if not (picture.mode.startswith("I;16") or picture.mode == "I"):
         return picture
     pixels = np.asarray(picture).astype(np.int64)

@@ -38,7 +38,9 @@ def test_a_non_finite_float_image_is_refused_naming_the_file(folder, value):
     with pytest.raises(InvalidArgument, match="1 of 64 pixels are not finite") as refused:
         images[0]
     assert bad in str(refused.value)
-    assert torch.isfinite(images[1][0]).all()  # finite float images still load
+    expected = torch.full((1, 8, 8), 128 / 255)  # finite ones load, read in [0, 1] (0.5 and 0.25, to 8 bits)
+    expected[0, 3, 4] = 64 / 255
+    assert torch.allclose(images[1][0], expected)
     with pytest.raises(UnreadableImage, match="not finite"):
         base.load_image(bad)
 
@@ -71,3 +73,10 @@ def test_a_16_bit_image_is_scaled_not_clipped(tmp_path):
     Image.fromarray(np.full((4, 4), 70000, dtype=np.int32), mode="I").save(wide)
     with pytest.raises(UnreadableImage, match="values from 70000 to 70000"):
         base.load_image(str(wide))
+
+
+def test_a_float_image_outside_0_1_is_refused(tmp_path):
+    bright = tmp_path / "bright.tiff"
+    Image.fromarray(np.full((4, 4), 200.0, dtype=np.float32), mode="F").save(bright)
+    with pytest.raises(UnreadableImage, match="dsq reads float images in \\[0, 1\\]"):
+        base.load_image(str(bright))
