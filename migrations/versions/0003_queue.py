@@ -26,7 +26,7 @@ def upgrade() -> None:
     op.add_column("jobs", sa.Column("priority", sa.Integer(), server_default=sa.text("0"), nullable=False))
     op.add_column("jobs", sa.Column("experiment", sa.String(length=200), nullable=True))
     op.add_column("jobs", sa.Column("meta", sa.JSON(), nullable=True))
-    op.add_column("jobs", sa.Column("blocked_by", sa.Integer(), nullable=True))  # a job id; jobs are never deleted
+    op.add_column("jobs", sa.Column("blocked_by", sa.Integer(), nullable=True))  # a job id, no foreign key: dsq delete clears it
     op.create_index(op.f("ix_jobs_experiment"), "jobs", ["experiment"])
     op.create_table(
         "job_dependencies",
