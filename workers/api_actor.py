@@ -7,6 +7,9 @@ emulator, an emulator at an address) gets its own client, bucket and cap (an ``A
 is threaded: ``max_concurrency`` threads wait on the bucket and the cap, which bounds the queries in
 flight. Credentials are read by the SDK inside this process, from its own environment; they never
 travel in a call. For ``endpoint="embedded"`` the actor serves an emulator in its own process.
+
+Its database engines ride out an outage as runners and workers do (the runner's ``DSQ_DB_GRACE_SECONDS``
+comes with each query): a paid answer is kept in memory until it is stored (``AnswerDesk``).
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ class ApiActor:
         return None
 
     def query(self, endpoint: str | None, service: str, limits: dict, database_url: str, job_id: int,
-              digest: str, image: bytes) -> dict:
+              digest: str, image: bytes, grace_seconds: float = 0.0) -> dict:
         """Answer one image (a restarted actor re-opens the desk from the arguments)."""
-        return self._desk(endpoint, service, limits).answer(database_url, job_id, digest, image)
+        return self._desk(endpoint, service, limits).answer(database_url, job_id, digest, image, grace_seconds)
 
     def stats(self, service: str) -> dict:
         return self.desks[service].stats()
@@ -60,27 +63,32 @@ class ApiActor:
         limiter = ratelimit.Limiter(ratelimit.Limits(**limits))
         return AnswerDesk(self.provider, service, client, limiter, self._engine, self.env)
 
-    def _engine(self, url: str):
+    def _engine(self, url: str, grace_seconds: float = 0.0):
+        """The engine of a database, waiting ``grace_seconds`` for a server that went away (unchecked: the
+        first statement rides out an outage instead of failing the engine)."""
         with self._engine_lock:
-            if url not in self.engines:
-                self.engines[url] = make_engine(url)
-            return self.engines[url]
+            if (url, grace_seconds) not in self.engines:
+                self.engines[url, grace_seconds] = make_engine(url, check=False, retry_seconds=grace_seconds)
+            return self.engines[url, grace_seconds]
 
 
 class ServiceHandle:
     """What a runner holds: the provider's actor and the service (endpoint, limits) its queries go to."""
 
-    def __init__(self, actor, endpoint: str | None, service: str, limits: dict):
+    def __init__(self, actor, endpoint: str | None, service: str, limits: dict, grace_seconds: float = 0.0):
         self.actor, self.endpoint, self.service, self.limits = actor, endpoint, service, limits
+        self.grace_seconds = grace_seconds
 
     def query(self, database_url: str, job_id: int, digest: str, image: bytes):
-        return self.actor.query.remote(self.endpoint, self.service, self.limits, database_url, job_id, digest, image)
+        return self.actor.query.remote(self.endpoint, self.service, self.limits, database_url, job_id, digest, image,
+                                       self.grace_seconds)
 
 
-def connect(provider: str, endpoint: str | None, service: str, limits: ratelimit.Limits) -> ServiceHandle:
+def connect(provider: str, endpoint: str | None, service: str, limits: ratelimit.Limits,
+            grace_seconds: float = 0.0) -> ServiceHandle:
     """The cluster's actor for ``provider`` (started if needed), its desk for ``service`` set to ``limits``."""
     actor = ApiActor.options(name=f"dsq-api-{provider}", lifetime="detached", get_if_exists=True).remote(provider)
     problem = ray.get(actor.configure.remote(endpoint, service, dataclasses.asdict(limits)))
     if problem is not None:
         raise MissingCredentials(problem) if "credentials" in problem else DsqError(problem)
-    return ServiceHandle(actor, endpoint, service, dataclasses.asdict(limits))
+    return ServiceHandle(actor, endpoint, service, dataclasses.asdict(limits), grace_seconds)

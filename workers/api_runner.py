@@ -63,7 +63,7 @@ def run(engine, settings, job_id: int, spec, control) -> None:
     todo = collections.deque(i for i in source.indices if i not in done)
     limits = limits_for(spec.provider, spec.qps, spec.burst, spec.concurrency)
     service = certify_api.service_name(spec)
-    actor = api_actor.connect(spec.provider, spec.endpoint, service, limits)
+    actor = api_actor.connect(spec.provider, spec.endpoint, service, limits, settings.db_grace_seconds)
     with session_scope(engine) as session:
         for line in pipeline.notes(denoiser) if denoiser is not None else []:
             repo.add_log(session, job_id, line)  # a diffusion denoiser's timestep

@@ -14,7 +14,7 @@ import ray
 
 from dsq import jobqueue, jobs, kinds
 from dsq.db import repo
-from dsq.db.session import is_outage, make_engine, session_scope
+from dsq.db.session import database_back, is_outage, make_engine, session_scope
 from dsq.errors import BudgetReached, DsqError, JobCancelled, JobInterrupted, JobStateError
 from dsq.settings import Settings
 from workers import api_runner, certify_loop, train_loop
@@ -23,6 +23,8 @@ from workers.loop import Control
 # Each job kind's loop: (engine, settings, job_id, spec, control) -> None. A new kind adds its module in
 # dsq/kinds/ and its loop here.
 LOOPS = {"train": train_loop.run, "certify": certify_loop.run, "certify_api": api_runner.run}
+# Outages a run rides out (each shorter than the grace) before it leaves its job to be taken over.
+OUTAGES_RIDDEN = 5
 
 
 def run_job(settings: Settings, job_id: int, control: Control | None = None, spec=None) -> str:
@@ -37,7 +39,7 @@ def run_job(settings: Settings, job_id: int, control: Control | None = None, spe
         stored = _start(engine, job_id, control.runner)
         spec = spec or kinds.from_dict(stored)
         try:
-            LOOPS[spec.kind](engine, settings, job_id, spec, control)
+            _run_loop(engine, settings, job_id, spec, control)
         except Exception as failure:  # noqa: BLE001 - a job keeps any failure with its traceback
             cause = _cause(failure)
             if isinstance(cause, JobInterrupted):
@@ -57,6 +59,22 @@ def run_job(settings: Settings, job_id: int, control: Control | None = None, spe
 
 
 LOST = "lost"  # the database went away: the job is taken over once it is back and the heartbeat is stale
+
+
+def _run_loop(engine, settings: Settings, job_id: int, spec, control: Control) -> None:
+    """The kind's loop. A PostgreSQL server that went away and answers again within the grace costs a pause: the
+    loop goes on from what is stored (answers, results), as a resumed job would, under the same claim."""
+    for outage in range(OUTAGES_RIDDEN + 1):
+        try:
+            return LOOPS[spec.kind](engine, settings, job_id, spec, control)
+        except Exception as failure:  # noqa: BLE001 - re-raised unless it is an outage the database came back from
+            cause = _cause(failure)
+            if not (is_outage(cause) and engine.dialect.name == "postgresql" and outage < OUTAGES_RIDDEN
+                    and database_back(engine, settings.db_grace_seconds)):
+                raise
+        with session_scope(engine) as session:
+            repo.add_log(session, job_id, "the database went away and came back: going on from the stored results",
+                         level="warning")
 
 
 def _start(engine, job_id: int, runner: str):

@@ -23,7 +23,7 @@ from dsq import jobqueue, kinds
 from dsq.db import repo
 from sqlalchemy import exc
 
-from dsq.db.session import is_outage, open_database, session_scope
+from dsq.db.session import database_back, is_outage, open_database, session_scope
 from dsq.settings import Settings
 from workers import pidfile, runner
 from workers.loop import Control
@@ -81,6 +81,7 @@ class QueueWorker:
         self.max_request, self.requested = max_request, None  # autoscaling: the cap, and what was last asked
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.running: dict[int, Running] = {}
+        self.lost: set[int] = set()  # jobs whose run ended in an outage, left "running" until queued again
         self.pool = SamplerPool()
         self.reuse_samplers = reuse_samplers  # False only to measure what reuse saves (dsq bench --queue)
         self.stopping = threading.Event()
@@ -105,7 +106,7 @@ class QueueWorker:
         except exc.DBAPIError as error:
             if not is_outage(error):
                 raise
-            lost = ", ".join(map(str, sorted(self.running))) or "none"
+            lost = ", ".join(map(str, sorted(set(self.running) | self.lost))) or "none"
             self.summary.reason = (f"database unreachable for {self.settings.db_grace_seconds:.0f} s; jobs left "
                                    f"running: {lost} (a worker takes them over once it is back)")
             self.summary.database_lost = True
@@ -123,31 +124,42 @@ class QueueWorker:
 
     def _loop(self, engine) -> None:
         cluster = ray.cluster_resources()
-        last_beat = last_scan = 0.0
-        idle_since = time.monotonic()
+        self._last_beat = self._last_scan = 0.0
+        self._idle_since = time.monotonic()
         while not self.stopping.is_set():
-            self._reap()
-            now = time.monotonic()
-            if now - last_beat >= HEARTBEAT_SECONDS:
-                with session_scope(engine) as session:
-                    jobqueue.worker_heartbeat(session, self.name, list(self.running))
-                last_beat = now
-            if now - last_scan >= HEARTBEAT_SECONDS:
-                self._requeue_stale(engine)
-                self._ask_for_resources(engine, cluster)
-                last_scan = now
-            self._fill(engine, cluster)
-            if self.running:
-                idle_since = now
-            elif self._finished(engine):
-                return
-            elif self.idle_exit is not None and now - idle_since > self.idle_exit:
-                if self._retire(engine):
-                    self.summary.reason = f"idle for {self.idle_exit:.0f} s"
+            try:
+                if self._tick(engine, cluster):
                     return
-                idle_since = now
+            except exc.DBAPIError as error:  # a statement cut off by the server going away: wait for it, or stop
+                if not is_outage(error) or not database_back(engine, self.settings.db_grace_seconds):
+                    raise
+                continue
             self.wake.wait(TICK_SECONDS)
             self.wake.clear()
+
+    def _tick(self, engine, cluster: dict) -> bool:
+        """Reap, beat, scan, start jobs; True when the worker is done (drained, or idle long enough)."""
+        self._reap(engine)
+        now = time.monotonic()
+        if now - self._last_beat >= HEARTBEAT_SECONDS:
+            with session_scope(engine) as session:
+                jobqueue.worker_heartbeat(session, self.name, list(self.running))
+            self._last_beat = now
+        if now - self._last_scan >= HEARTBEAT_SECONDS:
+            self._requeue_stale(engine)
+            self._ask_for_resources(engine, cluster)
+            self._last_scan = now
+        self._fill(engine, cluster)
+        if self.running:
+            self._idle_since = now
+        elif self._finished(engine):
+            return True
+        elif self.idle_exit is not None and now - self._idle_since > self.idle_exit:
+            if self._retire(engine):
+                self.summary.reason = f"idle for {self.idle_exit:.0f} s"
+                return True
+            self._idle_since = now
+        return False
 
     def _retire(self, engine) -> bool:
         """Stop serving, then look at the queue once more: a job submitted meanwhile is seen here, or its submit
@@ -235,11 +247,19 @@ class QueueWorker:
         finally:
             self.wake.set()
 
-    def _reap(self) -> None:
+    def _reap(self, engine) -> None:
         for job_id in [j for j, work in self.running.items() if not work.thread.is_alive()]:
             work = self.running.pop(job_id)
             self.summary.ran[job_id] = work.status
             self.log(f"job {job_id} ({work.kind}): {work.status}")
+            if work.status == runner.LOST:
+                self.lost.add(job_id)
+        for job_id in sorted(self.lost):  # the database is back: queue it again now, not once its heartbeat is stale
+            with session_scope(engine) as session:
+                if jobqueue.release(session, job_id, self.name):
+                    repo.add_log(session, job_id, f"{self.name}: the database came back, queued again", level="warning")
+                    self.log(f"job {job_id}: the database came back; queued again")
+            self.lost.discard(job_id)
 
     def _hand_back_all(self) -> None:
         for work in self.running.values():

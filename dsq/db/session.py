@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -36,6 +37,7 @@ PG_CONNECT_TIMEOUT_S = 5  # a server that does not answer in 5 s is down; the gr
 RETRY_PAUSE_S = 1.0  # between two tries to reach a server that went away
 # Any constant: serializes concurrent schema upgrades on one PostgreSQL database.
 _PG_UPGRADE_LOCK = 0x647371
+T = TypeVar("T")
 
 
 def default_database_url(home: Path | None = None, env: Mapping[str, str] | None = None) -> str:
@@ -151,6 +153,37 @@ def is_outage(error: BaseException) -> bool:
     """Whether an error means the database cannot be reached (as opposed to a refused statement)."""
     return isinstance(error, (exc.OperationalError, exc.InterfaceError)) or (
         isinstance(error, exc.DBAPIError) and error.connection_invalidated)
+
+
+def riding_out(work: Callable[[], T], seconds: float, *, pause: float = RETRY_PAUSE_S) -> T:
+    """``work()``, called again while it fails for an outage (``is_outage``), for up to ``seconds``.
+
+    A statement cut off by a server that went away is retried once the server answers again; a
+    refused statement is not. Past ``seconds`` the last outage error is raised.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return work()
+        except exc.DBAPIError as error:
+            if not is_outage(error) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+
+
+def database_back(engine: Engine, seconds: float) -> bool:
+    """Whether the database answers within ``seconds`` (after an outage: go on, or give up)."""
+    def ping() -> None:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    try:
+        riding_out(ping, seconds)
+    except exc.DBAPIError as error:
+        if not is_outage(error):
+            raise
+        return False
+    return True
 
 
 def _check_connection(engine: Engine, shown: str) -> None:
