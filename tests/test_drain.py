@@ -15,7 +15,6 @@ from dsq.db import repo
 from dsq.db.models import Job, utcnow
 from dsq.db.session import session_scope
 from workers import pidfile
-from workers.worker import _blocked_line
 
 STALE = timedelta(seconds=60)
 
@@ -113,6 +112,7 @@ def test_queued_jobs_that_wait_for_an_ended_job_are_named_as_never_running(engin
     with session_scope(engine) as session:
         session.execute(update(Job).where(Job.id == free).values(cancel_requested=True))
     assert blocked(engine)[free] == (free, free, "cancel requested")
+    from workers.worker import _blocked_line
     assert _blocked_line(c, b, b, "cancelled").startswith(f"job {c} waits for job {b} (cancelled): nothing can run it")
     assert f"(through job {c})" in _blocked_line(d, c, b, "cancelled")
 
@@ -188,3 +188,35 @@ def test_only_workers_on_this_host_are_looked_at(engine):
                                  max_jobs=0)
         jobqueue.register_worker(session, name="x", host="elsewhere", pid=os.getpid(), address=None, max_jobs=0)
         assert [w.name for w in jobqueue.workers_on(session, socket.gethostname())] == ["w"]
+
+
+@pytest.mark.e2e  # dsq commands and a draining worker, in processes
+def test_resume_of_one_cancelled_dependency_then_drain_ends_and_names_what_cannot_run(tmp_path, joins_local_ray):
+    """`dsq cancel A`, `dsq cancel B`, `dsq resume A`: C (after A and B) stays failed, blocked by B, and
+    `dsq worker --drain` runs A and exits, even when something left C queued: it names what C waits for."""
+    from tests.test_worker import DIGITS_F, dsq, engine_of
+
+    home = tmp_path / "home"
+    quiet = {"DSQ_WORKER_AUTOSTART": "0"}
+    ids = []
+    for _ in range(3):
+        after = [f"--after={j}" for j in ids] if len(ids) == 2 else []  # the third after the first two
+        out = dsq(home, "submit", "train", *DIGITS_F, *after, **quiet)
+        assert out.returncode == 0, out.stderr
+        ids.append(int(out.stdout.split()[-1]))
+    a, b, c = ids
+    for command in (("cancel", a), ("cancel", b), ("resume", a)):
+        out = dsq(home, *command, **quiet)
+        assert out.returncode == 0, out.stderr
+    engine = engine_of(home)
+    try:
+        ended = job(engine, c)
+        assert (ended.status, ended.blocked_by, ended.error) == ("failed", b, f"dependency job {b} was cancelled")
+        with session_scope(engine) as session:  # as resume used to leave it: queued behind a cancelled job
+            session.execute(update(Job).where(Job.id == c).values(status="queued", error=None, blocked_by=None))
+        out = dsq(home, "worker", "--drain", timeout=900)
+        assert out.returncode == 0 and "ran 1 job(s)" in out.stdout, out.stdout + out.stderr
+        assert f"job {c} waits for job {b} (cancelled): nothing can run it" in out.stdout, out.stdout
+        assert [job(engine, j).status for j in (a, b, c)] == ["succeeded", "cancelled", "queued"]
+    finally:
+        engine.dispose()
