@@ -220,3 +220,24 @@ def test_resume_of_one_cancelled_dependency_then_drain_ends_and_names_what_canno
         assert [job(engine, j).status for j in (a, b, c)] == ["succeeded", "cancelled", "queued"]
     finally:
         engine.dispose()
+
+
+def test_submit_starts_a_worker_when_the_only_live_looking_one_here_was_killed(tmp_path, engine, db_url, monkeypatch):
+    """A worker killed a moment ago still has a fresh heartbeat: `dsq submit` does not count it as serving."""
+    from dsq.settings import Settings
+    from workers import background
+
+    settings = Settings(database_url=db_url, home=tmp_path)
+    spawned = []
+    monkeypatch.setattr(background, "_spawn", lambda settings, pid_file: spawned.append(pid_file) or "started")
+    free = next(pid for pid in range(4_000_000, 3_000_000, -1) if not os.path.exists(f"/proc/{pid}"))
+    with session_scope(engine) as session:
+        jobqueue.register_worker(session, name="killed", host=socket.gethostname(), pid=free, address=None,
+                                 max_jobs=0)
+        jobqueue.register_worker(session, name="far", host="elsewhere", pid=free, address="10.0.0.1:6379",
+                                 max_jobs=0)
+    assert background.ensure_worker(settings, engine) == "started" and len(spawned) == 1
+    with session_scope(engine) as session:
+        jobqueue.register_worker(session, name="alive", host=socket.gethostname(), pid=os.getpid(), address=None,
+                                 max_jobs=0)
+    assert background.ensure_worker(settings, engine) is None and len(spawned) == 1
