@@ -106,7 +106,9 @@ def requeue_blocked(s: Session, job_id: int) -> list[int]:
                       .join(dependency, dependency.id == JobDependency.depends_on)
                       .where(JobDependency.job_id.in_(sorted(blocked)))).all()
     doomed = blocked_queued(s)
-    needs = {job: [edge for edge in edges if edge[0] == job] for job in blocked}
+    needs: dict[int, list] = {job: [] for job in blocked}
+    for edge in edges:
+        needs[edge[0]].append(edge)
     requeued: set[int] = set()
     changed = True
     while changed:  # a blocked job may wait for another one that comes back (transitive dependents)
