@@ -11,7 +11,10 @@ effect decides who won, so two workers never run the same job:
 A running job's runner writes a heartbeat; a job whose heartbeat is older than ``stale_after``
 lost its worker (killed, machine gone) and goes back to the queue, where the next claim resumes
 it from what the database holds. A failed or cancelled job fails its dependents, transitively,
-with the reason; they remember it in ``blocked_by`` and are queued again when it is resumed.
+with the reason; they remember it in ``blocked_by`` and are queued again when it is resumed, those whose
+other dependencies can all still succeed: one that also waits for another failed or cancelled job stays failed,
+blocked by that one. A queued job that waits (transitively) for a failed or cancelled job can never run
+(``blocked_queued``): a draining worker names it and exits instead of waiting for it.
 
 Every function takes a Session first and never commits (the caller owns the transaction), and
 nothing here imports torch or Ray.
@@ -28,6 +31,7 @@ from sqlalchemy.orm import Session, aliased
 from dsq.db.models import Job, JobDependency, Worker, utcnow
 from dsq.db.repo import _REFRESH, _upsert, get_job
 
+ENDED_BADLY = ("failed", "cancelled")  # what no job waiting for it survives
 SQLITE_CANDIDATES = 16  # runnable ids tried per claim on SQLite before giving up (others won them)
 
 
@@ -87,11 +91,117 @@ def fail_dependents(s: Session, job_id: int, reason: str, *, now: datetime | Non
 
 
 def requeue_blocked(s: Session, job_id: int) -> list[int]:
-    """Queue again the jobs that failed because ``job_id`` did (it is being resumed)."""
-    stmt = (update(Job).where(Job.blocked_by == job_id, Job.status == "failed")
-            .values(status="queued", error=None, traceback=None, blocked_by=None, finished_at=None,
-                    cancel_requested=False).returning(Job.id))
-    return sorted(s.scalars(stmt))
+    """Queue again the jobs that failed because ``job_id`` did (it is being resumed, already queued).
+
+    Only those whose every dependency can still succeed: one that also waits for another failed or cancelled
+    job (or for a queued job that can never run) stays failed, now blocked by that job's root cause, with its
+    reason; resuming that one queues it. Returns the queued ids.
+    """
+    blocked = set(s.scalars(select(Job.id).where(Job.blocked_by == job_id, Job.status == "failed")))
+    if not blocked:
+        return []
+    dependency = aliased(Job)
+    edges = s.execute(select(JobDependency.job_id, dependency.id, dependency.status, dependency.blocked_by,
+                             dependency.error)
+                      .join(dependency, dependency.id == JobDependency.depends_on)
+                      .where(JobDependency.job_id.in_(sorted(blocked)))).all()
+    doomed = blocked_queued(s)
+    needs: dict[int, list] = {job: [] for job in blocked}
+    for edge in edges:
+        needs[edge[0]].append(edge)
+    requeued: set[int] = set()
+    changed = True
+    while changed:  # a blocked job may wait for another one that comes back (transitive dependents)
+        changed = False
+        for job in sorted(blocked - requeued):
+            if all(_can_succeed(edge, requeued, doomed) for edge in needs[job]):
+                requeued.add(job)
+                changed = True
+    if requeued:
+        s.execute(update(Job).where(Job.id.in_(sorted(requeued)), Job.status == "failed")
+                  .values(status="queued", error=None, traceback=None, blocked_by=None, finished_at=None,
+                          cancel_requested=False))
+    causes: dict[int, tuple[int, str]] = {}
+
+    def cause(job: int) -> tuple[int, str]:
+        """The ended job that still keeps ``job`` from running (its root), and why."""
+        if job not in causes:
+            causes[job] = (job_id, _reason(s, job_id))  # (not reached: something keeps it from running)
+            for _, dep, status, dep_blocked_by, _ in needs[job]:
+                if dep in requeued:
+                    continue
+                if dep in blocked:
+                    causes[job] = cause(dep)
+                    break
+                if dep in doomed:
+                    root = doomed[dep][1]
+                    causes[job] = (root, _reason(s, root))
+                    break
+                if status in ENDED_BADLY:
+                    root = dep_blocked_by or dep
+                    causes[job] = (root, _reason(s, root))
+                    break
+        return causes[job]
+
+    for job in sorted(blocked - requeued):
+        root, reason = cause(job)
+        s.execute(update(Job).where(Job.id == job)
+                  .values(blocked_by=root, error=f"dependency job {root} {reason}"))
+    return sorted(requeued)
+
+
+def blocked_jobs(s: Session, job_id: int) -> list[int]:
+    """The failed jobs that ``job_id``'s failure or cancellation keeps from running (``blocked_by``)."""
+    return list(s.scalars(select(Job.id).where(Job.blocked_by == job_id, Job.status == "failed").order_by(Job.id)))
+
+
+def _can_succeed(edge, requeued: set[int], doomed: dict) -> bool:
+    _, dep, status, _, _ = edge
+    return dep in requeued or (status not in ENDED_BADLY and dep not in doomed)
+
+
+def _reason(s: Session, job_id: int) -> str:
+    """Why a failed or cancelled job ended, as its dependents say it ("was cancelled", "failed: ...")."""
+    row = s.execute(select(Job.status, Job.error).where(Job.id == job_id)).first()
+    if row is None:
+        return "is gone"
+    if row.status == "cancelled":
+        return "was cancelled"
+    return f"failed: {row.error}" if row.status == "failed" else f"is {row.status}"
+
+
+def blocked_queued(s: Session) -> dict[int, tuple[int, int, str]]:
+    """Queued jobs that can never run as things stand: job id -> (the dependency it waits for, the failed or
+    cancelled job at the end of that chain, its status).
+
+    A queued job with a failed or cancelled dependency is one, and so is a queued job that waits for one of
+    them; a queued job whose cancel was requested runs no more either (its status there: "cancel requested").
+    Only ``dsq resume`` (or ``dsq cancel``) changes them, so a draining worker does not wait for them.
+    """
+    child, dependency = aliased(Job), aliased(Job)
+    edges = s.execute(select(JobDependency.job_id, JobDependency.depends_on, dependency.status,
+                             dependency.cancel_requested)
+                      .join(child, child.id == JobDependency.job_id)
+                      .join(dependency, dependency.id == JobDependency.depends_on)
+                      .where(child.status == "queued").order_by(JobDependency.job_id, JobDependency.depends_on)
+                      ).all()
+    doomed: dict[int, tuple[int, int, str]] = {
+        job: (job, job, "cancel requested")
+        for job in s.scalars(select(Job.id).where(Job.status == "queued", Job.cancel_requested.is_(True)))}
+    changed = True
+    while changed:
+        changed = False
+        for job, dep, status, _ in edges:
+            if job in doomed:
+                continue
+            if status in ENDED_BADLY:
+                doomed[job] = (dep, dep, status)
+            elif status == "queued" and dep in doomed:
+                doomed[job] = (dep, *doomed[dep][1:])
+            else:
+                continue
+            changed = True
+    return doomed
 
 
 # -- claims ------------------------------------------------------------------------------
@@ -164,6 +274,22 @@ def requeue_stale(s: Session, stale_after: timedelta, *, now: datetime | None = 
     return sorted(s.scalars(stmt))
 
 
+def cancel_stale(s: Session, stale_after: timedelta, *, now: datetime | None = None) -> list[int]:
+    """End as cancelled the stale running jobs whose cancel was requested (no runner is left to do it), failing
+    their dependents; return their ids. Only the rows still stale when updated move (two workers agree)."""
+    now = now or utcnow()
+    stmt = (update(Job).where(Job.status == "running", Job.heartbeat_at < now - stale_after,
+                              Job.cancel_requested.is_(True))
+            .values(status="cancelled", finished_at=now, heartbeat_at=now).returning(Job.id))
+    return _ended_cancelled(s, sorted(s.scalars(stmt)), now)
+
+
+def _ended_cancelled(s: Session, ids: list[int], now: datetime) -> list[int]:
+    for job_id in ids:
+        fail_dependents(s, job_id, "was cancelled", now=now)
+    return ids
+
+
 # -- what the queue looks like ------------------------------------------------------------
 
 
@@ -215,6 +341,39 @@ def stop_worker(s: Session, name: str, *, now: datetime | None = None) -> None:
 def serve_again(s: Session, name: str, *, now: datetime | None = None) -> None:
     """A worker that had stopped serving (``stop_worker``) is alive again."""
     s.execute(update(Worker).where(Worker.name == name).values(stopped_at=None, heartbeat_at=now or utcnow()))
+
+
+def workers_on(s: Session, host: str) -> list[Worker]:
+    """The workers registered on ``host`` that have not stopped (alive, or dead without a word: killed)."""
+    return list(s.scalars(select(Worker).where(Worker.host == host, Worker.stopped_at.is_(None)).order_by(Worker.id)))
+
+
+def retire_worker(s: Session, name: str, *, now: datetime | None = None) -> tuple[list[int], list[int]]:
+    """A worker whose process is known dead (killed): it stops, its running jobs go back to the queue at once
+    (they resume from what is stored) and those whose cancel was requested end cancelled.
+
+    Returns ``(queued again, cancelled)``; the updates are conditional, so two workers doing this at once agree.
+    """
+    now = now or utcnow()
+    stop_worker(s, name, now=now)
+    mine = and_(Job.status == "running", Job.runner == name)
+    queued = s.scalars(update(Job).where(mine, Job.cancel_requested.is_(False))
+                       .values(status="queued", runner=None).returning(Job.id))
+    requeued = sorted(queued)
+    ended = s.scalars(update(Job).where(mine, Job.cancel_requested.is_(True))
+                      .values(status="cancelled", finished_at=now, heartbeat_at=now).returning(Job.id))
+    return requeued, _ended_cancelled(s, sorted(ended), now)
+
+
+def quiet_running(s: Session, quiet_for: timedelta, *, besides: str | None = None,
+                  now: datetime | None = None) -> list[Job]:
+    """Running jobs (not run by ``besides``) without a heartbeat for ``quiet_for``: their worker may be dead, and
+    then they go back to the queue once stale. A draining worker waits for them."""
+    cutoff = (now or utcnow()) - quiet_for
+    stmt = select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)
+    if besides is not None:
+        stmt = stmt.where(Job.runner.is_distinct_from(besides))
+    return list(s.scalars(stmt.order_by(Job.id), execution_options=_REFRESH))
 
 
 def live_workers(s: Session, stale_after: timedelta, *, now: datetime | None = None) -> list[Worker]:

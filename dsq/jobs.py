@@ -86,7 +86,8 @@ def finish(session: Session, job_id: int, status: str, error: str | None = None,
 
 
 def resume(session: Session, job_id: int, stale_after: timedelta, *, now: datetime | None = None) -> list[int]:
-    """Queue a job again (it skips what is stored); jobs its failure had failed are queued with it.
+    """Queue a job again (it skips what is stored); jobs its failure had failed are queued with it, unless another
+    of their dependencies failed or was cancelled too (they stay failed, blocked by that one).
 
     Refused for a succeeded job, a job still running (fresh heartbeat), and a job whose
     dependency failed or was cancelled (resume that one first). Returns the re-queued dependents.
@@ -106,10 +107,14 @@ def resume(session: Session, job_id: int, stale_after: timedelta, *, now: dateti
             raise JobStateError(f"job {job_id} depends on job {dependency.id}, which {dependency.status}: "
                                 f"resume job {root} first")
     repo.mark_queued(session, job_id)
+    blocked = jobqueue.blocked_jobs(session, job_id)
     requeued = jobqueue.requeue_blocked(session, job_id)
     repo.add_log(session, job_id, "resumed" + (f"; queued again: jobs {requeued}" if requeued else ""))
     for dependent in requeued:
         repo.add_log(session, dependent, f"queued again: dependency job {job_id} was resumed")
+    for dependent in sorted(set(blocked) - set(requeued)):  # another dependency of theirs ended too
+        error = repo.get_job(session, dependent).error
+        repo.add_log(session, dependent, f"still not run: {error}", level="error")
     return requeued
 
 

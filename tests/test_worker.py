@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from dsq import jobs
+from sqlalchemy import select
+
 from dsq.db import repo
+from dsq.db.models import Worker
 from dsq.db.session import open_database, session_scope
 from dsq.settings import Settings
 from workers.worker import QueueWorker
@@ -354,3 +357,41 @@ def test_an_idle_worker_stops_serving_before_its_last_look_so_no_submitted_job_i
     with session_scope(engine) as session:  # so a job submitted now starts a new worker
         assert not jobqueue.live_workers(session, settings.stale_after) and not pidfile.alive(pid_file)
     engine.dispose()
+
+
+def test_a_drain_takes_over_the_job_of_a_killed_local_worker_at_once_and_leaves_a_live_ones_alone(home_with_f):
+    """A worker killed with SIGKILL mid-job: `dsq worker --drain` started next on this machine sees its process is
+    gone and takes the job over at once (not after the stale limit, set high here), resuming what was stored.
+    While the first worker lived, a drain took nothing from it."""
+    from dsq import jobqueue
+
+    home, engine = home_with_f, engine_of(home_with_f)
+    slow_stale = {"DSQ_STALE_SECONDS": "600"}  # only the dead pid can explain a take-over
+    worker = serving(home, **slow_stale)
+    try:
+        out = dsq(home, "submit", "certify", *LONG_CERTIFY)
+        assert out.returncode == 0 and out.stdout.strip() == "job 2", out.stderr
+        wait_until(lambda: len(stored(engine, 2)) >= 3, what="3 results")
+        alongside = dsq(home, "worker", "--drain", **slow_stale)  # the live worker's job is not its work
+        assert alongside.returncode == 0 and "ran 0 job(s)" in alongside.stdout, alongside.stdout + alongside.stderr
+        assert job(engine, 2).status == "running" and job(engine, 2).attempts == 1
+        assert "is gone" not in alongside.stdout
+        before = stored(engine, 2)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=60)
+    finally:
+        stop_group(worker)
+    assert job(engine, 2).status == "running" and len(before) < 60  # as the killed worker left it, mid-job
+    out = dsq(home, "worker", "--drain", **slow_stale)
+    assert out.returncode == 0 and "ran 1 job(s)" in out.stdout, out.stdout + out.stderr
+    assert f"is gone (pid {worker.pid} no longer runs); queued again" in out.stdout, out.stdout
+    after = stored(engine, 2)
+    taken = job(engine, 2)
+    assert taken.status == "succeeded" and taken.attempts == 2 and len(after) == 60
+    assert {i: after[i] for i in before} == before  # resumed: nothing stored was redone
+    with session_scope(engine) as session:
+        drainer = max(session.scalars(select(Worker)), key=lambda w: w.started_at)
+        dead = [w for w in session.scalars(select(Worker)) if w.pid == worker.pid]
+        assert len(dead) == 1 and dead[0].stopped_at is not None
+        assert not any(w.pid == worker.pid for w in jobqueue.live_workers(session, Settings.from_env({}).stale_after))
+    assert (taken.started_at - drainer.started_at).total_seconds() < 60  # within seconds of the drain's start

@@ -10,6 +10,7 @@ it hands its jobs back to the queue).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ def ensure_worker(settings: Settings, engine) -> str | None:
     if not settings.autostart:
         return None
     with session_scope(engine) as session:
-        if any(w.address == settings.ray_address for w in jobqueue.live_workers(session, settings.stale_after)):
+        if any(w.address == settings.ray_address and not _dead_here(w)
+               for w in jobqueue.live_workers(session, settings.stale_after)):
             return None
     if settings.ray_address:
         from workers import resources, worker
@@ -37,6 +39,12 @@ def ensure_worker(settings: Settings, engine) -> str | None:
     if pidfile.alive(pid_file):  # started moments ago, not registered yet
         return None
     return _spawn(settings, pid_file)
+
+
+def _dead_here(worker) -> bool:
+    """A worker registered on this machine whose process is gone (killed): its fresh heartbeat is no reason to
+    start none (the new worker takes its jobs over at once)."""
+    return worker.host == socket.gethostname() and pidfile.gone(worker.pid, worker.started_at)
 
 
 def _spawn(settings: Settings, pid_file: Path) -> str:

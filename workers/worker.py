@@ -4,7 +4,8 @@ One worker drives one Ray (the cluster it is connected to). It starts jobs highe
 while the resources of the jobs it runs leave room (``dsq.kinds``: a train job holds a CPU or a GPU,
 a certify job its sampler actors), and at least one job whatever its size. Several workers may
 share a database: claims are atomic (``dsq.jobqueue``). A stopping worker hands its jobs back to the
-queue; a killed one leaves stale heartbeats, and any worker requeues such jobs.
+queue; a killed one leaves stale heartbeats, and any worker requeues such jobs: at once when the killed worker
+ran on this machine (its process is gone), else once they are stale.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Callable
 
 import ray
@@ -33,6 +35,7 @@ TICK_SECONDS = 0.5  # how often the worker looks at the queue; a claim costs one
 HEARTBEAT_SECONDS = 5.0  # a dozen beats fit in the default 60 s stale limit
 JOIN_SECONDS = 60.0  # a stopping job hands itself back within a poll; this bounds a stuck one
 REQUEST_JOBS = 100  # runnable jobs looked at when asking an autoscaler for resources
+QUIET_SECONDS = 3 * HEARTBEAT_SECONDS  # a running job this long without a heartbeat may have lost its worker
 
 
 def demand_bundles(demands: list[dict], cap: dict) -> list[dict]:
@@ -147,6 +150,7 @@ class QueueWorker:
             self._last_beat = now
         if now - self._last_scan >= HEARTBEAT_SECONDS:
             self._requeue_stale(engine)
+            self._requeue_dead_local(engine)
             self._ask_for_resources(engine, cluster)
             self._last_scan = now
         self._fill(engine, cluster)
@@ -176,13 +180,32 @@ class QueueWorker:
         return False
 
     def _finished(self, engine) -> bool:
-        """With --drain: nothing queued is left (for this worker's jobs, when it has a list)."""
+        """With --drain: nothing left can run (for this worker's jobs, when it has a list).
+
+        Left to run: a queued job, unless it waits (transitively) for a failed or cancelled job, which nothing
+        runs until it is resumed (named in the log, not waited for); and a running job without a recent
+        heartbeat, whose worker may be dead (it is taken over once stale, or its heartbeat comes back).
+        """
         if not self.drain:
             return False
         with session_scope(engine) as session:
+            blocked = jobqueue.blocked_queued(session)
             if self.only is not None:
-                return all(repo.get_job(session, job_id).finished for job_id in self.only)
-            return sum(jobqueue.queued_counts(session).values()) == 0
+                ended = [repo.get_job(session, job_id) for job_id in sorted(self.only)]
+                if not all(job.finished or job.id in blocked for job in ended):
+                    return False
+                blocked = {job_id: why for job_id, why in blocked.items() if job_id in self.only}
+            else:
+                if sum(jobqueue.queued_counts(session).values()) > len(blocked):
+                    return False
+                if jobqueue.quiet_running(session, timedelta(seconds=QUIET_SECONDS), besides=self.name):
+                    return False
+        for job_id, (dependency, root, status) in sorted(blocked.items()):
+            self.log(_blocked_line(job_id, dependency, root, status))
+        if blocked:
+            self.summary.reason = (f"queue drained; {len(blocked)} queued job(s) can never run as things stand "
+                                   f"(dsq resume or dsq cancel the jobs they wait for)")
+        return True
 
     def _ask_for_resources(self, engine, cluster: dict) -> None:
         """With a cap (``--max-request``): ask the autoscaler for what running and runnable jobs need."""
@@ -207,6 +230,27 @@ class QueueWorker:
             for job_id in jobqueue.requeue_stale(session, self.settings.stale_after):
                 repo.add_log(session, job_id, f"heartbeat stale: queued again (seen by {self.name})", level="warning")
                 self.log(f"job {job_id}: its worker is gone (stale heartbeat); queued again")
+            for job_id in jobqueue.cancel_stale(session, self.settings.stale_after):
+                repo.add_log(session, job_id, f"cancelled: its worker is gone (seen by {self.name})")
+                self.log(f"job {job_id}: its worker is gone (stale heartbeat); cancelled, as requested")
+
+    def _requeue_dead_local(self, engine) -> None:
+        """Workers registered on this machine whose process is gone (kill -9) are dead now, not in a minute: their
+        jobs go back to the queue at once (the stale heartbeat limit stays for workers on other machines)."""
+        host = socket.gethostname()
+        with session_scope(engine) as session:
+            dead = [(w.name, w.pid) for w in jobqueue.workers_on(session, host)
+                    if w.name != self.name and pidfile.gone(w.pid, w.started_at)]
+        for name, pid in dead:
+            with session_scope(engine) as session:
+                requeued, cancelled = jobqueue.retire_worker(session, name)
+                for job_id in requeued:
+                    repo.add_log(session, job_id, f"worker {name} died (pid {pid} is gone): queued again "
+                                 f"(seen by {self.name})", level="warning")
+                    self.log(f"job {job_id}: its worker {name} is gone (pid {pid} no longer runs); queued again")
+                for job_id in cancelled:
+                    repo.add_log(session, job_id, f"cancelled: worker {name} died (seen by {self.name})")
+                    self.log(f"job {job_id}: its worker {name} is gone (pid {pid}); cancelled, as requested")
 
     def _fill(self, engine, cluster: dict) -> None:
         while not self.stopping.is_set() and (self.max_jobs is None or len(self.running) < self.max_jobs):
@@ -272,6 +316,15 @@ class QueueWorker:
             if work.status == "queued":
                 self.summary.handed_back.append(job_id)
         self.running.clear()
+
+
+def _blocked_line(job_id: int, dependency: int, root: int, status: str) -> str:
+    """What a draining worker says of a queued job that can never run."""
+    if dependency == job_id:
+        return f"job {job_id} is queued with a cancel requested: nothing will run it (dsq cancel {job_id} ends it)"
+    through = f" (through job {dependency})" if dependency != root else ""
+    then = f"dsq cancel {root} ends it" if status == "cancel requested" else f"dsq resume {root} lets it run"
+    return f"job {job_id} waits for job {root} ({status}){through}: nothing can run it ({then})"
 
 
 def _total(bundles: list[dict]) -> str:
