@@ -71,7 +71,7 @@ def certify_api(ctx: typer.Context,
         with common.boundary():
             spec = spec_of()
             config = common.settings(ctx)
-            with session_scope(common.database(config)) as session:
+            with session_scope(common.database(config, write=False)) as session:
                 images = certify_api.check(session, spec, config)
             for line in estimate_lines(spec, images) + [f"info: {specs.reach(spec)}"]:
                 common.say(line, err=True)

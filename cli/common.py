@@ -77,10 +77,14 @@ def confirm(question: str) -> bool:
 OPENED: list[str] = []  # the database this command opened (password masked), named in its error lines
 
 
-def database(config: Settings):
-    """The engine, with migrations applied (first use creates the schema)."""
+def database(config: Settings, *, write: bool = True):
+    """The engine, with migrations applied (first use creates the schema).
+
+    A SQLite file this user cannot write is refused in one line (exit 2) before anything connects, unless the
+    command only reads (``write=False``): it then reads the file read-only.
+    """
     OPENED.append(mask_url(config.database_url))
-    return open_database(config.database_url)
+    return open_database(config.database_url, read_only=not write)
 
 
 def check_cluster(config: Settings) -> None:
