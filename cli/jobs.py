@@ -50,7 +50,7 @@ def status(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
     with common.boundary():
         engine = common.database(config, write=False)
         shown = None
-        with common.following():
+        with common.following(job):
             while True:
                 with session_scope(engine) as session:
                     record = repo.get_job(session, job)
@@ -72,7 +72,7 @@ def logs(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
     with common.boundary():
         engine = common.database(common.settings(ctx), write=False)
         last = 0
-        with common.following():
+        with common.following(job):
             while True:
                 with session_scope(engine) as session:
                     record = repo.get_job(session, job)
