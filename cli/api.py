@@ -71,7 +71,7 @@ def certify_api(ctx: typer.Context,
         with common.boundary():
             spec = spec_of()
             config = common.settings(ctx)
-            with session_scope(common.database(config)) as session:
+            with session_scope(common.database(config, write=False)) as session:
                 images = certify_api.check(session, spec, config)
             for line in estimate_lines(spec, images) + [f"info: {specs.reach(spec)}"]:
                 common.say(line, err=True)
@@ -97,7 +97,8 @@ def emulate(provider: str = typer.Option(..., help=f"One of {', '.join(PROVIDERS
             classifier: Optional[str] = typer.Option(None, help="dsq classifier checkpoint to label with "
                                                      "(default: a digits logistic regression)."),
             size: Optional[int] = typer.Option(None, help="Resize images to SIZE for --classifier.")):
-    """Serve a local emulator of a vision API for the real SDK clients, until interrupted."""
+    """Serve a local emulator of a vision API for the real SDK clients, until interrupted (then exit 128 + the
+    signal's number: 130 on Ctrl-C, 143 on SIGTERM)."""
     from dsq.apis import emulators
     from dsq.apis.emulators import labellers
 
@@ -111,8 +112,8 @@ def emulate(provider: str = typer.Option(..., help=f"One of {', '.join(PROVIDERS
         with common.signals_raise():  # SIGINT and SIGTERM stop it even where the parent left SIGINT ignored
             while True:
                 time.sleep(5)
-    except common.Stopped:
-        pass
+    except common.Stopped as stopped:
+        raise common.signal_exit(stopped.number) from None
     finally:
         common.console.print(f"served {emulator.ledger.billed} answers")
         emulator.stop()

@@ -30,7 +30,7 @@ def cluster(ctx: typer.Context):
         nodes, actors = _cluster_state()
         common.console.print(_nodes_table(nodes))
         common.console.print(_actors_table(actors))
-        engine = common.database(config)
+        engine = common.database(config, write=False)
         with session_scope(engine) as session:
             active = [job for job in repo.list_jobs(session, limit=200) if job.status in ("queued", "running")]
         table = Table("job", "kind", "status", "progress", "runner", title="queued and running jobs")

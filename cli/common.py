@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import typer
 from rich.console import Console
@@ -77,10 +77,14 @@ def confirm(question: str) -> bool:
 OPENED: list[str] = []  # the database this command opened (password masked), named in its error lines
 
 
-def database(config: Settings):
-    """The engine, with migrations applied (first use creates the schema)."""
+def database(config: Settings, *, write: bool = True):
+    """The engine, with migrations applied (first use creates the schema).
+
+    A SQLite file this user cannot write is refused in one line (exit 2) before anything connects, unless the
+    command only reads (``write=False``): it then reads the file read-only.
+    """
     OPENED.append(mask_url(config.database_url))
-    return open_database(config.database_url)
+    return open_database(config.database_url, read_only=not write)
 
 
 def check_cluster(config: Settings) -> None:
@@ -91,32 +95,74 @@ def check_cluster(config: Settings) -> None:
         resources.check_reachable(config.ray_address)
 
 
-class Stopped(Exception):
-    """SIGINT or SIGTERM arrived."""
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived (a BaseException, like KeyboardInterrupt: no ``except Exception`` swallows it)."""
+
+    def __init__(self, number: int):
+        super().__init__(signal.Signals(number).name)
+        self.number = number
+
+
+def signal_exit(number: int) -> typer.Exit:
+    """The exit of a long-running command stopped by signal ``number``, after its own stop line: 128 + N (130 on
+    SIGINT, 143 on SIGTERM), what a shell reports for a process the signal ended."""
+    return typer.Exit(128 + number)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM within a long-running command (worker, demo, --wait, --follow, emulate).
+
+    Each calls ``stop(name)`` (a worker stops claiming and hands its jobs back) or, without ``stop``, raises
+    ``Stopped`` where the command is; ``number`` keeps the first one, for ``signal_exit``. Ray's start replaces the
+    SIGTERM handler with its own (a C++ stack dump): call ``install()`` again once Ray is connected.
+    """
+
+    def __init__(self, stop: Callable[[str], None] | None = None):
+        self.stop, self.number = stop, None
+        self.previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            old = signal.signal(number, self._handle)
+            self.previous.setdefault(number, old)
+
+    def _handle(self, number: int, frame) -> None:
+        if self.number is None:
+            self.number = number
+        if self.stop is None:
+            raise Stopped(number)
+        self.stop(signal.Signals(number).name)
+
+    def __enter__(self) -> "StopSignals":
+        self.install()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, old in self.previous.items():
+            signal.signal(number, old)
 
 
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM raise ``Stopped`` (no traceback, no Ray signal dump)."""
-    def handler(number, frame):
-        raise Stopped(signal.Signals(number).name)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with StopSignals():
         yield
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old)
+
+
+def stopped_following(stop: Stopped, job_id: int) -> typer.Exit:
+    """A signal while following a job: one line, exit 128 + N; the job goes on."""
+    say(f"{stop}: stopped following job {job_id}; it goes on (dsq status {job_id})", err=True)
+    return signal_exit(stop.number)
 
 
 @contextlib.contextmanager
-def following() -> Iterator[None]:
-    """Ctrl-C or SIGTERM while following output ends the command quietly (exit 0: the job is not touched)."""
+def following(job_id: int) -> Iterator[None]:
+    """Ctrl-C or SIGTERM while following a job's output (--follow) stops following it: one line, exit 128 + N."""
     try:
         with signals_raise():
             yield
-    except Stopped:
-        raise typer.Exit(0) from None
+    except Stopped as stop:
+        raise stopped_following(stop, job_id) from None
 
 
 class JobColumn(ProgressColumn):
@@ -177,8 +223,7 @@ def follow(engine, job_id: int, label: str) -> str:
                     return job.status
                 time.sleep(1.0)
     except Stopped as stop:
-        say(f"{stop}: stopped following job {job_id}; it goes on (dsq status {job_id})", err=True)
-        raise typer.Exit(128 + getattr(signal, str(stop)).value) from None
+        raise stopped_following(stop, job_id) from None
 
 
 def finish(engine, job_id: int, status: str) -> None:

@@ -29,29 +29,38 @@ def demo(ctx: typer.Context,
 
     config = common.settings(ctx)
     started = time.monotonic()
-    with common.boundary():
-        plots.plot_format(plot)  # a plot that cannot be written is refused now, not after the demo
-        plan = preset.plan(n=n, max_images=max_images or None, quick=quick)
-        common.check_cluster(config)  # before anything is written
-        engine = common.database(config)
-        name = f"{plan.name}-demo-{time.strftime('%Y%m%d-%H%M%S')}"
-        with session_scope(engine) as session:
-            ids = experiments.submit(session, plan, config, experiment=name)
-        common.say(f"experiment {name}: jobs {min(ids.values())}-{max(ids.values())} queued")
-        resources.connect(config.ray_address)
-        runner = worker.QueueWorker(config, drain=True, only=set(ids.values()),
-                                    log=lambda line: common.say(f"{time.monotonic() - started:5.0f} s  {line}"))
-    previous = {number: signal.signal(number, lambda n_, f: runner.stop(signal.Signals(n_).name))
-                for number in (signal.SIGINT, signal.SIGTERM)}
+    runner = queued = None
+
+    def stop(signal_name: str) -> None:
+        if runner is None:  # before its worker runs, a signal ends the demo where it is
+            raise common.Stopped(signal.Signals[signal_name])
+        runner.stop(signal_name)
+
     try:
-        summary = runner.run()
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old)
-    if runner.stopping.is_set():
+        with common.StopSignals(stop) as signals:
+            with common.boundary():
+                plots.plot_format(plot)  # a plot that cannot be written is refused now, not after the demo
+                plan = preset.plan(n=n, max_images=max_images or None, quick=quick)
+                common.check_cluster(config)  # before anything is written
+                engine = common.database(config)
+                name = f"{plan.name}-demo-{time.strftime('%Y%m%d-%H%M%S')}"
+                with session_scope(engine) as session:
+                    ids = experiments.submit(session, plan, config, experiment=name)
+                queued = name
+                common.say(f"experiment {name}: jobs {min(ids.values())}-{max(ids.values())} queued")
+                resources.connect(config.ray_address)
+                signals.install()  # again: Ray's start put its own SIGTERM handler in place
+                runner = worker.QueueWorker(config, drain=True, only=set(ids.values()),
+                                            log=lambda line: common.say(f"{time.monotonic() - started:5.0f} s  {line}"))
+            summary = runner.run()
+    except common.Stopped as stopped:
+        then = f"; `dsq worker --drain` runs experiment {queued}" if queued else ""
+        common.say(f"demo stopped ({stopped}) before its jobs ran{then}", err=True)
+        raise common.signal_exit(stopped.number) from None
+    if signals.number is not None:
         common.say(f"demo stopped ({summary.reason}); handed back: jobs {summary.handed_back or 'none'}. "
                    f"`dsq worker --drain` finishes it; then `dsq results --experiment {name}`", err=True)
-        raise typer.Exit(common.EXIT_FAILED)
+        raise common.signal_exit(signals.number)
     with common.boundary():
         failed = {job_id: status for job_id, status in summary.ran.items() if status != "succeeded"}
         if failed:

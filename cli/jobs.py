@@ -31,7 +31,7 @@ def list_jobs(ctx: typer.Context, limit: int = typer.Option(50, help="Newest job
 
     config = common.settings(ctx)
     with common.boundary():
-        engine = common.database(config)
+        engine = common.database(config, write=False)
         table = Table("id", "kind", "name", "state", "prio", "progress", "created")
         with session_scope(engine) as session:
             listed = repo.list_jobs(session, limit=limit, status=status, kind=kind, experiment=experiment)
@@ -48,9 +48,9 @@ def status(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
 
     config = common.settings(ctx)
     with common.boundary():
-        engine = common.database(config)
+        engine = common.database(config, write=False)
         shown = None
-        with common.following():
+        with common.following(job):
             while True:
                 with session_scope(engine) as session:
                     record = repo.get_job(session, job)
@@ -70,9 +70,9 @@ def logs(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
     from dsq.text import escape_controls
 
     with common.boundary():
-        engine = common.database(common.settings(ctx))
+        engine = common.database(common.settings(ctx), write=False)
         last = 0
-        with common.following():
+        with common.following(job):
             while True:
                 with session_scope(engine) as session:
                     record = repo.get_job(session, job)
@@ -91,7 +91,7 @@ def show(ctx: typer.Context, job: int = typer.Argument(..., help="Job id.")):
     from dsq import views
 
     with common.boundary():
-        engine = common.database(common.settings(ctx))
+        engine = common.database(common.settings(ctx), write=False)
         with session_scope(engine) as session:
             for line in views.show(session, repo.get_job(session, job)):
                 common.say(line)

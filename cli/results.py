@@ -72,7 +72,7 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
                                   f"--summary), not to --format {format}")
         _check_plot(plot, title)
         radius_list = None if radii is None else accuracy.parse_radii(radii)
-        engine = common.database(common.settings(ctx))
+        engine = common.database(common.settings(ctx), write=False)
         if experiment is not None:
             jobs = print_experiment(engine, experiment, radius_list, by_sigma=by_sigma, by_class=by_class,
                                     ci=interval, format=format)
@@ -260,7 +260,7 @@ def compare(ctx: typer.Context, job_ids: List[int] = typer.Argument(..., help="J
         interval = _interval(ci, ci_alpha)
         _check_plot(plot, title)
         radius_list = None if radii is None else accuracy.parse_radii(radii)
-        engine = common.database(common.settings(ctx))
+        engine = common.database(common.settings(ctx), write=False)
         with session_scope(engine) as session:
             jobs = views.report_jobs(session, job_ids)
             radius_list = radius_list or views.table_radii(session, jobs)

@@ -25,41 +25,53 @@ def worker(ctx: typer.Context,
                                                      "jobs need, up to this total, e.g. GPU=8,CPU=64.")):
     """Run queued jobs whose dependencies have succeeded, highest priority first, several at once when they fit.
 
-    SIGINT or SIGTERM: stop claiming, hand running jobs back to the queue (stored results are kept), exit.
+    SIGINT or SIGTERM: stop claiming, hand running jobs back to the queue (stored results are kept), exit
+    128 + the signal's number (130, 143).
     """
     from dsq import checks
     from dsq.errors import InvalidArgument
 
     config = common.settings(ctx)
-    with common.boundary():
-        if max_jobs is not None:
-            checks.positive_int("--max-jobs", max_jobs)
-        if idle_exit is not None and not idle_exit > 0:
-            raise InvalidArgument(f"--idle-exit must be a number of seconds > 0, got {idle_exit}")
-        if detach and not config.ray_address:
-            raise InvalidArgument("--detach needs a cluster: pass --address or set RAY_ADDRESS")
-        cap = parse_resources(max_request) if max_request is not None else None
-        common.database(config)  # a bad URL is one line here, before Ray starts
-        from workers import resources, worker as queue_worker
+    runner = None
 
-        resources.connect(config.ray_address)
-        if detach:
-            name = queue_worker.start_detached(config, max_jobs=max_jobs, idle_exit=idle_exit, max_request=cap)
-            common.console.print(f"worker {name} started on the cluster")
-            return
-        runner = queue_worker.QueueWorker(config, max_jobs=max_jobs, drain=drain, idle_exit=idle_exit,
-                                          log=lambda line: common.say(f"{now()} worker: {line}"), max_request=cap)
-    previous = {number: signal.signal(number, lambda n, f: runner.stop(signal.Signals(n).name))
-                for number in (signal.SIGINT, signal.SIGTERM)}
-    common.say(f"{now()} worker {runner.name}: serving {config.database_url.split('@')[-1]}")
+    def stop(name: str) -> None:
+        if runner is None:  # before it serves, a signal ends the command where it is
+            raise common.Stopped(signal.Signals[name])
+        runner.stop(name)
+
     try:
-        summary = runner.run()
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old)
+        with common.StopSignals(stop) as signals:
+            with common.boundary():
+                if max_jobs is not None:
+                    checks.positive_int("--max-jobs", max_jobs)
+                if idle_exit is not None and not idle_exit > 0:
+                    raise InvalidArgument(f"--idle-exit must be a number of seconds > 0, got {idle_exit}")
+                if detach and not config.ray_address:
+                    raise InvalidArgument("--detach needs a cluster: pass --address or set RAY_ADDRESS")
+                cap = parse_resources(max_request) if max_request is not None else None
+                common.database(config)  # a bad URL is one line here, before Ray starts
+                from workers import resources, worker as queue_worker
+
+                resources.connect(config.ray_address)
+                signals.install()  # again: Ray's start put its own SIGTERM handler in place
+                if detach:
+                    name = queue_worker.start_detached(config, max_jobs=max_jobs, idle_exit=idle_exit,
+                                                       max_request=cap)
+                    common.console.print(f"worker {name} started on the cluster")
+                    return
+                runner = queue_worker.QueueWorker(config, max_jobs=max_jobs, drain=drain, idle_exit=idle_exit,
+                                                  log=lambda line: common.say(f"{now()} worker: {line}"),
+                                                  max_request=cap)
+            common.say(f"{now()} worker {runner.name}: serving {config.database_url.split('@')[-1]}")
+            summary = runner.run()
+    except common.Stopped as stopped:
+        common.say(f"{now()} worker stopped ({stopped}) before serving", err=True)
+        raise common.signal_exit(stopped.number) from None
     back = f"; handed back to the queue: jobs {', '.join(map(str, summary.handed_back))}" if summary.handed_back else ""
     common.say(f"{now()} worker {runner.name} stopped ({summary.reason}); ran {len(summary.ran)} job(s){back}",
                err=summary.database_lost)
+    if signals.number is not None:
+        raise common.signal_exit(signals.number)
     if summary.database_lost:
         raise typer.Exit(common.EXIT_FAILED)
 

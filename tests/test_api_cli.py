@@ -139,7 +139,8 @@ def test_a_planted_secret_never_reaches_the_database_logs_or_output(tmp_path):
 
 
 @pytest.mark.e2e
-def test_dsq_emulate_serves_the_real_sdk_until_interrupted(tmp_path):
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_dsq_emulate_serves_the_real_sdk_until_interrupted(tmp_path, how):
     import signal
 
     from dsq import datasets
@@ -157,6 +158,7 @@ def test_dsq_emulate_serves_the_real_sdk_until_interrupted(tmp_path):
         raw = client.detect(base.encode_png(datasets.get_dataset("digits", "test")[0][0]))
         assert labels.top_label(providers.labels("clarifai", raw)) == "zero"
     finally:
-        server.send_signal(signal.SIGINT)
+        server.send_signal(signal.Signals[how])
         output, _ = server.communicate(timeout=180)  # a deadline against a hang, generous for a busy machine
-    assert "served 1 answers" in output
+    assert output.splitlines()[-1] == "served 1 answers" and "Traceback" not in output, output
+    assert server.returncode == 128 + signal.Signals[how], output

@@ -286,6 +286,34 @@ def test_sqlite_file_is_created_with_its_folder(tmp_path):
 
 
 @pytest.mark.db
+def test_a_sqlite_file_that_cannot_be_written_is_refused_or_read_without_creating_files(tmp_path, monkeypatch):
+    """The modes as a user other than root sees them (root ignores them; test_trust.py drops that for real)."""
+    from dsq.db import session
+
+    monkeypatch.setattr(session, "_writable", lambda path: bool(path.stat().st_mode & 0o200))
+    url = f"sqlite:///{tmp_path}/dsq.db"
+    engine = open_database(url)
+    new_job(engine)
+    engine.dispose()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dsq.db"]
+    (tmp_path / "dsq.db").chmod(0o444)
+    (tmp_path / "dsq.db-shm").touch(0o444)
+    tmp_path.chmod(0o555)
+    try:
+        with pytest.raises(DatabaseUnreachable) as refused:
+            open_database(url)
+        assert str(refused.value) == (f"cannot write to database {url}: not writable by this user: "
+                                      f"{tmp_path}/dsq.db, {tmp_path}/dsq.db-shm, the folder {tmp_path}")
+        reader = open_database(url, read_only=True)
+        with session_scope(reader) as s:
+            assert len(repo.list_jobs(s)) == 1
+        reader.dispose()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["dsq.db", "dsq.db-shm"]
+    finally:
+        tmp_path.chmod(0o755)
+
+
+@pytest.mark.db
 @pytest.mark.parametrize(
     "url",
     [

@@ -89,6 +89,70 @@ def test_an_unwritable_database_is_one_line_and_exit_2(home):
     assert jobs_in(home) == 1
 
 
+DROP_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                 "--inh-caps=-dac_override,-dac_read_search"]  # root then obeys file modes
+
+
+def dsq_without_override(home, *args):
+    env = os.environ | {"DSQ_HOME": str(home), "RAY_ADDRESS": "", "DSQ_WORKER_AUTOSTART": "0"}
+    return subprocess.run(DROP_OVERRIDE + [sys.executable, "-m", "cli", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def wal_files(home) -> list[str]:
+    return sorted(path.name for path in home.glob("dsq.db-*"))
+
+
+@pytest.fixture
+def closed_home(tmp_path):
+    """A database with one job, written by another process that has closed it (no -wal or -shm file left)."""
+    assert dsq_without_override(tmp_path, *TRAIN).returncode == 0
+    assert wal_files(tmp_path) == []
+    return tmp_path
+
+
+@pytest.mark.e2e
+def test_a_read_only_database_file_refuses_writes_in_one_line_and_is_usable_once_fixed(closed_home):
+    """dsq.db chmod 444 in a writable folder: the writing commands (the worker included) say one line and exit 2,
+    leaving no -wal or -shm file behind (SQLite would create them read-only, breaking writes after the fix); the
+    reading commands still read it; once dsq.db is writable again, writes work."""
+    (closed_home / "dsq.db").chmod(0o444)
+    try:
+        for args in (["worker", "--drain"], ["cancel", "1"], TRAIN):
+            out = dsq_without_override(closed_home, *args)
+            lines = out.stderr.strip().splitlines()
+            assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stdout + out.stderr, out.stderr
+            assert lines[0] == (f"error: cannot write to database sqlite:///{closed_home / 'dsq.db'}: "
+                                f"not writable by this user: {closed_home / 'dsq.db'}")
+            assert wal_files(closed_home) == [], args
+        for args in (["jobs"], ["status", "1"], ["show", "1"], ["logs", "1"]):
+            out = dsq_without_override(closed_home, *args)
+            assert out.returncode == 0 and out.stderr == "" and "train" in out.stdout + out.stderr, (args, out.stderr)
+            assert wal_files(closed_home) == [], args
+    finally:
+        (closed_home / "dsq.db").chmod(0o644)
+    assert jobs_in(closed_home) == 1
+    out = dsq_without_override(closed_home, *TRAIN)
+    assert out.returncode == 0 and out.stdout.strip() == "job 2", out.stderr
+    assert dsq_without_override(closed_home, "cancel", "2").returncode == 0
+
+
+@pytest.mark.e2e
+def test_a_read_only_shm_file_left_behind_is_named(closed_home):
+    """-wal and -shm files that an earlier read-only open left read-only: writes are refused naming them; reads
+    work; once they are writable, writes work."""
+    (closed_home / "dsq.db-shm").touch(0o444)
+    (closed_home / "dsq.db-wal").touch(0o444)
+    out = dsq_without_override(closed_home, "cancel", "1")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].endswith(f"not writable by this user: {closed_home / 'dsq.db-wal'}, {closed_home / 'dsq.db-shm'}")
+    assert dsq_without_override(closed_home, "jobs").returncode == 0
+    (closed_home / "dsq.db-shm").chmod(0o644)
+    (closed_home / "dsq.db-wal").chmod(0o644)
+    assert dsq_without_override(closed_home, "cancel", "1").returncode == 0
+
+
 def test_a_dataset_whose_classes_do_not_match_the_classifier_is_refused(home, tmp_path):
     from PIL import Image
 

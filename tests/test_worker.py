@@ -161,7 +161,7 @@ def test_workers_stopped_by_signals_hand_the_job_back_a_killed_ones_is_taken_ove
         before = now
         if how == signal.SIGKILL:
             break
-        assert worker.returncode == 0 and not any(noise in stdout + stderr for noise in NOISE), stdout + stderr
+        assert worker.returncode == 128 + how and not any(noise in stdout + stderr for noise in NOISE), stdout + stderr
         assert f"stopped ({how.name}); ran 1 job(s); handed back to the queue: jobs 2" in stdout
         assert job(engine, 2).status == "queued"
         with session_scope(engine) as session:
@@ -304,7 +304,7 @@ def test_sigterm_stops_the_demo_cleanly_and_a_worker_finishes_its_experiment(tmp
         stdout, stderr = demo.communicate(timeout=180)
     finally:
         stop_group(demo)
-    assert demo.returncode == 1 and not any(noise in stdout + stderr for noise in NOISE), stdout + stderr
+    assert demo.returncode == 128 + signal.SIGTERM and not any(noise in stdout + stderr for noise in NOISE), stderr
     assert "demo stopped (SIGTERM); handed back: jobs" in stderr and "dsq worker --drain" in stderr
     engine = engine_of(tmp_path)
     with session_scope(engine) as session:

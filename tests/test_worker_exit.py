@@ -1,15 +1,19 @@
-"""A background worker stopped with `kill PID` (SIGTERM) leaves no pid file behind, and its log lines carry the time."""
+"""A background worker stopped with `kill PID` (SIGTERM) leaves no pid file behind, exits 143, and its log lines carry
+the time; `--follow` stopped by a signal says so in one line and exits 128 + N."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from dsq import jobqueue
+from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.settings import Settings
 from workers import background, pidfile
@@ -25,9 +29,12 @@ def wait_for(condition, seconds: float, what: str) -> None:
         time.sleep(0.5)
 
 
+EXITS: dict[int, int] = {}  # pid -> exit status of the children reaped here
+
+
 @pytest.fixture(scope="module")
 def stopped_worker(tmp_path_factory):
-    """A background worker started as `dsq submit` starts one, then sent SIGTERM: (pid file, worker.log)."""
+    """A background worker started as `dsq submit` starts one, then sent SIGTERM: (pid file, worker.log, exit code)."""
     home = tmp_path_factory.mktemp("worker-home")
     settings = Settings(database_url=f"sqlite:///{home / 'dsq.db'}", home=home, idle_seconds=300)
     engine = open_database(settings.database_url)
@@ -45,7 +52,7 @@ def stopped_worker(tmp_path_factory):
         wait_for(registered, 180, "the background worker never registered")
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: _reaped(pid), 120, "the worker did not stop on SIGTERM")
-        yield pid_file, (home / "worker.log").read_text()
+        yield pid_file, (home / "worker.log").read_text(), EXITS[pid]
     finally:
         if not _reaped(pid):  # the test failed before the worker stopped
             os.kill(pid, signal.SIGKILL)
@@ -55,19 +62,45 @@ def stopped_worker(tmp_path_factory):
 def _reaped(pid: int) -> bool:
     """Reap our exited child (the worker is this process's child); True once it has exited."""
     try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
+        done, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         return True
+    if done == pid:
+        EXITS[pid] = os.waitstatus_to_exitcode(status)
     return done == pid
 
 
-def test_sigterm_removes_the_workers_pid_file(stopped_worker):
-    pid_file, log = stopped_worker
+def test_sigterm_removes_the_workers_pid_file_and_exits_143(stopped_worker):
+    pid_file, log, code = stopped_worker
     assert "stopped (SIGTERM)" in log, log
     assert not pid_file.exists()
+    assert code == 128 + signal.SIGTERM, log
 
 
 def test_the_workers_log_lines_carry_a_timestamp(stopped_worker):
-    _, log = stopped_worker
+    _, log, _ = stopped_worker
     ours = [line for line in log.splitlines() if re.search(r"worker \S+(: serving| stopped \()", line)]
     assert len(ours) == 2 and all(STAMP.match(line) for line in ours), log
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("command", ["status", "logs"])
+def test_follow_stopped_by_a_signal_says_so_and_exits_128_plus_n(tmp_path, command, how):
+    engine = open_database(f"sqlite:///{tmp_path / 'dsq.db'}")
+    with session_scope(engine) as session:
+        repo.create_job(session, kind="train", spec={"sigma": 0.0}, seed=0, total=1)
+        repo.add_log(session, 1, "submitted")
+    engine.dispose()
+    env = os.environ | {"DSQ_HOME": str(tmp_path), "RAY_ADDRESS": "", "DSQ_DATABASE_URL": "",
+                        "DSQ_WORKER_AUTOSTART": "0"}
+    following = subprocess.Popen([sys.executable, "-m", "cli", command, "1", "--follow"], env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert following.stdout.readline()  # it has printed, so it follows
+        following.send_signal(how)
+        stdout, stderr = following.communicate(timeout=60)
+    finally:
+        if following.poll() is None:
+            following.kill()
+    assert following.returncode == 128 + how, stderr
+    assert stderr == f"{how.name}: stopped following job 1; it goes on (dsq status 1)\n"

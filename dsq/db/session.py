@@ -9,12 +9,20 @@ so several processes (Ray workers, the CLI) can write the same file.  The sqlite
 driver's own transaction handling is kept on purpose: it begins a transaction
 only at the first write, so a writer waits on the busy timeout instead of failing
 with "database is locked" when another process committed since its last read.
+
+A SQLite file this user cannot write is refused before anything connects (one line naming
+the database, its ``-wal`` and ``-shm`` files and the folder, whichever are not writable),
+so a refused open creates no ``-wal``/``-shm`` file: SQLite would create them with the
+database file's own mode, and a read-only ``-shm`` left behind keeps every later write
+failing after the user makes ``dsq.db`` writable again.  Callers that only read
+(``read_only=True``) get a read-only connection instead, which creates nothing either.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,11 +74,14 @@ def mask_url(url: str | URL) -> str:
         return f"{scheme}{slashes}{userinfo.split(':', 1)[0]}:***@{host}"
 
 
-def make_engine(url: str | URL, *, check: bool = True, retry_seconds: float = 0.0) -> Engine:
+def make_engine(url: str | URL, *, check: bool = True, retry_seconds: float = 0.0,
+                read_only: bool = False) -> Engine:
     """An engine for a SQLite or PostgreSQL URL, connected once to check it works.
 
     Raises ``DatabaseUnreachable`` (one line, password masked) when the URL is
-    malformed or unsupported, or the database cannot be reached. With
+    malformed or unsupported, or the database cannot be reached, or it is a SQLite
+    file this user cannot write (see ``unwritable``), unless ``read_only``: then
+    such a file is opened read-only (``is_read_only``). With
     ``retry_seconds`` (job runners and workers), a PostgreSQL server that does not
     answer is asked again every second for that long before a connection fails:
     a restarted server costs a pause, not the job.
@@ -79,7 +90,7 @@ def make_engine(url: str | URL, *, check: bool = True, retry_seconds: float = 0.
     parsed = _parse_url(url, shown)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        engine = _sqlite_engine(parsed, shown)
+        engine = _sqlite_engine(parsed, shown, read_only)
     elif backend == "postgresql":
         engine = _postgresql_engine(parsed, shown)
         if retry_seconds > 0:
@@ -101,7 +112,7 @@ def _parse_url(url: str | URL, shown: str) -> URL:
     return parsed
 
 
-def _sqlite_engine(url: URL, shown: str) -> Engine:
+def _sqlite_engine(url: URL, shown: str, read_only: bool = False) -> Engine:
     database = url.database or ""
     if database in ("", ":memory:"):
         engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
@@ -112,9 +123,57 @@ def _sqlite_engine(url: URL, shown: str) -> Engine:
         except OSError as err:
             raise DatabaseUnreachable(f"cannot create {path.parent} for {shown}: {err}") from None
         timeout_s = SQLITE_BUSY_TIMEOUT_MS / 1000
-        engine = create_engine(url.set(database=str(path)), connect_args={"timeout": timeout_s})
+        blocked = unwritable(path)
+        if blocked and not (read_only and path.exists()):
+            raise DatabaseUnreachable(f"cannot write to database {shown}: not writable by this user: "
+                                      + ", ".join(blocked))
+        if blocked:
+            url = _read_only_url(url, path, shown, blocked)
+        else:
+            url = url.set(database=str(path))
+        engine = create_engine(url, connect_args={"timeout": timeout_s})
     event.listen(engine, "connect", _configure_sqlite_connection)
     return engine
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
+
+
+def unwritable(path: Path) -> list[str]:
+    """What keeps this user from writing the SQLite database ``path``, as words for an error line.
+
+    The database file, its ``-wal`` and ``-shm`` files where they exist and cannot be
+    written, and the folder when it cannot be written and one of the three must be
+    created in it (SQLite creates ``-wal`` and ``-shm`` beside the file on first use).
+    """
+    files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+    blocked = [str(file) for file in files if file.exists() and not _writable(file)]
+    if not all(file.exists() for file in files) and path.parent.is_dir() and not _writable(path.parent):
+        blocked.append(f"the folder {path.parent}")
+    return blocked
+
+
+def _read_only_url(url: URL, path: Path, shown: str, blocked: list[str]) -> URL:
+    """A URL that reads ``path`` without writing or creating anything.
+
+    With no commits waiting in the ``-wal`` file the database is opened ``immutable``
+    (no ``-wal``/``-shm`` file is created, no lock taken); with some, read-only through
+    the existing ``-wal`` and ``-shm``.  Commits waiting in a ``-wal`` whose ``-shm`` is
+    gone cannot be read without creating it: one line says what to make writable.
+    """
+    wal, shm = path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+    waiting = wal.exists() and wal.stat().st_size > 0
+    if waiting and not shm.exists():
+        raise DatabaseUnreachable(f"cannot read database {shown}: {wal} holds commits that only a writer can "
+                                  f"read; not writable by this user: {', '.join(blocked)}")
+    query = {"mode": "ro"} if waiting else {"immutable": "1"}
+    return url.set(database=f"file:{urllib.parse.quote(str(path))}", query={**query, "uri": "true"})
+
+
+def is_read_only(engine: Engine) -> bool:
+    """Whether ``make_engine(..., read_only=True)`` opened this SQLite file read-only (it cannot be written)."""
+    return engine.dialect.name == "sqlite" and bool({"mode", "immutable"} & set(engine.url.query))
 
 
 def _configure_sqlite_connection(dbapi_connection, connection_record) -> None:
@@ -258,9 +317,18 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-def open_database(url: str | URL, *, retry_seconds: float = 0.0) -> Engine:
-    """An engine for ``url`` whose schema is upgraded to the newest revision."""
-    engine = make_engine(url, retry_seconds=retry_seconds)
+def open_database(url: str | URL, *, retry_seconds: float = 0.0, read_only: bool = False) -> Engine:
+    """An engine for ``url`` whose schema is upgraded to the newest revision.
+
+    ``read_only``: the caller only reads, so a SQLite file this user cannot write is
+    opened read-only rather than refused, if its schema needs no upgrade.
+    """
+    engine = make_engine(url, retry_seconds=retry_seconds, read_only=read_only)
     if current_revision(engine) != head_revision():
+        if is_read_only(engine):
+            engine.dispose()
+            path = Path(urllib.parse.unquote(engine.url.database.removeprefix("file:")))
+            raise DatabaseUnreachable(f"cannot read database {mask_url(url)}: its schema needs an upgrade; not "
+                                      f"writable by this user: {', '.join(unwritable(path))}")
         upgrade(engine)
     return engine
