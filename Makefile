@@ -19,8 +19,12 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/dsq demo
 
+# Two pytest workers: much of the suite waits on other processes (Ray nodes, workers, databases), so two share
+# the 2 cores this is sized for better than one. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(VENV)/bin/dsq bench

@@ -6,6 +6,7 @@ import contextlib
 import glob
 import importlib.util
 import itertools
+import json
 import multiprocessing.util
 import os
 import pwd
@@ -328,6 +329,7 @@ def starts_processes() -> None:
     """Declares that a test (or a fixture) starts processes: CLI runs, workers, Ray nodes. Layer e2e."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by layer and before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     conflicts = []
     for item in items:
@@ -342,6 +344,67 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.stash[_LAYER] = layer
     if conflicts:
         raise pytest.UsageError("tests marked with a layer below their own:\n  " + "\n  ".join(conflicts))
+    _schedule(items)
+
+
+# Rough seconds a test of each layer takes on 2 cores: enough to order the work, longest first.
+LAYER_COST = {"unit": 0.1, "db": 1, "ray": 5, "e2e": 30}
+# Where the `pytest -n` workers tell the controller which tests share a module-scoped fixture (see _schedule).
+GROUPS_FILE = "DSQ_TEST_GROUPS_FILE"
+
+
+def _schedule(items: list[pytest.Item]) -> None:
+    """Make the suite easy to share among `pytest -n` workers (README.md, "Running the tests").
+
+    Tests that share a module-scoped fixture form one group, which one worker runs, so that the fixture is set up
+    once. The work units (a group, or a test on its own) run longest first, by LAYER_COST, so that short tests fill
+    the end of the run instead of one long test starting last. Without xdist only the order changes.
+    """
+    cost: dict[str, float] = {}
+    scope_of = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        shares = info is not None and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values())
+        scope_of[item] = item.module.__name__ if shares and item.module is not None else item.nodeid
+        cost[scope_of[item]] = cost.get(scope_of[item], 0) + LAYER_COST[item.stash[_LAYER]]
+    order = {item: index for index, item in enumerate(items)}
+    first: dict[str, int] = {}
+    for item in items:
+        first.setdefault(scope_of[item], order[item])
+    items.sort(key=lambda item: (-cost[scope_of[item]], first[scope_of[item]], order[item]))
+    if GROUPS_FILE in os.environ:  # a worker: every worker collects the same, so any one of them may write it
+        groups = {item.nodeid: scope for item, scope in scope_of.items() if scope != item.nodeid}
+        written = Path(os.environ[GROUPS_FILE])
+        partial = written.with_name(f"{written.name}.{os.getpid()}")
+        partial.write_text(json.dumps(groups))
+        partial.replace(written)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):  # the xdist controller
+        handle, name = tempfile.mkstemp(prefix="dsq-test-groups-", suffix=".json")
+        os.close(handle)
+        os.environ[GROUPS_FILE] = name  # the workers it starts inherit it
+        config.add_cleanup(lambda: os.unlink(name))
+
+
+@pytest.hookimpl(optionalhook=True)  # only xdist defines it
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's load scheduling, in the collection's order (longest first), with the groups of _schedule.
+
+    (xdist's own `--dist loadgroup` cannot be used: it renames the tests, which pytest 9 no longer allows.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtures(LoadScopeScheduling):
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:  # read once: the workers wrote it before they reported their collection
+                self.groups = json.loads(Path(os.environ[GROUPS_FILE]).read_text() or "{}")
+            return self.groups.get(nodeid, nodeid)
+
+    config.option.loadscopereorder = False
+    return SharedFixtures(config, log)
 
 
 class LayerViolation(AssertionError):

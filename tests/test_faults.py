@@ -4,9 +4,11 @@ job runner; run jobs side by side; hammer the databases with concurrent writers.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,8 +85,8 @@ def inspect(address, timeout=120) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, starts_processes):
-    temp = tmp_path_factory.mktemp("ray")
+def cluster(starts_processes):
+    temp = Path(tempfile.mkdtemp(prefix="dsq-faults-"))  # short: Ray's socket paths have a length limit
     port = free_port()
     address = f"127.0.0.1:{port}"
     head = start_node(["--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
@@ -106,6 +108,7 @@ def cluster(tmp_path_factory, starts_processes):
         yield address, workers
     finally:
         stop(*workers, head)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def joined(address) -> list:
