@@ -269,3 +269,23 @@ def test_a_corrupt_resumable_checkpoint_starts_the_job_over_in_one_line(home, un
     assert [line[:9] for line in lines if line.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
     assert same(found, uninterrupted[0])
     assert resumable_files(config) == []
+
+
+def test_the_key_names_the_job_and_changes_with_its_spec_and_models():
+    spec, sources = JOB_SPEC.to_dict(), {"job:1": {"location": "sha256/a.pt", "sha256": "a" * 64}}
+    at = trainstate.key(7, spec, sources)
+    assert at.startswith(trainstate.folder(7) + "/") and at == trainstate.key(7, dict(spec), dict(sources))
+    others = {trainstate.key(8, spec, sources), trainstate.key(7, {**spec, "lr": 0.01}, sources),
+              trainstate.key(7, spec, {"job:1": {"location": "sha256/b.pt", "sha256": "b" * 64}})}
+    assert at not in others and len(others) == 3
+
+
+def test_the_checkpoint_interval_is_a_setting():
+    from dsq.errors import InvalidArgument
+    from dsq.settings import Settings
+
+    assert Settings.from_env({}).train_checkpoint_seconds == 300
+    assert Settings.from_env({"DSQ_TRAIN_CHECKPOINT_SECONDS": "60"}).train_checkpoint_seconds == 60
+    for bad in ("0", "-5", "soon"):
+        with pytest.raises(InvalidArgument, match="DSQ_TRAIN_CHECKPOINT_SECONDS must be a number of seconds > 0"):
+            Settings.from_env({"DSQ_TRAIN_CHECKPOINT_SECONDS": bad})
