@@ -36,7 +36,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from dsq import classifiers as classifier_registry
 from dsq import denoisers as denoiser_registry
-from dsq import objectives
+from dsq import checks, objectives
 from dsq.errors import InvalidArgument, TrainingDiverged
 
 Progress = Callable[[int, int, dict], None]
@@ -127,7 +127,7 @@ class Checkpointing:
     """How ``fit`` keeps a resumable state: the one to start from, where to hand new ones, how often."""
 
     saved: object = None  # a state read back (None: start at epoch 1); checked before use
-    save: Callable[[dict], None] = lambda state: None
+    save: Callable[[dict], None] | None = None  # None: no state is made
     say: Callable[[str], None] = lambda line: None  # one line for the job's log
     every_seconds: float = 300.0  # within an epoch; every epoch's end is a checkpoint too
 
@@ -150,7 +150,7 @@ def fit(model, loss_fn, train_set, spec, device, on_progress: Progress | None,
 
     Raises TrainingDiverged as soon as a batch loss, or the weights after an epoch, are not finite.
     """
-    keep = checkpointing or Checkpointing(every_seconds=math.inf)
+    keep = checkpointing or Checkpointing()
     optimizer, scheduler = make_optimizer(spec, _trainable(model))
     position = Position()
     if keep.saved is not None:
@@ -160,11 +160,13 @@ def fit(model, loss_fn, train_set, spec, device, on_progress: Progress | None,
 
     def checkpoint(at: Position) -> None:
         nonlocal last_save
+        if keep.save is None:
+            return
         keep.save(_state(spec, model, optimizer, scheduler, at, position.seconds + time.monotonic() - started))
         last_save = time.monotonic()
 
     def mid_epoch(at: Position) -> None:
-        if time.monotonic() - last_save >= keep.every_seconds:
+        if keep.save is not None and time.monotonic() - last_save >= keep.every_seconds:
             checkpoint(Position(at.epoch, at.step, at.total, at.losses, rng=_rng_states(noise)))
 
     for epoch in range(position.epoch, spec.epochs):
@@ -219,9 +221,10 @@ def _resume(spec, model, optimizer, scheduler, keep: Checkpointing):
     fresh = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     try:
         position = _restore(spec, model, optimizer, scheduler, keep.saved)
-    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError) as error:
         model.load_state_dict(fresh)
-        keep.say(f"the resumable checkpoint does not fit this training ({error}); starting over from epoch 1")
+        reason = f"it lacks {error}" if isinstance(error, KeyError) else checks.first_line(error, 200)
+        keep.say(f"the resumable checkpoint does not fit this training ({reason}); starting over from epoch 1")
         optimizer, scheduler = make_optimizer(spec, _trainable(model))
         return Position(), optimizer, scheduler
     where = f"epoch {position.epoch + 1} of {spec.epochs}" + (f", batch {position.step + 1}" if position.step else "")

@@ -165,13 +165,16 @@ def misfits(digits, models) -> dict:
 
 def test_a_state_that_does_not_fit_starts_the_training_over(digits, models):
     straight, metrics = run("mse", digits, models)
+    said = {}
     for what, state in misfits(digits, models).items():
         keeper = Keeper(saved=state)
         again, metrics_again = run("mse", digits, models, keeper=keeper)
         assert len(keeper.lines) == 1 and keeper.lines[0].startswith("the resumable checkpoint does not fit"), what
-        assert keeper.lines[0].endswith("; starting over from epoch 1"), what
+        assert keeper.lines[0].endswith("; starting over from epoch 1") and "\n" not in keeper.lines[0], what
         assert same_weights(again, straight), what
         assert without_seconds(metrics_again) == without_seconds(metrics), what
+        said[what] = keeper.lines[0]
+    assert "shape mismatches" in said["other shapes"] and "lacks 'scheduler'" in said["missing keys"]
 
 
 # ------------------------------------------------------------------------------ a train job's own run
