@@ -141,8 +141,10 @@ def delete(ctx: typer.Context, job: list[int] = typer.Argument(None, help="Job i
            artifacts: bool = typer.Option(False, "--artifacts", help="Remove the model files they trained too "
                                           "(default: kept in the artifact store)."),
            yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")):
-    """Delete jobs with their results and logs, in one transaction; refused while one runs or is needed."""
-    from dsq import artifacts as store, jobs as lifecycle
+    """Delete jobs with their results and logs, in one transaction; refused while one runs or is needed.
+
+    A training's resumable checkpoints go with it (they are never a model of its own)."""
+    from dsq import artifacts as store, jobs as lifecycle, trainstate
     from dsq.errors import InvalidArgument, JobStateError
 
     config = common.settings(ctx)
@@ -154,6 +156,7 @@ def delete(ctx: typer.Context, job: list[int] = typer.Argument(None, help="Job i
             ids = job or sorted(j.id for j in repo.list_jobs(session, limit=None, experiment=experiment))
             if not ids:
                 raise JobStateError(f"no jobs in experiment {experiment!r}")
+            trainings = [i for i in ids if repo.get_job(session, i).kind == "train"]
             found = lifecycle.delete(session, ids, config.stale_after, artifacts=artifacts)
             session.rollback()  # a dry run: the refusals, and what would go
         what = f"job{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"
@@ -168,4 +171,7 @@ def delete(ctx: typer.Context, job: list[int] = typer.Argument(None, help="Job i
     for location, sha256 in dict.fromkeys(unused):
         with common.boundary():
             store.remove(config, location, sha256)
+    for training in trainings:
+        with common.boundary():
+            trainstate.remove(config, training)
     common.say(f"deleted {what}" + (f"; {'removed' if artifacts else 'kept'} {len(had)} artifact(s)" if had else ""))

@@ -42,6 +42,12 @@ class Store(Protocol):
 
     def fetch(self, location: str, sha256: str) -> Path: ...
 
+    def put_at(self, path: str | os.PathLike, key: str) -> None: ...
+
+    def get_at(self, key: str) -> Path | None: ...
+
+    def remove_under(self, prefix: str) -> None: ...
+
 
 def os_reason(error: OSError) -> str:
     """An OSError in a few words: ``permission denied``, ``no such file or directory``..."""
@@ -133,6 +139,27 @@ class LocalStore:
             return path
         return self.root / content_address(sha256)
 
+    def put_at(self, path: str | os.PathLike, key: str) -> None:
+        """Copy a file in under ``key`` (replacing what was there), atomically."""
+        try:
+            _copy_atomically(path, self.root / checked_key(key))
+        except OSError as error:
+            raise ArtifactStoreError(f"cannot write {key} to {self.root}: {os_reason(error)}") from None
+
+    def get_at(self, key: str) -> Path | None:
+        """The file kept under ``key``, or None."""
+        path = self.root / checked_key(key)
+        return path if path.is_file() else None
+
+    def remove_under(self, prefix: str) -> None:
+        """Remove every file kept under the key prefix ``prefix`` (a folder); none there is fine."""
+        try:
+            shutil.rmtree(self.root / checked_key(prefix))
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise ArtifactStoreError(f"cannot remove {prefix} from {self.root}: {os_reason(error)}") from None
+
     def _holds(self, target: Path, sha256: str) -> bool:
         try:
             return _sha256_of(target) == sha256
@@ -141,6 +168,13 @@ class LocalStore:
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def checked_key(key: str) -> str:
+    """A key of ``put_at`` and friends: a relative path inside the store, without '..'."""
+    if not key or key.startswith("/") or ".." in key.split("/"):
+        raise ArtifactStoreError(f"store key {key!r} leaves the store")
+    return key
 
 
 def content_address(sha256: str) -> str:
@@ -189,6 +223,39 @@ class S3Store:
             self.client.upload_file(os.fspath(path), self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha256}})
         return f"s3://{self.bucket}/{key}", sha256
 
+    def _key(self, key: str) -> str:
+        return "/".join(filter(None, [self.prefix, checked_key(key)]))
+
+    def put_at(self, path: str | os.PathLike, key: str) -> None:
+        """Upload a file under ``key`` (an S3 upload replaces the object whole or not at all)."""
+        with _s3_errors(f"{self.url}/{key}"):
+            self.client.upload_file(os.fspath(path), self.bucket, self._key(key))
+
+    def get_at(self, key: str) -> Path | None:
+        """A local copy of the object under ``key`` (in the cache folder), or None when there is none."""
+        from botocore.exceptions import ClientError
+
+        local = self.cache / "keyed" / checked_key(key)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with _s3_errors(f"{self.url}/{key}"):
+            try:
+                self.client.download_file(self.bucket, self._key(key), os.fspath(local))
+            except ClientError as error:
+                if _missing(error):
+                    return None
+                raise
+        return local
+
+    def remove_under(self, prefix: str) -> None:
+        """Delete every object under the key prefix ``prefix`` (a folder)."""
+        folder = self._key(prefix).rstrip("/") + "/"
+        with _s3_errors(f"{self.url}/{prefix}"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder)
+            for page in pages:
+                for item in page.get("Contents", []):
+                    self.client.delete_object(Bucket=self.bucket, Key=item["Key"])
+        shutil.rmtree(self.cache / "keyed" / checked_key(prefix), ignore_errors=True)
+
     def fetch(self, location: str, sha256: str) -> Path:
         local = self.cache / f"{sha256}.pt"
         if local.is_file():
@@ -209,6 +276,11 @@ class S3Store:
             if os.path.exists(scratch):
                 os.unlink(scratch)
         return local
+
+
+def _missing(error) -> bool:
+    """Whether a botocore ClientError says the object is not there."""
+    return str(error.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound")
 
 
 class _s3_errors:

@@ -14,6 +14,8 @@ never read at import time.
 - ``DSQ_WORKER_IDLE_SECONDS`` a background worker started by ``dsq submit`` exits after this long
   with nothing to run (default 180)
 - ``DSQ_DB_GRACE_SECONDS`` how long workers and jobs wait for a PostgreSQL server that went away (default 60)
+- ``DSQ_TRAIN_CHECKPOINT_SECONDS`` a training also stores its resumable checkpoint this often within
+  an epoch (default 300; it always does at an epoch's end)
 - ``DSQ_WORKER_AUTOSTART``  ``0``: ``dsq submit`` never starts a background worker (you run your own)
 """
 
@@ -42,6 +44,10 @@ class Settings:
     autostart: bool = True
     # A database restart or a failover takes seconds to a minute: wait that long before giving a job up.
     db_grace_seconds: float = 60.0
+    # A training stores a resumable checkpoint at each epoch's end; an epoch that runs longer (ImageNet: an hour)
+    # stores one every 5 minutes too, so a preempted node loses at most that much, while writing one (model and
+    # optimizer, tens of MB to S3 in seconds) costs a few percent of the time at most.
+    train_checkpoint_seconds: float = 300.0
 
     def data_root_of(self, spec) -> str | None:
         """Where a job's datasets are: its own ``data_root``, else this machine's (``DSQ_DATA``)."""
@@ -61,6 +67,7 @@ class Settings:
             idle_seconds=_seconds(env, "DSQ_WORKER_IDLE_SECONDS", 180.0),
             autostart=env.get("DSQ_WORKER_AUTOSTART", "1") != "0",
             db_grace_seconds=_seconds(env, "DSQ_DB_GRACE_SECONDS", 60.0),
+            train_checkpoint_seconds=_seconds(env, "DSQ_TRAIN_CHECKPOINT_SECONDS", 300.0),
         )
 
     @property

@@ -9,6 +9,13 @@ so the caller (a Ray trainer, the CLI) decides how to show it.
 A batch loss that is NaN or inf, or weights that hold NaN or inf after an
 epoch, stop training with ``TrainingDiverged`` (naming the epoch, and the batch
 for a loss): the model is never returned, so no broken checkpoint is saved.
+
+Resumable: given a ``Checkpointing``, ``fit`` hands it a resumable state at the end
+of every epoch and, within a long epoch, every ``every_seconds`` (model, optimizer,
+LR schedule, every RNG state, epoch and batch, the losses so far), and starts from
+the state it was given, if any. A resumed run ends with the weights, bit for bit,
+of one that ran uninterrupted (on the CPU). A state that does not fit the model is
+said in one line and training starts over from epoch 1.
 """
 
 from __future__ import annotations
@@ -17,16 +24,19 @@ import contextlib
 import copy
 import hashlib
 import math
+import random
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from dsq import classifiers as classifier_registry
 from dsq import denoisers as denoiser_registry
-from dsq import objectives
+from dsq import checks, objectives
 from dsq.errors import InvalidArgument, TrainingDiverged
 
 Progress = Callable[[int, int, dict], None]
@@ -41,14 +51,22 @@ def seeded(seed: int, purpose: str, epoch: int = 0) -> int:
 
 @contextlib.contextmanager
 def private_cpu_rng(seed: int):
-    """Run a block with the global CPU RNG seeded to ``seed``; restore the caller's state after.
+    """Run a block with the global CPU RNGs (torch's, numpy's, Python's) seeded from ``seed``; restore the
+    caller's states after.
 
-    For what draws from the global generator by design: weight initialisers and the
+    For what draws from a global generator by design: weight initialisers and the
     datasets' augmentation transforms (random crops and flips).
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        yield
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 def build_model(spec, info) -> nn.Module:
@@ -75,12 +93,13 @@ def make_optimizer(spec, parameters):
 
 def train(spec, train_set: Dataset, test_set: Dataset, info, *,
           classifiers: Sequence[nn.Module] = (), init: nn.Module | None = None,
-          device: str | torch.device = "cpu", on_progress: Progress | None = None) -> tuple[nn.Module, dict]:
+          device: str | torch.device = "cpu", on_progress: Progress | None = None,
+          checkpointing: Checkpointing | None = None) -> tuple[nn.Module, dict]:
     """Train the model a spec describes; return it (in eval mode) and its metrics.
 
     ``classifiers`` are the frozen target (white-box) or surrogates (black-box);
     ``init`` is the MSE denoiser that ``stab_mse`` fine-tunes (a copy is trained;
-    ``init`` itself is left unchanged).
+    ``init`` itself is left unchanged). ``checkpointing``: resumable states (see ``fit``).
     """
     if spec.objective == "stab_mse" and init is None:
         raise InvalidArgument("objective 'stab_mse' fine-tunes an MSE denoiser: pass it as init")
@@ -92,47 +111,186 @@ def train(spec, train_set: Dataset, test_set: Dataset, info, *,
     else:
         loss_fn = objectives.classifier_loss(spec.objective, model, spec.sigma)
     started = time.monotonic()
-    last_loss = fit(model, loss_fn, train_set, spec, device, on_progress)
+    position = fit(model, loss_fn, train_set, spec, device, on_progress, checkpointing)
     model.eval()
     metrics = evaluate(spec, model, frozen, test_set, device)
-    metrics.update(train_loss=last_loss, seconds=time.monotonic() - started)
+    metrics.update(train_loss=position.losses[-1] if position.losses else float("nan"),
+                   seconds=position.seconds + time.monotonic() - started)
     return model, metrics
 
 
-def fit(model, loss_fn, train_set, spec, device, on_progress: Progress | None) -> float:
-    """Run ``spec.epochs`` epochs; return the mean loss of the last epoch.
+RESUME_FORMAT, RESUME_VERSION = "dsq-resumable-training", 1
+
+
+@dataclass
+class Checkpointing:
+    """How ``fit`` keeps a resumable state: the one to start from, where to hand new ones, how often."""
+
+    saved: object = None  # a state read back (None: start at epoch 1); checked before use
+    save: Callable[[dict], None] | None = None  # None: no state is made
+    say: Callable[[str], None] = lambda line: None  # one line for the job's log
+    every_seconds: float = 300.0  # within an epoch; every epoch's end is a checkpoint too
+
+
+@dataclass
+class Position:
+    """Where a training is: epochs done, batches done of the next one, and what the losses were."""
+
+    epoch: int = 0
+    step: int = 0
+    total: float = 0.0  # sum of the batch losses of the epoch under way
+    losses: list = field(default_factory=list)  # each finished epoch's mean batch loss
+    seconds: float = 0.0  # time trained before this run resumed
+    rng: dict | None = None  # the RNG states mid-epoch (an epoch's start reseeds every generator)
+
+
+def fit(model, loss_fn, train_set, spec, device, on_progress: Progress | None,
+        checkpointing: Checkpointing | None = None) -> Position:
+    """Run ``spec.epochs`` epochs (from a resumable state, if one is given and fits); return where it ended.
 
     Raises TrainingDiverged as soon as a batch loss, or the weights after an epoch, are not finite.
     """
-    optimizer, scheduler = make_optimizer(spec, [p for p in model.parameters() if p.requires_grad])
+    keep = checkpointing or Checkpointing()
+    optimizer, scheduler = make_optimizer(spec, _trainable(model))
+    position = Position()
+    if keep.saved is not None:
+        position, optimizer, scheduler = _resume(spec, model, optimizer, scheduler, keep)
     noise = torch.Generator(device=device)
-    mean_loss = float("nan")
-    for epoch in range(spec.epochs):
+    started, last_save = time.monotonic(), time.monotonic()
+
+    def checkpoint(at: Position) -> None:
+        nonlocal last_save
+        if keep.save is None:
+            return
+        keep.save(_state(spec, model, optimizer, scheduler, at, position.seconds + time.monotonic() - started))
+        last_save = time.monotonic()
+
+    def mid_epoch(at: Position) -> None:
+        if keep.save is not None and time.monotonic() - last_save >= keep.every_seconds:
+            checkpoint(Position(at.epoch, at.step, at.total, at.losses, rng=_rng_states(noise)))
+
+    for epoch in range(position.epoch, spec.epochs):
         model.train()
         noise.manual_seed(seeded(spec.seed, "noise", epoch))
         with private_cpu_rng(seeded(spec.seed, "augment", epoch)):
-            mean_loss = _epoch(model, loss_fn, optimizer, _loader(train_set, spec, epoch), device, noise, epoch + 1)
+            if position.rng:
+                _set_rng_states(position.rng, noise)
+            at = Position(epoch, position.step, position.total, position.losses)
+            _epoch(model, loss_fn, optimizer, _loader(train_set, spec, epoch, at.step), device, noise, at, mid_epoch)
         _check_weights(model, optimizer, epoch + 1)
         scheduler.step()
+        position = Position(epoch + 1, losses=[*at.losses, at.total / max(at.step, 1)], seconds=position.seconds)
+        checkpoint(position)
         if on_progress:
-            on_progress(epoch + 1, spec.epochs, {"epoch": epoch + 1, "loss": mean_loss})
-    return mean_loss
+            on_progress(epoch + 1, spec.epochs, {"epoch": epoch + 1, "loss": position.losses[-1]})
+    return position
 
 
-def _epoch(model, loss_fn, optimizer, loader, device, noise, epoch: int) -> float:
-    """One pass over the training data; return the mean batch loss (TrainingDiverged on a non-finite one)."""
-    total, batches = 0.0, 0
+def _trainable(model: nn.Module) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _epoch(model, loss_fn, optimizer, loader, device, noise, at: Position, mid_epoch) -> None:
+    """The rest of an epoch's pass over the training data, from batch ``at.step``; ``at`` counts the batches
+    and sums their losses (TrainingDiverged on a non-finite one). ``mid_epoch(at)`` follows every batch."""
     for x, y in loader:
         loss = loss_fn(x.to(device), y.to(device), noise)
-        value, batches = float(loss.detach()), batches + 1
+        value, at.step = float(loss.detach()), at.step + 1
         if not math.isfinite(value):
-            raise TrainingDiverged(f"training diverged: the loss is {value} at epoch {epoch}, batch {batches}; "
-                                   f"try a lower learning rate (it is {_learning_rate(optimizer):g})")
+            raise TrainingDiverged(f"training diverged: the loss is {value} at epoch {at.epoch + 1}, batch "
+                                   f"{at.step}; try a lower learning rate (it is {_learning_rate(optimizer):g})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += value
-    return total / max(batches, 1)
+        at.total += value
+        mid_epoch(at)
+
+
+# ----------------------------------------------------------------------------- resumable state
+def _state(spec, model, optimizer, scheduler, at: Position, seconds: float) -> dict:
+    """A resumable state: tensors and plain data only, so ``torch.load(weights_only=True)`` reads it."""
+    return {"format": RESUME_FORMAT, "version": RESUME_VERSION, "epochs": spec.epochs,
+            "epoch": at.epoch, "step": at.step, "total": at.total, "losses": list(at.losses), "seconds": seconds,
+            "model": {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": at.rng}
+
+
+def _resume(spec, model, optimizer, scheduler, keep: Checkpointing):
+    """(the position a saved state holds, optimizer, schedule), all restored; or, when the state does not fit,
+    one line said and a fresh start (the model as it was, a new optimizer and schedule)."""
+    fresh = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    try:
+        position = _restore(spec, model, optimizer, scheduler, keep.saved)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError) as error:
+        model.load_state_dict(fresh)
+        reason = f"it lacks {error}" if isinstance(error, KeyError) else checks.first_line(error, 200)
+        keep.say(f"the resumable checkpoint does not fit this training ({reason}); starting over from epoch 1")
+        optimizer, scheduler = make_optimizer(spec, _trainable(model))
+        return Position(), optimizer, scheduler
+    where = f"epoch {position.epoch + 1} of {spec.epochs}" + (f", batch {position.step + 1}" if position.step else "")
+    keep.say(f"resuming at {where}" if position.epoch < spec.epochs else
+             f"resuming after all {spec.epochs} epochs: evaluating and storing the model")
+    return position, optimizer, scheduler
+
+
+def _restore(spec, model, optimizer, scheduler, saved) -> Position:
+    """Load a saved state into the model, optimizer and schedule; ValueError (and kin) when it does not fit."""
+    from dsq import checkpoints
+
+    if not isinstance(saved, dict) or (saved.get("format"), saved.get("version")) != (RESUME_FORMAT, RESUME_VERSION):
+        raise ValueError(f"not a dsq resumable state of version {RESUME_VERSION}")
+    epoch, step, losses = saved["epoch"], saved["step"], saved["losses"]
+    if saved["epochs"] != spec.epochs or not (isinstance(epoch, int) and isinstance(step, int)
+                                              and 0 <= epoch <= spec.epochs and step >= 0 and len(losses) == epoch):
+        raise ValueError(f"it is at epoch {epoch!r}, batch {step!r} of {saved['epochs']!r}")
+    problem = checkpoints.mismatch(model.state_dict(), saved["model"])
+    if problem:
+        raise ValueError(f"the model differs: {problem}")
+    _check_optimizer_state(optimizer, saved["optimizer"])
+    model.load_state_dict(saved["model"], strict=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    rng = saved["rng"] if step else None
+    return Position(epoch, step, float(saved["total"]), [float(x) for x in losses], float(saved["seconds"]), rng)
+
+
+def _check_optimizer_state(optimizer, saved: dict) -> None:
+    """ValueError unless every tensor of the saved optimizer state has its parameter's shape."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_params = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(saved_params) != len(params):
+        raise ValueError(f"the optimizer had {len(saved_params)} parameters, this model has {len(params)}")
+    for index, state in saved["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape != params[saved_params.index(index)].shape:
+                raise ValueError(f"the optimizer's {name} of parameter {index} has shape {tuple(value.shape)}")
+
+
+def _rng_states(noise: torch.Generator) -> dict:
+    """Every RNG state a batch draws from: torch's global CPU one (augmentation, dropout), the noise generator,
+    numpy's and Python's, and CUDA's when there is one. (The batch order is the epoch's seeded permutation:
+    the batch index is its whole state.)"""
+    keys, pos, has_gauss, gauss = np.random.get_state()[1:]
+    version, words, python_gauss = random.getstate()
+    states = {"torch": torch.get_rng_state(), "noise": noise.get_state(),
+              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "gauss": float(gauss)},
+              "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": python_gauss}}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict, noise: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    noise.set_state(states["noise"])
+    numpy = states["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    python = states["python"]
+    random.setstate((python["version"], tuple(python["words"].tolist()), python["gauss"]))
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _check_weights(model: nn.Module, optimizer, epoch: int) -> None:
@@ -228,10 +386,15 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
         return int((model(x).argmax(1) == y).sum())
 
 
-def _loader(dataset, spec, epoch: int) -> DataLoader:
-    """The epoch's shuffled training batches, in an order seeded by (spec seed, epoch)."""
+def _loader(dataset, spec, epoch: int, start: int = 0) -> DataLoader:
+    """The epoch's shuffled training batches from batch ``start`` on, in an order seeded by (spec seed, epoch).
+
+    The batches skipped are never read, so their augmentation draws nothing: a resumed epoch restores
+    the RNG states as they were after batch ``start``.
+    """
     order = torch.Generator().manual_seed(seeded(spec.seed, "order", epoch))
-    return DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, generator=order, drop_last=False)
+    batches = list(BatchSampler(RandomSampler(dataset, generator=order), spec.batch_size, drop_last=False))
+    return DataLoader(dataset, batch_sampler=batches[start:], generator=torch.Generator())
 
 
 def _batches(dataset, batch_size: int) -> DataLoader:

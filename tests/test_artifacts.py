@@ -164,6 +164,28 @@ def test_s3_without_access_is_one_line(s3, tmp_path):
         missing.fetch("s3://no-such-bucket/x/a.pt", "0" * 64)
 
 
+def test_keyed_files_are_replaced_read_back_and_removed_by_folder_in_both_stores(s3, tmp_path):
+    """What a training's resumable checkpoints use: a file under a key, replaced in place, removed with its folder
+    (``resume/job-1`` and not ``resume/job-12``)."""
+    local = artifacts.open_store(None, home=tmp_path / "home")
+    remote = artifacts.open_store("s3://dsq-test/keyed", home=tmp_path / "home", endpoint_url=s3)
+    for store in (local, remote):
+        assert store.get_at("resume/job-1/a.pt") is None
+        store.put_at(blob(tmp_path, b"epoch 1"), "resume/job-1/a.pt")
+        store.put_at(blob(tmp_path, b"epoch 2"), "resume/job-1/a.pt")
+        store.put_at(blob(tmp_path, b"stale"), "resume/job-1/b.pt")
+        store.put_at(blob(tmp_path, b"other job"), "resume/job-12/a.pt")
+        assert store.get_at("resume/job-1/a.pt").read_bytes() == b"epoch 2"
+        store.remove_under("resume/job-1")
+        store.remove_under("resume/job-1")  # none left is fine
+        assert store.get_at("resume/job-1/a.pt") is None and store.get_at("resume/job-1/b.pt") is None
+        assert store.get_at("resume/job-12/a.pt").read_bytes() == b"other job"
+        for bad in ("../a.pt", "/etc/a.pt", "resume/../../a.pt"):
+            with pytest.raises(ArtifactStoreError, match="leaves the store"):
+                store.put_at(blob(tmp_path), bad)
+    assert not list((tmp_path / "home" / "artifacts").rglob("*.part-*"))
+
+
 def dsq(env, *args):
     return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], env=os.environ | env,
                           capture_output=True, text=True, timeout=300)
@@ -188,6 +210,9 @@ def test_training_through_s3_then_certify_verifies_the_hash(s3, tmp_path):
         settings = Settings.from_env(env)
         assert artifacts.fetch(settings, artifact.location, artifact.sha256).is_file()
     import boto3
+
+    listed = boto3.client("s3", endpoint_url=s3).list_objects_v2(Bucket="dsq-test", Prefix="jobs/")
+    assert [item["Key"] for item in listed["Contents"]] == [artifact.location.split("/", 3)[3]]  # no resume/ left
 
     key = artifact.location.split("/", 3)[3]
     boto3.client("s3", endpoint_url=s3).put_object(Bucket="dsq-test", Key=key, Body=b"swapped")

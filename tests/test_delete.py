@@ -103,3 +103,17 @@ def test_delete_with_artifacts_removes_the_model_files_too(plan, db_url):
     assert out.exit_code == 0 and f"deleted jobs {train}, {certify}" in out.output, out.output
     assert "removed 1 artifact(s)" in out.output and not model_file.exists()
     assert counts(engine)["Artifact"] == 0 and counts(engine)["Job"] == 1
+
+
+def test_delete_removes_a_trainings_resumable_checkpoints_and_only_its_own(plan, db_url, tmp_path):
+    """They are no artifact of the job (no row names them), so they go with the job even without --artifacts."""
+    engine, home, model_file, (train, certify, other) = plan
+    state = tmp_path / "state.pt"
+    state.write_bytes(b"a resumable state")
+    local = artifacts.LocalStore(home / "artifacts")
+    for job in (train, other):
+        local.put_at(state, f"resume/job-{job}/0123456789abcdef.pt")
+    out = dsq(db_url, home, "--experiment", "e", "--yes")
+    assert out.exit_code == 0 and "kept 1 artifact(s)" in out.output, out.output
+    assert not (home / "artifacts" / "resume" / f"job-{train}").exists() and model_file.is_file()
+    assert local.get_at(f"resume/job-{other}/0123456789abcdef.pt") is not None

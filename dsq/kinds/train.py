@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from dsq import checks, specs, usermodels
 from dsq.db import repo
 from dsq.db.session import session_scope
-from dsq.errors import InvalidArgument, UnknownName
+from dsq.errors import ArtifactStoreError, InvalidArgument, UnknownName
 from dsq.settings import Settings
 
 TARGETS = ("denoiser", "classifier")
@@ -172,10 +172,50 @@ def run_training(engine, settings: Settings, job_id: int, spec: TrainSpec, devic
             repo.set_progress(session, job_id, done, total)
             repo.add_log(session, job_id, f"epoch {done}/{total} loss {metrics['loss']:.4f}")
 
+    keep = checkpointing(engine, settings, job_id, spec, sources)
     model, metrics = training.train(spec, train_set, test_set, info, classifiers=frozen, init=init,
-                                    device=device, on_progress=on_progress)
+                                    device=device, on_progress=on_progress, checkpointing=keep)
     save_model(engine, settings, job_id, spec, info, model, metrics)
+    _forget_resumable(engine, settings, job_id)
     return metrics
+
+
+def checkpointing(engine, settings: Settings, job_id: int, spec: TrainSpec, sources: dict):
+    """The job's resumable checkpoints (``dsq.trainstate``): the last one stored, and where the next go.
+
+    One that cannot be read is said in one line and the training starts at epoch 1; one that cannot be
+    written is said too, and the training goes on.
+    """
+    from dsq import artifacts, trainstate, training
+
+    store = artifacts.store_for(settings)
+    at = trainstate.key(job_id, spec.to_dict(), sources)
+
+    def say(line: str, level: str = "info") -> None:
+        with session_scope(engine) as session:
+            repo.add_log(session, job_id, line, level=level)
+
+    def save(state: dict) -> None:
+        try:
+            trainstate.save(store, at, state)
+        except ArtifactStoreError as error:
+            say(f"the resumable checkpoint was not stored: {error}", "warning")
+
+    saved, problem = trainstate.load(store, at)
+    if problem:
+        say(f"the resumable checkpoint cannot be read ({problem}); starting over from epoch 1", "warning")
+    return training.Checkpointing(saved=saved, save=save, say=say, every_seconds=settings.train_checkpoint_seconds)
+
+
+def _forget_resumable(engine, settings: Settings, job_id: int) -> None:
+    """Remove the job's resumable checkpoints once its model is stored; a store that refuses is said in the log."""
+    from dsq import trainstate
+
+    try:
+        trainstate.remove(settings, job_id)
+    except ArtifactStoreError as error:
+        with session_scope(engine) as session:
+            repo.add_log(session, job_id, f"the resumable checkpoints stay in the store: {error}", level="warning")
 
 
 def save_model(engine, settings: Settings, job_id: int, spec: TrainSpec, info, model, metrics) -> None:
