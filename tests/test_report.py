@@ -209,3 +209,17 @@ def test_plot_format_follows_the_extension(tmp_path):
         with pytest.raises(InvalidArgument, match="must end in .png, .pdf or .svg"):
             plots.plot_curves([("a", ROWS)], str(tmp_path / name))
     assert not list(tmp_path.iterdir())
+
+
+def test_jobs_that_share_a_cap_share_one_note_line():
+    from dsq.report import summary
+
+    rows = [SimpleNamespace(label=0, prediction=0, radius=0.3, correct=True)]
+    jobs = [summary.Job("MSE s=0.25", rows, cap=0.616), summary.Job("STAB s=0.25", rows, cap=0.616),
+            summary.Job("MSE s=0.5", rows, cap=1.23), summary.Job("MSE s=1", rows, cap=2.46)]
+    capped = [line for line in summary.notes(jobs, [0.5, 1.0, 2.0], []) if line.startswith(summary.CAPPED)]
+    assert capped == [
+        "† MSE s=0.25, STAB s=0.25: no radius above 0.616 can be certified at their sigma, n and alpha, so their "
+        "cells beyond are 0 by construction",
+        "† MSE s=0.5: no radius above 1.23 can be certified at its sigma, n and alpha, so its cells beyond are 0 by "
+        "construction"]

@@ -172,10 +172,14 @@ def notes(jobs: Sequence[Job], radii: Sequence[float], lines: Sequence[Line]) ->
         found.append(f"{NOT_ANSWERED}: not answered. A sequential job answers only 'certified at radius >= R, or "
                      f"not' at its own R ({', '.join(f'{t:g}' for t in targets)}): no other radius, no clean "
                      f"accuracy, ACR or abstain rate")
+    capped: dict[str, list[str]] = {}  # one line per cap: jobs of one sigma, n and alpha share it
     for job in jobs:
         if job.cap is not None and radii and max(radii) > job.cap:
-            found.append(f"{CAPPED} {job.label}: no radius above {job.cap:.3g} can be certified at its sigma, n "
-                         f"and alpha, so its cells beyond are 0 by construction")
+            capped.setdefault(f"{job.cap:.3g}", []).append(job.label)
+    for cap, labels in capped.items():
+        its = "its" if len(labels) == 1 else "their"
+        found.append(f"{CAPPED} {', '.join(labels)}: no radius above {cap} can be certified at {its} sigma, n and "
+                     f"alpha, so {its} cells beyond are 0 by construction")
     found += [f"{job.label}: {job.partial}" for job in jobs if job.partial is not None]
     smallest = min((len(job.rows) for job in jobs), default=SMALL_RUN)
     if smallest < SMALL_RUN:
