@@ -31,25 +31,14 @@ from torch.utils._pytree import tree_leaves
 from torch import nn
 
 from dsq.fastpath import PreparedModel
+from dsq.specs import ACTOR_MEMORY, default_workers  # noqa: F401 - torch-free, so `dsq jobs` can size a job
 
 SEQUENTIAL_LOOKS = 100          # a sequential job looks at its test at least this often within max_n, so an
                                 # image can stop after 1% of it (clear-cut images need a few hundred samples)
-ACTOR_MEMORY = 3 << 29          # 1.5 GiB: torch in a process (~0.7 GB) plus a model and its batches
 CPU_ACTIVATION_BYTES = 8 << 20  # a batch's activations on a CPU: cache-sized (module docstring's measurement)
 GPU_MEMORY_SHARE = 0.6          # of the memory free on the device when the actor starts
 GPU_PROBE_BATCH = 64            # samples of the one forward pass that measures a sample's GPU memory
 MIN_BATCH, MAX_BATCH = 8, 16_384
-
-
-def default_workers(cluster: dict) -> int:
-    """Sampler actors for a job, from Ray's ``cluster_resources()``: one per GPU, else one per CPU."""
-    gpus = int(cluster.get("GPU", 0))
-    if gpus:
-        return gpus
-    cpus = int(cluster.get("CPU", 1))
-    memory = cluster.get("memory")
-    by_memory = int(memory // ACTOR_MEMORY) if memory else cpus
-    return max(1, min(cpus, by_memory))
 
 
 def choose_batch(bytes_per_sample: int, budget_bytes: int, *, n: int, workers: int) -> int:
