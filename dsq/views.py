@@ -75,7 +75,8 @@ def describe(session: Session, job: Job, now: datetime, stale_after: timedelta) 
     title = f"job {job.id} ({job.kind}{', ' + escape_controls(job.name) if job.name else ''})"
     lines = [f"{title}: {state(session, job, now, stale_after, alive)}",
              f"priority {job.priority}" + (f", experiment {escape_controls(job.experiment)}" if job.experiment else ""),
-             f"progress {job.progress_done}/{job.progress_total}, attempts {job.attempts}"
+             f"progress {job.progress_done}/{job.progress_total}, "
+             f"attempts used {jobqueue.used_attempts(session, job.id)} of {job.max_attempts}"
              + (f", runner {job.runner}" if job.runner and job.status == "running" else "")]
     stale = jobqueue.is_stale(job, stale_after, now)
     certifying = progress_line(session, job, now, live=not stale)

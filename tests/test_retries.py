@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 
@@ -135,6 +136,39 @@ def test_a_clean_hand_back_is_not_an_attempt_and_a_resume_gives_the_attempts_afr
     with session_scope(engine) as session:
         assert jobqueue.retire_worker(session, "w") == ([job_id], [], [])  # two attempts again
     assert "(before a resume)" in runs(engine, job_id)[-2] and "attempt 1 of 2" in runs(engine, job_id)[-1]
+
+
+def test_the_runner_retries_an_unexpected_error_and_ends_a_users_mistake_or_a_budget_at_once(settings, monkeypatch,
+                                                                                           opens_database):
+    from dsq.errors import BudgetReached, TrainingDiverged
+    from workers import runner
+    from workers.loop import Control
+
+    engine = open_database(settings.database_url)
+    raised = {}
+
+    def loop(engine, settings, job_id, spec, control):
+        raise raised[job_id]
+
+    monkeypatch.setattr(runner, "LOOPS", {"train": loop, "certify_api": loop})
+    crash, mistake = add(engine), add(engine)
+    budget = add(engine, kind="certify_api", spec={"provider": "aws", "max_queries": 3})
+    raised.update({crash: MemoryError("CUDA out of memory"), mistake: TrainingDiverged("the loss became NaN"),
+                   budget: BudgetReached("query budget reached: 3 of 3 queries paid")})
+    assert runner.run_job(settings, crash, Control(runner="w"), spec=SimpleNamespace(kind="train")) == "queued"
+    assert job(engine, crash).not_before > utcnow() and runs(engine, crash)[0].endswith(
+        "error: MemoryError: CUDA out of memory")
+    stopping = Control(runner="w")
+    stopping.stop.set()  # SIGTERM: the worker stops, and the job's actors went with it
+    assert runner.run_job(settings, crash, stopping, spec=SimpleNamespace(kind="train")) == "queued"
+    assert runs(engine, crash)[-1].endswith("handed back") and job(engine, crash).not_before is None
+    with session_scope(engine) as session:
+        assert jobqueue.used_attempts(session, crash) == 1  # the crash only
+    assert runner.run_job(settings, mistake, Control(runner="w"), spec=SimpleNamespace(kind="train")) == "failed"
+    assert job(engine, mistake).error == "the loss became NaN"  # bad input or a user's error: not retried
+    assert runner.run_job(settings, budget, Control(runner="w"), spec=SimpleNamespace(kind="certify_api")) == "budget"
+    assert job(engine, budget).traceback is None
+    engine.dispose()
 
 
 def test_a_runnable_job_says_what_it_waits_for(engine):

@@ -44,6 +44,9 @@ def run_job(settings: Settings, job_id: int, control: Control | None = None, spe
             cause = _cause(failure)
             if isinstance(cause, JobInterrupted):
                 return _hand_back(engine, job_id, control.runner, cause)
+            if control.stop.is_set() and not isinstance(cause, DsqError):  # its actors went with the stopping worker
+                stopped = JobInterrupted(f"its worker stopped: {_message(cause)}")
+                return _hand_back(engine, job_id, control.runner, stopped)
             if is_outage(cause):  # nothing can be recorded: the job stays "running" and goes stale
                 return LOST
             if not isinstance(cause, DsqError):  # not the user's mistake: retried while it has attempts left
