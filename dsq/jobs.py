@@ -62,7 +62,8 @@ def _check_after(session: Session, number: int) -> int:
     except JobNotFound:
         raise InvalidArgument(f"--after {number}: no job with id {number}") from None
     if job.status in references.DEAD:
-        raise InvalidArgument(f"--after {number}: job {number} has {job.status}; resume it first")
+        raise InvalidArgument(f"--after {number}: job {number} {jobqueue.reason(job.status, job.error)}; "
+                              f"resume it first")
     return number
 
 
@@ -124,6 +125,8 @@ def resume(session: Session, job_id: int, stale_after: timedelta, *, now: dateti
             root = dependency.blocked_by or dependency.id  # a dependent failed with its dependency: resume the root
             raise JobStateError(f"job {job_id} depends on job {dependency.id}, which {dependency.status}: "
                                 f"resume job {root} first")
+    if job.status == "running":  # stale: its worker went silent
+        jobqueue.end_attempt(session, job_id, "died", f"worker {job.runner} went silent; resumed by hand")
     repo.mark_queued(session, job_id)
     jobqueue.forgive_attempts(session, job_id)
     blocked = jobqueue.blocked_jobs(session, job_id)

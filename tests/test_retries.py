@@ -189,6 +189,16 @@ def test_a_runnable_job_says_what_it_waits_for(engine):
     assert state(engine, job_id) == "waiting for a CPU (needs 1; the cluster has 0 free)"
 
 
+def test_a_worker_records_what_its_cluster_offers_and_what_its_jobs_leave_free(settings):
+    from workers.worker import QueueWorker, Running
+
+    worker = QueueWorker(settings, max_request={"GPU": 2.0})  # an autoscaler may add up to 2 GPUs
+    assert worker._offers({"CPU": 4.0, "memory": 1e9}) == {"CPU": 4.0, "GPU": 2.0}
+    worker.running[1] = Running(1, "train", {"GPU": 1.0}, control=None, spec=None)
+    worker.running[2] = Running(2, "certify", {"CPU": 3.0}, control=None, spec=None)
+    assert worker._free({"CPU": 4.0, "GPU": 1.0}) == {"CPU": 1.0, "GPU": 0.0}
+
+
 def test_a_reached_budget_is_its_own_state_ends_dependents_and_resumes_only_with_a_larger_one(engine):
     api = add(engine, kind="certify_api", spec={"provider": "aws", "max_queries": 3})
     child = add(engine, after=[api])
@@ -205,6 +215,9 @@ def test_a_reached_budget_is_its_own_state_ends_dependents_and_resumes_only_with
     assert runs(engine, api)[0].endswith("budget: query budget reached: 3 of 3 queries paid")
     with session_scope(engine) as session, pytest.raises(InvalidArgument, match="--max-queries M with M > 3"):
         jobs.resume(session, api, STALE)
+    with session_scope(engine) as session, pytest.raises(
+            InvalidArgument, match=f"--after {api}: job {api} stopped at its query budget: query budget reached"):
+        jobs.submit(session, TrainSpec(**TRAIN), None, after=[api])
     with session_scope(engine) as session:
         repo.set_spec(session, api, {"provider": "aws", "max_queries": 10})
         assert jobs.resume(session, api, STALE) == [child]

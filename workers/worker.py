@@ -235,11 +235,8 @@ class QueueWorker:
 
     def _free(self, cluster: dict) -> dict:
         """What the jobs this worker runs leave of its cluster (recorded with each heartbeat, for ``dsq jobs``)."""
-        free = {r: cluster.get(r, 0.0) for r in ("CPU", "GPU")}
-        for work in self.running.values():
-            for resource, amount in work.demand.items():
-                free[resource] = free.get(resource, 0.0) - amount
-        return {r: max(0.0, amount) for r, amount in free.items()}
+        held = self._held()
+        return {r: max(0.0, cluster.get(r, 0.0) - held.get(r, 0.0)) for r in sorted({"CPU", "GPU", *held})}
 
     def _gave_up(self, session, failed: list[int]) -> None:
         for job_id in failed:
@@ -293,11 +290,16 @@ class QueueWorker:
     def _demand(job, cluster: dict) -> dict:
         return kinds.get(job.kind).demand(kinds.from_dict(job.spec), cluster)
 
-    def _fits(self, demand: dict, cluster: dict) -> bool:
+    def _held(self) -> dict:
+        """What the jobs this worker runs hold, by resource."""
         held = {}
         for work in self.running.values():
             for resource, amount in work.demand.items():
                 held[resource] = held.get(resource, 0.0) + amount
+        return held
+
+    def _fits(self, demand: dict, cluster: dict) -> bool:
+        held = self._held()
         return all(held.get(r, 0.0) + amount <= cluster.get(r, 0.0) + 1e-9 for r, amount in demand.items())
 
     def _start(self, job, spec, demand: dict) -> None:
