@@ -136,6 +136,10 @@ def test_a_clean_hand_back_is_not_an_attempt_and_a_resume_gives_the_attempts_afr
     with session_scope(engine) as session:
         assert jobqueue.retire_worker(session, "w") == ([job_id], [], [])  # two attempts again
     assert "(before a resume)" in runs(engine, job_id)[-2] and "attempt 1 of 2" in runs(engine, job_id)[-1]
+    assert take(engine, job_id, "silent")
+    with session_scope(engine) as session:  # its worker went silent; resumed by hand once stale
+        jobs.resume(session, job_id, STALE, now=utcnow() + 2 * STALE)
+    assert runs(engine, job_id)[-1].endswith("died (before a resume): worker silent went silent; resumed by hand")
 
 
 def test_the_runner_retries_an_unexpected_error_and_ends_a_users_mistake_or_a_budget_at_once(settings, monkeypatch,
