@@ -62,8 +62,8 @@ from dsq.kinds.certify import CertifySpec
 from dsq.kinds.train import TrainSpec
 from dsq.text import check_name
 
-TOP_KEYS = {"name", "dataset", "size", "classes", "sigmas", "radii", "data_root", "seed", "models", "certify", "methods",
-            "max_attempts"}
+TOP_KEYS = {"name", "dataset", "size", "classes", "sigmas", "radii", "data_root", "seed", "models", "certify",
+            "methods", "max_attempts"}
 MODEL_REFERENCES = ("classifier", "init")  # plus "surrogates", a list
 METHOD_REFERENCES = ("classifier", "denoiser")
 # Objectives trained without smoothing noise, so once for the whole grid: a standard classifier, and a DDPM (one

@@ -7,7 +7,7 @@ number of workers does not change any count and is chosen anew for the cluster a
 
 Workers. On CPUs, one single-threaded actor per CPU of the cluster: K one-thread actors beat one
 K-thread actor by 3–11% on an idle machine and by far more on shared cores (BENCHMARKS.md), for
-8×8 and 32×32 models alike. Each actor process costs about ``ACTOR_MEMORY``, which caps K. On GPUs,
+8×8 and 32×32 models alike. Each actor process costs about ``specs.ACTOR_MEMORY``, which caps K. On GPUs,
 one actor per GPU; asking for more workers than GPUs shares each GPU (fractional GPUs), which
 pays for small models that leave a GPU idle between kernel launches.
 
@@ -31,7 +31,6 @@ from torch.utils._pytree import tree_leaves
 from torch import nn
 
 from dsq.fastpath import PreparedModel
-from dsq.specs import ACTOR_MEMORY, default_workers  # noqa: F401 - torch-free, so `dsq jobs` can size a job
 
 SEQUENTIAL_LOOKS = 100          # a sequential job looks at its test at least this often within max_n, so an
                                 # image can stop after 1% of it (clear-cut images need a few hundred samples)

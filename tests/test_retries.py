@@ -128,7 +128,8 @@ def test_a_clean_hand_back_is_not_an_attempt_and_a_resume_gives_the_attempts_afr
     with session_scope(engine) as session:
         assert jobqueue.retire_worker(session, "w") == ([], [job_id], [])
     assert job(engine, job_id).error.startswith("gave up after 2 attempts: the worker died each time")
-    assert [line.split(",")[0] for line in runs(engine, job_id)] == ["attempt 1 of 2 on w"] * 5 + ["attempt 2 of 2 on w"]
+    assert [line.split(",")[0] for line in runs(engine, job_id)] == ["attempt 1 of 2 on w"] * 5 + [
+        "attempt 2 of 2 on w"]
     assert sum(line.endswith("UTC: handed back") for line in runs(engine, job_id)) == 4
     with session_scope(engine) as session:
         jobs.resume(session, job_id, STALE)
@@ -306,7 +307,7 @@ def test_a_job_whose_worker_is_killed_each_time_ends_failed_with_why(tmp_path, j
         for _ in range(2):
             worker = start(home, "worker")
             deadline = time.monotonic() + 300
-            while not (job(engine, job_id).status == "running" and f"-{worker.pid}-" in (job(engine, job_id).runner or "")):
+            while not ((run := job(engine, job_id)).status == "running" and f"-{worker.pid}-" in (run.runner or "")):
                 assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()
                 time.sleep(0.2)
             os.kill(worker.pid, signal.SIGKILL)
