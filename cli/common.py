@@ -233,5 +233,6 @@ def finish(engine, job_id: int, status: str) -> None:
     if status == "succeeded":
         console.print(f"job {job_id} succeeded")
         return
-    say(f"job {job_id} {status}" + (f": {job.error}" if job.error else ""), err=True)
+    said = "stopped at its query budget" if status == "budget" else status
+    say(f"job {job_id} {said}" + (f": {job.error}" if job.error else ""), err=True)
     raise typer.Exit(EXIT_FAILED)

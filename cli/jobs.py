@@ -66,7 +66,8 @@ def status(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
 
 def logs(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
          follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines until the job ends.")):
-    """Print a job's log lines (and its traceback if it failed)."""
+    """Print a job's log lines, then each of its attempts with its worker and error (and its traceback if it failed)."""
+    from dsq import views
     from dsq.text import escape_controls
 
     with common.boundary():
@@ -80,8 +81,11 @@ def logs(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
                         common.say(f"{line.created_at:%H:%M:%S} {line.level:5} {escape_controls(line.message)}")
                         last = line.id
                 if not follow or record.finished:
+                    runs = views.attempt_lines(session, record)
                     break
                 time.sleep(FOLLOW_SECONDS)
+        for line in runs:
+            common.say(line)
         if record.traceback:
             common.say(record.traceback)
 
@@ -90,10 +94,11 @@ def show(ctx: typer.Context, job: int = typer.Argument(..., help="Job id.")):
     """Everything about a job: its whole spec, dependencies, the models it uses and their training metrics, artifacts."""
     from dsq import views
 
+    config = common.settings(ctx)
     with common.boundary():
-        engine = common.database(common.settings(ctx), write=False)
+        engine = common.database(config, write=False)
         with session_scope(engine) as session:
-            for line in views.show(session, repo.get_job(session, job)):
+            for line in views.show(session, repo.get_job(session, job), utcnow(), config.stale_after):
                 common.say(line)
 
 

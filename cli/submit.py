@@ -16,6 +16,8 @@ app = typer.Typer(help="Submit a job: train a denoiser or classifier, or certify
 PRIORITY_HELP = "Higher runs first (default 0); equal priorities run oldest first."
 AFTER_HELP = "Run only after this job succeeded (repeatable); job:N references add this by themselves."
 WAIT_HELP = "Follow the job until it ends (exit 1 unless it succeeded)."
+ATTEMPTS_HELP = ("Runs that may end in an unexpected error or a dead worker before the job ends failed (an integer "
+                 ">= 1; retried after an error with exponential backoff). Bad input fails at once.")
 RADIUS_HELP = ("Certify sequentially at this target L2 radius: per image 'radius >= R or not', stopping as soon "
                "as an anytime-valid test knows (dsq results reports accuracy at R and samples per image).")
 MAX_N_HELP = "With --radius: the most estimation samples per image (default: --n)."
@@ -32,8 +34,25 @@ MEAN_HELP = ("Normalization of a TorchScript, torchvision or package.module:func
              "channel, e.g. 0.485,0.456,0.406 (default: none; ImageNet's for torchvision:NAME).")
 
 
+def attempts_option():
+    """``--max-attempts N``, read as text so that a non-integer is one line (exit 2), not a usage box."""
+    return typer.Option("3", "--max-attempts", metavar="N", help=ATTEMPTS_HELP)
+
+
+def max_attempts_of(text: str) -> int:
+    """``--max-attempts`` as an integer >= 1; else ``InvalidArgument``."""
+    from dsq import checks
+    from dsq.errors import InvalidArgument
+
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise InvalidArgument(f"--max-attempts must be an integer >= 1, got {text!r}") from None
+    return checks.positive_int("--max-attempts", value)
+
+
 def launch(ctx: typer.Context, spec_of, wait: bool, priority: int = 0, after: tuple[int, ...] = (),
-           describe=None) -> None:
+           describe=None, max_attempts: str = "3") -> None:
     """Validate and queue a job, print its id, make sure a worker serves the queue; follow it with --wait.
 
     ``describe(spec, work total)`` gives lines to print about the job once it is checked and queued.
@@ -44,6 +63,7 @@ def launch(ctx: typer.Context, spec_of, wait: bool, priority: int = 0, after: tu
 
     config = common.settings(ctx)
     with common.boundary():
+        attempts = max_attempts_of(max_attempts)
         spec = spec_of()
         common.check_cluster(config)  # refuse before anything is written
         if spec.sigma > specs.WARN_SIGMA:
@@ -51,7 +71,7 @@ def launch(ctx: typer.Context, spec_of, wait: bool, priority: int = 0, after: tu
                        f"if you meant 0-255 units, sigma is {spec.sigma:g}/255 = {spec.sigma / 255:.4g}", err=True)
         engine = common.database(config)
         with session_scope(engine) as session:
-            job = jobs.submit(session, spec, config, priority=priority, after=after)
+            job = jobs.submit(session, spec, config, priority=priority, after=after, max_attempts=attempts)
             job_id, total = job.id, job.progress_total
         for line in describe(spec, total) if describe else []:
             common.say(line, err=True)
@@ -91,6 +111,7 @@ def train(ctx: typer.Context,
           data_root: Optional[str] = None, name: Optional[str] = None,
           priority: int = typer.Option(0, help=PRIORITY_HELP),
           after: List[int] = typer.Option([], help=AFTER_HELP),
+          max_attempts: str = attempts_option(),
           wait: bool = typer.Option(False, help=WAIT_HELP)):
     """Train a denoiser in front of frozen classifier(s), or a classifier (standard or Gaussian)."""
     from dsq.kinds.train import TrainSpec, default_arch, default_sigma
@@ -104,7 +125,7 @@ def train(ctx: typer.Context,
         lr_gamma=lr_gamma, seed=seed, size=size, classes=class_list(classes), data_root=data_root, name=name,
         models=model_options(classifier=(absolute(classifier), absolute(classifier_weights), classifier_args,
                                          mean, std))),
-        wait, priority, tuple(after))
+        wait, priority, tuple(after), max_attempts=max_attempts)
 
 
 @app.command()
@@ -137,6 +158,7 @@ def certify(ctx: typer.Context,
             data_root: Optional[str] = None, name: Optional[str] = None,
             priority: int = typer.Option(0, help=PRIORITY_HELP),
             after: List[int] = typer.Option([], help=AFTER_HELP),
+            max_attempts: str = attempts_option(),
             wait: bool = typer.Option(False, help=WAIT_HELP)):
     """Certify the smoothed classifier f(D(x + noise)) on a deterministic subset of a dataset."""
     from dsq import specs
@@ -150,7 +172,7 @@ def certify(ctx: typer.Context,
         models=model_options(
             classifier=(absolute(classifier), absolute(classifier_weights), classifier_args, mean, std),
             denoiser=(absolute(denoiser), absolute(denoiser_weights), denoiser_args, None, None))),
-        wait, priority, tuple(after))
+        wait, priority, tuple(after), max_attempts=max_attempts)
 
 
 PREDICT_N = 1_000  # PREDICT's default n: a clear-cut image answers well below it, and it costs 1% of certify's n
@@ -187,6 +209,7 @@ def predict(ctx: typer.Context,
             data_root: Optional[str] = None, name: Optional[str] = None,
             priority: int = typer.Option(0, help=PRIORITY_HELP),
             after: List[int] = typer.Option([], help=AFTER_HELP),
+            max_attempts: str = attempts_option(),
             wait: bool = typer.Option(False, help=WAIT_HELP)):
     """PREDICT (Cohen et al.): each image's smoothed class, or an abstain, from n noisy samples; no radius."""
     import os
@@ -224,7 +247,7 @@ def predict(ctx: typer.Context,
                 classifier=(absolute(classifier), absolute(classifier_weights), classifier_args, mean, std)),
             **shared)
 
-    launch(ctx, spec_of, wait, priority, tuple(after))
+    launch(ctx, spec_of, wait, priority, tuple(after), max_attempts=max_attempts)
 
 
 def parse_json(text: str, option: str = "--arch-kwargs") -> dict:
@@ -276,6 +299,9 @@ def experiment(ctx: typer.Context, file: str = typer.Argument(..., help="An expe
                name: Optional[str] = typer.Option(None, help="Group name (default: the file's `name`)."),
                dry_run: bool = typer.Option(False, help="Print the job graph and sample counts; submit nothing."),
                priority: int = typer.Option(0, help=PRIORITY_HELP),
+               max_attempts: Optional[str] = typer.Option(None, "--max-attempts", metavar="N",
+                                                          help=ATTEMPTS_HELP + " Default: the file's max_attempts, "
+                                                          "else 3."),
                set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE",
                                               help="Change a key of the file for this run (repeatable), e.g. "
                                               "--set max_images=20 --set n=200; recorded with every job."),
@@ -288,6 +314,7 @@ def experiment(ctx: typer.Context, file: str = typer.Argument(..., help="An expe
 
     config = common.settings(ctx)
     with common.boundary():
+        attempts = None if max_attempts is None else max_attempts_of(max_attempts)
         plan = experiments.load(file, max_jobs=max_jobs, overrides=tuple(set_))
         for line in experiments.describe(plan):
             common.say(line)
@@ -299,7 +326,8 @@ def experiment(ctx: typer.Context, file: str = typer.Argument(..., help="An expe
         common.check_cluster(config)
         engine = common.database(config)
         with session_scope(engine) as session:
-            ids = experiments.submit(session, plan, config, experiment=name or plan.name, priority=priority)
+            ids = experiments.submit(session, plan, config, experiment=name or plan.name, priority=priority,
+                                     max_attempts=attempts)
         common.say(f"experiment {name or plan.name}: jobs {min(ids.values())}-{max(ids.values())} queued; "
                    f"see dsq jobs --experiment {name or plan.name}")
         started = background.ensure_worker(config, engine)

@@ -8,6 +8,7 @@ An experiment is a TOML file::
     radii = [0.0, 0.25, 0.5]     # optional: the table's radii
     size = 64                    # optional: --size of every job (folder and imagenet datasets)
     classes = ["cat", "dog"]     # optional: --classes of every job (a folder's class order)
+    max_attempts = 3             # optional: --max-attempts of every job (runs lost to errors or dead workers)
 
     [models.f]                   # a train job (any `dsq submit train` option)
     target = "classifier"
@@ -54,12 +55,15 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsq import checks
+from dsq.db.models import DEFAULT_MAX_ATTEMPTS
 from dsq.errors import DsqError, InvalidArgument
 from dsq.kinds.certify import CertifySpec
 from dsq.kinds.train import TrainSpec
 from dsq.text import check_name
 
-TOP_KEYS = {"name", "dataset", "size", "classes", "sigmas", "radii", "data_root", "seed", "models", "certify", "methods"}
+TOP_KEYS = {"name", "dataset", "size", "classes", "sigmas", "radii", "data_root", "seed", "models", "certify",
+            "methods", "max_attempts"}
 MODEL_REFERENCES = ("classifier", "init")  # plus "surrogates", a list
 METHOD_REFERENCES = ("classifier", "denoiser")
 # Objectives trained without smoothing noise, so once for the whole grid: a standard classifier, and a DDPM (one
@@ -89,6 +93,7 @@ class Plan:
     steps: list[Step]
     radii: tuple[float, ...] | None = None
     overrides: dict = field(default_factory=dict)  # --set KEY=VALUE, as given
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # of every job (the file's `max_attempts`)
 
 
 def load(path: str | Path, *, max_jobs: int = MAX_JOBS, overrides: tuple[str, ...] = ()) -> Plan:
@@ -193,7 +198,8 @@ def expand(data: dict, *, max_jobs: int = MAX_JOBS) -> Plan:
             if step.key in steps:
                 raise InvalidArgument(f"two methods are labelled {method['label']!r}")
             steps[step.key] = step
-    return Plan(check_name(data["name"], "experiment name"), list(steps.values()), radii)
+    attempts = checks.positive_int("max_attempts", data.get("max_attempts", DEFAULT_MAX_ATTEMPTS))
+    return Plan(check_name(data["name"], "experiment name"), list(steps.values()), radii, max_attempts=attempts)
 
 
 def _numbers(key: str, values, *, positive: bool) -> tuple[float, ...]:
@@ -359,8 +365,10 @@ def resolve(spec, ids: dict[str, int]):
     return dataclasses.replace(spec, **changes)
 
 
-def submit(session, plan: Plan, settings, *, experiment: str, priority: int = 0) -> dict[str, int]:
-    """Queue every job of the plan in one transaction; return job ids by step key.
+def submit(session, plan: Plan, settings, *, experiment: str, priority: int = 0,
+           max_attempts: int | None = None) -> dict[str, int]:
+    """Queue every job of the plan in one transaction; return job ids by step key. ``max_attempts``: of every job
+    (default: the plan's).
 
     An experiment name already in the queue is refused: its results would be mixed with this run's.
     """
@@ -376,7 +384,7 @@ def submit(session, plan: Plan, settings, *, experiment: str, priority: int = 0)
     for step in plan.steps:
         meta = {**step.meta, "overrides": plan.overrides} if plan.overrides else step.meta
         job = jobs.submit(session, resolve(step.spec, ids), settings, priority=priority, experiment=experiment,
-                          meta=meta)
+                          meta=meta, max_attempts=max_attempts or plan.max_attempts)
         ids[step.key] = job.id
     return ids
 

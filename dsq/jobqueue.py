@@ -14,7 +14,14 @@ it from what the database holds. A failed or cancelled job fails its dependents,
 with the reason; they remember it in ``blocked_by`` and are queued again when it is resumed, those whose
 other dependencies can all still succeed: one that also waits for another failed or cancelled job stays failed,
 blocked by that one. A queued job that waits (transitively) for a failed or cancelled job can never run
-(``blocked_queued``): a draining worker names it and exits instead of waiting for it.
+(``blocked_queued``): a draining worker names it and exits instead of waiting for it. A job stopped at its API
+budget (``budget``) ends its dependents the same way.
+
+Every run of a job is a row of ``job_attempts``. A run that ends in an unexpected error (``retry``) or whose worker
+dies under it (stale heartbeat, pid gone, actor restarted) counts against the job's ``max_attempts``: the job is
+queued again (after an error, not before its ``not_before``: exponential backoff with jitter) until it has used them
+all, then it ends failed ("gave up after 3 attempts: ..."), so a job that kills its worker never loops. A run
+handed back on a clean stop does not count.
 
 Every function takes a Session first and never commits (the caller owns the transaction), and
 nothing here imports torch or Ray.
@@ -22,17 +29,20 @@ nothing here imports torch or Ray.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from dsq.db.models import Job, JobDependency, Worker, utcnow
+from dsq.db.models import ENDED_BADLY, Job, JobAttempt, JobDependency, Worker, utcnow
 from dsq.db.repo import _REFRESH, _upsert, get_job
 
-ENDED_BADLY = ("failed", "cancelled")  # what no job waiting for it survives
 SQLITE_CANDIDATES = 16  # runnable ids tried per claim on SQLite before giving up (others won them)
+COUNTED = ("error", "died")  # attempt outcomes that use up one of a job's max_attempts
+BACKOFF_SECONDS = 10.0  # a job that raised waits about this long before its second attempt, twice that before its
+BACKOFF_CAP_SECONDS = 600.0  # third, ... up to this; each wait is drawn in [1/2, 1] of it (jitter)
 
 
 def _unmet():
@@ -42,9 +52,11 @@ def _unmet():
                   .where(JobDependency.job_id == Job.id, dependency.status != "succeeded"))
 
 
-def _runnable(only: Iterable[int] | None = None):
-    """SQL: runnable job ids in the order workers take them (``only``: among these jobs)."""
-    stmt = select(Job.id).where(Job.status == "queued", Job.cancel_requested.is_(False), ~_unmet())
+def _runnable(only: Iterable[int] | None = None, now: datetime | None = None):
+    """SQL: runnable job ids in the order workers take them (``only``: among these jobs); a job waiting out its
+    backoff (``not_before``) is not runnable yet."""
+    stmt = select(Job.id).where(Job.status == "queued", Job.cancel_requested.is_(False), ~_unmet(),
+                                or_(Job.not_before.is_(None), Job.not_before <= (now or utcnow())))
     if only is not None:
         stmt = stmt.where(Job.id.in_(sorted(only)))
     return stmt.order_by(Job.priority.desc(), Job.id)
@@ -163,11 +175,16 @@ def _can_succeed(edge, requeued: set[int], doomed: dict) -> bool:
 def _reason(s: Session, job_id: int) -> str:
     """Why a failed or cancelled job ended, as its dependents say it ("was cancelled", "failed: ...")."""
     row = s.execute(select(Job.status, Job.error).where(Job.id == job_id)).first()
-    if row is None:
-        return "is gone"
-    if row.status == "cancelled":
+    return "is gone" if row is None else reason(row.status, row.error)
+
+
+def reason(status: str, error: str | None) -> str:
+    """How a job that ended badly is named by the jobs waiting for it."""
+    if status == "cancelled":
         return "was cancelled"
-    return f"failed: {row.error}" if row.status == "failed" else f"is {row.status}"
+    if status == "budget":
+        return f"stopped at its query budget: {error}"
+    return f"failed: {error}" if status == "failed" else f"is {status}"
 
 
 def blocked_queued(s: Session) -> dict[int, tuple[int, int, str]]:
@@ -211,9 +228,9 @@ def claim(s: Session, worker: str, *, only: Iterable[int] | None = None,
           now: datetime | None = None) -> Job | None:
     """Take the next runnable job for ``worker`` (it is then ``running``), or None."""
     if s.get_bind().dialect.name == "postgresql":
-        candidates = [s.scalar(_runnable(only).limit(1).with_for_update(skip_locked=True, of=Job))]
+        candidates = [s.scalar(_runnable(only, now).limit(1).with_for_update(skip_locked=True, of=Job))]
     else:
-        candidates = list(s.scalars(_runnable(only).limit(SQLITE_CANDIDATES)))
+        candidates = list(s.scalars(_runnable(only, now).limit(SQLITE_CANDIDATES)))
     for job_id in filter(None, candidates):
         job = take(s, job_id, worker, now=now)
         if job is not None:
@@ -222,12 +239,18 @@ def claim(s: Session, worker: str, *, only: Iterable[int] | None = None,
 
 
 def take(s: Session, job_id: int, worker: str, *, now: datetime | None = None) -> Job | None:
-    """Start this queued job for ``worker``; None if it is not queued (another worker took it)."""
+    """Start this queued job for ``worker`` (a new row of its attempts); None if it is not queued (another worker
+    took it)."""
     now = now or utcnow()
     stmt = (update(Job).where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False))
             .values(status="running", runner=worker, attempts=Job.attempts + 1, started_at=now, heartbeat_at=now,
-                    finished_at=None, error=None, traceback=None).returning(Job))
-    return s.scalars(stmt, execution_options=_REFRESH).one_or_none()
+                    finished_at=None, error=None, traceback=None, not_before=None).returning(Job))
+    job = s.scalars(stmt, execution_options=_REFRESH).one_or_none()
+    if job is not None:
+        s.add(JobAttempt(job_id=job_id, number=used_attempts(s, job_id) + 1, worker=worker, started_at=now,
+                         outcome="running"))
+        s.flush()
+    return job
 
 
 def steering(s: Session, job_id: int, worker: str) -> tuple[bool, bool]:
@@ -242,14 +265,94 @@ def release(s: Session, job_id: int, worker: str) -> bool:
     """Hand a running job back to the queue (its worker stops); True if it was this worker's."""
     stmt = (update(Job).where(Job.id == job_id, Job.status == "running", Job.runner == worker)
             .values(status="queued", runner=None).returning(Job.id))
-    return s.execute(stmt).first() is not None
+    if s.execute(stmt).first() is None:
+        return False
+    end_attempt(s, job_id, "handed back")
+    return True
 
 
-def requeue_runner(s: Session, worker: str) -> list[int]:
-    """Queue again the jobs a worker of this name left running (it restarted after its process died)."""
+def requeue_runner(s: Session, worker: str, *, now: datetime | None = None) -> tuple[list[int], list[int]]:
+    """Queue again the jobs a worker of this name left running (it restarted after its process died): each lost
+    one attempt. Returns ``(queued again, failed: out of attempts)``."""
     stmt = (update(Job).where(Job.status == "running", Job.runner == worker)
             .values(status="queued", runner=None).returning(Job.id))
-    return sorted(s.scalars(stmt))
+    return died(s, sorted(s.scalars(stmt)), "its process died (restarted)", now=now)
+
+
+# -- attempts and retries ----------------------------------------------------------------
+
+
+def used_attempts(s: Session, job_id: int) -> int:
+    """The runs of a job that ended in an error or with their worker dead (what ``max_attempts`` bounds)."""
+    return s.scalar(select(func.count()).select_from(JobAttempt)
+                    .where(JobAttempt.job_id == job_id, JobAttempt.outcome.in_(COUNTED), JobAttempt.counts)) or 0
+
+
+def forgive_attempts(s: Session, job_id: int) -> None:
+    """The job is resumed: it gets its ``max_attempts`` afresh (its runs so far stay listed)."""
+    s.execute(update(JobAttempt).where(JobAttempt.job_id == job_id).values(counts=False))
+
+
+def attempts(s: Session, job_id: int) -> list[JobAttempt]:
+    return list(s.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.id)))
+
+
+def end_attempt(s: Session, job_id: int, outcome: str, error: str | None = None, *,
+                now: datetime | None = None) -> None:
+    """The job's run in progress ended (``outcome``: one of ``models.ATTEMPT_OUTCOMES``)."""
+    s.execute(update(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.outcome == "running")
+              .values(outcome=outcome, error=error, ended_at=now or utcnow()))
+
+
+def backoff(used: int, draw=random.random) -> float:
+    """Seconds a job waits after its ``used``-th counted attempt: exponential, with jitter in [1/2, 1] of it."""
+    return min(BACKOFF_CAP_SECONDS, BACKOFF_SECONDS * 2 ** (used - 1)) * (0.5 + 0.5 * draw())
+
+
+def retry(s: Session, job_id: int, worker: str, error: str, *, now: datetime | None = None) -> float | None:
+    """The run of ``worker`` raised ``error`` (not a user's mistake): queue the job again after its backoff and
+    return the seconds it waits; None when it has used its attempts (the caller ends it failed, ``gave_up``)."""
+    now = now or utcnow()
+    end_attempt(s, job_id, "error", error, now=now)
+    used, job = used_attempts(s, job_id), get_job(s, job_id)
+    if used >= job.max_attempts:
+        return None
+    wait = backoff(used)
+    s.execute(update(Job).where(Job.id == job_id, Job.status == "running", Job.runner == worker)
+              .values(status="queued", runner=None, error=None, not_before=now + timedelta(seconds=wait)))
+    return wait
+
+
+def gave_up(s: Session, job_id: int) -> str:
+    """Why a job out of attempts failed: ``gave up after 3 attempts: the worker died each time (last: ...)``."""
+    runs = [run for run in attempts(s, job_id) if run.outcome in COUNTED and run.counts]
+    outcomes = {run.outcome for run in runs}
+    each = {frozenset({"died"}): ": the worker died each time", frozenset({"error"}): ": it failed each time"}
+    return f"gave up after {len(runs)} attempts{each.get(frozenset(outcomes), '')} (last: {runs[-1].error})"
+
+
+def died(s: Session, job_ids: list[int], why: str, *, now: datetime | None = None) -> tuple[list[int], list[int]]:
+    """Jobs just queued again because their worker died (``why``): each run counts as an attempt; those that used
+    them all end failed (``gave_up``) with their dependents. Returns ``(queued again, failed)``."""
+    now, failed = now or utcnow(), []
+    for job_id in job_ids:
+        run = s.scalar(select(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.outcome == "running")
+                       .order_by(JobAttempt.id.desc()).limit(1))
+        end_attempt(s, job_id, "died", f"worker {run.worker if run else '?'} died: {why}", now=now)
+        if used_attempts(s, job_id) < get_job(s, job_id).max_attempts:
+            continue
+        error = gave_up(s, job_id)
+        s.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                  .values(status="failed", error=error, finished_at=now, heartbeat_at=now))
+        fail_dependents(s, job_id, reason("failed", error), now=now)
+        failed.append(job_id)
+    return [job_id for job_id in job_ids if job_id not in failed], failed
+
+
+def retrying(s: Session, *, now: datetime | None = None) -> list[Job]:
+    """Queued jobs waiting out their backoff, soonest first."""
+    stmt = select(Job).where(Job.status == "queued", Job.not_before > (now or utcnow())).order_by(Job.not_before)
+    return list(s.scalars(stmt, execution_options=_REFRESH))
 
 
 def stale_jobs(s: Session, stale_after: timedelta, *, now: datetime | None = None) -> list[Job]:
@@ -263,15 +366,17 @@ def is_stale(job: Job, stale_after: timedelta, now: datetime | None = None) -> b
     return job.status == "running" and beat is not None and (now or utcnow()) - beat > stale_after
 
 
-def requeue_stale(s: Session, stale_after: timedelta, *, now: datetime | None = None) -> list[int]:
-    """Put running jobs whose heartbeat is stale back in the queue; return their ids.
+def requeue_stale(s: Session, stale_after: timedelta, *,
+                  now: datetime | None = None) -> tuple[list[int], list[int]]:
+    """Put running jobs whose heartbeat is stale back in the queue, an attempt lost each (``died``); return
+    ``(queued again, failed: out of attempts)``.
 
     Only the rows still stale when updated move, so two workers doing this at once agree.
     """
     cutoff = (now or utcnow()) - stale_after
     stmt = (update(Job).where(Job.status == "running", Job.heartbeat_at < cutoff, Job.cancel_requested.is_(False))
             .values(status="queued", runner=None).returning(Job.id))
-    return sorted(s.scalars(stmt))
+    return died(s, sorted(s.scalars(stmt)), f"no heartbeat for {stale_after.total_seconds():.0f} s", now=now)
 
 
 def cancel_stale(s: Session, stale_after: timedelta, *, now: datetime | None = None) -> list[int]:
@@ -286,6 +391,7 @@ def cancel_stale(s: Session, stale_after: timedelta, *, now: datetime | None = N
 
 def _ended_cancelled(s: Session, ids: list[int], now: datetime) -> list[int]:
     for job_id in ids:
+        end_attempt(s, job_id, "cancelled", "its worker died", now=now)
         fail_dependents(s, job_id, "was cancelled", now=now)
     return ids
 
@@ -293,9 +399,9 @@ def _ended_cancelled(s: Session, ids: list[int], now: datetime) -> list[int]:
 # -- what the queue looks like ------------------------------------------------------------
 
 
-def position(s: Session, job: Job) -> int | None:
+def position(s: Session, job: Job, now: datetime | None = None) -> int | None:
     """1 for the next runnable job, 2 for the one after...; None if the job is not runnable."""
-    ahead = _runnable().subquery()
+    ahead = _runnable(now=now).subquery()
     ids = list(s.scalars(select(ahead.c.id)))
     return ids.index(job.id) + 1 if job.id in ids else None
 
@@ -316,18 +422,20 @@ def runnable_jobs(s: Session, limit: int = 100, only: Iterable[int] | None = Non
 
 
 def register_worker(s: Session, *, name: str, host: str, pid: int, address: str | None, max_jobs: int,
-                    now: datetime | None = None) -> Worker:
-    """Record a worker (again, when a restarted actor keeps its name)."""
+                    resources: dict | None = None, now: datetime | None = None) -> Worker:
+    """Record a worker (again, when a restarted actor keeps its name) and what its Ray offers (``resources``)."""
     now = now or utcnow()
     values = dict(host=host, pid=pid, address=address, max_jobs=max_jobs, started_at=now, heartbeat_at=now,
-                  stopped_at=None)
+                  stopped_at=None, resources=resources, free=resources)
     return _upsert(s, Worker, {"name": name}, values, values)
 
 
-def worker_heartbeat(s: Session, name: str, job_ids: Iterable[int] = (), *, now: datetime | None = None) -> None:
-    """The worker and the jobs it runs are alive."""
+def worker_heartbeat(s: Session, name: str, job_ids: Iterable[int] = (), *, free: dict | None = None,
+                     now: datetime | None = None) -> None:
+    """The worker and the jobs it runs are alive; ``free``: what its jobs leave of its resources."""
     now = now or utcnow()
-    s.execute(update(Worker).where(Worker.name == name).values(heartbeat_at=now))
+    values = {"heartbeat_at": now} if free is None else {"heartbeat_at": now, "free": free}
+    s.execute(update(Worker).where(Worker.name == name).values(**values))
     ids = list(job_ids)
     if ids:
         s.execute(update(Job).where(Job.id.in_(ids), Job.status == "running", Job.runner == name)
@@ -348,21 +456,24 @@ def workers_on(s: Session, host: str) -> list[Worker]:
     return list(s.scalars(select(Worker).where(Worker.host == host, Worker.stopped_at.is_(None)).order_by(Worker.id)))
 
 
-def retire_worker(s: Session, name: str, *, now: datetime | None = None) -> tuple[list[int], list[int]]:
+def retire_worker(s: Session, name: str, *, why: str = "its process is gone",
+                  now: datetime | None = None) -> tuple[list[int], list[int], list[int]]:
     """A worker whose process is known dead (killed): it stops, its running jobs go back to the queue at once
-    (they resume from what is stored) and those whose cancel was requested end cancelled.
+    (they resume from what is stored; an attempt lost each, ``died``) and those whose cancel was requested end
+    cancelled.
 
-    Returns ``(queued again, cancelled)``; the updates are conditional, so two workers doing this at once agree.
+    Returns ``(queued again, failed: out of attempts, cancelled)``; the updates are conditional, so two workers
+    doing this at once agree.
     """
     now = now or utcnow()
     stop_worker(s, name, now=now)
     mine = and_(Job.status == "running", Job.runner == name)
     queued = s.scalars(update(Job).where(mine, Job.cancel_requested.is_(False))
                        .values(status="queued", runner=None).returning(Job.id))
-    requeued = sorted(queued)
+    requeued, failed = died(s, sorted(queued), why, now=now)
     ended = s.scalars(update(Job).where(mine, Job.cancel_requested.is_(True))
                       .values(status="cancelled", finished_at=now, heartbeat_at=now).returning(Job.id))
-    return requeued, _ended_cancelled(s, sorted(ended), now)
+    return requeued, failed, _ended_cancelled(s, sorted(ended), now)
 
 
 def quiet_running(s: Session, quiet_for: timedelta, *, besides: str | None = None,

@@ -13,9 +13,9 @@ from typing import Iterable
 
 from sqlalchemy.orm import Session
 
-from dsq import jobqueue, kinds, references, specs, usermodels
+from dsq import checks, jobqueue, kinds, references, specs, usermodels
 from dsq.db import repo
-from dsq.db.models import utcnow
+from dsq.db.models import DEFAULT_MAX_ATTEMPTS, utcnow
 from dsq.errors import InvalidArgument, JobNotFound, JobStateError
 from dsq.settings import Settings
 
@@ -23,19 +23,20 @@ MAX_PRIORITY = 1_000_000  # any order users need fits; keeps the column a plain 
 
 
 def submit(session: Session, spec, settings: Settings, *, priority: int = 0, after: Iterable[int] = (),
-           experiment: str | None = None, meta: dict | None = None):
+           experiment: str | None = None, meta: dict | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS):
     """Check a spec against the database and the disk, then queue it as a job that waits for its dependencies."""
     kind = kinds.get(spec.kind)
-    spec = _pin_classes(usermodels.pin(spec), settings)
     if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > MAX_PRIORITY:
         raise InvalidArgument(f"priority must be an integer in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {priority!r}")
+    max_attempts = checks.positive_int("max attempts", max_attempts)
+    spec = _pin_classes(usermodels.pin(spec), settings)
     options = getattr(spec, "models", {})
     depends = {references.check(session, reference, role, options.get(reference))
                for reference, role in spec.model_roles()} - {None}
     depends |= {_check_after(session, number) for number in after}
     total = kind.check(session, spec, settings)
     job = repo.create_job(session, kind=spec.kind, spec=spec.to_dict(), seed=spec.seed, name=spec.name, total=total,
-                          priority=priority, experiment=experiment, meta=meta)
+                          priority=priority, experiment=experiment, meta=meta, max_attempts=max_attempts)
     jobqueue.add_dependencies(session, job.id, depends)
     waits = f"; waits for job(s) {', '.join(map(str, sorted(depends)))}" if depends else ""
     repo.add_log(session, job.id, f"submitted {spec.kind} job ({total} work items, priority {priority}){waits}")
@@ -61,7 +62,8 @@ def _check_after(session: Session, number: int) -> int:
     except JobNotFound:
         raise InvalidArgument(f"--after {number}: no job with id {number}") from None
     if job.status in references.DEAD:
-        raise InvalidArgument(f"--after {number}: job {number} has {job.status}; resume it first")
+        raise InvalidArgument(f"--after {number}: job {number} {jobqueue.reason(job.status, job.error)}; "
+                              f"resume it first")
     return number
 
 
@@ -75,14 +77,29 @@ def cancel(session: Session, job_id: int, stale_after: timedelta):
 
 
 def finish(session: Session, job_id: int, status: str, error: str | None = None, traceback: str | None = None):
-    """The job ended; a failed or cancelled one fails the jobs waiting for it, transitively."""
+    """The job ended; a failed, cancelled or budget one fails the jobs waiting for it, transitively."""
     job = repo.mark_finished(session, job_id, status, error=error, traceback=traceback)
+    jobqueue.end_attempt(session, job_id, status, error)
     repo.add_log(session, job_id, status + (f": {error}" if error else ""), level="error" if error else "info")
     if status != "succeeded":
-        reason = "was cancelled" if status == "cancelled" else f"failed: {error}"
+        reason = jobqueue.reason(status, error)
         for dependent in jobqueue.fail_dependents(session, job_id, reason):
             repo.add_log(session, dependent, f"not run: dependency job {job_id} {reason}", level="error")
     return job
+
+
+def fail_or_retry(session: Session, job_id: int, runner: str, error: str, traceback: str | None = None, *,
+                  now: datetime | None = None) -> str:
+    """The run of ``runner`` raised an unexpected error: queue the job again after a backoff while it has attempts
+    left, else end it failed ("gave up after N attempts"). Returns its status."""
+    wait = jobqueue.retry(session, job_id, runner, error, now=now)
+    if wait is None:
+        return finish(session, job_id, "failed", error=jobqueue.gave_up(session, job_id), traceback=traceback).status
+    job = repo.get_job(session, job_id)
+    used = jobqueue.used_attempts(session, job_id)
+    repo.add_log(session, job_id, f"attempt {used} of {job.max_attempts} failed: {error}; retrying in {wait:.0f} s",
+                 level="warning")
+    return job.status
 
 
 def resume(session: Session, job_id: int, stale_after: timedelta, *, now: datetime | None = None) -> list[int]:
@@ -101,12 +118,17 @@ def resume(session: Session, job_id: int, stale_after: timedelta, *, now: dateti
     if job.status == "running" and not jobqueue.is_stale(job, stale_after, now):
         age = (now - (job.heartbeat_at or job.started_at)).total_seconds()
         raise JobStateError(f"job {job_id} is running (last heartbeat {age:.0f} s ago); cancel it first")
+    if job.status == "budget":
+        _check_budget(session, job)
     for dependency in jobqueue.unmet(session, job_id):
         if dependency.status in references.DEAD:
             root = dependency.blocked_by or dependency.id  # a dependent failed with its dependency: resume the root
             raise JobStateError(f"job {job_id} depends on job {dependency.id}, which {dependency.status}: "
                                 f"resume job {root} first")
+    if job.status == "running":  # stale: its worker went silent
+        jobqueue.end_attempt(session, job_id, "died", f"worker {job.runner} went silent; resumed by hand")
     repo.mark_queued(session, job_id)
+    jobqueue.forgive_attempts(session, job_id)
     blocked = jobqueue.blocked_jobs(session, job_id)
     requeued = jobqueue.requeue_blocked(session, job_id)
     repo.add_log(session, job_id, "resumed" + (f"; queued again: jobs {requeued}" if requeued else ""))
@@ -116,6 +138,14 @@ def resume(session: Session, job_id: int, stale_after: timedelta, *, now: dateti
         error = repo.get_job(session, dependent).error
         repo.add_log(session, dependent, f"still not run: {error}", level="error")
     return requeued
+
+
+def _check_budget(session: Session, job) -> None:
+    """A job stopped at its query budget resumes only with a larger one (``dsq resume N --max-queries M``)."""
+    budget, paid = (job.spec or {}).get("max_queries"), repo.count_paid_api_answers(session, job.id)
+    if budget is not None and budget <= paid:
+        raise InvalidArgument(f"job {job.id} stopped at its query budget ({paid} of {budget} queries paid): resume it "
+                              f"with a larger one, dsq resume {job.id} --max-queries M with M > {paid}")
 
 
 def delete(session: Session, job_ids: Iterable[int], stale_after: timedelta, *, artifacts: bool = False):

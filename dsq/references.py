@@ -16,11 +16,12 @@ from sqlalchemy.orm import Session
 
 from dsq import artifacts, usermodels
 from dsq.db import repo
+from dsq.db.models import ENDED_BADLY
 from dsq.errors import CheckpointError, InvalidArgument, JobNotFound
 from dsq.settings import Settings
 
 JOB_REFERENCE = re.compile(r"^job:(\d+)$")
-DEAD = ("failed", "cancelled")
+DEAD = ENDED_BADLY  # a job that will never produce its model unless resumed
 
 
 def job_id(reference: str) -> int | None:

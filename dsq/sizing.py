@@ -7,7 +7,7 @@ number of workers does not change any count and is chosen anew for the cluster a
 
 Workers. On CPUs, one single-threaded actor per CPU of the cluster: K one-thread actors beat one
 K-thread actor by 3–11% on an idle machine and by far more on shared cores (BENCHMARKS.md), for
-8×8 and 32×32 models alike. Each actor process costs about ``ACTOR_MEMORY``, which caps K. On GPUs,
+8×8 and 32×32 models alike. Each actor process costs about ``specs.ACTOR_MEMORY``, which caps K. On GPUs,
 one actor per GPU; asking for more workers than GPUs shares each GPU (fractional GPUs), which
 pays for small models that leave a GPU idle between kernel launches.
 
@@ -34,22 +34,10 @@ from dsq.fastpath import PreparedModel
 
 SEQUENTIAL_LOOKS = 100          # a sequential job looks at its test at least this often within max_n, so an
                                 # image can stop after 1% of it (clear-cut images need a few hundred samples)
-ACTOR_MEMORY = 3 << 29          # 1.5 GiB: torch in a process (~0.7 GB) plus a model and its batches
 CPU_ACTIVATION_BYTES = 8 << 20  # a batch's activations on a CPU: cache-sized (module docstring's measurement)
 GPU_MEMORY_SHARE = 0.6          # of the memory free on the device when the actor starts
 GPU_PROBE_BATCH = 64            # samples of the one forward pass that measures a sample's GPU memory
 MIN_BATCH, MAX_BATCH = 8, 16_384
-
-
-def default_workers(cluster: dict) -> int:
-    """Sampler actors for a job, from Ray's ``cluster_resources()``: one per GPU, else one per CPU."""
-    gpus = int(cluster.get("GPU", 0))
-    if gpus:
-        return gpus
-    cpus = int(cluster.get("CPU", 1))
-    memory = cluster.get("memory")
-    by_memory = int(memory // ACTOR_MEMORY) if memory else cpus
-    return max(1, min(cpus, by_memory))
 
 
 def choose_batch(bytes_per_sample: int, budget_bytes: int, *, n: int, workers: int) -> int:

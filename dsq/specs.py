@@ -53,9 +53,23 @@ class Kind:
     demand: Callable  # (spec, cluster resources) -> what a running job holds, e.g. {"CPU": 1.0}
 
 
+ACTOR_MEMORY = 3 << 29  # 1.5 GiB a sampler actor: torch in a process (~0.7 GB) plus a model and its batches
+
+
 def on_gpu(cluster: dict) -> bool:
     """Whether Ray's ``cluster_resources()`` has a GPU: a job's demand is then counted in GPUs."""
     return cluster.get("GPU", 0) >= 1
+
+
+def default_workers(cluster: dict) -> int:
+    """Sampler actors for a job, from Ray's ``cluster_resources()``: one per GPU, else one per CPU."""
+    gpus = int(cluster.get("GPU", 0))
+    if gpus:
+        return gpus
+    cpus = int(cluster.get("CPU", 1))
+    memory = cluster.get("memory")
+    by_memory = int(memory // ACTOR_MEMORY) if memory else cpus
+    return max(1, min(cpus, by_memory))
 
 
 class TargetRadiusMode:

@@ -14,35 +14,69 @@ from sqlalchemy.orm import Session
 
 from dsq import jobqueue, specs
 from dsq.db import repo
-from dsq.db.models import Job
+from dsq.db.models import Job, Worker
 from dsq.errors import InvalidArgument, JobStateError
 from dsq.report import accuracy, envelopes, predictions, summary, tables
 from dsq.text import escape_controls, safe
 
 
-def state(session: Session, job: Job, now: datetime, stale_after: timedelta, workers_alive: bool) -> str:
-    """A job's status as a user needs it: stale, waiting for job N, queued at position P, ..."""
+def state(session: Session, job: Job, now: datetime, stale_after: timedelta, workers: list[Worker]) -> str:
+    """A job's status as a user needs it: stale, waiting for job N, retrying in S s, waiting for a GPU, no worker,
+    queued at position P, ... (``workers``: the live ones, ``jobqueue.live_workers``)."""
     if jobqueue.is_stale(job, stale_after, now):
         age = (now - (job.heartbeat_at or job.started_at)).total_seconds()
-        then = "another worker takes it over" if workers_alive else f"start one (dsq worker) or dsq resume {job.id}"
+        then = "another worker takes it over" if workers else f"start one (dsq worker) or dsq resume {job.id}"
         return f"stale (no heartbeat for {age:.0f} s: its worker is gone; {then})"
     if job.status != "queued":
         return job.status + (" (cancel requested)" if job.cancel_requested and job.status == "running" else "")
     waiting = jobqueue.unmet(session, job.id)
     if waiting:
         return "waiting for " + ", ".join(f"job {d.id} ({d.status})" for d in waiting)
-    place = jobqueue.position(session, job)
+    if job.not_before is not None and job.not_before > now:
+        attempt = jobqueue.used_attempts(session, job.id) + 1
+        return (f"retrying in {math.ceil((job.not_before - now).total_seconds())} s "
+                f"(attempt {attempt} of {job.max_attempts})")
+    place = jobqueue.position(session, job, now)
     where = f"queued, position {place}" if place else "queued"
-    return where if workers_alive else f"{where}; no worker alive (start one: dsq worker)"
+    if not workers:
+        return f"{where}; no worker serves this database (start one: dsq worker)"
+    return short_of(job, workers) or where
+
+
+def short_of(job: Job, workers: list[Worker]) -> str | None:
+    """What a runnable job waits for when the live workers' clusters lack what it holds once running (``None``: it
+    waits for its turn): "waiting for a GPU (needs 1; the cluster has 0 free)".
+
+    Read from what workers record (their cluster grown to their autoscaling cap, and what their jobs leave free, as
+    of their last heartbeat), so it needs neither Ray nor torch.
+    """
+    from dsq import kinds
+
+    offered = [w for w in workers if w.resources]
+    if not offered:
+        return None
+    demand = kinds.get(job.kind).demand(kinds.from_dict(job.spec), max(offered, key=_gpus).resources)
+    for resource, words in (("GPU", "a GPU"), ("CPU", "a CPU")):
+        need, total = demand.get(resource, 0.0), max(w.resources.get(resource, 0.0) for w in offered)
+        free = max((w.free or w.resources).get(resource, 0.0) for w in offered)
+        if need > free + 1e-9 and (resource == "GPU" or free < total):  # alone on a cluster, a job runs anyway
+            what = words if need == 1 else f"{resource}s"
+            return f"waiting for {what} (needs {need:g}; the cluster has {free:g} free)"
+    return None
+
+
+def _gpus(worker: Worker) -> float:
+    return (worker.resources or {}).get("GPU", 0.0)
 
 
 def describe(session: Session, job: Job, now: datetime, stale_after: timedelta) -> list[str]:
     """Lines for ``dsq status`` (printed without markup): state, progress, rate and ETA (never for a stale job)."""
-    alive = bool(jobqueue.live_workers(session, stale_after, now=now))
+    alive = jobqueue.live_workers(session, stale_after, now=now)
     title = f"job {job.id} ({job.kind}{', ' + escape_controls(job.name) if job.name else ''})"
     lines = [f"{title}: {state(session, job, now, stale_after, alive)}",
              f"priority {job.priority}" + (f", experiment {escape_controls(job.experiment)}" if job.experiment else ""),
-             f"progress {job.progress_done}/{job.progress_total}, attempts {job.attempts}"
+             f"progress {job.progress_done}/{job.progress_total}, "
+             f"attempts used {jobqueue.used_attempts(session, job.id)} of {job.max_attempts}"
              + (f", runner {job.runner}" if job.runner and job.status == "running" else "")]
     stale = jobqueue.is_stale(job, stale_after, now)
     certifying = progress_line(session, job, now, live=not stale)
@@ -56,6 +90,19 @@ def describe(session: Session, job: Job, now: datetime, stale_after: timedelta) 
     lines += filter(None, [api_spend_line(session, job.id)])
     if job.error:
         lines.append(f"error: {escape_controls(job.error)}")
+    return lines
+
+
+def attempt_lines(session: Session, job: Job) -> list[str]:
+    """Each run of a job, one a line: ``attempt 2 of 3 on W, 10:02:11-10:02:40 UTC: died: worker W died: ...``.
+    A run handed back (a clean stop) or run before a resume does not count against ``max_attempts``."""
+    lines = []
+    for run in jobqueue.attempts(session, job.id):
+        until = f"-{run.ended_at:%H:%M:%S}" if run.ended_at else ""
+        note = "" if run.counts or run.outcome not in jobqueue.COUNTED else " (before a resume)"
+        lines.append(f"attempt {run.number} of {job.max_attempts} on {escape_controls(run.worker)}, "
+                     f"{run.started_at:%Y-%m-%d %H:%M:%S}{until} UTC: {run.outcome}{note}"
+                     + (f": {escape_controls(run.error)}" if run.error else ""))
     return lines
 
 
@@ -103,10 +150,13 @@ def _duration(seconds: float) -> str:
     return f"{whole // 60} min" if whole < 7200 else f"{whole // 3600} h {whole % 3600 // 60} min"
 
 
-def show(session: Session, job: Job) -> list[str]:
-    """Lines for ``dsq show``: the spec, what the job waits for or produced, its models and their metrics."""
-    lines = [f"job {job.id}: {kind_label(job)}, {job.status}" + (f", name {escape_controls(job.name)}" if job.name else ""),
-             f"created {job.created_at:%Y-%m-%d %H:%M:%S} UTC, priority {job.priority}, attempts {job.attempts}"
+def show(session: Session, job: Job, now: datetime, stale_after: timedelta) -> list[str]:
+    """Lines for ``dsq show``: the spec, what the job waits for or produced, its attempts, models and metrics."""
+    alive = jobqueue.live_workers(session, stale_after, now=now)
+    lines = [f"job {job.id}: {kind_label(job)}, {state(session, job, now, stale_after, alive)}"
+             + (f", name {escape_controls(job.name)}" if job.name else ""),
+             f"created {job.created_at:%Y-%m-%d %H:%M:%S} UTC, priority {job.priority}, "
+             f"at most {job.max_attempts} attempt(s)"
              + (f", experiment {escape_controls(job.experiment)}" if job.experiment else "")]
     if (job.meta or {}).get("overrides"):
         from dsq.experiments import changed_by_set
@@ -135,6 +185,7 @@ def show(session: Session, job: Job) -> list[str]:
             lines.append(f"diffusion: {schedule.get('schedule')} schedule, T = {schedule.get('timesteps')} (beta "
                          f"{schedule.get('beta_start'):g} to {schedule.get('beta_end'):g}); a denoiser at every sigma")
     lines += filter(None, [api_spend_line(session, job.id)])
+    lines += attempt_lines(session, job)
     if job.error:
         lines.append(f"error: {escape_controls(job.error)}")
     return lines
@@ -158,7 +209,7 @@ def _metrics_text(metrics: dict | None) -> str:
 
 def job_rows(session: Session, jobs: list[Job], now: datetime, stale_after: timedelta) -> list[list[str]]:
     """Rows for ``dsq jobs``: id, kind, name, state, priority, progress, created."""
-    alive = bool(jobqueue.live_workers(session, stale_after, now=now))
+    alive = jobqueue.live_workers(session, stale_after, now=now)
     return [[str(job.id), kind_label(job), safe(job.name or ""), state(session, job, now, stale_after, alive),
              str(job.priority), f"{job.progress_done}/{job.progress_total}", f"{job.created_at:%Y-%m-%d %H:%M:%S}"]
             for job in jobs]

@@ -11,6 +11,7 @@ import pytest
 import ray
 
 from dsq import jobs
+from dsq.errors import InvalidArgument
 from dsq.db import repo
 from dsq.db.models import utcnow
 from dsq.db.session import session_scope
@@ -76,7 +77,7 @@ def test_budget_stops_the_job_before_it_is_exceeded_and_a_raised_budget_finishes
     server = emulator("google")
     budget = 2 * PER_IMAGE + 8
     job_id = submit(db, settings, api_spec("google", server.endpoint, max_images=3, max_queries=budget))
-    assert run(settings, job_id) == "failed"
+    assert run(settings, job_id) == "budget"  # a state of its own, not a failure
     with session_scope(db) as session:
         job = repo.get_job(session, job_id)
         assert job.error.startswith("query budget reached") and f"dsq resume {job_id} --max-queries" in job.error
@@ -86,8 +87,11 @@ def test_budget_stops_the_job_before_it_is_exceeded_and_a_raised_budget_finishes
     assert len(results(db, job_id)) == 2  # partial results kept
 
     with session_scope(db) as session:
-        with pytest.raises(Exception, match="must be larger"):
+        paid = repo.count_paid_api_answers(session, job_id)
+        with pytest.raises(InvalidArgument, match=f"needs --max-queries larger than {paid}"):
             certify_api.raise_budget(session, job_id, PER_IMAGE + 1)
+        with pytest.raises(InvalidArgument, match=f"--max-queries M with M > {paid}"):
+            jobs.resume(session, job_id, settings.stale_after)  # without a larger budget it would stop at once
     with session_scope(db) as session:
         certify_api.raise_budget(session, job_id, 3 * PER_IMAGE)
         jobs.resume(session, job_id, settings.stale_after)

@@ -129,9 +129,9 @@ def test_a_dead_workers_jobs_go_back_to_the_queue_and_its_cancelled_ones_end(eng
         repo.request_cancel(session, cancelled)
         assert [w.name for w in jobqueue.workers_on(session, "here")] == ["dead", "alive"]
     with session_scope(engine) as session:
-        assert jobqueue.retire_worker(session, "dead") == ([kept], [cancelled])
+        assert jobqueue.retire_worker(session, "dead") == ([kept], [], [cancelled])
     with session_scope(engine) as session:
-        assert jobqueue.retire_worker(session, "dead") == ([], [])  # a second worker seeing it changes nothing
+        assert jobqueue.retire_worker(session, "dead") == ([], [], [])  # a second worker seeing it changes nothing
         assert [w.name for w in jobqueue.workers_on(session, "here")] == ["alive"]
         assert [w.name for w in jobqueue.live_workers(session, STALE)] == ["alive", "far"]
     assert [job(engine, j).status for j in (kept, cancelled, other, waiting)] == \
@@ -151,7 +151,7 @@ def test_stale_jobs_whose_cancel_was_requested_end_cancelled_and_quiet_ones_are_
         repo.heartbeat(session, running, now=utcnow() - timedelta(minutes=5))
         repo.heartbeat(session, quiet, now=utcnow() - timedelta(seconds=30))
         assert [j.id for j in jobqueue.quiet_running(session, timedelta(seconds=15), besides="me")] == [running, quiet]
-        assert jobqueue.requeue_stale(session, STALE) == [mine]  # not the one whose cancel was requested
+        assert jobqueue.requeue_stale(session, STALE) == ([mine], [])  # not the one whose cancel was requested
         assert jobqueue.cancel_stale(session, STALE) == [running]
         assert jobqueue.cancel_stale(session, STALE) == []
     assert job(engine, running).status == "cancelled"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dsq import kinds
+from dsq import jobqueue, kinds
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.kinds.certify_api import ApiCertifySpec
@@ -140,6 +140,9 @@ def test_steering_and_reading_commands_import_neither_torch_nor_ray(tmp_path):
         first = repo.create_job(session, kind="train", spec=train.to_dict(), seed=0, total=1).id
         second = repo.create_job(session, kind="certify_api", spec=api.to_dict(), seed=0, total=1).id
         third = repo.create_job(session, kind="train", spec=train.to_dict(), seed=0, total=1).id
+        jobqueue.register_worker(session, name="w", host="h", pid=1, address=None, max_jobs=0,
+                                 resources={"CPU": 4.0, "GPU": 1.0})  # a job's state then weighs its demand
+        jobqueue.worker_heartbeat(session, "w", free={"CPU": 4.0, "GPU": 0.0})
     engine.dispose()
 
     def dsq(*args: str) -> str:
@@ -153,7 +156,7 @@ def test_steering_and_reading_commands_import_neither_torch_nor_ray(tmp_path):
     assert "queued" in dsq("resume", str(first))
     dsq("cancel", str(second))
     dsq("resume", str(second), "--max-queries", "2000")  # rebuilds the API spec with a new budget
-    assert "2000" in dsq("show", str(second)) and "certify_api" in dsq("jobs")
+    assert "2000" in dsq("show", str(second)) and "certify_api" in dsq("jobs") and "GPU" in dsq("jobs")
     assert kinds.from_dict(repo_spec(url, second)).max_queries == 2000
     assert f"deleted job {third}" in dsq("delete", str(third), "--yes") and f"{third}  " not in dsq("jobs")
 

@@ -24,6 +24,14 @@ def add(engine, priority=0, after=(), name=None, kind="train") -> int:
         return job.id
 
 
+def live(session, resources=None, free=None) -> list:
+    """The live workers after registering one (offering ``resources``, of which ``free`` is left)."""
+    jobqueue.register_worker(session, name="w", host="h", pid=1, address=None, max_jobs=0, resources=resources)
+    if free is not None:
+        jobqueue.worker_heartbeat(session, "w", free=free)
+    return jobqueue.live_workers(session, STALE)
+
+
 def claim(engine, worker="w") -> int | None:
     with session_scope(engine) as session:
         job = jobqueue.claim(session, worker)
@@ -47,7 +55,7 @@ def test_claims_follow_priority_then_age_and_wait_for_dependencies(engine):
     assert claim(engine) is None  # the child waits for `low`, which is running
     with session_scope(engine) as session:
         assert [d.id for d in jobqueue.unmet(session, child)] == [low]
-        assert views.state(session, repo.get_job(session, child), utcnow(), STALE, True) == \
+        assert views.state(session, repo.get_job(session, child), utcnow(), STALE, live(session)) == \
             f"waiting for job {low} (running)"
     finish(engine, low)
     assert claim(engine) == child and claim(engine) is None
@@ -62,8 +70,8 @@ def test_position_counts_only_runnable_jobs_ahead(engine):
     with session_scope(engine) as session:
         places = {j: jobqueue.position(session, repo.get_job(session, j)) for j in (first, blocked, second, third)}
         assert places == {third: 1, first: 2, second: 3, blocked: None}
-        state = views.state(session, repo.get_job(session, third), utcnow(), STALE, workers_alive=False)
-    assert state == "queued, position 1; no worker alive (start one: dsq worker)"
+        state = views.state(session, repo.get_job(session, third), utcnow(), STALE, [])
+    assert state == "queued, position 1; no worker serves this database (start one: dsq worker)"
 
 
 def test_a_failed_dependency_fails_its_dependents_transitively_and_resume_requeues_them(engine):
@@ -111,9 +119,9 @@ def test_stale_jobs_go_back_to_the_queue_and_their_old_runner_cannot_write_on(en
     job_id = add(engine)
     assert claim(engine, "old") == job_id
     with session_scope(engine) as session:
-        assert jobqueue.requeue_stale(session, STALE) == []
+        assert jobqueue.requeue_stale(session, STALE) == ([], [])
         repo.heartbeat(session, job_id, now=utcnow() - timedelta(minutes=2))
-        assert jobqueue.requeue_stale(session, STALE) == [job_id]
+        assert jobqueue.requeue_stale(session, STALE) == ([job_id], [])
     assert claim(engine, "new") == job_id
     with session_scope(engine) as session:
         assert jobqueue.steering(session, job_id, "old") == (False, False)
@@ -205,7 +213,7 @@ def test_a_stale_job_says_what_to_do_when_no_worker_is_alive(engine):
     with session_scope(engine) as session:
         repo.heartbeat(session, job_id, now=utcnow() - timedelta(minutes=5))
         job = repo.get_job(session, job_id)
-        alone = views.state(session, job, utcnow(), STALE, workers_alive=False)
-        served = views.state(session, job, utcnow(), STALE, workers_alive=True)
+        alone = views.state(session, job, utcnow(), STALE, [])
+        served = views.state(session, job, utcnow(), STALE, live(session))
     assert "another worker" not in alone and f"start one (dsq worker) or dsq resume {job_id}" in alone
     assert "another worker takes it over" in served

@@ -294,7 +294,7 @@ def test_api_sequential_job_within_a_budget_then_raised(emulator, db, settings):
     server = emulator("aws")
     spec = api_spec("aws", server.endpoint, max_images=12, n0=5, n=100, radius=0.05, max_queries=120)
     job_id = submit(settings, db, spec)
-    assert runner.run_job(settings, job_id) == "failed"
+    assert runner.run_job(settings, job_id) == "budget"
     done = results(db, job_id)
     assert 1 <= len(done) < 12 and server.ledger.billed <= 120
     with session_scope(db) as session:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from dsq import sizing
+from dsq import sizing, specs
 from workers import resources
 
 GIB = 1 << 30
@@ -18,7 +18,7 @@ GIB = 1 << 30
     ({"CPU": 32.0, "GPU": 4.0, "memory": 100 * GIB}, 4),  # one per GPU, not per CPU
 ])
 def test_default_workers(cluster, expected):
-    assert sizing.default_workers(cluster) == expected
+    assert specs.default_workers(cluster) == expected
 
 
 @pytest.mark.parametrize("per_sample, budget, n, workers, expected", [

@@ -8,7 +8,7 @@ import socket
 import ray
 
 from dsq import checks
-from dsq import sizing
+from dsq import specs
 from dsq.errors import ClusterUnreachable
 
 NAMESPACE = "dsq"
@@ -73,7 +73,7 @@ def actor_options(workers: int, cluster: dict | None = None) -> tuple[dict, int]
 
 
 def default_workers() -> int:
-    return sizing.default_workers(ray.cluster_resources())
+    return specs.default_workers(ray.cluster_resources())
 
 
 def device_for(gpu: bool) -> str:

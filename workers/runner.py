@@ -44,11 +44,19 @@ def run_job(settings: Settings, job_id: int, control: Control | None = None, spe
             cause = _cause(failure)
             if isinstance(cause, JobInterrupted):
                 return _hand_back(engine, job_id, control.runner, cause)
+            if control.stop.is_set() and not isinstance(cause, DsqError):  # its actors went with the stopping worker
+                stopped = JobInterrupted(f"its worker stopped: {_message(cause)}")
+                return _hand_back(engine, job_id, control.runner, stopped)
             if is_outage(cause):  # nothing can be recorded: the job stays "running" and goes stale
                 return LOST
-            status = "cancelled" if isinstance(cause, JobCancelled) else "failed"
+            if not isinstance(cause, DsqError):  # not the user's mistake: retried while it has attempts left
+                with session_scope(engine) as session:
+                    return jobs.fail_or_retry(session, job_id, control.runner, _message(cause),
+                                              traceback.format_exc())
+            status = "cancelled" if isinstance(cause, JobCancelled) else "budget" if isinstance(
+                cause, BudgetReached) else "failed"
             error = None if status == "cancelled" else _message(cause)
-            trace = traceback.format_exc() if error and not isinstance(cause, BudgetReached) else None
+            trace = traceback.format_exc() if status == "failed" else None
         else:
             status, error, trace = "succeeded", None, None
         with session_scope(engine) as session:

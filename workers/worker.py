@@ -100,10 +100,13 @@ class QueueWorker:
     def run(self) -> Summary:
         engine = open_database(self.settings.database_url, retry_seconds=self.settings.db_grace_seconds)
         with session_scope(engine) as session:
-            for job_id in jobqueue.requeue_runner(session, self.name):  # a restarted actor keeps its name
+            requeued, failed = jobqueue.requeue_runner(session, self.name)  # a restarted actor keeps its name
+            for job_id in requeued:
                 repo.add_log(session, job_id, f"{self.name} restarted: queued again", level="warning")
+            self._gave_up(session, failed)
             jobqueue.register_worker(session, name=self.name, host=socket.gethostname(), pid=os.getpid(),
-                                  address=self.settings.ray_address, max_jobs=self.max_jobs or 0)
+                                     address=self.settings.ray_address, max_jobs=self.max_jobs or 0,
+                                     resources=self._offers(ray.cluster_resources()))
         try:
             self._loop(engine)
         except exc.DBAPIError as error:
@@ -146,7 +149,7 @@ class QueueWorker:
         now = time.monotonic()
         if now - self._last_beat >= HEARTBEAT_SECONDS:
             with session_scope(engine) as session:
-                jobqueue.worker_heartbeat(session, self.name, list(self.running))
+                jobqueue.worker_heartbeat(session, self.name, list(self.running), free=self._free(cluster))
             self._last_beat = now
         if now - self._last_scan >= HEARTBEAT_SECONDS:
             self._requeue_stale(engine)
@@ -172,7 +175,7 @@ class QueueWorker:
             jobqueue.stop_worker(session, self.name)
         mine = pidfile.forget(self.settings)
         with session_scope(engine) as session:
-            if not jobqueue.runnable_jobs(session, limit=1, only=self.only):
+            if not jobqueue.runnable_jobs(session, limit=1, only=self.only) and not jobqueue.retrying(session):
                 return True
             jobqueue.serve_again(session, self.name)
         if mine:
@@ -225,11 +228,29 @@ class QueueWorker:
             self.requested = bundles
             self.log(f"asked the autoscaler for {len(bundles)} bundle(s): {_total(bundles)}")
 
+    def _offers(self, cluster: dict) -> dict:
+        """What this worker's Ray can offer its jobs: the cluster, grown to the autoscaling cap (``--max-request``)."""
+        cap = self.max_request or {}
+        return {r: max(cluster.get(r, 0.0), cap.get(r, 0.0)) for r in sorted({"CPU", "GPU", *cap})}
+
+    def _free(self, cluster: dict) -> dict:
+        """What the jobs this worker runs leave of its cluster (recorded with each heartbeat, for ``dsq jobs``)."""
+        held = self._held()
+        return {r: max(0.0, cluster.get(r, 0.0) - held.get(r, 0.0)) for r in sorted({"CPU", "GPU", *held})}
+
+    def _gave_up(self, session, failed: list[int]) -> None:
+        for job_id in failed:
+            job = repo.get_job(session, job_id)
+            repo.add_log(session, job_id, f"failed: {job.error} (seen by {self.name})", level="error")
+            self.log(f"job {job_id}: failed: {job.error}")
+
     def _requeue_stale(self, engine) -> None:
         with session_scope(engine) as session:
-            for job_id in jobqueue.requeue_stale(session, self.settings.stale_after):
+            requeued, failed = jobqueue.requeue_stale(session, self.settings.stale_after)
+            for job_id in requeued:
                 repo.add_log(session, job_id, f"heartbeat stale: queued again (seen by {self.name})", level="warning")
                 self.log(f"job {job_id}: its worker is gone (stale heartbeat); queued again")
+            self._gave_up(session, failed)
             for job_id in jobqueue.cancel_stale(session, self.settings.stale_after):
                 repo.add_log(session, job_id, f"cancelled: its worker is gone (seen by {self.name})")
                 self.log(f"job {job_id}: its worker is gone (stale heartbeat); cancelled, as requested")
@@ -243,7 +264,8 @@ class QueueWorker:
                     if w.name != self.name and pidfile.gone(w.pid, w.started_at)]
         for name, pid in dead:
             with session_scope(engine) as session:
-                requeued, cancelled = jobqueue.retire_worker(session, name)
+                requeued, failed, cancelled = jobqueue.retire_worker(session, name, why=f"pid {pid} is gone")
+                self._gave_up(session, failed)
                 for job_id in requeued:
                     repo.add_log(session, job_id, f"worker {name} died (pid {pid} is gone): queued again "
                                  f"(seen by {self.name})", level="warning")
@@ -268,11 +290,16 @@ class QueueWorker:
     def _demand(job, cluster: dict) -> dict:
         return kinds.get(job.kind).demand(kinds.from_dict(job.spec), cluster)
 
-    def _fits(self, demand: dict, cluster: dict) -> bool:
+    def _held(self) -> dict:
+        """What the jobs this worker runs hold, by resource."""
         held = {}
         for work in self.running.values():
             for resource, amount in work.demand.items():
                 held[resource] = held.get(resource, 0.0) + amount
+        return held
+
+    def _fits(self, demand: dict, cluster: dict) -> bool:
+        held = self._held()
         return all(held.get(r, 0.0) + amount <= cluster.get(r, 0.0) + 1e-9 for r, amount in demand.items())
 
     def _start(self, job, spec, demand: dict) -> None:

@@ -32,13 +32,20 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
     text,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 JOB_KINDS = ("train", "certify", "certify_api")
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "budget")
+# "budget": a certify-api job stopped at its query budget (dsq resume N --max-queries M goes on).
+FINISHED_STATUSES = ("succeeded", "failed", "cancelled", "budget")
+ENDED_BADLY = ("failed", "cancelled", "budget")  # what no job waiting for it survives
+# How a run of a job (a row of job_attempts) ended. "died" (its worker was killed or went stale) and "error" (an
+# unexpected exception) count against the job's max_attempts; "handed back" (a clean stop) does not.
+ATTEMPT_OUTCOMES = ("running", "succeeded", "error", "died", "handed back", "failed", "cancelled", "budget")
+DEFAULT_MAX_ATTEMPTS = 3
 WORK_UNIT_STATUSES = ("pending", "running", "done", "failed")
 ARTIFACT_KINDS = ("denoiser", "classifier")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -119,6 +126,11 @@ class Job(Base):
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # The dependency whose failure or cancellation failed this job; resuming it re-queues this one.
     blocked_by: Mapped[int | None] = mapped_column(Integer)  # a job id (dsq delete clears it)
+    # Runs that may end in an unexpected error or a dead worker before the job ends failed; and the time before
+    # which a job retried after an error is not claimed (its backoff).
+    max_attempts: Mapped[int] = mapped_column(Integer, default=DEFAULT_MAX_ATTEMPTS,
+                                              server_default=text(str(DEFAULT_MAX_ATTEMPTS)))
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     @property
     def finished(self) -> bool:
@@ -151,9 +163,34 @@ class Worker(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # What the worker's Ray offers ({"CPU": 8, "GPU": 1}) and what its jobs leave free, as of its last heartbeat:
+    # what `dsq jobs` says a waiting job waits for, without asking Ray.
+    resources: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    free: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     def __repr__(self) -> str:
         return f"Worker(name={self.name!r}, stopped_at={self.stopped_at!r})"
+
+
+class JobAttempt(Base):
+    """One run of a job: who ran it, how it ended and why (``dsq show``, ``dsq logs``)."""
+
+    __tablename__ = "job_attempts"
+    __table_args__ = (Index(None, "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, _job_fk())
+    number: Mapped[int] = mapped_column(Integer)  # the attempt it counts as (a handed-back run is run again as it)
+    worker: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[str] = mapped_column(String(16), default="running")
+    error: Mapped[str | None] = mapped_column(Text)
+    # Whether it counts against max_attempts now: a resume gives the job its attempts afresh (False for the old).
+    counts: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+
+    def __repr__(self) -> str:
+        return f"JobAttempt(job_id={self.job_id}, number={self.number}, outcome={self.outcome!r})"
 
 
 class WorkUnit(Base):

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from dsq.db.models import (
     ARTIFACT_KINDS,
+    DEFAULT_MAX_ATTEMPTS,
     FINISHED_STATUSES,
     JOB_KINDS,
     LOG_LEVELS,
@@ -28,6 +29,7 @@ from dsq.db.models import (
     Artifact,
     Base,
     Job,
+    JobAttempt,
     JobDependency,
     JobLog,
     Result,
@@ -120,13 +122,14 @@ def _require_job(job: Job | None, job_id: int) -> Job:
 def create_job(
     s: Session, *, kind: str, spec: dict[str, Any], seed: int, name: str | None = None, total: int = 0,
     priority: int = 0, experiment: str | None = None, meta: dict[str, Any] | None = None,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> Job:
     """Add a queued job and return it (its ``id`` is set)."""
     _check_choice("job kind", kind, JOB_KINDS)
     job = Job(
         kind=kind, name=name, spec=_plain(spec), seed=int(seed), status="queued", cancel_requested=False,
         progress_done=0, progress_total=int(total), attempts=0, created_at=utcnow(), priority=int(priority),
-        experiment=experiment, meta=_plain(meta) if meta is not None else None,
+        experiment=experiment, meta=_plain(meta) if meta is not None else None, max_attempts=int(max_attempts),
     )
     s.add(job)
     s.flush()
@@ -163,7 +166,7 @@ def delete_jobs(s: Session, job_ids: Iterable[int], *, artifacts: bool = False) 
     s.execute(update(ApiAnswer).where(ApiAnswer.job_id.in_(ids)).values(job_id=None))
     s.execute(update(Job).where(Job.blocked_by.in_(ids)).values(blocked_by=None))
     s.execute(delete(JobDependency).where(or_(JobDependency.job_id.in_(ids), JobDependency.depends_on.in_(ids))))
-    for model in (Result, WorkUnit, JobLog):
+    for model in (Result, WorkUnit, JobLog, JobAttempt):
         s.execute(delete(model).where(model.job_id.in_(ids)))
     s.execute(delete(Job).where(Job.id.in_(ids)))
     return had
@@ -201,7 +204,7 @@ def mark_queued(s: Session, job_id: int) -> Job:
     """Put a job back in the queue (resume/retry): clears the cancel request and the last error."""
     job = _update_job(
         s, job_id, status="queued", cancel_requested=False, runner=None, error=None, traceback=None,
-        finished_at=None,
+        finished_at=None, not_before=None,
     )
     return _require_job(job, job_id)
 

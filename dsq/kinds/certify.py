@@ -136,9 +136,7 @@ def _check_inputs(session: Session, spec: CertifySpec, settings: Settings) -> in
 
 def demand(spec: CertifySpec, cluster: dict) -> dict:
     """Its sampler actors: one GPU each (at most the cluster's), else one CPU each."""
-    from dsq import sizing
-
-    workers = spec.workers or sizing.default_workers(cluster)
+    workers = spec.workers or specs.default_workers(cluster)
     if specs.on_gpu(cluster):
         return {"GPU": float(min(workers, cluster["GPU"]))}
     return {"CPU": float(workers)}

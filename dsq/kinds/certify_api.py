@@ -265,7 +265,8 @@ def raise_budget(session: Session, job_id: int, max_queries: int | None) -> ApiC
     spec = specs.rebuild(ApiCertifySpec, job.spec).with_budget(max_queries)
     paid = repo.count_paid_api_answers(session, job_id)
     if max_queries is not None and max_queries <= paid:
-        raise InvalidArgument(f"job {job_id} already paid for {paid} queries: --max-queries must be larger")
+        raise InvalidArgument(f"job {job_id} already paid for {paid} queries: it needs --max-queries larger than "
+                              f"{paid}, got {max_queries}")
     repo.set_spec(session, job_id, spec.to_dict())
     return spec
 
