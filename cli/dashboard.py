@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
 import socket
 from typing import Optional
@@ -18,6 +19,7 @@ DEFAULT_PORT = 8750
 
 def register(app: typer.Typer) -> None:
     app.command()(dashboard)
+    app.command()(report)
 
 
 def dashboard(ctx: typer.Context,
@@ -69,3 +71,38 @@ def _listen(host: str, port: int) -> socket.socket:
         listening.close()
         raise InvalidArgument(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
     return listening
+
+
+def report(ctx: typer.Context,
+           html: str = typer.Option(..., "--html", help="The file to write: one HTML page, plotly.js inside it."),
+           experiment: Optional[str] = typer.Option(None, help="An experiment's curves and tables (as "
+                                                    "dsq results --experiment NAME --by-sigma)."),
+           job: Optional[int] = typer.Option(None, help="One job's page: its table, curve, spec and log."),
+           linf: bool = typer.Option(False, "--linf", help="Radii in L∞: R / sqrt(d).")):
+    """Write the dashboard's page of an experiment or a job as one self-contained HTML file (no server, no
+    network): to share, or to attach to a paper."""
+    from dsq.dashboard import pages, render
+    from dsq.db.models import utcnow
+    from dsq.db.session import session_scope
+
+    config = common.settings(ctx)
+    with common.boundary():
+        if (job is None) == (experiment is None):
+            raise InvalidArgument("give --experiment NAME or --job N (one of them)")
+        if not html.lower().endswith((".html", ".htm")):
+            raise InvalidArgument(f"cannot write {html}: its name must end in .html")
+        folder = os.path.dirname(os.path.abspath(html))
+        if not os.path.isdir(folder):
+            raise InvalidArgument(f"cannot write {html}: folder {folder} does not exist")
+        engine = common.database(config, write=False)
+        with session_scope(engine) as session:
+            if experiment is not None:
+                text = render.page("experiment.html", inline=True, **pages.experiment(session, experiment, linf=linf))
+            else:
+                found = pages.job(session, job, utcnow(), config.stale_after, linf=linf)
+                text = render.page("job.html", inline=True, **found)
+        partial = f"{html}.partial"
+        with open(partial, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(partial, html)  # never a half-written report
+    common.say(f"report written to {html} ({len(text) / 1e6:.1f} MB, plotly.js inside)")

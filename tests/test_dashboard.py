@@ -214,6 +214,30 @@ def test_linf_refusals_are_one_line(home, args):
     assert out.exit_code == 2 and out.output.count("\n") == 1 and out.output.startswith("error: "), out.output
 
 
+def test_a_report_is_one_self_contained_file(home, tmp_path):
+    home_dir, ids = home
+    for args in (["--experiment", "grid"], ["--job", str(ids["script"]), "--linf"]):
+        path = tmp_path / "report.html"
+        out = ok(home_dir, "report", *args, "--html", path)
+        text = path.read_text()
+        assert "report written to" in out.output and "<script src" not in text and "<link href" not in text
+        assert "Plotly.newPlot" in text and "plotly.js v" in text.lower() and SCRIPT not in text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and 'href="/' not in text
+
+
+@pytest.mark.parametrize("args", [["report", "--html", "x.html"], ["report", "--experiment", "grid", "--job", "1",
+                                                                   "--html", "x.html"],
+                                  ["report", "--job", "1", "--html", "x.png"],
+                                  ["report", "--job", "1", "--html", "/no/such/folder/x.html"],
+                                  ["report", "--job", "999", "--html", "{tmp}/x.html"],
+                                  ["report", "--experiment", "nope", "--html", "{tmp}/x.html"],
+                                  ["dashboard", "--port", "70000"], ["dashboard", "--token", "short"]])
+def test_report_and_dashboard_refusals_are_one_line(home, tmp_path, args):
+    out = dsq(home[0], *[a.format(tmp=tmp_path) for a in args])
+    assert out.exit_code == 2 and out.output.count("\n") == 1 and out.output.startswith("error: "), out.output
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
 WITHOUT_TORCH = """
 import sys
 from datetime import timedelta
