@@ -227,7 +227,7 @@ def _results(session: Session, job: Job) -> list:
     if predictions.is_prediction(job.spec):  # its rows have no radius: no certified-accuracy table may count them
         raise JobStateError(f"job {job.id} is a PREDICT job: a class or an abstain per image, no radius to "
                             f"compare (dsq results {job.id} shows its answers)")
-    rows = accuracy.as_results(repo.results_for_job(session, job.id))
+    rows = accuracy.as_results(repo.result_fields(session, job.id))
     if not rows and job.kind == "train":
         raise JobStateError(f"job {job.id} is a training: it has a model, not certified images "
                             f"(dsq show {job.id} says what it trained)")

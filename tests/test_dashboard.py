@@ -238,6 +238,26 @@ def test_report_and_dashboard_refusals_are_one_line(home, tmp_path, args):
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+def test_a_new_result_shows_at_once(tmp_path, opens_database):
+    """The tables are kept between requests until a result is written or a job's state changes."""
+    url = f"sqlite:///{tmp_path / 'dsq.db'}"
+    engine = open_database(url)
+    with session_scope(engine) as session:
+        job_id = add_job(session, FIXED[:10], name="MSE s=0.25", experiment="live", status="cancelled", total=20)
+    with TestClient(create_app(engine, timedelta(seconds=60))) as client:
+        before = client.get("/api/experiments/live").json()
+        assert client.get("/api/experiments/live").json() == before
+        assert "10 images" in client.get(f"/jobs/{job_id}").text
+        with session_scope(engine) as session:
+            repo.upsert_result(session, job_id, 10, label=0, prediction=0, radius=0.4, correct=True, p_lower=0.9,
+                               counts_selection=[0, 10], counts_estimation=[1, 99], n0=10, n=1000, alpha=0.001,
+                               sigma=0.25, seconds=0.1)
+        after = client.get("/api/experiments/live").json()
+        assert after != before and after["rows"][0]["images"] == "11"
+        assert "11 images" in client.get(f"/jobs/{job_id}").text
+    engine.dispose()
+
+
 WITHOUT_TORCH = """
 import sys
 from datetime import timedelta

@@ -36,6 +36,8 @@ POLL_SECONDS = 2
 def create_app(engine, stale_after: timedelta, *, token: str | None = None) -> Starlette:
     """The dashboard over ``engine`` (read-only use); ``stale_after`` as the CLI's settings say."""
 
+    cache = pages.Cache()
+
     def read(function: Callable, *args, **kwargs):
         with session_scope(engine) as session:
             return function(session, *args, **kwargs)
@@ -53,7 +55,8 @@ def create_app(engine, stale_after: timedelta, *, token: str | None = None) -> S
         return JSONResponse(read(pages.queue, utcnow(), stale_after)["jobs"])
 
     def job_page(request: Request):
-        found = read(pages.job, _id(request, "job_id"), utcnow(), stale_after, linf=_flag(request, "linf"))
+        found = read(pages.job, _id(request, "job_id"), utcnow(), stale_after, linf=_flag(request, "linf"),
+                     cache=cache)
         return html("job.html", **found)
 
     def job_json(request: Request):
@@ -70,15 +73,13 @@ def create_app(engine, stale_after: timedelta, *, token: str | None = None) -> S
 
     def experiment_page(request: Request):
         found = read(pages.experiment, request.path_params["name"], linf=_flag(request, "linf"),
-                     ci=_ci(request))
+                     ci=_ci(request), cache=cache)
         return html("experiment.html", **found)
 
     def experiment_json(request: Request):
-        from dsq import views
-
-        report = read(views.experiment_report, request.path_params["name"], by_sigma=_flag(request, "by_sigma"),
-                      ci=_ci(request), linf=_flag(request, "linf"))
-        return JSONResponse(_plain(report.as_object()))
+        found = read(pages.experiment_json, request.path_params["name"], by_sigma=_flag(request, "by_sigma"),
+                     ci=_ci(request), linf=_flag(request, "linf"), cache=cache)
+        return JSONResponse(_plain(found))
 
     def static(request: Request):
         name = request.path_params["name"]
