@@ -287,3 +287,13 @@ def test_the_curves_bands_are_clopper_pearson():
     low, high = bands([0, 3, 17, 20], 20, 0.05)
     expected = [clopper_pearson(k, 20, 0.05) for k in (0, 3, 17, 20)]
     assert low + high == pytest.approx([a for a, _ in expected] + [b for _, b in expected], abs=1e-12)
+
+
+def test_the_dashboard_bench_builds_and_times_every_page(tmp_path, opens_database):
+    from bench import dashboard
+
+    url = f"sqlite:///{tmp_path / 'bench.db'}"
+    built = dashboard.build(url, images=10)
+    assert len(built["jobs"]) == len(dashboard.METHODS) * len(dashboard.SIGMAS) and built["abstained"] is not None
+    times = dashboard.measure(url, built, repeats=1)
+    assert set(times) == set(dashboard.pages(built)) and all(t["p95_ms"] >= t["p50_ms"] > 0 for t in times.values())

@@ -126,7 +126,8 @@ def results(session: Session, job_id: int, *, linf: bool = False, ci: float | No
     return found
 
 
-def job_json(session: Session, job_id: int, now: datetime, stale_after: timedelta) -> dict:
+def job_json(session: Session, job_id: int, now: datetime, stale_after: timedelta, *,
+             cache: Cache | None = None) -> dict:
     """``/api/jobs/{id}``: the job as ``dsq jobs`` lists it, its table's records, and its per-image results as
     ``dsq results JOB --format json`` prints them."""
     record = repo.get_job(session, job_id)
@@ -135,7 +136,8 @@ def job_json(session: Session, job_id: int, now: datetime, stale_after: timedelt
     if record.kind != "train" and repo.count_results(session, job_id).stored and views.prediction(
             session, job_id) is None:
         table = results(session, job_id)["records"]
-    rows = exports.to_dicts(exports.export_rows(repo.results_for_job(session, job_id)), exports.EXPORT_FIELDS)
+    rows = _built(cache, session, ("job json", job_id), [job_id], lambda: exports.to_dicts(
+        exports.export_rows(repo.results_for_job(session, job_id)), exports.EXPORT_FIELDS))
     return {"job": {**listed, "status": record.status, "spec": record.spec, "meta": record.meta},
             "table": table, "results": rows}
 
@@ -143,7 +145,7 @@ def job_json(session: Session, job_id: int, now: datetime, stale_after: timedelt
 def experiment(session: Session, name: str, *, linf: bool = False, ci: float | None = None,
                cache: Cache | None = None) -> dict:
     """An experiment's page: the tables of ``dsq results --experiment NAME --by-sigma`` and the curves of its jobs
-    with each method's envelope."""
+    with each method's envelope; with ``ci``, intervals in the cells and a band around each curve."""
     def build() -> dict:
         report = views.experiment_report(session, name, by_sigma=True, ci=ci, linf=linf)
         return {"name": name, "title": report.title, "warning": report.warning, "notes": report.notes,
@@ -152,7 +154,8 @@ def experiment(session: Session, name: str, *, linf: bool = False, ci: float | N
                             "rows": summary.text_rows(part.table)} for part in report.shown],
                 "jobs": [{"id": job.job_id, "label": job.label, "method": job.method, "sigma": job.sigma}
                          for job in report.jobs],
-                "plot": curves.traces(report.jobs, report.radii, alpha=BAND_ALPHA), "norm": "L∞" if linf else "L2"}
+                # a band per job: on a job's page; here only with ?ci= (a dozen bands hide the curves)
+                "plot": curves.traces(report.jobs, report.radii, alpha=ci), "norm": "L∞" if linf else "L2"}
 
     return _built(cache, session, ("experiment", name, linf, ci), repo.experiment_job_ids(session, name), build)
 
