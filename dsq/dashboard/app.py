@@ -60,7 +60,8 @@ def create_app(engine, stale_after: timedelta, *, token: str | None = None) -> S
         return html("job.html", **found)
 
     def job_json(request: Request):
-        return _json(read(pages.job_json, _id(request, "job_id"), utcnow(), stale_after, cache=cache))
+        text = read(pages.job_json, _id(request, "job_id"), utcnow(), stale_after, cache=cache)
+        return Response(text, media_type="application/json")
 
     def image_page(request: Request):
         return html("image.html", **read(pages.image, _id(request, "job_id"), _id(request, "index")))

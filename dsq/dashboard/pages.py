@@ -8,6 +8,7 @@ JSON routes return. A missing job, image or experiment raises ``dsq.errors.JobNo
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Callable
@@ -127,19 +128,20 @@ def results(session: Session, job_id: int, *, linf: bool = False, ci: float | No
 
 
 def job_json(session: Session, job_id: int, now: datetime, stale_after: timedelta, *,
-             cache: Cache | None = None) -> dict:
-    """``/api/jobs/{id}``: the job as ``dsq jobs`` lists it, its table's records, and its per-image results as
-    ``dsq results JOB --format json`` prints them."""
+             cache: Cache | None = None) -> str:
+    """``/api/jobs/{id}`` as JSON text: the job as ``dsq jobs`` lists it, its table's records, and its per-image
+    results as ``dsq results JOB --format json`` prints them (megabytes for 10,000 images: kept as text)."""
     record = repo.get_job(session, job_id)
     [listed] = views.job_records(session, [record], now, stale_after)
     table = None
     if record.kind != "train" and repo.count_results(session, job_id).stored and views.prediction(
             session, job_id) is None:
-        table = results(session, job_id)["records"]
-    rows = _built(cache, session, ("job json", job_id), [job_id], lambda: exports.to_dicts(
-        exports.export_rows(repo.results_for_job(session, job_id)), exports.EXPORT_FIELDS))
-    return {"job": {**listed, "status": record.status, "spec": record.spec, "meta": record.meta},
-            "table": table, "results": rows}
+        table = _built(cache, session, ("job", job_id, False), [job_id], lambda: results(session, job_id))["records"]
+    rows = _built(cache, session, ("job json", job_id), [job_id], lambda: json.dumps(exports.to_dicts(
+        exports.export_rows(repo.results_for_job(session, job_id)), exports.EXPORT_FIELDS)))
+    head = json.dumps({"job": {**listed, "status": record.status, "spec": record.spec, "meta": record.meta},
+                       "table": table}, default=str)
+    return f'{head[:-1]}, "results": {rows}}}'
 
 
 def experiment(session: Session, name: str, *, linf: bool = False, ci: float | None = None,
