@@ -48,7 +48,13 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
                                                       "preset (repeatable; default: STAB+MSE white-box, Cohen et al. "
                                                       "and diffusion (one-shot))."),
           diffusion: bool = typer.Option(False, "--diffusion", help="Only the sampling speed of a diffusion pair "
-                                         "beside a DnCNN pair of about the same size (--pair digits or cifar).")):
+                                         "beside a DnCNN pair of about the same size (--pair digits or cifar)."),
+          dashboard: bool = typer.Option(False, "--dashboard", help="Only the dashboard's page render times (p50, "
+                                         "p95) on an experiment of 5 methods x 4 sigmas x --dashboard-images "
+                                         "results, on SQLite and PostgreSQL."),
+          dashboard_images: int = typer.Option(10_000, help="--dashboard: images per job."),
+          postgres: str = typer.Option("", help="--dashboard: a PostgreSQL database URL to fill (default: a "
+                                       "throw-away server from the pgserver wheel).")):
     """Benchmark certification throughput of one model pair; print a table and write JSON.
 
     Random weights (speed does not depend on them). The Ray jobs run on a local Ray started here,
@@ -59,6 +65,9 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
 
     if cli:
         return cli_answer_time(repeats)
+    if dashboard:
+        return dashboard_times(dashboard_images, repeats, postgres or None,
+                               "dashboard-bench.json" if out == "bench-results.json" else out)
     if queue:
         return queue_overhead(queue, threads)
     if sequential_api:
@@ -204,3 +213,25 @@ def sequential_api_queries(images: int) -> None:
               f"{row['fixed_queries'] / row['mean_queries']:.1f}x"] for row in rows]
     common.console.print(tables.render_table(header, table, title=(
         f"certify-api, sequential at r (embedded emulator, sigma 0.25, n0 20, max_n 1,000, {images} digits)")))
+
+
+def dashboard_times(images: int, repeats: int, postgres: str | None, out: str) -> None:
+    """``dsq bench --dashboard``: each page's first, p50 and p95 render time, per database; JSON to ``out``."""
+    import json
+
+    from bench import dashboard
+    from dsq.report import tables
+
+    from dsq.errors import InvalidArgument
+
+    with common.boundary():
+        if images < 1 or repeats < 1:
+            raise InvalidArgument("--dashboard-images and --repeats must be >= 1")
+        found = dashboard.run(images, repeats, postgres)
+    rows = [[f"{database}: {page}", f"{t['first_ms']:,.0f}", f"{t['p50_ms']:,.0f}", f"{t['p95_ms']:,.0f}",
+             f"{t['bytes']:,}"] for database, run in found.items() for page, t in run["pages"].items()]
+    common.console.print(tables.render_table(["page", "first ms", "p50 ms", "p95 ms", "bytes"], rows,
+                                             title=f"dashboard, {images * 20:,} results, {repeats} requests"))
+    with open(out, "w") as handle:
+        json.dump(found, handle, indent=1)
+    common.say(f"written to {out}")

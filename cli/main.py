@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli import api, bench, cluster, common, db, demo, jobs, results, submit, worker
+from cli import api, bench, cluster, common, dashboard, db, demo, jobs, results, submit, worker
 from dsq.settings import Settings
 
 app = typer.Typer(help="dsq: certified robustness for any image classifier by denoised smoothing, as Ray jobs.",
@@ -46,4 +46,5 @@ results.register(app)
 demo.register(app)
 cluster.register(app)
 bench.register(app)
+dashboard.register(app)
 worker.register(app)

@@ -26,6 +26,8 @@ DEFAULT_RADII_HELP = ("Default: the experiment file's radii, else from 0 to the 
 BY_CLASS_HELP = "Also a row per class (by true label) under each job."
 PLOT_HELP = "Write the curves to this file: .png, .pdf or .svg (the format)."
 TITLE_HELP = "The plot's title."
+LINF_HELP = ("Radii in L∞: the L2 radius R / sqrt(d) (d = the image's pixel values), the L∞ ball an L2 certificate "
+             "implies; --radii are then L∞ radii.")
 
 
 def register(app: typer.Typer) -> None:
@@ -50,7 +52,8 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
             ci: bool = typer.Option(False, "--ci", help=CI_HELP),
             ci_alpha: Optional[float] = typer.Option(None, "--ci-alpha", help=CI_ALPHA_HELP),
             plot: Optional[str] = typer.Option(None, help="--experiment: " + PLOT_HELP),
-            title: Optional[str] = typer.Option(None, help=TITLE_HELP)):
+            title: Optional[str] = typer.Option(None, help=TITLE_HELP),
+            linf: bool = typer.Option(False, "--linf", help=LINF_HELP)):
     """Certified accuracy of one job (table) or its per-image results (csv, json, tsv); or of an experiment."""
     with common.boundary():
         if format not in FORMATS:
@@ -75,18 +78,18 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
         engine = common.database(common.settings(ctx), write=False)
         if experiment is not None:
             jobs = print_experiment(engine, experiment, radius_list, by_sigma=by_sigma, by_class=by_class,
-                                    ci=interval, format=format)
+                                    ci=interval, format=format, linf=linf)
             if plot:
                 curves = [plots.Curve(job.label, job.rows, job.method, job.sigma, job.target) for job in jobs]
-                plots.plot_curves(curves, plot, title=title or f"{experiment}: certified accuracy vs L2 radius",
-                                  ci=interval)
+                plots.plot_curves(curves, plot, ci=interval, norm=_norm(linf), title=title or
+                                  f"{experiment}: certified accuracy vs {_norm(linf)} radius")
                 _written(plot, format)
             return
         with session_scope(engine) as session:
             predicted = views.prediction(session, job)
         if predicted is not None:
             given = {"--radii": radii, "--alpha": alpha, "--by-class": by_class or None, "--summary": summary_ or None,
-                     "--ci": interval, "--format tsv": format == "tsv" or None}
+                     "--ci": interval, "--format tsv": format == "tsv" or None, "--linf": linf or None}
             refused = [option for option, value in given.items() if value is not None]
             if refused:
                 raise InvalidArgument(f"job {job} is a PREDICT job (a class or an abstain per image, no radius): "
@@ -95,7 +98,6 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
         with session_scope(engine) as session:
             [report] = views.report_jobs(session, [job])
             sequential = views.sequential_costs(session, job)
-            radius_list = radius_list or views.table_radii(session, [report])
             spend = views.api_spend_line(session, job)
             exported = exports.export_rows(repo.results_for_job(session, job))
             if alpha is not None:
@@ -103,6 +105,13 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
 
                 exported = api_results.recertify(session, job, alpha)
                 report = report._replace(rows=accuracy.as_results(exported))
+            if linf:
+                if not tabled:
+                    raise InvalidArgument(f"--linf applies to the tables ({', '.join(TABLE_FORMATS)}, or csv and "
+                                          f"json with --summary), not to the per-image --format {format}")
+                [report] = views.in_linf(session, [report])
+                sequential = sequential and (report.target, *sequential[1:])
+            radius_list = radius_list or views.table_radii(session, [report], linf=linf)
         if sequential and radii is not None and radius_list != [sequential[0]]:
             raise InvalidArgument(f"job {job} is sequential: it answers only at radius {sequential[0]:g} "
                                   f"(--radii {sequential[0]:g}); any other --radii does not apply")
@@ -122,6 +131,8 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
             return
         table = summary.build([report], [sequential[0]] if sequential else radius_list, ci=interval,
                               by_class=by_class)
+        if linf:
+            table = table._replace(notes=[*table.notes, views.linf_note([report])])
         title = (f"{report.label}: {tables.accuracy_title(interval)}, {len(report.rows)} images"
                  + (" (partial)" if report.partial else ""))
         show(table, title, format)
@@ -164,6 +175,10 @@ def show(table: summary.Table, title: str, format: str, *, images: bool = False,
             common.say(note)
 
 
+def _norm(linf: bool) -> str:
+    return "L∞" if linf else "L2"
+
+
 def _written(plot: str, format: str) -> None:
     """Say where the curves went: on stderr beside data or text to paste (csv, json, markdown, latex)."""
     common.say(f"curves written to {plot}", err=format != "table")
@@ -198,25 +213,21 @@ def _check_experiment_options(experiment: str | None, format: str, alpha: float 
 
 
 def print_experiment(engine, name: str, radii: list[float] | None, *, by_sigma: bool, by_class: bool = False,
-                     ci: float | None = None, format: str = "table", notes: Sequence[str] = ()) -> list[summary.Job]:
-    """An experiment's tables in ``format`` (``views.experiment_tables``), as ``dsq compare`` prints a table; its
+                     ci: float | None = None, format: str = "table", notes: Sequence[str] = (),
+                     linf: bool = False) -> list[summary.Job]:
+    """An experiment's tables in ``format`` (``views.experiment_report``), as ``dsq compare`` prints a table; its
     notes (and ``notes``) once after them on the terminal. Returns its jobs, for the curves."""
     with session_scope(engine) as session:
-        jobs = views.experiment_jobs(session, name)
-        radii = radii or views.table_radii(session, jobs)
-    warning = views.image_warning(jobs)
-    if warning:
-        common.say(warning, err=True)
-    shown = views.experiment_tables(jobs, radii, by_sigma=by_sigma, by_class=by_class, ci=ci)
-    # the envelope table, last, holds every job: its notes are the experiment's (the others' repeat them in part)
-    everything = [*shown[-1].table.notes, *notes]
+        report = views.experiment_report(session, name, radii, by_sigma=by_sigma, by_class=by_class, ci=ci,
+                                         linf=linf)
+    if report.warning:
+        common.say(report.warning, err=True)
+    report = report._replace(notes=[*report.notes, *notes])
     if format in ("csv", "json"):  # one data set: each row says its table
-        records = [{"table": part.key, **record} for part in shown for record in summary.records(part.table)]
-        _show_records(summary.Table(list(radii), [], everything), records,
-                      f"experiment {name}: {tables.accuracy_title(ci)}", format)
+        _show_records(summary.Table(report.radii, [], report.notes), report.records(), report.title, format)
     else:
-        _show_tables(shown, format, everything)
-    return jobs
+        _show_tables(report.shown, format, report.notes)
+    return report.jobs
 
 
 def _show_tables(shown: list[views.ExperimentTable], format: str, notes: list[str]) -> None:
@@ -252,7 +263,8 @@ def compare(ctx: typer.Context, job_ids: List[int] = typer.Argument(..., help="J
             ci: bool = typer.Option(False, "--ci", help=CI_HELP + " On --plot: a band around each curve."),
             ci_alpha: Optional[float] = typer.Option(None, "--ci-alpha", help=CI_ALPHA_HELP),
             by_class: bool = typer.Option(False, "--by-class", help=BY_CLASS_HELP),
-            format: str = typer.Option("table", "--format", help="table, markdown, latex, csv or json.")):
+            format: str = typer.Option("table", "--format", help="table, markdown, latex, csv or json."),
+            linf: bool = typer.Option(False, "--linf", help=LINF_HELP)):
     """Certified accuracy per radius, one row per job, clean accuracy in parentheses; ACR and abstain rate."""
     with common.boundary():
         if format not in SUMMARY_FORMATS:
@@ -263,7 +275,8 @@ def compare(ctx: typer.Context, job_ids: List[int] = typer.Argument(..., help="J
         engine = common.database(common.settings(ctx), write=False)
         with session_scope(engine) as session:
             jobs = views.report_jobs(session, job_ids)
-            radius_list = radius_list or views.table_radii(session, jobs)
+            jobs = views.in_linf(session, jobs) if linf else jobs
+            radius_list = radius_list or views.table_radii(session, jobs, linf=linf)
         warning = views.image_warning(jobs)
         if warning:
             common.say(warning, err=True)
@@ -271,8 +284,11 @@ def compare(ctx: typer.Context, job_ids: List[int] = typer.Argument(..., help="J
         if envelope and not groups:
             common.say(views.envelope_warning(jobs), err=True)
         table = summary.build(jobs, radius_list, ci=interval, by_class=by_class, envelopes=groups)
+        if linf:
+            table = table._replace(notes=[*table.notes, views.linf_note(jobs)])
         show(table, tables.accuracy_title(interval), format, images=True)  # in every format: how many images
         if plot:
             curves = [plots.Curve(job.label, job.rows, job.method, job.sigma, job.target) for job in jobs]
-            plots.plot_curves(curves, plot, title=title or "certified accuracy", envelope=envelope, ci=interval)
+            plots.plot_curves(curves, plot, title=title or "certified accuracy", envelope=envelope, ci=interval,
+                              norm=_norm(linf))
             _written(plot, format)

@@ -7,6 +7,7 @@ answer at once.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -16,7 +17,7 @@ from dsq import jobqueue, specs
 from dsq.db import repo
 from dsq.db.models import Job, Worker
 from dsq.errors import InvalidArgument, JobStateError
-from dsq.report import accuracy, envelopes, predictions, summary, tables
+from dsq.report import accuracy, envelopes, exports, predictions, summary, tables
 from dsq.text import escape_controls, safe
 
 
@@ -207,12 +208,22 @@ def _metrics_text(metrics: dict | None) -> str:
     return (" — " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items()))) if shown else ""
 
 
-def job_rows(session: Session, jobs: list[Job], now: datetime, stale_after: timedelta) -> list[list[str]]:
-    """Rows for ``dsq jobs``: id, kind, name, state, priority, progress, created."""
+JOB_COLUMNS = ("id", "kind", "name", "state", "priority", "progress", "created")
+
+
+def job_records(session: Session, jobs: list[Job], now: datetime, stale_after: timedelta) -> list[dict]:
+    """What ``dsq jobs`` says of each job (``JOB_COLUMNS``), as text; the name as the user wrote it."""
     alive = jobqueue.live_workers(session, stale_after, now=now)
-    return [[str(job.id), kind_label(job), safe(job.name or ""), state(session, job, now, stale_after, alive),
-             str(job.priority), f"{job.progress_done}/{job.progress_total}", f"{job.created_at:%Y-%m-%d %H:%M:%S}"]
-            for job in jobs]
+    return [dict(zip(JOB_COLUMNS, (str(job.id), kind_label(job), job.name or "",
+                                   state(session, job, now, stale_after, alive), str(job.priority),
+                                   f"{job.progress_done}/{job.progress_total}",
+                                   f"{job.created_at:%Y-%m-%d %H:%M:%S}"))) for job in jobs]
+
+
+def job_rows(session: Session, jobs: list[Job], now: datetime, stale_after: timedelta) -> list[list[str]]:
+    """Rows for ``dsq jobs`` (``job_records``), fit for a terminal."""
+    return [[safe(value) if key == "name" else value for key, value in record.items()]
+            for record in job_records(session, jobs, now, stale_after)]
 
 
 def kind_label(job: Job) -> str:
@@ -267,7 +278,7 @@ def _results(session: Session, job: Job) -> list:
     if predictions.is_prediction(job.spec):  # its rows have no radius: no certified-accuracy table may count them
         raise JobStateError(f"job {job.id} is a PREDICT job: a class or an abstain per image, no radius to "
                             f"compare (dsq results {job.id} shows its answers)")
-    rows = accuracy.as_results(repo.results_for_job(session, job.id))
+    rows = accuracy.as_results(repo.result_fields(session, job.id))
     if not rows and job.kind == "train":
         raise JobStateError(f"job {job.id} is a training: it has a model, not certified images "
                             f"(dsq show {job.id} says what it trained)")
@@ -323,10 +334,11 @@ def stored_radii(session: Session, job_ids) -> list[float] | None:
     return list(found.pop()) if len(found) == 1 and () not in found else None
 
 
-def table_radii(session: Session, jobs: list[summary.Job]) -> list[float]:
+def table_radii(session: Session, jobs: list[summary.Job], *, linf: bool = False) -> list[float]:
     """Default radii: the experiment file's (with every sequential job's target: the one radius it answers), else
-    from 0 to the largest radius the jobs can certify."""
-    stored = stored_radii(session, [job.job_id for job in jobs])
+    from 0 to the largest radius the jobs can certify. ``linf``: the jobs are in L∞ (``in_linf``); a file's radii
+    are L2, so only the second rule applies."""
+    stored = None if linf else stored_radii(session, [job.job_id for job in jobs])
     if stored:
         return sorted({*stored, *(job.target for job in jobs if job.target is not None)})
     return summary.auto_radii([job.cap for job in jobs if job.cap is not None],
@@ -453,6 +465,84 @@ def _method_label(method: str, jobs: list[summary.Job]) -> str:
     if None in targets:
         return method
     return f"{method} (sequential, r = {', '.join(f'{t:g}' for t in sorted(targets))})"
+
+
+class ExperimentReport(NamedTuple):
+    """What ``dsq results --experiment`` prints and the dashboard shows: the jobs, the radii, the tables, the notes
+    under the last (the experiment's), and a warning when the jobs certified different images."""
+
+    name: str
+    jobs: list[summary.Job]
+    radii: list[float]
+    shown: list[ExperimentTable]
+    notes: list[str]
+    warning: str | None
+    ci: float | None
+
+    @property
+    def title(self) -> str:
+        return f"experiment {self.name}: {tables.accuracy_title(self.ci)}"
+
+    def records(self) -> list[dict]:
+        """Every table's records (``summary.records``), each saying its table: one data set for CSV and JSON."""
+        return [{"table": part.key, **record} for part in self.shown for record in summary.records(part.table)]
+
+    def as_object(self) -> dict:
+        """The JSON object of ``dsq results --experiment NAME --format json``."""
+        return exports.table_object(self.title, self.radii, self.records(), self.notes)
+
+
+def experiment_report(session: Session, name: str, radii: list[float] | None = None, *, by_sigma: bool = False,
+                      by_class: bool = False, ci: float | None = None, linf: bool = False) -> ExperimentReport:
+    """An experiment's jobs (``experiment_jobs``, in L∞ with ``linf``) and tables (``experiment_tables``) at
+    ``radii`` (default: ``table_radii``)."""
+    jobs = experiment_jobs(session, name)
+    if linf:
+        jobs = in_linf(session, jobs)
+    radii = list(radii or table_radii(session, jobs, linf=linf))
+    shown = experiment_tables(jobs, radii, by_sigma=by_sigma, by_class=by_class, ci=ci)
+    # the envelope table, last, holds every job: its notes are the experiment's (the others' repeat them in part)
+    notes = [*shown[-1].table.notes, *([linf_note(jobs)] if linf else [])]
+    return ExperimentReport(name, jobs, radii, shown, notes, image_warning(jobs), ci)
+
+
+# The image shape (C, H, W) noise is added to, per dataset (dsq.datasets.dataset_info says the same, but imports
+# torch); imagenet's side is the spec's size, 224 by default.
+DATASET_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "imagenet": (3, 224, 224)}
+
+
+def input_dimension(spec: dict) -> int | None:
+    """d, the number of pixel values of a job's images (C x H x W); None when the spec does not say it (a folder
+    without ``size``, image files, an API job's own images)."""
+    dataset = str(spec.get("dataset") or "")
+    channels, height, width = DATASET_SHAPES.get(dataset, (None, None, None))
+    if spec.get("size") and (dataset == "imagenet" or dataset.startswith("folder")):
+        height = width = int(spec["size"])
+    channels = spec.get("channels") or channels
+    return None if None in (channels, height, width) else int(channels) * int(height) * int(width)
+
+
+def in_linf(session: Session, jobs: list[summary.Job]) -> list[summary.Job]:
+    """The jobs with every radius (rows, cap, sequential target) divided by sqrt(d): the L∞ radius an L2
+    certificate implies (a ball of L∞ radius R / sqrt(d) lies inside the L2 ball of radius R)."""
+    found = []
+    for job in jobs:
+        d = input_dimension(repo.get_job(session, job.job_id).spec or {})
+        if d is None:
+            raise InvalidArgument(f"job {job.job_id} ({safe(job.label)}): its image size is not known from its spec, "
+                                  f"so its L∞ radius R / sqrt(d) cannot be given; drop --linf")
+        scale = 1 / math.sqrt(d)
+        rows = [replace(row, radius=row.radius * scale) for row in job.rows]
+        found.append(job._replace(rows=rows, cap=None if job.cap is None else job.cap * scale,
+                                  target=None if job.target is None else job.target * scale, dimension=d))
+    return found
+
+
+def linf_note(jobs: list[summary.Job]) -> str:
+    """The note of a table in L∞: what its radii are, and each d."""
+    sizes = sorted({job.dimension for job in jobs if job.dimension})
+    return (f"radii are L∞: the L2 radius R / sqrt(d), d = {', '.join(map(str, sizes))} pixel values "
+            f"(a sequential job's target too)")
 
 
 def partial_note(session: Session, job_id: int, stored: int) -> str | None:

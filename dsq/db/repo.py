@@ -33,6 +33,7 @@ from dsq.db.models import (
     JobDependency,
     JobLog,
     Result,
+    Worker,
     WorkUnit,
     utcnow,
 )
@@ -264,6 +265,39 @@ def results_for_job(s: Session, job_id: int) -> list[Result]:
     return list(s.scalars(select(Result).where(Result.job_id == job_id).order_by(Result.image_index)))
 
 
+def result_fields(s: Session, job_id: int) -> list:
+    """A job's results, only the columns a certified-accuracy table reads (``dsq.report.accuracy.RESULT_FIELDS``),
+    by image: loading every column of 10,000 rows as objects costs ten times more."""
+    columns = (Result.image_index, Result.label, Result.prediction, Result.radius, Result.correct, Result.seconds)
+    return list(s.execute(select(*columns).where(Result.job_id == job_id).order_by(Result.image_index)))
+
+
+def results_version(s: Session, job_ids: Iterable[int]) -> tuple:
+    """What changes whenever a result of these jobs is written or their state changes, in two small queries:
+    per job its status and progress, and the count and newest id of their results (an upsert that rewrites a
+    row keeps its id, so the jobs' progress and status stand beside it)."""
+    ids = list(job_ids)
+    states = tuple(s.execute(select(Job.id, Job.status, Job.progress_done, Job.finished_at)
+                             .where(Job.id.in_(ids)).order_by(Job.id)))
+    counted = s.execute(select(func.count(), func.max(Result.id)).where(Result.job_id.in_(ids))).one()
+    return tuple(map(tuple, states)), tuple(counted)
+
+
+def experiment_job_ids(s: Session, experiment: str) -> list[int]:
+    return list(s.scalars(select(Job.id).where(Job.experiment == experiment).order_by(Job.id)))
+
+
+def result_for_image(s: Session, job_id: int, image_index: int) -> Result | None:
+    """One image's result, None when the job stored none for it."""
+    return s.scalars(select(Result).where(Result.job_id == job_id, Result.image_index == image_index)).first()
+
+
+def abstained_indices(s: Session, job_id: int, limit: int) -> list[int]:
+    """The first ``limit`` images a job abstained on, by index."""
+    stmt = select(Result.image_index).where(Result.job_id == job_id, Result.prediction == -1)
+    return list(s.scalars(stmt.order_by(Result.image_index).limit(limit)))
+
+
 def done_image_indices(s: Session, job_id: int) -> set[int]:
     return set(s.scalars(select(Result.image_index).where(Result.job_id == job_id)))
 
@@ -361,6 +395,32 @@ def add_log(s: Session, job_id: int, message: str, level: str = "info", *, now: 
     s.add(log)
     s.flush()
     return log
+
+
+def log_tail(s: Session, job_id: int, limit: int) -> list[JobLog]:
+    """A job's last ``limit`` log lines, oldest first."""
+    stmt = select(JobLog).where(JobLog.job_id == job_id).order_by(JobLog.id.desc()).limit(limit)
+    return list(reversed(list(s.scalars(stmt))))
+
+
+def queue_progress(s: Session, limit: int) -> list[tuple[int, str, int, int]]:
+    """(id, status, done, total) of the newest ``limit`` jobs, in one query: what a live view polls."""
+    stmt = select(Job.id, Job.status, Job.progress_done, Job.progress_total).order_by(Job.id.desc()).limit(limit)
+    return [tuple(row) for row in s.execute(stmt)]
+
+
+def experiment_states(s: Session) -> dict[str, dict[str, int]]:
+    """Per experiment, how many of its jobs are in each status."""
+    stmt = select(Job.experiment, Job.status, func.count()).where(Job.experiment.is_not(None))
+    found: dict[str, dict[str, int]] = {}
+    for name, status, count in s.execute(stmt.group_by(Job.experiment, Job.status).order_by(Job.experiment)):
+        found.setdefault(name, {})[status] = int(count)
+    return found
+
+
+def recent_workers(s: Session, limit: int) -> list[Worker]:
+    """The newest ``limit`` workers, stopped ones included."""
+    return list(s.scalars(select(Worker).order_by(Worker.id.desc()).limit(limit)))
 
 
 def logs_for_job(s: Session, job_id: int, after_id: int = 0) -> list[JobLog]:

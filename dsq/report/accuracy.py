@@ -11,6 +11,7 @@ classifier* (correct and not abstaining, prediction -1 never being correct).
 from __future__ import annotations
 
 import math
+from collections import abc
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
@@ -53,7 +54,7 @@ class JobCounts(NamedTuple):
 
 def field(row: Any, name: str, default: Any = ...) -> Any:
     """``row[name]`` for a mapping, ``row.name`` otherwise (ORM objects, SQLAlchemy ``Row``, dataclasses)."""
-    if isinstance(row, Mapping):
+    if isinstance(row, abc.Mapping):  # collections.abc's: typing.Mapping's check costs ten times more
         value = row.get(name, default)
     else:
         value = getattr(row, name, default)
@@ -63,7 +64,10 @@ def field(row: Any, name: str, default: Any = ...) -> Any:
 
 
 def as_result(row: Any) -> Result:
-    """A :class:`Result` from a row; a stored ``correct`` is kept (an API job's label rule) but never for abstains."""
+    """A :class:`Result` from a row; a stored ``correct`` is kept (an API job's label rule) but never for abstains.
+    A :class:`Result` is returned as it is (tables convert the rows of a job several times)."""
+    if type(row) is Result:
+        return row
     prediction, label = int(field(row, "prediction")), int(field(row, "label"))
     stored = field(row, "correct", None)
     correct = (prediction == label if stored is None else bool(int(stored))) and prediction != ABSTAIN

@@ -118,9 +118,14 @@ def to_latex(header: Sequence[str], rows: Sequence[Sequence[str]], *, caption: s
     return "\n".join(lines) + "\n"
 
 
+def table_object(title: str, radii: Sequence[float], records: Sequence[dict], notes: Sequence[str]) -> dict:
+    """A table's numbers (``summary.records``) as one object, with its title, radii and notes."""
+    return {"title": title, "radii": list(radii), "rows": list(records), "notes": list(notes)}
+
+
 def table_to_json(title: str, radii: Sequence[float], records: Sequence[dict], notes: Sequence[str]) -> str:
-    """A table's numbers (``summary.records``) as one JSON object, with its radii and notes."""
-    return json.dumps({"title": title, "radii": list(radii), "rows": list(records), "notes": list(notes)}, indent=1)
+    """:func:`table_object` as JSON text."""
+    return json.dumps(table_object(title, radii, records, notes), indent=1)
 
 
 def records_to_csv(records: Sequence[dict]) -> str:

@@ -66,7 +66,7 @@ def plot_format(path: str) -> str:
 
 
 def plot_curves(jobs: Sequence[tuple], path: str, *, title: str | None = None, max_radius: float | None = None,
-                envelope: bool = True, ci: float | None = None) -> None:
+                envelope: bool = True, ci: float | None = None, norm: str = "L2") -> None:
     """Certified accuracy vs radius: a step curve per job, one colour per method and one line style per sigma.
 
     ``jobs`` are (label, rows) pairs or :class:`Curve`. With ``envelope``, each method with several curves also
@@ -74,7 +74,8 @@ def plot_curves(jobs: Sequence[tuple], path: str, *, title: str | None = None, m
     point at its target radius (it answers no other). ``ci`` (an alpha) shades each curve's two-sided
     Clopper-Pearson band over the images (an error bar on a point). The legend stands right
     of the axes. The format follows the extension of ``path`` (``plot_format``): PNG at 150 dpi, or PDF and SVG
-    with their text kept as text (TrueType fonts in a PDF). Agg, no pyplot state.
+    with their text kept as text (TrueType fonts in a PDF). ``norm`` names the radius on the x axis (L2, or L∞
+    for radii ``views.in_linf`` turned). Agg, no pyplot state.
     """
     from matplotlib import rc_context
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -86,7 +87,7 @@ def plot_curves(jobs: Sequence[tuple], path: str, *, title: str | None = None, m
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     _draw_methods(axes, curves, limit, envelope, ci)
-    _style_axes(axes, limit, title)
+    _style_axes(axes, limit, title, norm)
     with rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):  # text as text; TrueType (42) in a PDF
         figure.savefig(path, format=fmt, dpi=PNG_DPI, bbox_inches="tight")
 
@@ -173,10 +174,10 @@ def _plot_limit(curves: Sequence[Curve]) -> float:
     return max(LIMIT_MIN, math.ceil(largest * LIMIT_MARGIN / LIMIT_STEP) * LIMIT_STEP)
 
 
-def _style_axes(axes, max_radius: float, title: str | None) -> None:
+def _style_axes(axes, max_radius: float, title: str | None, norm: str = "L2") -> None:
     axes.set_xlim(0.0, max_radius)
     axes.set_ylim(0.0, 1.0)
-    axes.set_xlabel("radius (L2)")
+    axes.set_xlabel(f"radius ({norm})")
     axes.set_ylabel("certified accuracy")
     axes.grid(True, alpha=0.3)  # faint: a guide to read values off, not lines to confuse with curves
     entries = len(axes.get_legend_handles_labels()[1])

@@ -30,7 +30,8 @@ MAX_COLUMNS = 8
 
 class Job(NamedTuple):
     """A job to report: its label and results, its method and sigma (envelopes, plots), the one radius a sequential
-    job answers (``target``), the largest radius it can certify (``cap``), and a partial job's note."""
+    job answers (``target``), the largest radius it can certify (``cap``), a partial job's note, its id, and its
+    image's size d when its radii were turned into L∞ ones."""
 
     label: str
     rows: list
@@ -40,6 +41,7 @@ class Job(NamedTuple):
     cap: float | None = None
     partial: str | None = None
     job_id: int | None = None
+    dimension: int | None = None  # d, when the radii are L∞ (R / sqrt(d)); None: L2
 
 
 @dataclass(frozen=True)
