@@ -83,7 +83,7 @@ def job(session: Session, job_id: int, now: datetime, stale_after: timedelta, *,
     record = repo.get_job(session, job_id)
     page = {"id": record.id, "name": record.name or "", "kind": views.kind_label(record), "status": record.status,
             "experiment": record.experiment, "describe": views.describe(session, record, now, stale_after),
-            "show": views.show(session, record),
+            "show": views.show(session, record, now, stale_after),
             "log": [f"{line.created_at:%H:%M:%S} {line.level:5} {line.message}"
                     for line in repo.log_tail(session, job_id, LOG_LINES)]
             + ([record.traceback] if record.traceback else []),
