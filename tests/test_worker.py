@@ -181,11 +181,11 @@ def test_workers_stopped_by_signals_hand_the_job_back_a_killed_ones_is_taken_ove
 
 def test_submit_returns_at_once_and_wait_stops_following_on_a_signal(home_with_f):
     home, engine = home_with_f, engine_of(home_with_f)
-    started = time.monotonic()
     out = dsq(home, "submit", "certify", *LONG_CERTIFY)  # no worker alive: submit starts one in the background
     assert out.returncode == 0 and out.stdout.strip() == "job 2", out.stderr
-    assert "started a background worker" in out.stderr and time.monotonic() - started < 30
-    assert job(engine, 2).status in ("queued", "running")  # the command returned before the job ended
+    assert "started a background worker" in out.stderr
+    assert job(engine, 2).status in ("queued", "running")  # the command returned before the job ended (no clock:
+    # a busy machine can take tens of seconds to start any Python process)
     waiting = start(home, "submit", "certify", *fewer_images(20), "--seed", "3", "--wait")
     try:
         wait_until(lambda: status_of(engine, 3) == "running", what="job 3 running")
