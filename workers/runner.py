@@ -8,11 +8,12 @@ only what is missing.
 
 from __future__ import annotations
 
+import re
 import traceback
 
 import ray
 
-from dsq import jobqueue, jobs, kinds
+from dsq import errors, jobqueue, jobs, kinds
 from dsq.db import repo
 from dsq.db.session import database_back, is_outage, make_engine, session_scope
 from dsq.errors import BudgetReached, DsqError, JobCancelled, JobInterrupted, JobStateError
@@ -107,6 +108,13 @@ def _cause(failure: BaseException) -> BaseException:
     """The exception raised inside an actor, not Ray's wrapper around it."""
     while isinstance(failure, ray.exceptions.RayTaskError) and failure.cause is not None:
         failure = failure.cause
+    if isinstance(failure, ray.exceptions.ActorDiedError) and failure.actor_init_failed:
+        # Ray keeps only the text of an error raised in an actor's __init__ (a model file changed since submit, say):
+        # a dsq error there is the user's, which must fail the job at once, not be retried; rebuilt from its line.
+        raised = re.findall(r"^dsq\.errors\.(\w+): (.*)$", str(failure), re.MULTILINE)
+        kind = getattr(errors, raised[-1][0], None) if raised else None
+        if isinstance(kind, type) and issubclass(kind, DsqError):
+            return kind(raised[-1][1])
     return failure
 
 
