@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import psutil
 import ray
 
 from dsq import checks
@@ -32,12 +33,40 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
         elif os.environ.get(LOCAL_RAY):  # a Ray of this machine, already running, stands in for the local one
             ray.init(address=os.environ[LOCAL_RAY], namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE,
-                     logging_level="ERROR", log_to_driver=False, _node_ip_address="127.0.0.1")
-    except (ConnectionError, RuntimeError, ValueError) as error:
+            _start_local(num_cpus or os.cpu_count())
+    except Exception as error:  # Ray raises a bare Exception when a node does not come up in time
         where = address or "a local Ray"
         first = checks.first_line(error)
         raise ClusterUnreachable(f"cannot reach Ray at {where}: {first}") from None
+
+
+# Ray gives a starting node a fixed 30 s to register. On a machine busy with other work (several local Rays starting
+# at once, a test suite beside) that can pass; a second or third start then usually succeeds.
+LOCAL_START_TRIES = 3
+
+
+def _start_local(num_cpus: int) -> None:
+    for attempt in range(1, LOCAL_START_TRIES + 1):
+        before = {child.pid for child in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=NAMESPACE, logging_level="ERROR",
+                     log_to_driver=False, _node_ip_address="127.0.0.1")
+            return
+        except Exception as error:
+            if attempt == LOCAL_START_TRIES or "timed out during startup" not in str(error):
+                raise
+            ray.shutdown()
+            # the processes of the node that did not come up (GCS, raylet, ...): this process started them
+            _stop([child for child in psutil.Process().children(recursive=True) if child.pid not in before])
+
+
+def _stop(processes: list) -> None:
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(processes, timeout=10)
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
