@@ -208,6 +208,16 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """The sampler processes that the jobs of a module's tests kept (``tests.test_jobs.SAMPLERS``) end with the
+    module's last test, so that idle samplers never hold the CPUs another module's actors need."""
+    kept = sys.modules.get("tests.test_jobs")
+    if nextitem is not None and nextitem.module is item.module or kept is None or not kept.SAMPLERS.idle:
+        return
+    if sys.modules["ray"].is_initialized():
+        kept.SAMPLERS.close()
+
+
 def ray_node_ports() -> list[str]:
     """`ray start` options that put every port of a node on a free one (other Rays may run on this machine)."""
     names = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",

@@ -110,9 +110,9 @@ def test_a_diffusion_denoiser_in_front_of_a_vision_api(world, emulator, settings
         from dsq import jobs
 
         job_id = jobs.submit(session, spec, config).id
-    from workers import runner
+    from tests.test_jobs import run_job
 
-    assert runner.run_job(config, job_id) == "succeeded"
+    assert run_job(config, job_id) == "succeeded"
     assert len(api_rows(engine, job_id)) == 2
     assert any("diffusion denoiser: timestep 145" in line for line in logs_of(engine, job_id))
 

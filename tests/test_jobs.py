@@ -19,6 +19,7 @@ from dsq.errors import CheckpointError, InvalidArgument, JobStateError
 from dsq.settings import Settings
 from workers import certify_loop, runner
 from workers.loop import Control
+from workers.sampler import SamplerPool
 from dsq.kinds.certify import CertifySpec
 from dsq.kinds.train import TrainSpec
 
@@ -44,9 +45,19 @@ def submit(config, engine, spec) -> int:
         return jobs.submit(session, spec, config).id
 
 
+# The sampler processes of the jobs the tests run, kept from job to job as a worker keeps them; ended with each
+# test module (conftest.py), so that idle samplers never hold the CPUs another module's actors need.
+SAMPLERS = SamplerPool()
+
+
+def run_job(config, job_id: int) -> str:
+    """``runner.run_job`` as a worker calls it, with the tests' sampler pool."""
+    return runner.run_job(config, job_id, Control(pool=SAMPLERS))
+
+
 def run(config, engine, spec) -> int:
     job_id = submit(config, engine, spec)
-    assert runner.run_job(config, job_id) == "succeeded", job_logs(engine, job_id)
+    assert run_job(config, job_id) == "succeeded", job_logs(engine, job_id)
     return job_id
 
 
@@ -127,7 +138,7 @@ def test_automatic_sizing_is_recorded_and_kept(world):
     assert tiny_log[0][0] == "warning" and "batch 8 (from the spec; automatic here: 300;" in tiny_log[0][1]
     with session_scope(engine) as session:
         repo.mark_queued(session, auto)  # a job run again keeps the batch it was certified with
-    assert runner.run_job(config, auto) == "succeeded"
+    assert run_job(config, auto) == "succeeded"
     with session_scope(engine) as session:
         assert jobs.load_spec(session, auto).batch_size == expected
 
@@ -152,7 +163,7 @@ class SamplerThatCrashesOnce:
                                                     device="cpu")
         self.marker = pathlib.Path(marker)
 
-    def counts(self, x, **shard):
+    def counts(self, x, model=None, **shard):
         if not self.marker.exists():
             self.marker.touch()
             os._exit(1)
@@ -182,7 +193,7 @@ def test_a_shard_lost_with_its_actor_is_sampled_again(world, tmp_path):
 
 def run_in_thread(config, job_id):
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(status=runner.run_job(config, job_id)))
+    thread = threading.Thread(target=lambda: outcome.update(status=run_job(config, job_id)))
     thread.start()
     return thread, outcome
 
@@ -214,7 +225,7 @@ def test_cancel_stops_within_seconds_then_resume_completes_without_duplicates(wo
     with session_scope(engine) as session:
         stored_ids = {r.image_index: r.id for r in repo.results_for_job(session, job_id)}
         jobs.resume(session, job_id, config.stale_after)
-    assert runner.run_job(config, job_id) == "succeeded"
+    assert run_job(config, job_id) == "succeeded"
     after = rows_of(engine, job_id)
     assert len(after) == 20 and len({r[0] for r in after}) == 20
     assert [r for r in after if r[0] in stored_ids] == before  # stored rows untouched
@@ -231,7 +242,7 @@ def test_resume_refuses_a_live_runner_and_accepts_a_dead_one(world):
         with pytest.raises(JobStateError, match="is running"):
             jobs.resume(session, job_id, config.stale_after, now=now + timedelta(seconds=5))
         jobs.resume(session, job_id, config.stale_after, now=now + timedelta(minutes=5))  # stale: runner died
-    assert runner.run_job(config, job_id) == "succeeded"
+    assert run_job(config, job_id) == "succeeded"
     with session_scope(engine) as session:
         with pytest.raises(JobStateError, match="already succeeded"):
             jobs.resume(session, job_id, config.stale_after)
@@ -247,7 +258,7 @@ def test_failed_job_keeps_error_and_traceback(world, tmp_path):
     copy.write_bytes(open(path, "rb").read())
     job_id = submit(config, engine, certify_spec(f, max_images=1, classifier=str(copy)))
     copy.write_bytes(b"not a checkpoint")
-    assert runner.run_job(config, job_id) == "failed"
+    assert run_job(config, job_id) == "failed"
     error, trace = job_logs(engine, job_id)
     assert "changed after the job was submitted" in error and "Traceback" in trace
 

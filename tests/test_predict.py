@@ -146,12 +146,12 @@ def submit(config, engine, one) -> int:
 def test_a_predict_job_answers_as_predict_does_in_process(world):
     """The job's answers and votes, sharded over 2 sampler actors, are those of ``smoothing.predict`` on the same
     images and seed: the same samples, counted once each."""
-    from workers import runner as job_runner
+    from tests.test_jobs import run_job
 
     config, engine, f, _ = world
     one = spec(classifier=f"job:{f}", n=120, batch_size=40, max_images=4, seed=3, workers=2)
     job_id = submit(config, engine, one)
-    assert job_runner.run_job(config, job_id) == "succeeded"
+    assert run_job(config, job_id) == "succeeded"
     with session_scope(engine) as session:
         rows = repo.results_for_job(session, job_id)
         model = references.load(session, f"job:{f}", config, "classifier")
@@ -182,12 +182,12 @@ def test_a_predict_job_answers_as_predict_does_in_process(world):
 
 
 def test_predict_on_image_files_has_no_label_and_refuses_bad_files(world, tmp_path):
-    from workers import runner as job_runner
+    from tests.test_jobs import run_job
 
     config, engine, f, files = world
     one = spec(classifier=f"job:{f}", dataset=None, inputs=tuple(files), n=100, batch_size=50, seed=1)
     job_id = submit(config, engine, one)
-    assert job_runner.run_job(config, job_id) == "succeeded"
+    assert run_job(config, job_id) == "succeeded"
     with session_scope(engine) as session:
         rows = repo.results_for_job(session, job_id)
     assert [r.label for r in rows] == [None, None, None] and all(r.extra["mode"] == "predict" for r in rows)
@@ -219,14 +219,14 @@ def _job_count(engine) -> int:
 def test_predict_through_a_vision_api_reuses_certifications_answers(world, emulator):
     """An API PREDICT job asks the clean image and n noisy ones: those of certification's estimation phase, so a
     certify-api job of the same images and seed pays for none of them again."""
-    from workers import runner as job_runner
+    from tests.test_jobs import run_job
 
     config, engine, _, _ = world
     server = emulator("aws")
     common = dict(provider="aws", sigma=0.25, dataset="digits", max_images=2, n=20, endpoint=server.endpoint,
                   seed=4, **FAST)
     job_id = submit(config, engine, ApiCertifySpec(n0=0, predict=True, **common))
-    assert job_runner.run_job(config, job_id) == "succeeded"
+    assert run_job(config, job_id) == "succeeded"
     with session_scope(engine) as session:
         rows = repo.results_for_job(session, job_id)
     assert len(rows) == 2 and all(r.extra["mode"] == "predict" and r.n == 20 for r in rows)
@@ -237,7 +237,7 @@ def test_predict_through_a_vision_api_reuses_certifications_answers(world, emula
     billed = server.ledger.billed
     assert billed == 2 * 21
     certify_id = submit(config, engine, ApiCertifySpec(n0=5, **common))
-    assert job_runner.run_job(config, certify_id) == "succeeded"
+    assert run_job(config, certify_id) == "succeeded"
     assert server.ledger.billed - billed == 2 * 5  # only the selection queries are new
     shown = runner.invoke(app, ["--db", config.database_url, "results", str(job_id)])
     assert shown.exit_code == 0 and "agree with the API's answer on the clean image" in shown.output, shown.output
@@ -253,9 +253,9 @@ def test_predict_through_the_cli(world, monkeypatch):
     assert out.exit_code == 0, out.output
     assert "PREDICT: 50 samples per image" in out.output
     job_id = int(out.output.split("job ")[-1].split()[0])
-    from workers import runner as job_runner
+    from tests.test_jobs import run_job
 
-    assert job_runner.run_job(config, job_id) == "succeeded"
+    assert run_job(config, job_id) == "succeeded"
     with session_scope(engine) as session:
         assert repo.get_job(session, job_id).spec["predict"] is True
 

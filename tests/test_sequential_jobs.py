@@ -18,12 +18,12 @@ from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.kinds import certify_api
 from dsq.settings import Settings
-from workers import api_runner, certify_loop, runner
+from workers import api_runner, certify_loop
 from workers.loop import Control
 
 from .test_apis import api_spec, results
 from .test_apis import db, emulator  # noqa: F401 - fixtures shared with test_apis
-from tests.test_jobs import run, submit
+from tests.test_jobs import run, run_job, submit
 from dsq.apis import results as api_results
 from dsq.kinds.certify import CertifySpec
 from dsq.kinds.train import TrainSpec
@@ -108,7 +108,7 @@ class LateEvenBatches:
         torch.set_num_threads(1)
         self.model = fastpath.prepare_for_inference(pipeline.load(classifier_path, None, "cpu"), device="cpu")
 
-    def counts(self, x, **shard):
+    def counts(self, x, model=None, **shard):
         if shard["phase"] == sampling.ESTIMATION and (shard["start"] // shard["batch_size"]) % 2 == 0:
             time.sleep(0.3)
         return {"counts": sampling.sample_counts(self.model, x, device="cpu", **shard), "worker": "late",
@@ -267,7 +267,7 @@ def test_api_job_at_a_clear_radius_pays_a_fraction_of_n0_plus_n_plus_1(emulator,
     server = emulator("google")
     spec = api_spec("google", server.endpoint, max_images=4, n0=5, n=200, radius=0.05)
     job_id = submit(settings, db, spec)
-    assert runner.run_job(settings, job_id) == "succeeded"
+    assert run_job(settings, job_id) == "succeeded"
     rows = results(db, job_id)
     assert len(rows) == 4 and all(r.correct and r.radius >= 0.05 for r in rows)
     billed = billed_per_image(rows, server.ledger)
@@ -284,7 +284,7 @@ def test_api_job_at_a_clear_radius_pays_a_fraction_of_n0_plus_n_plus_1(emulator,
     assert [(a["prediction"], a["radius"]) for a in again] == [(r.prediction, r.radius) for r in rows]
 
     fixed = submit(settings, db, api_spec("google", server.endpoint, max_images=4, n0=5, n=200))
-    assert runner.run_job(settings, fixed) == "succeeded"
+    assert run_job(settings, fixed) == "succeeded"
     assert server.ledger.billed == 4 * (5 + 200 + 1)  # the fixed-n job reused every stored answer
     assert {count for count in server.ledger.answered.values()} == {1}
 
@@ -294,14 +294,14 @@ def test_api_sequential_job_within_a_budget_then_raised(emulator, db, settings):
     server = emulator("aws")
     spec = api_spec("aws", server.endpoint, max_images=12, n0=5, n=100, radius=0.05, max_queries=120)
     job_id = submit(settings, db, spec)
-    assert runner.run_job(settings, job_id) == "budget"
+    assert run_job(settings, job_id) == "budget"
     done = results(db, job_id)
     assert 1 <= len(done) < 12 and server.ledger.billed <= 120
     with session_scope(db) as session:
         assert repo.get_job(session, job_id).error.startswith("query budget reached")
         certify_api.raise_budget(session, job_id, 1000)
         jobs.resume(session, job_id, settings.stale_after)
-    assert runner.run_job(settings, job_id) == "succeeded"
+    assert run_job(settings, job_id) == "succeeded"
     rows = results(db, job_id)
     assert len(rows) == 12 and billed_per_image(rows, server.ledger) == [r.n0 + r.n + 1 for r in rows]
     assert set(server.ledger.answered.values()) == {1}  # nothing paid twice across the two runs

@@ -18,8 +18,7 @@ from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import CheckpointError, InvalidArgument
 from dsq.settings import Settings
-from tests.test_jobs import certify_spec, rows_of, run, submit
-from workers import runner
+from tests.test_jobs import certify_spec, rows_of, run, run_job, submit
 from dsq.kinds.certify import CertifySpec
 from dsq.kinds.train import TrainSpec
 
@@ -173,7 +172,7 @@ def test_a_model_file_changed_after_submit_is_refused_when_the_job_runs(world, t
     torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))), mine)
     torch.save({k: v + 1 for k, v in torch.load(weights).items()}, my_weights)
     for job_id, path in ((scripted_job, mine), (factory_job, my_weights)):
-        assert runner.run_job(config, job_id) == "failed"
+        assert run_job(config, job_id) == "failed"
         with session_scope(engine) as session:
             error = repo.get_job(session, job_id).error
         assert f"{path} changed after the job was submitted" in error and "submit a new job" in error

@@ -231,7 +231,7 @@ def test_a_bad_resource_cap_is_one_line_exit_2(tmp_path, text):
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_sampler_actors_are_reused_only_for_the_same_models():
+def test_sampler_actors_are_reused_only_for_the_same_kind_of_process():
     import ray
 
     from workers.sampler import SamplerPool
@@ -247,16 +247,59 @@ def test_sampler_actors_are_reused_only_for_the_same_models():
         started.append(Probe.remote())
         return started[-1]
 
-    first = pool.acquire("f o D", 2, start)
-    pool.release("f o D", first, healthy=True)
-    assert pool.acquire("f o D", 1, start) == first[:1] and len(started) == 2  # reused, nothing started
-    pool.release("f o D", first[:1], healthy=True)
-    other = pool.acquire("f o D2", 1, start)  # other models: a new actor, and the idle ones end
+    first = pool.acquire("cpu x 1 thread", 2, start)
+    pool.release("cpu x 1 thread", first, healthy=True)
+    assert pool.acquire("cpu x 1 thread", 1, start) == first[:1] and len(started) == 2  # reused, nothing started
+    pool.release("cpu x 1 thread", first[:1], healthy=True)
+    other = pool.acquire("cpu x 2 threads", 1, start)  # other processes: a new actor, and the idle ones end
     assert len(started) == 3 and pool.idle == {}
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(first[0].pid.remote(), timeout=30)
-    pool.release("f o D2", other, healthy=False)  # a job that failed does not hand its actors on
+    pool.release("cpu x 2 threads", other, healthy=False)  # a job that failed does not hand its actors on
     assert pool.idle == {}
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_one_sampler_process_serves_each_f_o_d_it_is_asked_for_even_after_a_restart(tmp_path):
+    """A sampler kept between jobs samples with the models each call names: the counts of a pipeline are the same
+    from an actor that held another one before, and from an actor whose process died and came back."""
+    import ray
+
+    from bench.config import PAIRS
+    from bench.rayjobs import save_pair
+    from dsq import references, sampling
+    from dsq.datasets import get_dataset
+    from workers.sampler import SamplerActor
+
+    def model(seed):
+        folder = tmp_path / f"pair{seed}"
+        folder.mkdir()
+        classifier, denoiser = save_pair(PAIRS["digits"], seed, folder)
+        return {"classifier": references.file_source(classifier), "denoiser": references.file_source(denoiser),
+                "precision": "fp32", "compile": False}
+
+    first, second = model(0), model(1)
+    x = get_dataset("digits", "test")[0][0]
+    shard = dict(sigma=0.5, start=0, count=200, batch_size=100, seed=3, image=0, phase=sampling.ESTIMATION)
+    actor = SamplerActor.options(num_cpus=0).remote(Settings(database_url="sqlite://", home=tmp_path), 1)
+
+    def counts(pipeline):
+        return list(ray.get(actor.counts.remote(x, model=pipeline, **shard), timeout=120)["counts"])
+
+    alone = counts(second)
+    held_before = [counts(first), counts(second), counts(first)]
+    assert held_before == [counts(first), alone, held_before[0]] and alone != held_before[0]
+    pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+    os.kill(pid, signal.SIGKILL)  # Ray restarts it (max_restarts): its __init__ runs again, with no model
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            assert counts(second) == alone
+            break
+        except ray.exceptions.RayActorError:  # calls fail while the actor restarts
+            assert time.monotonic() < deadline, "the sampler did not come back"
+            time.sleep(0.5)
+    ray.kill(actor)
 
 
 @pytest.mark.e2e

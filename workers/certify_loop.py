@@ -23,7 +23,7 @@ from dsq.kinds import certify
 from dsq.settings import Settings
 from workers import resources
 from workers.loop import POLL_SECONDS, Control, JobLoop, settle
-from workers.sampler import SamplerActor, SamplerPool, source_key
+from workers.sampler import SamplerActor, SamplerPool
 
 # Shards in flight per sampler actor: one running and one waiting, so an actor never idles between a reply and
 # the next request, while a lost actor takes at most two shards with it.
@@ -61,27 +61,28 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     options, threads = resources.actor_options(workers)
     device = resources.device_for("num_gpus" in options)
     def start():  # spread over the nodes: shards run in parallel, and losing one node costs one sampler
-        return SamplerActor.options(**options, scheduling_strategy="SPREAD").remote(
-            settings, *sources, threads, device, spec.precision, spec.compile)
+        return SamplerActor.options(**options, scheduling_strategy="SPREAD").remote(settings, threads, device)
 
+    # what every call to a sampler names: the actors load it once, whatever they held before
+    model = {"classifier": sources[0], "denoiser": sources[1], "precision": spec.precision, "compile": spec.compile}
     pool = control.pool or SamplerPool()
-    key = (*map(source_key, sources), threads, device, spec.precision, spec.compile, tuple(sorted(options.items())))
+    key = (threads, device, tuple(sorted(options.items())))
     actors = pool.acquire(key, workers, start)
     loop, healthy = None, False
     try:
-        dataset, note = pipeline.job_dataset(spec, root, ray.get(actors[0].input_channels.remote()))
+        dataset, note = pipeline.job_dataset(spec, root, ray.get(actors[0].input_channels.remote(model)))
         # Said in the job's log: images converted to the channels f o D takes, a diffusion denoiser's timestep...
         lines = [note] if note else []
-        lines += ray.get(actors[0].notes.remote(dataset[todo[0]][0]))
+        lines += ray.get(actors[0].notes.remote(model, dataset[todo[0]][0]))
         if lines:
             with session_scope(engine) as session:
                 for line in lines:
                     repo.add_log(session, job_id, line)
-        probe = ray.get(actors[0].memory_probe.remote(dataset[todo[0]][0], options.get("num_gpus", 1.0)))
+        probe = ray.get(actors[0].memory_probe.remote(model, dataset[todo[0]][0], options.get("num_gpus", 1.0)))
         spec = _size_job(engine, job_id, spec, workers, threads, probe)
         kind = SequentialLoop if spec.sequential else PredictLoop if spec.predict else CertifyLoop
         loop = kind(engine, job_id, control, spec, dataset, actors, len(plan) - len(todo), len(plan),
-                    model=probe["model"])
+                    model=probe["model"], sources=model)
         loop.run(todo)
         healthy = True
     finally:
@@ -115,9 +116,11 @@ def _size_job(engine, job_id: int, spec, workers: int, threads: int, probe: dict
 class CertifyLoop(JobLoop):
     """Streams shards of several images over the actors and stores each image once complete."""
 
-    def __init__(self, engine, job_id, control, spec, dataset, actors, done, total, model: dict | None = None):
+    def __init__(self, engine, job_id, control, spec, dataset, actors, done, total, model: dict | None = None,
+                 sources: dict | None = None):
         super().__init__(engine, job_id, control, done=done, total=total)
         self.spec, self.dataset, self.actors, self.model = spec, dataset, actors, model
+        self.sources = sources  # the f o D each call asks the samplers for (``SamplerActor``)
         self.queue: collections.deque = collections.deque()
         self.load = [0] * len(actors)
         self.images: dict[int, ImageState] = {}
@@ -153,8 +156,8 @@ class CertifyLoop(JobLoop):
         slot = int(np.argmin(self.load))
         state, spec = self.images[index], self.spec
         ref = self.actors[slot].counts.remote(
-            state.x, sigma=spec.sigma, start=shard.start, count=shard.count, batch_size=spec.batch_size,
-            seed=spec.seed, image=index, phase=shard.phase)
+            state.x, model=self.sources, sigma=spec.sigma, start=shard.start, count=shard.count,
+            batch_size=spec.batch_size, seed=spec.seed, image=index, phase=shard.phase)
         self.in_flight[ref] = (index, shard, slot, lost_at)
         self.load[slot] += 1
 

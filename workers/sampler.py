@@ -1,4 +1,4 @@
-"""SamplerActor: holds f o D once and turns shards of samples into vote counts."""
+"""SamplerActor: a sampling process that holds the f o D its calls ask for and turns shards of samples into votes."""
 
 from __future__ import annotations
 
@@ -16,22 +16,40 @@ from dsq import fastpath, pipeline, sampling, sizing
 
 @ray.remote(max_restarts=3, max_task_retries=3)
 class SamplerActor:
-    """Loads the pipeline from its checkpoints once; each call is one shard."""
+    """One sampling process (torch imported, threads set), kept by a worker from job to job.
 
-    def __init__(self, settings, classifier_source, denoiser_source, threads: int, device: str = "cpu",
-                 precision: str = "fp32", compile: bool = False):  # noqa: A002
+    Every call names the pipeline it is for (``model``: the sources of f and D, the precision, compile); the actor
+    loads it on the first call that asks for it and keeps it until a call asks for another. A restarted actor, or one
+    handed to a job with other models, therefore never samples with the wrong f o D.
+    """
+
+    def __init__(self, settings, threads: int, device: str = "cpu"):
         torch.set_num_threads(threads)
         if device == "cpu":
             fastpath.tune_cpu_allocator()  # this process only samples: keep activation buffers resident
-        self.device = device
-        # Prepared once per actor (BN folded, channels-last where it helps). fp32 leaves f unchanged;
-        # bf16/fp16 autocast changes it, so the runner records the precision with every result.
-        chain = pipeline.load(classifier_source, denoiser_source, device, settings)
-        self.channels = sampling.input_channels(chain)
-        self.model = fastpath.prepare_for_inference(chain, device=device, precision=precision, compile=compile)
+        self.settings, self.device = settings, device
+        self.held, self.model, self.channels = None, None, None
         self.name = f"{socket.gethostname()}:{ray.get_runtime_context().get_actor_id()[:8]}"
 
-    def counts(self, x, *, sigma, start, count, batch_size, seed, image, phase) -> dict:
+    def _use(self, model: dict) -> None:
+        # the files' size and mtime are read here, on the node that loads them: a file changed since the last
+        # load is loaded again, and its pinned hash checked again
+        key = (source_key(model["classifier"]), source_key(model["denoiser"]), model["precision"], model["compile"])
+        if key == self.held:
+            return
+        self.held, self.model = None, None  # the old pipeline goes before the new one loads (GPU memory)
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        # Prepared once per load (BN folded, channels-last where it helps). fp32 leaves f unchanged;
+        # bf16/fp16 autocast changes it, so the runner records the precision with every result.
+        chain = pipeline.load(model["classifier"], model["denoiser"], self.device, self.settings)
+        self.channels = sampling.input_channels(chain)
+        self.model = fastpath.prepare_for_inference(chain, device=self.device, precision=model["precision"],
+                                                    compile=model["compile"])
+        self.held = key
+
+    def counts(self, x, *, model, sigma, start, count, batch_size, seed, image, phase) -> dict:
+        self._use(model)
         started = time.perf_counter()
         counts = sampling.sample_counts(self.model, x, sigma=sigma, start=start, count=count,
                                         batch_size=batch_size, seed=seed, image=image, phase=phase,
@@ -39,26 +57,29 @@ class SamplerActor:
         return {"counts": counts, "seconds": time.perf_counter() - started,
                 "worker": self.name, "device": self.device}
 
-    def notes(self, x) -> list[str]:
+    def notes(self, model, x) -> list[str]:
         """What the job's log says of f o D on images like ``x`` (``pipeline.notes``)."""
+        self._use(model)
         return pipeline.notes(self.model.net, x)
 
-    def input_channels(self) -> int | None:
+    def input_channels(self, model) -> int | None:
         """The channels of the images f o D takes: the runner converts the dataset's images to them."""
+        self._use(model)
         return self.channels
 
-    def memory_probe(self, x, share: float) -> dict:
+    def memory_probe(self, model, x, share: float) -> dict:
         """What one sample costs on this actor's device and what a batch may take (``dsq.sizing``)."""
+        self._use(model)
         return {**sizing.probe(self.model, x, self.device, share), "model": self.model.describe(),
                 "device": self.device}
 
 
 class SamplerPool:
-    """Sampler actors kept between jobs by a worker, keyed by what they hold (models, device, threads...).
-
-    A job that needs the same f o D as one before it reuses that job's actors instead of starting
-    processes and loading models again. Starting new actors first ends the idle ones of other keys,
-    so idle actors never hold the CPUs (or memory) that new ones need.
+    """Sampler actors kept between jobs by a worker, keyed by what their processes are (device, threads, Ray
+    resources), not by the models they hold: a job reuses the processes of the job before it, whatever its f o D,
+    instead of starting new ones (a process start and ``import torch`` cost seconds; loading a model, milliseconds
+    for most). Starting new actors first ends the idle ones of other keys, so idle actors never hold the CPUs (or
+    memory) that new ones need.
     """
 
     def __init__(self):
