@@ -209,13 +209,13 @@ def ray_session() -> Iterator[None]:
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """The sampler processes that the jobs of a module's tests kept (``tests.test_jobs.SAMPLERS``) end with the
-    module's last test, so that idle samplers never hold the CPUs another module's actors need."""
+    """The actor processes that the jobs of a module's tests kept (``tests.test_jobs.ACTORS``) end with the module's
+    last test, so that idle actors never hold the CPUs another module's actors need."""
     kept = sys.modules.get("tests.test_jobs")
-    if nextitem is not None and nextitem.module is item.module or kept is None or not kept.SAMPLERS.idle:
+    if nextitem is not None and nextitem.module is item.module or kept is None or not kept.ACTORS.idle:
         return
     if sys.modules["ray"].is_initialized():
-        kept.SAMPLERS.close()
+        kept.ACTORS.close()
 
 
 def ray_node_ports() -> list[str]:

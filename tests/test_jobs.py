@@ -19,7 +19,7 @@ from dsq.errors import CheckpointError, InvalidArgument, JobStateError
 from dsq.settings import Settings
 from workers import certify_loop, runner
 from workers.loop import Control
-from workers.sampler import SamplerPool
+from workers.pool import ActorPool
 from dsq.kinds.certify import CertifySpec
 from dsq.kinds.train import TrainSpec
 
@@ -45,14 +45,14 @@ def submit(config, engine, spec) -> int:
         return jobs.submit(session, spec, config).id
 
 
-# The sampler processes of the jobs the tests run, kept from job to job as a worker keeps them; ended with each
-# test module (conftest.py), so that idle samplers never hold the CPUs another module's actors need.
-SAMPLERS = SamplerPool()
+# The actor processes (samplers, trainers) of the jobs the tests run, kept from job to job as a worker keeps them;
+# ended with each test module (conftest.py), so that idle actors never hold the CPUs another module's actors need.
+ACTORS = ActorPool()
 
 
 def run_job(config, job_id: int) -> str:
-    """``runner.run_job`` as a worker calls it, with the tests' sampler pool."""
-    return runner.run_job(config, job_id, Control(pool=SAMPLERS))
+    """``runner.run_job`` as a worker calls it, with the tests' actor pool."""
+    return runner.run_job(config, job_id, Control(pool=ACTORS))
 
 
 def run(config, engine, spec) -> int:

@@ -244,8 +244,9 @@ def readme_example() -> str:
 
 
 @pytest.mark.e2e
-def test_the_readme_example_runs(tmp_path):
-    """The README's "Bring your own model" commands, as written, from the repository root."""
+def test_the_readme_example_runs(tmp_path, joins_local_ray):
+    """The README's "Bring your own model" commands, as written, from the repository root (their workers join the
+    session's Ray: a local Ray's own start is tested elsewhere)."""
     env = {**os.environ, "DSQ_HOME": str(tmp_path / "home"), "DSQ_WORKER_IDLE_SECONDS": "5"}
     env.pop("PYTHONPATH", None)
     env.pop("DSQ_DATABASE_URL", None)

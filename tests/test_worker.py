@@ -231,31 +231,35 @@ def test_a_bad_resource_cap_is_one_line_exit_2(tmp_path, text):
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_sampler_actors_are_reused_only_for_the_same_kind_of_process():
+def test_actors_are_reused_for_the_same_kind_of_process_and_idle_ones_end_when_new_ones_need_room():
     import ray
 
-    from workers.sampler import SamplerPool
+    from workers.pool import ActorPool
 
     @ray.remote(num_cpus=0)
     class Probe:
         def pid(self):
             return os.getpid()
 
-    pool, started = SamplerPool(), []
+    pool, started = ActorPool(), []
 
     def start():
         started.append(Probe.remote())
         return started[-1]
 
-    first = pool.acquire("cpu x 1 thread", 2, start)
-    pool.release("cpu x 1 thread", first, healthy=True)
-    assert pool.acquire("cpu x 1 thread", 1, start) == first[:1] and len(started) == 2  # reused, nothing started
-    pool.release("cpu x 1 thread", first[:1], healthy=True)
-    other = pool.acquire("cpu x 2 threads", 1, start)  # other processes: a new actor, and the idle ones end
-    assert len(started) == 3 and pool.idle == {}
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(first[0].pid.remote(), timeout=30)
-    pool.release("cpu x 2 threads", other, healthy=False)  # a job that failed does not hand its actors on
+    first = pool.acquire("sampler x 2", 2, start)
+    pool.release("sampler x 2", first, healthy=True)
+    assert pool.acquire("sampler x 2", 1, start) == first[:1] and len(started) == 2  # reused, nothing started
+    pool.release("sampler x 2", first[:1], healthy=True)
+    trainer = pool.acquire("trainer", 1, start, {"num_cpus": 0})  # fits beside the idle samplers: they stay
+    assert len(started) == 3 and list(pool.idle) == ["sampler x 2"] and set(pool.idle["sampler x 2"]) == set(first)
+    pool.release("trainer", trainer, healthy=True)
+    big = pool.acquire("big", 1, start, {"num_cpus": 1000})  # no room beside them: the idle ones end first
+    assert len(started) == 4 and pool.idle == {}
+    for ended in (*first, *trainer):
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(ended.pid.remote(), timeout=30)
+    pool.release("big", big, healthy=False)  # a job that failed does not hand its actors on
     assert pool.idle == {}
 
 
@@ -303,8 +307,8 @@ def test_one_sampler_process_serves_each_f_o_d_it_is_asked_for_even_after_a_rest
 
 
 @pytest.mark.e2e
-def test_four_real_workers_racing_over_sixty_jobs_run_each_exactly_once(db_url, tmp_path):
-    """Four `dsq worker --drain` processes, each with its own local Ray, share one database. (Not on the session's
+def test_three_real_workers_racing_over_thirty_jobs_run_each_exactly_once(db_url, tmp_path):
+    """Three `dsq worker --drain` processes, each with its own local Ray, share one database. (Not on the session's
     Ray: there the sampler actors each worker keeps for its next job hold CPUs the other workers wait for.)"""
     from bench.config import PAIRS
     from bench.rayjobs import save_pair
@@ -316,9 +320,9 @@ def test_four_real_workers_racing_over_sixty_jobs_run_each_exactly_once(db_url, 
     spec = CertifySpec(dataset="digits", classifier=classifier, denoiser=denoiser, sigma=0.25, n0=10, n=50,
                              batch_size=50, max_images=1, workers=1)
     with session_scope(engine) as session:
-        ids = [jobs.submit(session, spec, config, priority=i % 3).id for i in range(60)]
+        ids = [jobs.submit(session, spec, config, priority=i % 3).id for i in range(30)]
     env = {"DSQ_DATABASE_URL": url, "OMP_NUM_THREADS": "1"}
-    workers = [start(tmp_path / "home", "worker", "--drain", "--max-jobs", "2", **env) for _ in range(4)]
+    workers = [start(tmp_path / "home", "worker", "--drain", "--max-jobs", "2", **env) for _ in range(3)]
     try:
         outputs = [worker.communicate(timeout=600) for worker in workers]
     finally:
@@ -331,7 +335,7 @@ def test_four_real_workers_racing_over_sixty_jobs_run_each_exactly_once(db_url, 
     assert all(job.status == "succeeded" and job.attempts == 1 for job in found)
     assert set(rows.values()) == {1}  # one certificate per job: no job ran twice, none was lost
     ran = [int(re.search(r"; ran (\d+) job", out).group(1)) for out, _ in outputs]
-    assert sum(ran) == 60 and sum(1 for count in ran if count) >= 2, ran  # the work was shared
+    assert sum(ran) == 30 and sum(1 for count in ran if count) >= 2, ran  # the work was shared
     engine.dispose()
 
 

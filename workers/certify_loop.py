@@ -23,7 +23,8 @@ from dsq.kinds import certify
 from dsq.settings import Settings
 from workers import resources
 from workers.loop import POLL_SECONDS, Control, JobLoop, settle
-from workers.sampler import SamplerActor, SamplerPool
+from workers.pool import ActorPool
+from workers.sampler import SamplerActor
 
 # Shards in flight per sampler actor: one running and one waiting, so an actor never idles between a reply and
 # the next request, while a lost actor takes at most two shards with it.
@@ -65,9 +66,9 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
 
     # what every call to a sampler names: the actors load it once, whatever they held before
     model = {"classifier": sources[0], "denoiser": sources[1], "precision": spec.precision, "compile": spec.compile}
-    pool = control.pool or SamplerPool()
-    key = (threads, device, tuple(sorted(options.items())))
-    actors = pool.acquire(key, workers, start)
+    pool = control.pool or ActorPool()
+    key = ("sampler", settings, threads, device, tuple(sorted(options.items())))  # settings: where models come from
+    actors = pool.acquire(key, workers, start, options)
     loop, healthy = None, False
     try:
         dataset, note = pipeline.job_dataset(spec, root, ray.get(actors[0].input_channels.remote(model)))

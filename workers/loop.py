@@ -26,7 +26,7 @@ class Control:
 
     def __init__(self, runner: str = "local", on_progress=None, pool=None):
         self.runner, self.on_progress = runner, on_progress
-        self.pool = pool  # a worker's SamplerPool, so jobs reuse sampler actors (None: each job starts its own)
+        self.pool = pool  # a worker's ActorPool, so jobs reuse actor processes (None: each job starts its own)
         self.stop = threading.Event()
 
     def check(self, engine, job_id: int) -> None:

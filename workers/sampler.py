@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
 
 import ray
@@ -72,47 +71,6 @@ class SamplerActor:
         self._use(model)
         return {**sizing.probe(self.model, x, self.device, share), "model": self.model.describe(),
                 "device": self.device}
-
-
-class SamplerPool:
-    """Sampler actors kept between jobs by a worker, keyed by what their processes are (device, threads, Ray
-    resources), not by the models they hold: a job reuses the processes of the job before it, whatever its f o D,
-    instead of starting new ones (a process start and ``import torch`` cost seconds; loading a model, milliseconds
-    for most). Starting new actors first ends the idle ones of other keys, so idle actors never hold the CPUs (or
-    memory) that new ones need.
-    """
-
-    def __init__(self):
-        self.idle: dict[tuple, list] = {}
-        self.lock = threading.Lock()
-
-    def acquire(self, key: tuple, count: int, start) -> list:
-        with self.lock:
-            mine = self.idle.pop(key, [])
-            reused, spare = mine[:count], mine[count:]
-            if len(reused) < count:  # new actors start: idle ones of other keys end first
-                self._end([actor for actors in self.idle.values() for actor in actors])
-                self.idle.clear()
-            if spare:
-                self.idle[key] = spare
-        return reused + [start() for _ in range(count - len(reused))]
-
-    def release(self, key: tuple, actors: list, healthy: bool) -> None:
-        if not healthy:
-            self._end(actors)
-            return
-        with self.lock:
-            self.idle.setdefault(key, []).extend(actors)
-
-    def close(self) -> None:
-        with self.lock:
-            self._end([actor for actors in self.idle.values() for actor in actors])
-            self.idle.clear()
-
-    @staticmethod
-    def _end(actors: list) -> None:
-        for actor in actors:
-            ray.kill(actor)
 
 
 def source_key(source: dict | None) -> tuple | None:

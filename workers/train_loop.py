@@ -1,4 +1,5 @@
-"""Run a train job: one TrainerActor trains the model while the loop watches cancel and stop requests."""
+"""Run a train job: one TrainerActor trains the model while the loop watches cancel and stop requests (a worker keeps
+the actor's process for its next training)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ from dsq.db import repo
 from dsq.db.session import session_scope
 from workers import resources
 from workers.loop import POLL_SECONDS, Control
+from workers.pool import ActorPool
 from workers.trainer import TrainerActor
 
 
 def run(engine, settings, job_id: int, spec, control: Control) -> None:
     options, threads = resources.actor_options(1)
     gpu = "num_gpus" in options
-    actor = TrainerActor.options(**options).remote(settings, 1 if not gpu else threads, resources.device_for(gpu))
+    threads = 1 if not gpu else threads
+    device = resources.device_for(gpu)
+    pool = control.pool or ActorPool()
+    key = ("trainer", settings, threads, device, tuple(sorted(options.items())))  # settings: its database
+    [actor] = pool.acquire(key, 1, lambda: TrainerActor.options(**options).remote(settings, threads, device), options)
+    ended = False
     try:
         pending = actor.train.remote(job_id, spec)
         while not ray.wait([pending], timeout=POLL_SECONDS)[0]:
@@ -22,8 +29,10 @@ def run(engine, settings, job_id: int, spec, control: Control) -> None:
             _report(engine, job_id, control)
         ray.get(pending)
         _report(engine, job_id, control)
+        ended = True
     finally:
-        ray.kill(actor)
+        # a cancelled or stopped training is ended with its process; a finished one's process serves the next
+        pool.release(key, [actor], ended and control.pool is not None)
 
 
 def _report(engine, job_id: int, control: Control) -> None:

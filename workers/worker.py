@@ -29,7 +29,7 @@ from dsq.db.session import database_back, is_outage, open_database, session_scop
 from dsq.settings import Settings
 from workers import pidfile, runner
 from workers.loop import Control
-from workers.sampler import SamplerPool
+from workers.pool import ActorPool
 
 TICK_SECONDS = 0.5  # how often the worker looks at the queue; a claim costs one small transaction
 HEARTBEAT_SECONDS = 5.0  # a dozen beats fit in the default 60 s stale limit
@@ -85,7 +85,7 @@ class QueueWorker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.running: dict[int, Running] = {}
         self.lost: set[int] = set()  # jobs whose run ended in an outage, left "running" until queued again
-        self.pool = SamplerPool()
+        self.pool = ActorPool()  # samplers and trainers kept from job to job
         self.reuse_samplers = reuse_samplers  # False only to measure what reuse saves (dsq bench --queue)
         self.stopping = threading.Event()
         self.wake = threading.Event()  # a job ended or a stop came: look at the queue now, not at the next tick
