@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from dsq import bounds, pipeline, references, sampling, sequential, sizing, smoothing
+from dsq import bounds, pipeline, previews, references, sampling, sequential, sizing, smoothing
 from dsq.db import repo
 from dsq.db.session import session_scope
 from dsq.kinds import certify
@@ -45,17 +45,21 @@ class ImageState:
     out: set = field(default_factory=set)  # sequential: estimation batches sent (or queued again), not back
 
 
+def model_sources(session, spec) -> list:
+    """f's and D's sources (``references.source``): each sampler fetches (and hash-checks) them on its own node."""
+    return [references.source(session, spec.classifier, spec.models.get(spec.classifier)),
+            references.source(session, spec.denoiser, spec.models.get(spec.denoiser), spec.sigma)
+            if spec.denoiser else None]
+
+
 def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None:
     with session_scope(engine) as session:
-        # Each sampler fetches (and hash-checks) the checkpoints on its own node.
-        sources = [references.source(session, spec.classifier, spec.models.get(spec.classifier)),
-                   references.source(session, spec.denoiser, spec.models.get(spec.denoiser), spec.sigma)
-                   if spec.denoiser else None]
+        sources = model_sources(session, spec)
         done = repo.done_image_indices(session, job_id)
     root = settings.data_root_of(spec)
     plan = pipeline.image_plan(spec, pipeline.images(spec, root))
     todo = collections.deque(i for i in plan if i not in done)
-    if not todo:
+    if not todo:  # a job resumed after its last image: its previews were made when it started
         return
     workers = spec.workers or resources.default_workers()
     options, threads = resources.actor_options(workers)
@@ -79,6 +83,7 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
                     repo.add_log(session, job_id, line)
         probe = ray.get(actors[0].memory_probe.remote(dataset[todo[0]][0], options.get("num_gpus", 1.0)))
         spec = _size_job(engine, job_id, spec, workers, threads, probe)
+        store_previews(engine, job_id, spec, dataset, actors, plan[:spec.previews])
         kind = SequentialLoop if spec.sequential else PredictLoop if spec.predict else CertifyLoop
         loop = kind(engine, job_id, control, spec, dataset, actors, len(plan) - len(todo), len(plan),
                     model=probe["model"])
@@ -87,6 +92,20 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     finally:
         settle(loop.in_flight if loop else {})  # a shard killed mid-task makes Ray print its own failure
         pool.release(key, actors, healthy and control.pool is not None)
+
+
+def store_previews(engine, job_id: int, spec, dataset, actors: list, indices) -> None:
+    """The previews of ``indices`` not stored yet (``dsq.previews``), spread over the actors. Their noise is a
+    stream of their own and the actors hold no state, so no count changes."""
+    with session_scope(engine) as session:
+        stored = repo.previewed_indices(session, job_id)
+    asked = {actors[k % len(actors)].preview.remote(dataset[index][0], sigma=spec.sigma, seed=spec.seed, image=index,
+                                                    count=previews.SAMPLES): index
+             for k, index in enumerate(i for i in indices if i not in stored)}
+    for ref, index in asked.items():
+        reply = ray.get(ref)
+        with session_scope(engine) as session:
+            repo.upsert_preview(session, job_id, index, png=reply["png"], classes=reply["classes"])
 
 
 def _size_job(engine, job_id: int, spec, workers: int, threads: int, probe: dict):
@@ -277,7 +296,7 @@ class SequentialLoop(CertifyLoop):
         spec = self.spec
         cert = sequential.to_certificate(state.stream.test, smoothing.sum_counts(state.counts[sampling.SELECTION]),
                                          state.stream.counts, n0=spec.n0, sigma=spec.sigma, radius=spec.radius)
-        self._store(state, cert, device, extra=certify.sequential_extra(spec))
+        self._store(state, cert, device, extra={**certify.sequential_extra(spec), "trace": state.stream.test.trace()})
 
 
 class PredictLoop(CertifyLoop):

@@ -11,7 +11,7 @@ import time
 import ray
 import torch
 
-from dsq import fastpath, pipeline, sampling, sizing
+from dsq import fastpath, pipeline, previews, sampling, sizing
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
@@ -24,6 +24,7 @@ class SamplerActor:
         if device == "cpu":
             fastpath.tune_cpu_allocator()  # this process only samples: keep activation buffers resident
         self.device = device
+        self.denoised = denoiser_source is not None
         # Prepared once per actor (BN folded, channels-last where it helps). fp32 leaves f unchanged;
         # bf16/fp16 autocast changes it, so the runner records the precision with every result.
         chain = pipeline.load(classifier_source, denoiser_source, device, settings)
@@ -38,6 +39,12 @@ class SamplerActor:
                                         device=self.device)
         return {"counts": counts, "seconds": time.perf_counter() - started,
                 "worker": self.name, "device": self.device}
+
+    def preview(self, x, *, sigma, seed, image, count) -> dict:
+        """One image's preview (``dsq.previews``): the PNG and f o D's class on each of ``count`` samples."""
+        denoise = self.model.net[:-1] if self.denoised else None  # D, and a resize if the chain has one
+        png, classes = previews.make(self.model, denoise, x, sigma=sigma, seed=seed, image=image, count=count)
+        return {"png": png, "classes": classes}
 
     def notes(self, x) -> list[str]:
         """What the job's log says of f o D on images like ``x`` (``pipeline.notes``)."""
