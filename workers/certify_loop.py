@@ -103,7 +103,13 @@ def store_previews(engine, job_id: int, spec, dataset, actors: list, indices) ->
                                                     count=previews.SAMPLES): index
              for k, index in enumerate(i for i in indices if i not in stored)}
     for ref, index in asked.items():
-        reply = ray.get(ref)
+        try:
+            reply = ray.get(ref)
+        except ray.exceptions.RayActorError as lost:  # a preview is not worth a job's attempt: said, and skipped
+            with session_scope(engine) as session:
+                repo.add_log(session, job_id, f"image {index}: its preview lost its sampler ({type(lost).__name__}); "
+                                              f"dsq preview {job_id} {index} asks for it again", level="warning")
+            continue
         with session_scope(engine) as session:
             repo.upsert_preview(session, job_id, index, png=reply["png"], classes=reply["classes"])
 
