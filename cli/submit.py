@@ -178,8 +178,9 @@ def certify(ctx: typer.Context,
         wait, priority, tuple(after), max_attempts=max_attempts)
 
 
-def preview(ctx: typer.Context, job: str = typer.Argument(..., help="A certify job's id."),
-            image: str = typer.Argument(..., help="One of its images (the index its results and pages show)."),
+def preview(ctx: typer.Context, job: str = typer.Argument(..., metavar="JOB", help="A certify job's id."),
+            image: str = typer.Argument(..., metavar="IMAGE",
+                                        help="One of its images (the index its results and pages show)."),
             priority: int = typer.Option(0, help=PRIORITY_HELP),
             wait: bool = typer.Option(False, help=WAIT_HELP)):
     """Ask a worker for the preview of one image of a certify job (a few noisy samples beside their denoised
