@@ -267,7 +267,7 @@ from dsq.db.session import open_database
 
 client = TestClient(create_app(open_database(sys.argv[1], read_only=True), timedelta(seconds=60)))
 for url in ["/", "/api/queue", "/api/jobs", "/jobs/1", "/api/jobs/1", "/experiments/grid", "/api/experiments/grid",
-            "/jobs/1/images/0"]:
+            "/jobs/1/images/0", "/api/jobs/1/images/0"]:
     assert client.get(url).status_code == 200, url
 heavy = sorted({"torch", "ray", "torchvision"} & set(sys.modules))
 assert not heavy, heavy

@@ -61,8 +61,6 @@ def request(session: Session, job_id: int, image: int, settings: Settings, name:
     """The spec of a preview of ``image`` of certify job ``job_id``; one line (``DsqError``) when there is none to
     make: no such job, a job of another kind (a certify-api job's noisy queries are its stored answers), an image
     the job does not cover."""
-    from dsq import pipeline  # torch: a submission reads the data anyway
-
     job = repo.get_job(session, job_id)
     if job.kind == "certify_api":
         raise InvalidArgument(f"job {job_id} is a certify-api job: its noisy queries are the answers stored with "
@@ -70,6 +68,8 @@ def request(session: Session, job_id: int, image: int, settings: Settings, name:
     if job.kind != "certify":
         raise InvalidArgument(f"job {job_id} is a {job.kind} job: previews are of the images of certify jobs")
     spec = PreviewSpec(job=job_id, image=checks.positive_int("image", image, minimum=0), of=job.spec, name=name)
+    from dsq import pipeline  # torch: a submission reads the data anyway
+
     target = spec.certify
     plan = pipeline.image_plan(target, pipeline.images(target, settings.data_root_of(target)))
     if image not in plan:
