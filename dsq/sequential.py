@@ -54,6 +54,8 @@ The statistics (``log_wealth``, ``lower_bound``, ``SequentialTest``, ``decide``,
 ``final_bound``, ``max_sequential_radius``) are pure functions of counts, on top of the fixed-n
 statistics of ``dsq.bounds``; ``dsq.smoothing.certify_radius`` is a thin loop over ``dsq.sampling``
 that feeds ``Stream``, as the job runners feed it the batches their workers return, in any order.
+``SequentialTest.trace`` is p_lower at each look, up to the stop: what a result stores (``extra.trace``) and its
+image's dashboard page plots.
 """
 
 from __future__ import annotations
