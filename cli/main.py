@@ -39,6 +39,7 @@ def main(ctx: typer.Context,
 
 
 app.add_typer(submit.app, name="submit")
+app.command(name="preview", context_settings={"ignore_unknown_options": True})(submit.preview)  # image -1: one line
 api.register(app, submit.app)
 app.add_typer(db.app, name="db")
 jobs.register(app)

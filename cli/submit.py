@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from cli import common
-from dsq.kinds.certify import DEFAULT_N
+from dsq.kinds.certify import DEFAULT_N, PREVIEWS
 
 app = typer.Typer(help="Submit a job: train a denoiser or classifier, or certify a smoothed classifier.",
                   no_args_is_help=True)
@@ -66,7 +66,7 @@ def launch(ctx: typer.Context, spec_of, wait: bool, priority: int = 0, after: tu
         attempts = max_attempts_of(max_attempts)
         spec = spec_of()
         common.check_cluster(config)  # refuse before anything is written
-        if spec.sigma > specs.WARN_SIGMA:
+        if getattr(spec, "sigma", 0.0) > specs.WARN_SIGMA:
             common.say(f"warning: sigma {spec.sigma:g} is above {specs.WARN_SIGMA:g} pixel range units; "
                        f"if you meant 0-255 units, sigma is {spec.sigma:g}/255 = {spec.sigma / 255:.4g}", err=True)
         engine = common.database(config)
@@ -75,7 +75,7 @@ def launch(ctx: typer.Context, spec_of, wait: bool, priority: int = 0, after: tu
             job_id, total = job.id, job.progress_total
         for line in describe(spec, total) if describe else []:
             common.say(line, err=True)
-        if spec.kind != "train":  # the spec already refused an n that can never certify
+        if spec.kind in ("certify", "certify_api"):  # the spec already refused an n that can never certify
             common.say(f"info: {specs.reach(spec)}", err=True)
     common.console.print(f"job {job_id}")
     with common.boundary():
@@ -155,6 +155,9 @@ def certify(ctx: typer.Context,
                 None, help="Sampler actors sharing each image's samples (default: one per GPU, else one per CPU)."),
             precision: str = typer.Option("fp32", help="fp32, or bf16/fp16 autocast (changes f; recorded)."),
             compile: bool = typer.Option(False, "--compile", help="torch.compile the sampler's model."),
+            previews: int = typer.Option(PREVIEWS, metavar="K", help="Its first K images get a preview on their "
+                                         "dashboard page: a few noisy samples beside their denoised versions, from "
+                                         "noise of their own (no count changes); 0: none."),
             data_root: Optional[str] = None, name: Optional[str] = None,
             priority: int = typer.Option(0, help=PRIORITY_HELP),
             after: List[int] = typer.Option([], help=AFTER_HELP),
@@ -168,11 +171,39 @@ def certify(ctx: typer.Context,
         dataset=dataset, classifier=absolute(classifier), denoiser=absolute(denoiser), sigma=sigma, n0=n0,
         n=specs.given_n(n, max_n, radius, DEFAULT_N), alpha=alpha, radius=radius, max_n=max_n,
         batch_size=batch_size, split=split, skip=skip, max_images=max_images, seed=seed, workers=workers,
-        precision=precision, compile=compile, size=size, classes=class_list(classes), data_root=data_root, name=name,
-        models=model_options(
+        precision=precision, compile=compile, previews=previews, size=size, classes=class_list(classes),
+        data_root=data_root, name=name, models=model_options(
             classifier=(absolute(classifier), absolute(classifier_weights), classifier_args, mean, std),
             denoiser=(absolute(denoiser), absolute(denoiser_weights), denoiser_args, None, None))),
         wait, priority, tuple(after), max_attempts=max_attempts)
+
+
+def preview(ctx: typer.Context, job: str = typer.Argument(..., metavar="JOB", help="A certify job's id."),
+            image: str = typer.Argument(..., metavar="IMAGE",
+                                        help="One of its images (the index its results and pages show)."),
+            priority: int = typer.Option(0, help=PRIORITY_HELP),
+            wait: bool = typer.Option(False, help=WAIT_HELP)):
+    """Ask a worker for the preview of one image of a certify job (a few noisy samples beside their denoised
+    versions), shown on the image's dashboard page."""
+    from dsq.db.session import session_scope
+    from dsq.kinds import preview as previews
+
+    def spec_of():
+        number, index = _number("job", job), _number("image", image)
+        config = common.settings(ctx)
+        with session_scope(common.database(config)) as session:
+            return previews.request(session, number, index, config)
+
+    launch(ctx, spec_of, wait, priority)
+
+
+def _number(name: str, text: str) -> int:
+    """A command-line job id or image index as an integer; else one line (``InvalidArgument``)."""
+    from dsq.errors import InvalidArgument
+
+    if not text.strip().isdigit():
+        raise InvalidArgument(f"{name} {text!r}: a number >= 0")
+    return int(text)
 
 
 PREDICT_N = 1_000  # PREDICT's default n: a clear-cut image answers well below it, and it costs 1% of certify's n

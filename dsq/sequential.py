@@ -54,6 +54,8 @@ The statistics (``log_wealth``, ``lower_bound``, ``SequentialTest``, ``decide``,
 ``final_bound``, ``max_sequential_radius``) are pure functions of counts, on top of the fixed-n
 statistics of ``dsq.bounds``; ``dsq.smoothing.certify_radius`` is a thin loop over ``dsq.sampling``
 that feeds ``Stream``, as the job runners feed it the batches their workers return, in any order.
+``SequentialTest.trace`` is p_lower at each look, up to the stop: what a result stores (``extra.trace``) and its
+image's dashboard page plots.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ BISECTION_STEPS = 64
 # decision wins back the near-boundary images and the sequence (at alpha/2) is still nearly as fast:
 # 1/alpha_seq is only log(2) = 0.7 more nats of evidence.
 FINAL_SHARE = 0.5
+
+# The most looks an image's trace keeps (``SequentialTest.trace``): a job's looks are about 100 by its batch size
+# (``dsq.sizing.SEQUENTIAL_LOOKS``), an API job's may be a thousand; beyond this they are thinned evenly.
+TRACE_POINTS = 100
 
 
 def log_wealth(successes: int, failures: int, p: float) -> float:
@@ -152,6 +158,7 @@ class SequentialTest:
     trials: int = field(default=0, init=False)
     batches: int = field(default=0, init=False)
     decision: str = field(default=CONTINUE, init=False)
+    looks: list = field(default_factory=list, init=False)  # (trials, successes) after each batch counted
 
     def __post_init__(self) -> None:
         if not checks.is_real(self.p0) or not 0 < self.p0 <= 1:
@@ -192,6 +199,7 @@ class SequentialTest:
         self.successes += int(successes)
         self.trials += int(trials)
         self.batches += 1
+        self.looks.append((self.trials, self.successes))
         self.decision = self._decide()
         return self.decision
 
@@ -201,12 +209,24 @@ class SequentialTest:
         Before max_n: the confidence sequence's (at alpha_seq). At max_n: the larger of it and the
         final Clopper-Pearson bound (at alpha_final); the union bound covers either.
         """
-        if log_wealth(self.successes, self.failures, self.p0) >= self._threshold:
-            bound = _bisect(self.successes, self.failures, self._threshold, self.p0, 1.0)
+        return self._bound(self.successes, self.trials)
+
+    def trace(self, points: int = TRACE_POINTS) -> list[list[float]]:
+        """``[[n, p_lower], ...]``: the bound at each look, as ``p_lower`` gave it then (at most ``points`` looks,
+        thinned evenly, the first and the last kept). What an image's page plots: p_lower against n up to the stop."""
+        looks = self.looks
+        if len(looks) > points:
+            looks = [looks[i] for i in sorted({round(k * (len(looks) - 1) / (points - 1)) for k in range(points)})]
+        return [[trials, self._bound(successes, trials)] for trials, successes in looks]
+
+    def _bound(self, successes: int, trials: int) -> float:
+        failures = trials - successes
+        if log_wealth(successes, failures, self.p0) >= self._threshold:
+            bound = _bisect(successes, failures, self._threshold, self.p0, 1.0)
         else:
-            bound = _bisect(self.successes, self.failures, self._threshold, 0.0, self.p0)
-        if self.trials >= self.max_n:
-            bound = max(bound, self._final(self.successes))
+            bound = _bisect(successes, failures, self._threshold, 0.0, self.p0)
+        if trials >= self.max_n:
+            bound = max(bound, self._final(successes))
         return bound
 
     def _decide(self) -> str:

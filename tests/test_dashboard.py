@@ -267,7 +267,7 @@ from dsq.db.session import open_database
 
 client = TestClient(create_app(open_database(sys.argv[1], read_only=True), timedelta(seconds=60)))
 for url in ["/", "/api/queue", "/api/jobs", "/jobs/1", "/api/jobs/1", "/experiments/grid", "/api/experiments/grid",
-            "/jobs/1/images/0"]:
+            "/jobs/1/images/0", "/api/jobs/1/images/0"]:
     assert client.get(url).status_code == 200, url
 heavy = sorted({"torch", "ray", "torchvision"} & set(sys.modules))
 assert not heavy, heavy
@@ -297,3 +297,104 @@ def test_the_dashboard_bench_builds_and_times_every_page(tmp_path, opens_databas
     assert len(built["jobs"]) == len(dashboard.METHODS) * len(dashboard.SIGMAS) and built["abstained"] is not None
     times = dashboard.measure(url, built, repeats=1)
     assert set(times) == set(dashboard.pages(built)) and all(t["p95_ms"] >= t["p50_ms"] > 0 for t in times.values())
+
+
+# -- an image's own sections: its trace, its preview, its stored answers ----------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n(the bytes a worker stored)"
+TRACE = [[100, 0.41], [200, 0.62], [300, 0.7]]
+QUERIES = 1 + 5 + 244  # an API image: its clean query, n0 = 5 and n = 244 noisy ones
+
+
+def store_result(session, job_id, image, extra, **fields):
+    values = dict(label=1, prediction=1, radius=0.31, correct=True, p_lower=0.7, counts_selection=[0, 10],
+                  counts_estimation=[1, 299], n0=10, n=300, alpha=0.001, sigma=0.25, seconds=0.1, extra=extra)
+    repo.upsert_result(session, job_id, image, **(values | fields))
+
+
+@pytest.fixture(scope="module")
+def shown(tmp_path_factory, opens_database):
+    """A sequential job (image 0 with its trace, image 1 stored before traces were kept), a certify job with a
+    preview of image 0, a certify-api job whose image 0 has 250 queries (one answer never stored, one label a
+    script), and a training."""
+    home = tmp_path_factory.mktemp("image-pages")
+    engine = open_database(f"sqlite:///{home / 'dsq.db'}")
+    with session_scope(engine) as session:
+        ids = {"sequential": add_job(session, [], spec={**SPEC, "radius": 0.3}),
+               "fixed": add_job(session, FIXED[:3]),
+               "api": add_job(session, [], kind="certify_api", spec={**SPEC, "provider": "google"}),
+               "train": add_training(session, {"target": "denoiser", "objective": "mse", "sigma": 0.25})}
+        sequential = {"mode": "sequential", "target_radius": 0.3, "max_n": 1000}
+        store_result(session, ids["sequential"], 0, {**sequential, "trace": TRACE})
+        store_result(session, ids["sequential"], 1, sequential)
+        repo.upsert_preview(session, ids["fixed"], 0, png=PNG, classes=[1, 1, -1, 1])
+        digests = [f"{i:064x}" for i in range(QUERIES)]
+        store_result(session, ids["api"], 0, {"provider": "google", "service": "embedded", "labels": ["cat", "dog"],
+                                              "sha256": {"clean": digests[0], "selection": digests[1:6],
+                                                         "estimation": digests[6:]}})
+        for i, digest in enumerate(digests[:-1]):  # the last answer is missing
+            repo.store_api_answer(session, provider="google", service="embedded", sha256=digest, answer={},
+                                  top_label=SCRIPT if i == 6 else "dog", job_id=ids["api"])
+    yield home, ids, engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def shown_client(shown):
+    with TestClient(create_app(shown[2], timedelta(seconds=60))) as client:
+        yield client
+
+
+def test_a_sequential_image_plots_its_bound_against_n_or_says_it_was_not_recorded(shown, shown_client):
+    _, ids, _ = shown
+    html = page(shown_client, f"/jobs/{ids['sequential']}/images/0")
+    data = json.loads(re.search(r'<script type="application/json" id="trace-data">(.*?)</script>', html).group(1))
+    from scipy.stats import norm
+
+    assert data["n"] == [100, 200, 300] and data["p_lower"] == [0.41, 0.62, 0.7]
+    assert data["p0"] == pytest.approx(norm.cdf(0.3 / 0.25), abs=1e-12) and data["recorded"]
+    assert shown_client.get(f"/api/jobs/{ids['sequential']}/images/0").json()["trace"] == data
+    older = page(shown_client, f"/jobs/{ids['sequential']}/images/1")
+    assert "not recorded" in older and "trace-data" not in older
+    assert "p̲A against n" not in page(shown_client, f"/jobs/{ids['fixed']}/images/0")  # a fixed-n image has none
+
+
+def test_an_image_shows_its_preview_or_how_to_ask_for_one(shown, shown_client):
+    _, ids, _ = shown
+    job = ids["fixed"]
+    html = page(shown_client, f"/jobs/{job}/images/0")
+    assert f'<img src="/jobs/{job}/images/0/preview.png"' in html and "1, 1, -1, 1" in html
+    answer = shown_client.get(f"/jobs/{job}/images/0/preview.png")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png" and answer.content == PNG
+    assert f"dsq preview {job} 1" in page(shown_client, f"/jobs/{job}/images/1")
+    missing = shown_client.get(f"/jobs/{job}/images/1/preview.png")
+    assert missing.status_code == 404 and f"dsq preview {job} 1" in missing.text
+    assert "<h2>Preview</h2>" not in page(shown_client, f"/jobs/{ids['api']}/images/0")  # no previews of API jobs
+
+
+def test_an_api_image_lists_its_stored_answers_a_page_at_a_time(shown, shown_client):
+    _, ids, _ = shown
+    url = f"/jobs/{ids['api']}/images/0"
+    first = page(shown_client, url)
+    rows = cells(first, "answers")
+    assert len(rows) == 100 and rows[0][:4] == ["0", "clean", "0", "dog"] and rows[0][5] == "this job"
+    assert rows[1][:3] == ["1", "selection", "0"] and rows[6][:4] == ["6", "estimation", "0", SCRIPT]
+    assert SCRIPT not in first and f"{QUERIES} queries" in first and 'id="answers-previous"' not in first
+    assert "0" * 60 not in re.search(r'<pre id="extra">(.*?)</pre>', first, re.S).group(1)  # digests: not dumped
+    last = page(shown_client, f"{url}?answers=200")
+    rows = cells(last, "answers")
+    assert len(rows) == QUERIES - 200 and rows[-1][:5] == [str(QUERIES - 1), "estimation", "243", "not stored", ""]
+    assert 'id="answers-next"' not in last and 'href="?answers=100"' in last
+    listed = shown_client.get(f"/api/jobs/{ids['api']}/images/0?answers=100").json()["answers"]
+    assert listed["total"] == QUERIES and listed["start"] == 100 and len(listed["rows"]) == 100
+    assert shown_client.get(f"{url}?answers=x").status_code == 404
+
+
+@pytest.mark.parametrize("args", [["999", "0"], ["{train}", "0"], ["{api}", "0"], ["{fixed}", "5000"],
+                                  ["{fixed}", "-1"], ["{fixed}", "x"]])
+def test_a_preview_that_cannot_be_made_is_refused_in_one_line(shown, args):
+    home, ids, engine = shown
+    out = dsq(home, "preview", *[a.format(**ids) for a in args])
+    assert out.exit_code == 2 and out.output.count("\n") == 1 and out.output.startswith("error: "), out.output
+    with session_scope(engine) as session:
+        assert not repo.list_jobs(session, kind="preview")  # nothing queued

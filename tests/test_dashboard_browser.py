@@ -1,7 +1,7 @@
 """`dsq dashboard` in a real headless Chromium (Debian's chromium and chromium-driver, driven by Selenium): served
 on a loopback address that is not 127.0.0.1, so it makes a token and the browser comes in by its link; pages load
 with no console error, the curves are drawn, the numbers are the CLI's, an abstained image shows its counts, a
-script in a job's name stays text; SIGTERM stops the server with 143. One dashboard and one browser for the module."""
+sequential image its bound against n, an image its preview, a script in a job's name stays text; SIGTERM stops the server with 143. One dashboard and one browser for the module."""
 
 import json
 import os
@@ -15,7 +15,7 @@ import pytest
 
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
-from tests.test_dashboard import ABSTAINED, ROOT, SCRIPT
+from tests.test_dashboard import ABSTAINED, ROOT, SCRIPT, TRACE, store_result
 from tests.test_reporting import FIXED, SEQUENTIAL, SPEC, add_job, ok
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -34,6 +34,9 @@ def served(tmp_path_factory, starts_processes):
                                         ("STAB s=0.5", 0.5, SEQUENTIAL, {**SPEC, "radius": 0.3})]:
             add_job(session, rows, spec={**spec, "sigma": sigma}, name=name, experiment="grid", meta={"sigma": sigma})
         repo.create_job(session, kind="certify", spec=SPEC, seed=0, name="waiting", total=20)
+        store_result(session, 4, 0, {"mode": "sequential", "target_radius": 0.3, "max_n": 1000, "trace": TRACE},
+                     sigma=0.5)
+        repo.upsert_preview(session, 1, 0, png=tiny_png(), classes=[0, 0, 1, 0])
     engine.dispose()
     server = subprocess.Popen([sys.executable, "-m", "cli", "--db", url, "dashboard", "--host", HOST, "--port", "0"],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -47,6 +50,16 @@ def served(tmp_path_factory, starts_processes):
         if server.poll() is None:
             server.kill()
             server.wait(30)
+
+
+def tiny_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (5 * 64 + 8, 130), "grey").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +140,17 @@ def test_pages_in_a_real_browser(served, browser):
     assert "abstained" in browser.find_element("css selector", "#verdict").text
     assert table_text(browser, "counts") == [["0", "0", "1"], ["1", "10", "99"]]
     assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+    visit(browser, base + "jobs/4/images/0")  # a sequential image's p_lower against n, and the level p0
+    wait_for(browser, "#trace-plot .main-svg .scatterlayer .trace")
+    assert len(browser.find_elements("css selector", "#trace-plot .scatterlayer .trace")) == 2
+    visit(browser, base + "jobs/1/images/0")  # its preview, loaded with the token's cookie
+    image = wait_for(browser, "#preview img")
+    deadline = time.monotonic() + DEADLINE
+    while not browser.execute_script("return arguments[0].complete", image):
+        assert time.monotonic() < deadline, "the preview never loaded"
+        time.sleep(0.2)
+    assert browser.execute_script("return arguments[0].naturalWidth", image) == 5 * 64 + 8
     screenshots = os.environ.get("DSQ_SCREENSHOTS")
     if screenshots:  # the README's picture is taken from a real run this way
         browser.get(base + "experiments/grid")

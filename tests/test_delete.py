@@ -11,7 +11,7 @@ from cli import common
 from cli.main import app
 from dsq import artifacts, jobqueue
 from dsq.db import repo
-from dsq.db.models import ApiAnswer, Artifact, Job, JobDependency, JobLog, Result, WorkUnit
+from dsq.db.models import ApiAnswer, Artifact, Job, JobDependency, JobLog, Preview, Result, WorkUnit
 from dsq.db.session import open_database, session_scope
 
 
@@ -46,6 +46,7 @@ def plan(db_url, tmp_path):
         jobqueue.add_dependencies(session, certify, [train])
         store(session, certify, 0)
         repo.add_log(session, certify, "hello")
+        repo.upsert_preview(session, certify, 0, png=b"png", classes=[1, 1, 1, 1])
         repo.store_api_answer(session, provider="google", service="embedded", sha256="a" * 64, answer={},
                               top_label="cat", job_id=certify)
         other = repo.create_job(session, kind="train", spec={}, seed=0, total=1, experiment="x").id
@@ -57,7 +58,7 @@ def plan(db_url, tmp_path):
 def counts(engine) -> dict:
     with session_scope(engine) as session:
         return {model.__name__: session.scalar(select(func.count()).select_from(model))
-                for model in (Job, JobDependency, Result, WorkUnit, JobLog, Artifact, ApiAnswer)}
+                for model in (Job, JobDependency, Result, WorkUnit, JobLog, Artifact, ApiAnswer, Preview)}
 
 
 def refused(out, expected):
@@ -94,7 +95,7 @@ def test_delete_removes_jobs_and_their_results_and_keeps_artifacts_and_paid_answ
     with session_scope(engine) as session:
         assert session.scalars(select(Artifact.job_id)).all() == [None]
     assert counts(engine) | {"Job": 0} == {"Job": 0, "JobDependency": 0, "Result": 0, "WorkUnit": 0, "JobLog": 0,
-                                           "Artifact": 1, "ApiAnswer": 1}
+                                           "Artifact": 1, "ApiAnswer": 1, "Preview": 0}
 
 
 def test_delete_with_artifacts_removes_the_model_files_too(plan, db_url):

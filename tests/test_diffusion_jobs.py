@@ -87,6 +87,9 @@ def test_counts_are_the_same_on_one_or_three_samplers_and_the_log_names_the_time
     assert "diffusion denoiser: timestep 145 of 1000 (ᾱ 0.798) for σ 0.25" in logs_of(engine, one)
     with session_scope(engine) as session:
         assert views.default_method(session, repo.get_job(session, one)) == "diffusion (one-shot) ddpm-diffusers"
+        shown = [{i: repo.preview_for_image(session, job, i).png for i in repo.previewed_indices(session, job)}
+                 for job in (one, three)]
+    assert len(shown[0]) == 3 and shown[0] == shown[1]  # the DDPM's previews: the same on any number of samplers
 
 
 def test_a_ddpm_job_certifies_fixed_n_sequentially_and_in_bf16(world):

@@ -1,6 +1,7 @@
 """The job system on a real local Ray and a real SQLite file: train, certify, shard, cancel, resume, fail."""
 
 import collections
+import io
 import os
 import pathlib
 import threading
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 import ray
 import torch
+from PIL import Image
 
-from dsq import datasets, fastpath, jobqueue, jobs, pipeline, references, sampling, sizing, smoothing, views
+from dsq import datasets, fastpath, jobqueue, jobs, pipeline, previews, references, sampling, sizing, smoothing, views
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import CheckpointError, InvalidArgument, JobStateError
@@ -20,6 +22,7 @@ from dsq.settings import Settings
 from workers import certify_loop, runner
 from workers.loop import Control
 from workers.pool import ActorPool
+from dsq.kinds import preview
 from dsq.kinds.certify import CertifySpec
 from dsq.kinds.train import TrainSpec
 
@@ -97,6 +100,32 @@ def test_counts_and_radii_do_not_depend_on_worker_count(world):
     three = run(config, engine, certify_spec(f, d, workers=3))
     assert rows_of(engine, one) == rows_of(engine, three)
     assert len(rows_of(engine, one)) == 6
+
+
+def test_previews_are_stored_for_the_first_images_and_change_no_count(world):
+    """A job's first images get a preview from noise of their own: its counts are a job's without previews; a
+    preview job asked through the queue (dsq preview) draws the same picture for another job's image."""
+    config, engine, f, d = world
+    pool = ActorPool()  # both jobs on one actor: what previews leave behind in it would show in the counts
+    try:
+        without, shown = (submit(config, engine, certify_spec(f, d, workers=1, max_images=3, previews=k))
+                          for k in (0, 3))
+        for job_id in (without, shown):
+            assert runner.run_job(config, job_id, Control(pool=pool)) == "succeeded", job_logs(engine, job_id)
+    finally:
+        pool.close()
+    assert rows_of(engine, without) == rows_of(engine, shown) and len(rows_of(engine, shown)) == 3
+    with session_scope(engine) as session:
+        assert repo.previewed_indices(session, without) == set()
+        assert repo.previewed_indices(session, shown) == {0, 1, 2}
+        made = repo.preview_for_image(session, shown, 2)
+        spec = preview.request(session, without, 2, config)
+    asked = run(config, engine, spec)
+    with session_scope(engine) as session:
+        served = repo.preview_for_image(session, without, 2)
+        assert repo.get_job(session, asked).progress_done == 1
+    assert (served.png, served.classes) == (made.png, made.classes) and len(made.classes) == previews.SAMPLES
+    assert Image.open(io.BytesIO(made.png)).size == (5 * 64 + 4 * previews.GAP, 2 * 64 + previews.GAP)
 
 
 def test_job_equals_in_process_certify(world):

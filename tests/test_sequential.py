@@ -193,6 +193,28 @@ def test_unanimous_votes_stop_after_the_first_batch():
     assert test.p_lower() >= test.p0
 
 
+def test_the_trace_is_the_bound_at_each_look_up_to_the_stop():
+    test = sequential.SequentialTest.at_radius(0.25, 0.5, 0.001, 10_000)
+    for successes in (40, 45, 48, 50, 50):
+        if test.update(successes, 50) != sequential.CONTINUE:
+            break
+    trace = test.trace()
+    assert [n for n, _ in trace] == [50 * (k + 1) for k in range(test.batches)]
+    assert trace[-1][1] == test.p_lower() and test.decision == CERTIFIED  # the last point is the stored bound
+    assert [p for _, p in trace[:-1]] == [p for _, p in test.trace()[:-1]]  # pure: computed from the looks
+    assert all(p < test.p0 for _, p in trace[:-1]) and trace[-1][1] >= test.p0  # it stopped at the first pass
+
+
+def test_a_long_trace_keeps_its_first_and_last_looks():
+    test = sequential.SequentialTest(0.6, 0.001, 100_000)
+    while test.update(6, 10) == sequential.CONTINUE and test.batches < 500:
+        pass
+    thinned = test.trace(points=20)
+    assert test.batches == 500 and len(thinned) == 20
+    assert thinned[0][0] == 10 and thinned[-1] == [5000, test.p_lower()]
+    assert [n for n, _ in thinned] == sorted({n for n, _ in thinned})
+
+
 def test_a_coin_flip_stops_for_futility_without_a_certificate():
     tests = simulate(0.5, float(norm.cdf(0.5)), alpha=0.001, max_n=100_000, batch=100, trials=50, seed=3)
     assert all(t.decision == FUTILE for t in tests)

@@ -84,6 +84,10 @@ def test_decisions_and_sample_counts_do_not_depend_on_worker_count(world, one_wo
     drawn = [row[7] for row in rows]
     assert min(drawn) < MAX_N  # some image stopped early
     assert all(n % BATCH == 0 or n == MAX_N for n in drawn)  # decisions fall at batch ends
+    with session_scope(engine) as session:  # p_lower at each look, up to the stored one at the stop
+        traces = [(r.extra["trace"], r.n, r.p_lower) for r in repo.results_for_job(session, one_worker)]
+    assert all([n for n, _ in trace] == list(range(BATCH, n + 1, BATCH)) and trace[-1] == [n, p_lower]
+               for trace, n, p_lower in traces)
 
 
 def test_job_equals_in_process_certify_radius(world, one_worker):
@@ -277,6 +281,8 @@ def test_api_job_at_a_clear_radius_pays_a_fraction_of_n0_plus_n_plus_1(emulator,
     assert sum(b <= (5 + 200 + 1) // 4 for b in billed) >= 3, billed
     assert all(b <= (5 + 200 + 1) * 2 // 5 for b in billed), billed
     assert all(r.n % api_runner.QUERY_BATCH == 0 and r.extra["mode"] == "sequential" for r in rows)
+    assert all(r.extra["trace"][-1] == [r.n, r.p_lower] and len(r.extra["trace"]) == r.n // api_runner.QUERY_BATCH
+               for r in rows)
     assert server.ledger.billed == sum(billed)
     with session_scope(db) as session:
         assert repo.count_paid_api_answers(session, job_id) == sum(billed)

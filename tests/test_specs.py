@@ -10,6 +10,7 @@ import pytest
 from dsq import bounds, kinds, specs
 from dsq.errors import DsqError, InvalidArgument, UnknownName
 from dsq.kinds.certify import CertifySpec
+from dsq.kinds.preview import PreviewSpec
 from dsq.kinds.train import TrainSpec
 
 CLASSIFIER = dict(dataset="digits", target="classifier", arch="small_cnn", objective="standard", sigma=0.0)
@@ -29,6 +30,8 @@ SPECS = [
     CertifySpec(**CERTIFY, n=10_000, radius=0.25, name="sequential"),
     CertifySpec(**CERTIFY, radius=0.1, max_n=2_000, name="sequential, capped"),
     CertifySpec(dataset="folder:/data/pets", classifier="f.pt", sigma=0.25, size=32, name="resized"),
+    CertifySpec(**CERTIFY, previews=0, name="no previews"),
+    PreviewSpec(job=4, image=7, of=CertifySpec(**CERTIFY, seed=3).to_dict()),
     TrainSpec(**dict(CLASSIFIER, dataset="folder:/data/pets"), size=64),
 ]
 
@@ -43,7 +46,8 @@ def error_of(call) -> DsqError:
 # ------------------------------------------------------------------------------ round trip
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kind}-{getattr(s, 'objective', s.sigma)}-{s.name}")
+@pytest.mark.parametrize("spec", SPECS,
+                         ids=lambda s: f"{s.kind}-{getattr(s, 'objective', getattr(s, 'sigma', None))}-{s.name}")
 def test_round_trip_through_dict_and_json(spec):
     data = spec.to_dict()
     assert kinds.from_dict(data) == spec
@@ -115,11 +119,23 @@ def test_bad_sigma(sigma):
     ("size", 0, "size must be an integer >= 1"),
     ("size", 32.0, "size must be an integer >= 1"),
     ("size", True, "size must be an integer >= 1"),
+    ("previews", -1, "previews must be an integer >= 0"),
+    ("previews", 101, "previews must be at most 100"),
 ])
 def test_bad_certify_spec(field, value, words):
     error = error_of(lambda: CertifySpec(**{**CERTIFY, field: value}))
     assert isinstance(error, InvalidArgument)
     assert words in str(error) and repr(value) in str(error)
+
+
+def test_a_preview_spec_runs_as_its_certify_job_and_waits_for_its_models():
+    spec = PreviewSpec(job=4, image=7, of=CertifySpec(**CERTIFY, seed=3).to_dict())
+    assert spec.certify == CertifySpec(**CERTIFY, seed=3) and spec.seed == 3
+    assert spec.model_roles() == [("job:1", "classifier"), ("job:3", "denoiser")]
+    assert CertifySpec(**CERTIFY).previews == 4  # a certify job's first 4 images, unless told
+    for changes, words in (({"image": -1}, "image must be an integer >= 0"), ({"job": 0}, "job must be"),
+                           ({"of": {**CERTIFY, "sigma": -1}}, "sigma"), ({"of": "job:4"}, "of must be")):
+        assert words in str(error_of(lambda: PreviewSpec(**{**spec.to_dict(), **changes})))
 
 
 # ------------------------------------------------------------------------------ sequential certification

@@ -258,7 +258,7 @@ class SequentialApiLoop(ApiLoop):
             work.top(labels.CLEAN)[0], work.top(labels.SELECTION), work.top(labels.ESTIMATION), radius=spec.radius,
             alpha=spec.alpha, sigma=spec.sigma, max_n=spec.max_n, batch=QUERY_BATCH)
         self._record(work, result, {"mode": "sequential", "target_radius": spec.radius, "max_n": spec.max_n,
-                                    "batch": QUERY_BATCH})
+                                    "batch": QUERY_BATCH, "trace": result.trace})
 
 
 class PredictApiLoop(ApiLoop):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from dsq import bounds, pipeline, references, sampling, sequential, sizing, smoothing
+from dsq import bounds, pipeline, previews, references, sampling, sequential, sizing, smoothing
 from dsq.db import repo
 from dsq.db.session import session_scope
 from dsq.kinds import certify
@@ -46,17 +46,21 @@ class ImageState:
     out: set = field(default_factory=set)  # sequential: estimation batches sent (or queued again), not back
 
 
+def model_sources(session, spec) -> list:
+    """f's and D's sources (``references.source``): each sampler fetches (and hash-checks) them on its own node."""
+    return [references.source(session, spec.classifier, spec.models.get(spec.classifier)),
+            references.source(session, spec.denoiser, spec.models.get(spec.denoiser), spec.sigma)
+            if spec.denoiser else None]
+
+
 def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None:
     with session_scope(engine) as session:
-        # Each sampler fetches (and hash-checks) the checkpoints on its own node.
-        sources = [references.source(session, spec.classifier, spec.models.get(spec.classifier)),
-                   references.source(session, spec.denoiser, spec.models.get(spec.denoiser), spec.sigma)
-                   if spec.denoiser else None]
+        sources = model_sources(session, spec)
         done = repo.done_image_indices(session, job_id)
     root = settings.data_root_of(spec)
     plan = pipeline.image_plan(spec, pipeline.images(spec, root))
     todo = collections.deque(i for i in plan if i not in done)
-    if not todo:
+    if not todo:  # a job resumed after its last image: its previews were made when it started
         return
     workers = spec.workers or resources.default_workers()
     options, threads = resources.actor_options(workers)
@@ -64,10 +68,9 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     def start():  # spread over the nodes: shards run in parallel, and losing one node costs one sampler
         return SamplerActor.options(**options, scheduling_strategy="SPREAD").remote(settings, threads, device)
 
-    # what every call to a sampler names: the actors load it once, whatever they held before
-    model = {"classifier": sources[0], "denoiser": sources[1], "precision": spec.precision, "compile": spec.compile}
+    model = sampler_model(sources, spec)
     pool = control.pool or ActorPool()
-    key = ("sampler", settings, threads, device, tuple(sorted(options.items())))  # settings: where models come from
+    key = sampler_key(settings, threads, device, options)
     actors = pool.acquire(key, workers, start, options)
     loop, healthy = None, False
     try:
@@ -81,6 +84,7 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
                     repo.add_log(session, job_id, line)
         probe = ray.get(actors[0].memory_probe.remote(model, dataset[todo[0]][0], options.get("num_gpus", 1.0)))
         spec = _size_job(engine, job_id, spec, workers, threads, probe)
+        store_previews(engine, job_id, spec, dataset, actors, model, plan[:spec.previews])
         kind = SequentialLoop if spec.sequential else PredictLoop if spec.predict else CertifyLoop
         loop = kind(engine, job_id, control, spec, dataset, actors, len(plan) - len(todo), len(plan),
                     model=probe["model"], sources=model)
@@ -89,6 +93,36 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     finally:
         settle(loop.in_flight if loop else {})  # a shard killed mid-task makes Ray print its own failure
         pool.release(key, actors, healthy and control.pool is not None)
+
+
+def sampler_model(sources: list, spec) -> dict:
+    """What every call to a sampler names: the actors load it once, whatever they held before (``SamplerActor``)."""
+    return {"classifier": sources[0], "denoiser": sources[1], "precision": spec.precision, "compile": spec.compile}
+
+
+def sampler_key(settings: Settings, threads: int, device: str, options: dict) -> tuple:
+    """Samplers that one job can hand to the next (``ActorPool``); settings: where their models come from."""
+    return "sampler", settings, threads, device, tuple(sorted(options.items()))
+
+
+def store_previews(engine, job_id: int, spec, dataset, actors: list, model: dict, indices) -> None:
+    """The previews of ``indices`` not stored yet (``dsq.previews``), spread over the actors. Their noise is a
+    stream of their own and the actors hold no state, so no count changes."""
+    with session_scope(engine) as session:
+        stored = repo.previewed_indices(session, job_id)
+    asked = {actors[k % len(actors)].preview.remote(model, dataset[index][0], sigma=spec.sigma, seed=spec.seed,
+                                                    image=index, count=previews.SAMPLES): index
+             for k, index in enumerate(i for i in indices if i not in stored)}
+    for ref, index in asked.items():
+        try:
+            reply = ray.get(ref)
+        except ray.exceptions.RayActorError as lost:  # a preview is not worth a job's attempt: said, and skipped
+            with session_scope(engine) as session:
+                repo.add_log(session, job_id, f"image {index}: its preview lost its sampler ({type(lost).__name__}); "
+                                              f"dsq preview {job_id} {index} asks for it again", level="warning")
+            continue
+        with session_scope(engine) as session:
+            repo.upsert_preview(session, job_id, index, png=reply["png"], classes=reply["classes"])
 
 
 def _size_job(engine, job_id: int, spec, workers: int, threads: int, probe: dict):
@@ -281,7 +315,7 @@ class SequentialLoop(CertifyLoop):
         spec = self.spec
         cert = sequential.to_certificate(state.stream.test, smoothing.sum_counts(state.counts[sampling.SELECTION]),
                                          state.stream.counts, n0=spec.n0, sigma=spec.sigma, radius=spec.radius)
-        self._store(state, cert, device, extra=certify.sequential_extra(spec))
+        self._store(state, cert, device, extra={**certify.sequential_extra(spec), "trace": state.stream.test.trace()})
 
 
 class PredictLoop(CertifyLoop):

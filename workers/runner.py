@@ -18,12 +18,13 @@ from dsq.db import repo
 from dsq.db.session import database_back, is_outage, make_engine, session_scope
 from dsq.errors import BudgetReached, DsqError, JobCancelled, JobInterrupted, JobStateError
 from dsq.settings import Settings
-from workers import api_runner, certify_loop, train_loop
+from workers import api_runner, certify_loop, preview_loop, train_loop
 from workers.loop import Control
 
 # Each job kind's loop: (engine, settings, job_id, spec, control) -> None. A new kind adds its module in
 # dsq/kinds/ and its loop here.
-LOOPS = {"train": train_loop.run, "certify": certify_loop.run, "certify_api": api_runner.run}
+LOOPS = {"train": train_loop.run, "certify": certify_loop.run, "certify_api": api_runner.run,
+         "preview": preview_loop.run}
 # Outages a run rides out (each shorter than the grace) before it leaves its job to be taken over.
 OUTAGES_RIDDEN = 5
 

@@ -10,7 +10,7 @@ import time
 import ray
 import torch
 
-from dsq import fastpath, pipeline, sampling, sizing
+from dsq import fastpath, pipeline, previews, sampling, sizing
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)
@@ -27,7 +27,7 @@ class SamplerActor:
         if device == "cpu":
             fastpath.tune_cpu_allocator()  # this process only samples: keep activation buffers resident
         self.settings, self.device = settings, device
-        self.held, self.model, self.channels = None, None, None
+        self.held, self.model, self.channels, self.denoised = None, None, None, False
         self.name = f"{socket.gethostname()}:{ray.get_runtime_context().get_actor_id()[:8]}"
 
     def _use(self, model: dict) -> None:
@@ -45,7 +45,7 @@ class SamplerActor:
         self.channels = sampling.input_channels(chain)
         self.model = fastpath.prepare_for_inference(chain, device=self.device, precision=model["precision"],
                                                     compile=model["compile"])
-        self.held = key
+        self.held, self.denoised = key, model["denoiser"] is not None
 
     def counts(self, x, *, model, sigma, start, count, batch_size, seed, image, phase) -> dict:
         self._use(model)
@@ -55,6 +55,13 @@ class SamplerActor:
                                         device=self.device)
         return {"counts": counts, "seconds": time.perf_counter() - started,
                 "worker": self.name, "device": self.device}
+
+    def preview(self, model, x, *, sigma, seed, image, count) -> dict:
+        """One image's preview (``dsq.previews``): the PNG and f o D's class on each of ``count`` samples."""
+        self._use(model)
+        denoise = self.model.net[:-1] if self.denoised else None  # D, and a resize if the chain has one
+        png, classes = previews.make(self.model, denoise, x, sigma=sigma, seed=seed, image=image, count=count)
+        return {"png": png, "classes": classes}
 
     def notes(self, model, x) -> list[str]:
         """What the job's log says of f o D on images like ``x`` (``pipeline.notes``)."""

@@ -40,6 +40,7 @@ class ApiCertificate:
     cert: bounds.Certificate
     labels: list[str]
     clean_label: str
+    trace: list | None = None  # sequential: [n, p_lower] at each look (``SequentialTest.trace``)
 
     @property
     def label_index(self) -> int:
@@ -106,4 +107,4 @@ def certify_labels_at_radius(clean_label: str, selection: Sequence[str], estimat
     counts_estimation = np.bincount([position[label] for label in used], minlength=len(labels))
     cert = sequential.to_certificate(test, counts_selection, counts_estimation, n0=len(selection), sigma=sigma,
                                      radius=radius)
-    return ApiCertificate(cert, labels, clean_label)
+    return ApiCertificate(cert, labels, clean_label, test.trace())

@@ -1,7 +1,9 @@
 """The dashboard's Starlette application: read-only pages and their JSON, behind an optional token.
 
-Routes (all GET): ``/`` the queue, ``/jobs/{id}``, ``/jobs/{id}/images/{index}``, ``/experiments/{name}``; JSON
-``/api/queue`` (the live poll), ``/api/jobs``, ``/api/jobs/{id}``, ``/api/experiments/{name}``; ``/static/...``.
+Routes (all GET): ``/`` the queue, ``/jobs/{id}``, ``/jobs/{id}/images/{index}`` (``?answers=K``: a certify-api
+image's stored answers from query K on) and its preview ``.../preview.png``, ``/experiments/{name}``; JSON
+``/api/queue`` (the live poll), ``/api/jobs``, ``/api/jobs/{id}``, ``/api/jobs/{id}/images/{index}``,
+``/api/experiments/{name}``; ``/static/...``.
 
 With a token, every request needs it: ``Authorization: Bearer TOKEN``, the cookie a ``?token=TOKEN`` link sets, or
 401. Tokens are compared in constant time. A job, image or experiment that does not exist is a 404 page (or JSON
@@ -64,7 +66,16 @@ def create_app(engine, stale_after: timedelta, *, token: str | None = None) -> S
         return Response(text, media_type="application/json")
 
     def image_page(request: Request):
-        return html("image.html", **read(pages.image, _id(request, "job_id"), _id(request, "index")))
+        return html("image.html", **read(pages.image, _id(request, "job_id"), _id(request, "index"),
+                                         answers_from=_offset(request, "answers")))
+
+    def image_json(request: Request):
+        return _json(read(pages.image, _id(request, "job_id"), _id(request, "index"),
+                          answers_from=_offset(request, "answers")))
+
+    def preview_png(request: Request):
+        return Response(read(pages.preview_png, _id(request, "job_id"), _id(request, "index")),
+                        media_type="image/png")
 
     def image_form(request: Request):  # the job page's "image N" box
         job_id, index = _id(request, "job_id"), request.query_params.get("index", "").strip()
@@ -92,7 +103,9 @@ def create_app(engine, stale_after: timedelta, *, token: str | None = None) -> S
     routes = [Route("/", home), Route("/api/queue", queue_json), Route("/api/jobs", jobs_json),
               Route("/api/jobs/{job_id}", job_json), Route("/api/experiments/{name:path}", experiment_json),
               Route("/jobs/{job_id}", job_page), Route("/jobs/{job_id}/images", image_form),
-              Route("/jobs/{job_id}/images/{index}", image_page), Route("/experiments/{name:path}", experiment_page),
+              Route("/jobs/{job_id}/images/{index}", image_page), Route("/api/jobs/{job_id}/images/{index}", image_json),
+              Route("/jobs/{job_id}/images/{index}/preview.png", preview_png),
+              Route("/experiments/{name:path}", experiment_page),
               Route("/static/{name}", static)]
     handlers = {DsqError: _not_found, HTTPException: _http_error, Exception: _server_error}
     middleware = [Middleware(TokenGuard, token=token)] if token else []
@@ -103,6 +116,13 @@ def _id(request: Request, name: str) -> int:
     text = request.path_params[name]
     if not text.isdigit():
         raise InvalidArgument(f"{name.replace('_', ' ')} {text!r} is not a number")
+    return int(text)
+
+
+def _offset(request: Request, name: str) -> int:
+    text = request.query_params.get(name, "0").strip() or "0"
+    if not text.isdigit():
+        raise InvalidArgument(f"{name} {text!r}: a number >= 0")
     return int(text)
 
 

@@ -172,8 +172,10 @@ def experiment_json(session: Session, name: str, *, by_sigma: bool = False, linf
                   repo.experiment_job_ids(session, name), build)
 
 
-def image(session: Session, job_id: int, index: int) -> dict:
-    """One image of a job: its certificate as stored (counts, p̲A, radius, samples), and what it says."""
+def image(session: Session, job_id: int, index: int, *, answers_from: int = 0) -> dict:
+    """One image of a job: its certificate as stored (counts, p̲A, radius, samples), and what it says; a sequential
+    job's p̲A against n up to the stop; a certify job's preview (noisy samples beside their denoised versions) or
+    how to ask for one; a certify-api job's stored answers, ``ANSWERS_SHOWN`` from query ``answers_from`` on."""
     record = repo.get_job(session, job_id)
     row = repo.result_for_image(session, job_id, index)
     if row is None:
@@ -183,10 +185,65 @@ def image(session: Session, job_id: int, index: int) -> dict:
     selection, estimation = list(row.counts_selection or []), list(row.counts_estimation or [])
     counts = [{"class": c, "selection": _at(selection, c), "estimation": _at(estimation, c)}
               for c in range(max(len(selection), len(estimation))) if _at(selection, c) or _at(estimation, c)]
-    return {"job": record.id, "job_name": record.name or "", "index": index, "abstained": row.prediction == -1,
-            "fields": exported, "counts": counts, "extra": row.extra or {},
+    extra = row.extra or {}
+    found = repo.preview_for_image(session, job_id, index) if record.kind == "certify" else None
+    return {"job": record.id, "job_name": record.name or "", "kind": record.kind, "index": index,
+            "abstained": row.prediction == -1, "fields": exported, "counts": counts,
+            "extra": {key: value for key, value in extra.items() if key not in LISTED_APART},
             "linf": None if d is None else row.radius / d ** 0.5,
-            "verdict": _verdict(row, (record.spec or {}).get("radius"))}
+            "verdict": _verdict(row, (record.spec or {}).get("radius")),
+            "trace": _trace(row, extra.get("target_radius", (record.spec or {}).get("radius"))),
+            "preview": None if found is None else {"url": f"/jobs/{job_id}/images/{index}/preview.png",
+                                                   "classes": found.classes, "samples": found.samples,
+                                                   "denoised": bool((record.spec or {}).get("denoiser"))},
+            "answers": _answers(session, job_id, extra, answers_from) if record.kind == "certify_api" else None}
+
+
+LISTED_APART = ("sha256", "trace")  # what the image page shows in its own sections, not in "stored with it"
+ANSWERS_SHOWN = 100  # a certify-api image's stored answers per page: an image may have 10,000 queries
+
+
+def preview_png(session: Session, job_id: int, index: int) -> bytes:
+    """The stored preview of one image (a PNG); JobNotFound when there is none."""
+    found = repo.preview_for_image(session, repo.get_job(session, job_id).id, index)
+    if found is None:
+        raise JobNotFound(f"job {job_id} has no preview of image {index}: dsq preview {job_id} {index} asks for one")
+    return found.png
+
+
+def _trace(row, target: float | None) -> dict | None:
+    """A sequential image's p̲A at each look (``dsq.sequential.SequentialTest.trace``) as plot data, with the
+    level it had to reach, p0 = Phi(r / sigma); ``recorded`` False for a row stored before traces were kept; None
+    for an image of a job with no target radius."""
+    if target is None:
+        return None
+    from scipy.special import ndtr  # loaded already by the curves' bands
+
+    points = (row.extra or {}).get("trace")
+    return {"n": [n for n, _ in points or []], "p_lower": [p for _, p in points or []], "target": target,
+            "p0": float(ndtr(target / row.sigma)), "recorded": points is not None}
+
+
+def _answers(session: Session, job_id: int, extra: dict, start: int) -> dict:
+    """A certify-api image's queries from ``start`` on (``ANSWERS_SHOWN`` of them): which sample, the top label
+    stored, when it was stored and by which job; with the total, so a 10,000-query image is one page of them."""
+    digests = extra.get("sha256") or {}
+    queries = ([("clean", 0, digests["clean"])] if digests.get("clean") else []) + [
+        (phase, sample, digest) for phase in ("selection", "estimation")
+        for sample, digest in enumerate(digests.get(phase) or [])]
+    start = min(max(start, 0), max(len(queries) - 1, 0))
+    shown = queries[start:start + ANSWERS_SHOWN]
+    stored = repo.api_answers(session, extra.get("provider", ""), extra.get("service", ""),
+                              [digest for _, _, digest in shown])
+    rows = []
+    for phase, sample, digest in shown:
+        answer = stored.get(digest)
+        rows.append({"phase": phase, "sample": sample, "sha256": digest[:12],
+                     "label": None if answer is None else answer.top_label,
+                     "stored": None if answer is None else f"{answer.created_at:%Y-%m-%d %H:%M:%S} UTC",
+                     "paid_by": None if answer is None else answer.job_id})
+    return {"total": len(queries), "start": start, "rows": rows, "page": ANSWERS_SHOWN, "job": job_id,
+            "provider": extra.get("provider"), "service": extra.get("service")}
 
 
 def _at(counts: list[int], c: int) -> int:

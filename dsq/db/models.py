@@ -3,8 +3,8 @@
 ``jobs`` holds one row per submitted job, its lifecycle and its place in the queue
 (priority, experiment), ``job_dependencies`` the edges a job waits on, ``workers``
 the queue workers that claim jobs, ``work_units`` the units a runner works through,
-``results`` one certificate per image, ``artifacts`` the checkpoints jobs produce,
-and ``job_logs`` what a job said.
+``results`` one certificate per image, ``previews`` a picture of a few of an image's
+noisy samples, ``artifacts`` the checkpoints jobs produce, and ``job_logs`` what a job said.
 
 Every timestamp is a timezone-aware UTC ``datetime`` on the Python side, whatever
 the database stores (SQLite has no time zones).  Every change to these classes
@@ -26,6 +26,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -37,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-JOB_KINDS = ("train", "certify", "certify_api")
+JOB_KINDS = ("train", "certify", "certify_api", "preview")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "budget")
 # "budget": a certify-api job stopped at its query budget (dsq resume N --max-queries M goes on).
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled", "budget")
@@ -305,3 +306,23 @@ class ApiAnswer(Base):
 
     def __repr__(self) -> str:
         return f"ApiAnswer(provider={self.provider!r}, sha256={self.sha256[:12]!r}, top_label={self.top_label!r})"
+
+
+class Preview(Base):
+    """A few noisy samples of one image of a certify job beside their denoised versions, as one small PNG
+    (``dsq.previews``), and the class f gave each. Drawn from a noise stream of its own: never part of a
+    certificate. Made by the certify job for its first images, or by a ``preview`` job on request."""
+
+    __tablename__ = "previews"
+    __table_args__ = (UniqueConstraint("job_id", "image_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, _job_fk())
+    image_index: Mapped[int] = mapped_column(Integer)
+    samples: Mapped[int] = mapped_column(Integer)
+    png: Mapped[bytes] = mapped_column(LargeBinary)
+    classes: Mapped[list[int]] = mapped_column(JSON)  # f's class on each denoised sample (-1: not finite)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"Preview(job_id={self.job_id}, image_index={self.image_index}, samples={self.samples})"

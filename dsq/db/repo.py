@@ -32,6 +32,7 @@ from dsq.db.models import (
     JobAttempt,
     JobDependency,
     JobLog,
+    Preview,
     Result,
     Worker,
     WorkUnit,
@@ -167,7 +168,7 @@ def delete_jobs(s: Session, job_ids: Iterable[int], *, artifacts: bool = False) 
     s.execute(update(ApiAnswer).where(ApiAnswer.job_id.in_(ids)).values(job_id=None))
     s.execute(update(Job).where(Job.blocked_by.in_(ids)).values(blocked_by=None))
     s.execute(delete(JobDependency).where(or_(JobDependency.job_id.in_(ids), JobDependency.depends_on.in_(ids))))
-    for model in (Result, WorkUnit, JobLog, JobAttempt):
+    for model in (Result, Preview, WorkUnit, JobLog, JobAttempt):
         s.execute(delete(model).where(model.job_id.in_(ids)))
     s.execute(delete(Job).where(Job.id.in_(ids)))
     return had
@@ -290,6 +291,21 @@ def experiment_job_ids(s: Session, experiment: str) -> list[int]:
 def result_for_image(s: Session, job_id: int, image_index: int) -> Result | None:
     """One image's result, None when the job stored none for it."""
     return s.scalars(select(Result).where(Result.job_id == job_id, Result.image_index == image_index)).first()
+
+
+def upsert_preview(s: Session, job_id: int, image_index: int, *, png: bytes, classes: list[int]) -> Preview:
+    """Store an image's preview (``dsq.previews``); storing it again replaces it."""
+    values = {"png": bytes(png), "classes": _plain(classes), "samples": len(classes)}
+    return _upsert(s, Preview, {"job_id": job_id, "image_index": int(image_index)},
+                   {**values, "created_at": utcnow()}, values)
+
+
+def preview_for_image(s: Session, job_id: int, image_index: int) -> Preview | None:
+    return s.scalars(select(Preview).where(Preview.job_id == job_id, Preview.image_index == image_index)).first()
+
+
+def previewed_indices(s: Session, job_id: int) -> set[int]:
+    return set(s.scalars(select(Preview.image_index).where(Preview.job_id == job_id)))
 
 
 def abstained_indices(s: Session, job_id: int, limit: int) -> list[int]:

@@ -12,9 +12,9 @@ from typing import Any
 
 from dsq import specs
 from dsq.errors import InvalidArgument, UnknownName
-from dsq.kinds import certify, certify_api, train
+from dsq.kinds import certify, certify_api, preview, train
 
-KINDS = {kind.name: kind for kind in (train.KIND, certify.KIND, certify_api.KIND)}
+KINDS = {kind.name: kind for kind in (train.KIND, certify.KIND, certify_api.KIND, preview.KIND)}
 
 
 def get(name: str) -> specs.Kind:

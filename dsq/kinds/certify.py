@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from dsq.bounds import Certificate
 
 DEFAULT_N = 100_000  # Cohen et al.'s n: certifies up to ~4 sigma at alpha 0.001 (bounds.max_radius)
+PREVIEWS = 4  # the first images of a job that get a preview (dsq.previews): a few noisy samples beside D's output
+MAX_PREVIEWS = 100  # a preview is a small PNG in the database; dsq preview JOB IMAGE asks for any other image
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +52,7 @@ class CertifySpec(specs.TargetRadiusMode):
     classes: tuple[str, ...] | None = None  # a folder's class order (None: sorted)
     size: int | None = None  # resize and center-crop images to size x size (None: a folder's own size)
     predict: bool = False  # Cohen et al.'s PREDICT: n samples (no selection, n0 = 0), a class or an abstain
+    previews: int = PREVIEWS  # its first images with a preview (noise of their own: no count changes); 0: none
     data_root: str | None = None
     name: str | None = None
     models: dict = field(default_factory=dict)  # the user's own models' options: {reference: {weights, args, ...}}
@@ -75,6 +78,9 @@ class CertifySpec(specs.TargetRadiusMode):
             raise InvalidArgument(f"compile must be true or false, got {self.compile!r}")
         if self.max_images is not None:
             checks.positive_int("max images", self.max_images)
+        if checks.positive_int("previews", self.previews, minimum=0) > MAX_PREVIEWS:
+            raise InvalidArgument(f"previews must be at most {MAX_PREVIEWS} (dsq preview JOB IMAGE asks for any "
+                                  f"other image), got {self.previews}")
         specs.check_models(self)
 
     def references(self) -> tuple[str, ...]:

@@ -48,6 +48,22 @@ function drawPlot(element) {
   Plotly.newPlot(element, traces, layout, {displaylogo: false, responsive: true});
 }
 
+// an image's sequential test: its lower bound after each look, and the level p0 it had to reach
+function drawTrace(element) {
+  const data = JSON.parse(document.getElementById(element.dataset.source).textContent);
+  const end = data.n.length ? data.n[data.n.length - 1] : 1;
+  const traces = [{x: data.n, y: data.p_lower, name: "p̲A", mode: "lines+markers", marker: {size: 4},
+                   line: {color: COLOURS[0]}, hovertemplate: "n %{x}: %{y:.4f}<extra></extra>"}];
+  if (data.p0 != null) {
+    traces.push({x: [0, end], y: [data.p0, data.p0], name: "p0 = Φ(r/σ)", mode: "lines",
+                 line: {dash: "dash", color: COLOURS[3]}, hovertemplate: "p0 %{y:.4f}<extra></extra>"});
+  }
+  const layout = {margin: {t: 20, r: 10}, height: 320, hovermode: "closest",
+                  xaxis: {title: {text: "estimation samples n"}, rangemode: "tozero"},
+                  yaxis: {title: {text: "p̲A (lower bound on pA)"}, range: [0, 1.02]}};
+  Plotly.newPlot(element, traces, layout, {displaylogo: false, responsive: true});
+}
+
 function poll(url, seconds) {
   async function once() {
     try {
@@ -69,7 +85,7 @@ function poll(url, seconds) {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  document.querySelectorAll(".plot[data-source]").forEach(drawPlot);
+  document.querySelectorAll(".plot[data-source]").forEach(e => e.dataset.kind === "trace" ? drawTrace(e) : drawPlot(e));
   const live = document.body.dataset.poll;
   if (live) poll(live, Number(document.body.dataset.every || 2));
 });
