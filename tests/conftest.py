@@ -209,12 +209,10 @@ def ray_session() -> Iterator[None]:
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """The actor processes that the jobs of a module's tests kept (``tests.test_jobs.ACTORS``) end with the module's
-    last test, so that idle actors never hold the CPUs another module's actors need."""
+    """The actor processes that the jobs of a test kept (``tests.test_jobs.ACTORS``) end with it, so that idle
+    actors never hold the CPUs that the actors of the next test (its own, outside the pool) need."""
     kept = sys.modules.get("tests.test_jobs")
-    if nextitem is not None and nextitem.module is item.module or kept is None or not kept.ACTORS.idle:
-        return
-    if sys.modules["ray"].is_initialized():
+    if kept is not None and kept.ACTORS.idle and sys.modules["ray"].is_initialized():
         kept.ACTORS.close()
 
 

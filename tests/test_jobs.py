@@ -48,8 +48,8 @@ def submit(config, engine, spec) -> int:
         return jobs.submit(session, spec, config).id
 
 
-# The actor processes (samplers, trainers) of the jobs the tests run, kept from job to job as a worker keeps them;
-# ended with each test module (conftest.py), so that idle actors never hold the CPUs another module's actors need.
+# The actor processes (samplers, trainers) of the jobs a test runs, kept from job to job as a worker keeps them;
+# ended with each test (conftest.py), so that idle actors never hold the CPUs the next test's own actors need.
 ACTORS = ActorPool()
 
 
