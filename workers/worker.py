@@ -107,7 +107,7 @@ class QueueWorker:
             self._gave_up(session, failed)
             jobqueue.register_worker(session, name=self.name, host=socket.gethostname(), pid=os.getpid(),
                                      address=self.settings.ray_address, max_jobs=self.max_jobs or 0,
-                                     resources=self._offers(self._placeable(ray.cluster_resources())))
+                                     resources=self._offers(ray.cluster_resources()))
         try:
             self._loop(engine)
         except exc.DBAPIError as error:
