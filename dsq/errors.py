@@ -49,6 +49,10 @@ class ClusterUnreachable(DsqError):
     """The Ray address cannot be reached."""
 
 
+class VersionMismatch(DsqError):
+    """The cluster runs another dsq, Ray or Python (major.minor) than the client that joins it."""
+
+
 class JobCancelled(DsqError):
     """Raised inside a running job when a cancel was requested."""
 

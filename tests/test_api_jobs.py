@@ -39,6 +39,7 @@ def test_job_completes_under_30_percent_throttling_paying_each_query_once(provid
     assert server.ledger.billed == 2 * PER_IMAGE
     with session_scope(db) as session:
         assert repo.count_paid_api_answers(session, job_id) == 2 * PER_IMAGE
+        assert not any("dsq_api" in log.message for log in repo.logs_for_job(session, job_id))  # a plain Ray
         again = api_results.recertify(session, job_id)  # offline, from the stored raw answers
         looser = api_results.recertify(session, job_id, alpha=0.05)
     assert [r["radius"] for r in again] == [row.radius for row in rows]

@@ -19,6 +19,18 @@ def test_cluster_config_is_valid_for_the_ray_launcher():
     assert any("requirements.txt" in command for command in prepared["setup_commands"])
 
 
+def test_cluster_config_tells_one_storage_story():
+    """PostgreSQL on the head, checkpoints on S3 through the nodes' instance profile; no shared file system."""
+    text = CONFIG.read_text()
+    config = yaml.safe_load(text)
+    head = " ".join(config["head_setup_commands"])
+    assert "install -y -q postgresql" in head and "createdb -O dsq dsq" in head and "5432/dsq" in head
+    assert "export DSQ_ARTIFACTS=s3://" in head and "export RAY_ADDRESS=" in head
+    types = config["available_node_types"]
+    assert all(types[name]["node_config"]["IamInstanceProfile"] == {"Name": "dsq-node"} for name in ("gpu", "api"))
+    assert "DSQ_HOME" not in text and "/shared" not in text and "/mnt" not in text
+
+
 def test_a_broken_config_is_rejected():
     config = yaml.safe_load(CONFIG.read_text())
     config["available_node_types"]["gpu"]["max_workers"] = "many"

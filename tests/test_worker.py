@@ -219,6 +219,37 @@ def test_the_autoscaler_is_asked_for_jobs_in_queue_order_within_the_cap():
     assert demand_bundles([], {"GPU": 3}) == []
 
 
+def test_an_api_job_asks_for_dsq_api_exactly_where_the_cluster_or_the_cap_offers_it(settings):
+    """A plain Ray (no api nodes, no cap naming dsq_api) changes nothing: the job never waits for what nobody offers."""
+    from ray._common.ray_option_utils import validate_actor_options
+
+    from dsq.kinds import certify_api
+    from workers import api_actor
+    from workers.worker import demand_bundles
+
+    spec = certify_api.ApiCertifySpec(provider="aws", sigma=0.25, dataset="digits")
+    plain = QueueWorker(settings)
+    assert plain._placeable({"CPU": 2.0}) == {"CPU": 2.0}
+    assert certify_api.demand(spec, plain._placeable({"CPU": 2.0})) == {"CPU": 0.25}
+    assert certify_api.actor_resources({"CPU": 0.25}) == {}
+    assert api_actor.actor_options("aws") == {"name": "dsq-api-aws", "lifetime": "detached", "get_if_exists": True}
+    # api nodes are up: the cluster has dsq_api, recorded with the worker's offers
+    assert certify_api.demand(spec, {"CPU": 2.0, "dsq_api": 8.0}) == {"CPU": 0.25, "dsq_api": 1.0}
+    assert plain._offers({"CPU": 2.0, "dsq_api": 8.0}) == {"CPU": 2.0, "GPU": 0.0, "dsq_api": 8.0}
+    # none is up, but the autoscaler may launch them: the cap names dsq_api (CPUs and GPUs stay those of the nodes up)
+    capped = QueueWorker(settings, max_request={"CPU": 64.0, "GPU": 8.0, "dsq_api": 16.0})
+    cluster = capped._placeable({"CPU": 2.0})
+    assert cluster == {"CPU": 2.0, "dsq_api": 16.0}
+    held = certify_api.demand(spec, cluster)
+    assert held == {"CPU": 0.25, "dsq_api": 1.0} and certify_api.actor_resources(held) == {"dsq_api": 1.0}
+    options = api_actor.actor_options("aws", certify_api.actor_resources(held))
+    assert options["resources"] == {"dsq_api": 1.0}
+    validate_actor_options(options, in_options=True)  # what ApiActor.options(...) checks: Ray takes it
+    # the autoscaler is asked for api-node bundles within the cap, a GPU job's beside them
+    demands = [held] * 17 + [{"GPU": 1.0}]
+    assert demand_bundles(demands, capped.max_request) == [held] * 16 + [{"GPU": 1.0}]
+
+
 @pytest.mark.parametrize("text", ["GPU", "GPU=0", "GPU=-1", "GPU=x", "=3", "GPU=inf", "GPU=1,,CPU=2"])
 def test_a_bad_resource_cap_is_one_line_exit_2(tmp_path, text):
     from typer.testing import CliRunner

@@ -84,10 +84,18 @@ class ServiceHandle:
                                        self.grace_seconds)
 
 
+def actor_options(provider: str, resources: dict | None = None) -> dict:
+    """Ray options of ``provider``'s actor: named and detached (one per provider on the cluster), with the custom
+    ``resources`` its first job asks for (``{"dsq_api": 1}`` on a cluster with api nodes; a running actor keeps
+    where it was placed)."""
+    return {"name": f"dsq-api-{provider}", "lifetime": "detached", "get_if_exists": True,
+            **({"resources": dict(resources)} if resources else {})}
+
+
 def connect(provider: str, endpoint: str | None, service: str, limits: ratelimit.Limits,
-            grace_seconds: float = 0.0) -> ServiceHandle:
+            grace_seconds: float = 0.0, resources: dict | None = None) -> ServiceHandle:
     """The cluster's actor for ``provider`` (started if needed), its desk for ``service`` set to ``limits``."""
-    actor = ApiActor.options(name=f"dsq-api-{provider}", lifetime="detached", get_if_exists=True).remote(provider)
+    actor = ApiActor.options(**actor_options(provider, resources)).remote(provider)
     problem = ray.get(actor.configure.remote(endpoint, service, dataclasses.asdict(limits)))
     if problem is not None:
         raise MissingCredentials(problem) if "credentials" in problem else DsqError(problem)

@@ -63,7 +63,14 @@ def run(engine, settings, job_id: int, spec, control) -> None:
     todo = collections.deque(i for i in source.indices if i not in done)
     limits = limits_for(spec.provider, spec.qps, spec.burst, spec.concurrency)
     service = certify_api.service_name(spec)
-    actor = api_actor.connect(spec.provider, spec.endpoint, service, limits, settings.db_grace_seconds)
+    held = control.demand if control.demand is not None else certify_api.demand(spec, ray.cluster_resources())
+    placement = certify_api.actor_resources(held)
+    if placement:  # said before the actor starts: on an autoscaling cluster it waits for an api node to come up
+        with session_scope(engine) as session:
+            repo.add_log(session, job_id, f"the {spec.provider} API actor asks for {_amounts(placement)}: it runs on "
+                                          f"an api node (the autoscaler starts one if none is up)")
+    actor = api_actor.connect(spec.provider, spec.endpoint, service, limits, settings.db_grace_seconds,
+                              resources=placement)
     with session_scope(engine) as session:
         for line in pipeline.notes(denoiser) if denoiser is not None else []:
             repo.add_log(session, job_id, line)  # a diffusion denoiser's timestep
@@ -74,6 +81,10 @@ def run(engine, settings, job_id: int, spec, control) -> None:
     loop = kind(engine, settings, job_id, spec, source, denoiser, actor, paid=paid,
                 window=2 * limits.concurrency, done=len(source.indices) - len(todo), control=control)
     loop.run(todo)
+
+
+def _amounts(resources: dict) -> str:
+    return ", ".join(f"{amount:g} {name}" for name, amount in sorted(resources.items()))
 
 
 class ApiLoop(JobLoop):

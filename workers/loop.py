@@ -24,9 +24,10 @@ class Control:
     The heartbeat itself is the worker's to write (``jobqueue.worker_heartbeat``), for all its jobs at once.
     """
 
-    def __init__(self, runner: str = "local", on_progress=None, pool=None):
+    def __init__(self, runner: str = "local", on_progress=None, pool=None, demand: dict | None = None):
         self.runner, self.on_progress = runner, on_progress
         self.pool = pool  # a worker's ActorPool, so jobs reuse actor processes (None: each job starts its own)
+        self.demand = demand  # what the worker holds for the job (its kind's demand); None: not run by a worker
         self.stop = threading.Event()
 
     def check(self, engine, job_id: int) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
+import sys
 
 import psutil
 import ray
 
+import dsq
 from dsq import checks
 from dsq import specs
-from dsq.errors import ClusterUnreachable
+from dsq.errors import ClusterUnreachable, VersionMismatch
 
 NAMESPACE = "dsq"
 # The address of a Ray already running on this machine that a process joins instead of starting its own local Ray
@@ -27,6 +30,8 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
         return
     # dsq handles every task's failure itself; Ray's own report of an unread failed reference is noise.
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    # Python must match in major.minor, as Ray's client (ray://) asks; a patch release apart pickles the same.
+    os.environ.setdefault("RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL", "minor")
     try:
         if address:
             ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
@@ -35,9 +40,87 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
         else:
             _start_local(num_cpus or os.cpu_count())
     except Exception as error:  # Ray raises a bare Exception when a node does not come up in time
+        theirs = ray_mismatch(error)
+        if theirs is not None:
+            raise VersionMismatch(mismatch_line(*theirs)) from None
         where = address or "a local Ray"
         first = checks.first_line(error)
         raise ClusterUnreachable(f"cannot reach Ray at {where}: {first}") from None
+    if address:
+        check_versions()
+
+
+def versions() -> dict:
+    """This process's Ray, Python (major.minor) and dsq versions."""
+    return {"ray": ray.__version__, "python": "%d.%d" % sys.version_info[:2], "dsq": dsq.__version__}
+
+
+@ray.remote(num_cpus=0)
+def _versions_there() -> dict:
+    return versions()
+
+
+VERSIONS_SECONDS = 60.0  # a task on the head: a second or two on a live cluster
+
+
+def check_versions(timeout: float = VERSIONS_SECONDS) -> None:
+    """Refuse, in one line, a cluster whose head runs another Ray, Python or dsq than this process.
+
+    Ray's own check (in ``ray.init``) has compared Ray and Python; dsq's version needs a task, on the head node where
+    the queue worker runs. A cluster too busy to answer in ``timeout`` is not refused.
+    """
+    mine = versions()
+    try:
+        theirs = ray.get(_versions_there.options(scheduling_strategy=on_head_node()).remote(), timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        return
+    except ray.exceptions.RayError as error:  # no dsq there at all (its modules do not import), or a crash
+        ray.shutdown()
+        raise VersionMismatch(f"the cluster cannot run dsq ({checks.first_line(error)}); this client runs "
+                              f"{_named(mine)}: install the same versions on the cluster's nodes") from None
+    line = mismatch_line(theirs, mine)
+    if line:
+        ray.shutdown()
+        raise VersionMismatch(line)
+
+
+def mismatch_line(theirs: dict, mine: dict) -> str | None:
+    """The one line that says the cluster's versions (``versions()``) differ from this client's, else None. A
+    version one side does not know (dsq's, when Ray refused before a task could run) is not compared."""
+    if all(theirs.get(name) in (None, version) for name, version in mine.items()):
+        return None
+    return (f"the cluster runs {_named(theirs)}; this client runs {_named(mine)}: "
+            f"use the same versions on both sides")
+
+
+def _named(found: dict) -> str:
+    return " / ".join(f"{label} {found[name]}" for name, label in (("ray", "Ray"), ("python", "Python"),
+                                                                  ("dsq", "dsq")) if found.get(name))
+
+
+# Ray's own refusal in ray.init: "Version mismatch: The cluster was started with:\n    Ray: 2.59.0\n    Python:
+# 3.10.12\nThis process on node 10.0.0.5 was started with:\n    Ray: 2.60.0\n    Python: 3.11.7\n"
+_RAY_SAYS = re.compile(r"Ray: (\S+)\s+Python: (\S+)")
+
+
+def ray_mismatch(error: BaseException) -> tuple[dict, dict] | None:
+    """The cluster's and this client's versions out of Ray's version-mismatch error (None for any other error)."""
+    text = str(error)
+    found = _RAY_SAYS.findall(text)
+    if "Version mismatch" not in text or len(found) != 2:
+        return None
+    (ray_there, python_there), (ray_here, python_here) = found
+    return ({"ray": ray_there, "python": python_there},
+            {"ray": ray_here, "python": python_here, "dsq": dsq.__version__})
+
+
+def on_head_node():
+    """A soft affinity to the head node (None when the head is unknown: Ray's default)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    heads = [node["NodeID"] for node in ray.nodes()
+             if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {})]
+    return NodeAffinitySchedulingStrategy(node_id=heads[0], soft=True) if heads else None
 
 
 # Ray gives a starting node a fixed 30 s to register. On a machine busy with other work (several local Rays starting

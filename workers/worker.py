@@ -22,12 +22,13 @@ from typing import Callable
 import ray
 
 from dsq import jobqueue, kinds
+from dsq.kinds.certify_api import API_RESOURCE
 from dsq.db import repo
 from sqlalchemy import exc
 
 from dsq.db.session import database_back, is_outage, open_database, session_scope
 from dsq.settings import Settings
-from workers import pidfile, runner
+from workers import pidfile, resources, runner
 from workers.loop import Control
 from workers.pool import ActorPool
 
@@ -129,7 +130,7 @@ class QueueWorker:
         return self.summary
 
     def _loop(self, engine) -> None:
-        cluster = ray.cluster_resources()
+        cluster = self._placeable(ray.cluster_resources())
         self._last_beat = self._last_scan = 0.0
         self._idle_since = time.monotonic()
         while not self.stopping.is_set():
@@ -231,7 +232,15 @@ class QueueWorker:
     def _offers(self, cluster: dict) -> dict:
         """What this worker's Ray can offer its jobs: the cluster, grown to the autoscaling cap (``--max-request``)."""
         cap = self.max_request or {}
-        return {r: max(cluster.get(r, 0.0), cap.get(r, 0.0)) for r in sorted({"CPU", "GPU", *cap})}
+        names = {"CPU", "GPU", *cap} | ({API_RESOURCE} & cluster.keys())
+        return {r: max(cluster.get(r, 0.0), cap.get(r, 0.0)) for r in sorted(names)}
+
+    def _placeable(self, cluster: dict) -> dict:
+        """Ray's ``cluster_resources()`` with the custom resources the autoscaling cap names (``dsq_api``: nodes the
+        autoscaler can launch), so a job that asks for one is started and its actor waits for such a node. CPUs and
+        GPUs stay those of the nodes up: jobs are sized for them."""
+        cap = self.max_request or {}
+        return {**cluster, **{r: max(cluster.get(r, 0.0), a) for r, a in cap.items() if r not in ("CPU", "GPU")}}
 
     def _free(self, cluster: dict) -> dict:
         """What the jobs this worker runs leave of its cluster (recorded with each heartbeat, for ``dsq jobs``)."""
@@ -304,7 +313,7 @@ class QueueWorker:
 
     def _start(self, job, spec, demand: dict) -> None:
         pool = self.pool if self.reuse_samplers else None
-        work = Running(job.id, job.kind, demand, Control(runner=self.name, pool=pool), spec)
+        work = Running(job.id, job.kind, demand, Control(runner=self.name, pool=pool, demand=demand), spec)
         work.thread = threading.Thread(target=self._run_one, args=(work,), name=f"dsq-job-{job.id}", daemon=True)
         self.running[job.id] = work
         self.log(f"job {job.id} ({job.kind}{': ' + job.name if job.name else ''}): started")
@@ -391,15 +400,7 @@ def start_detached(settings: Settings, *, max_jobs: int | None = None, idle_exit
                    max_request: dict | None = None) -> str:
     """Start a worker on the connected cluster, preferring the head node; return its name."""
     actor = WorkerActor.options(name=f"dsq-worker-{uuid.uuid4().hex[:8]}", lifetime="detached",
-                                scheduling_strategy=_on_head_node()).remote(settings, max_jobs, idle_exit,
-                                                                            max_request)
+                                scheduling_strategy=resources.on_head_node()).remote(settings, max_jobs, idle_exit,
+                                                                                     max_request)
     return ray.get(actor.name.remote())
 
-
-def _on_head_node():
-    """A soft affinity to the head node (None when the head is unknown: Ray's default)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    heads = [node["NodeID"] for node in ray.nodes()
-             if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {})]
-    return NodeAffinitySchedulingStrategy(node_id=heads[0], soft=True) if heads else None

@@ -45,6 +45,9 @@ PRICES_PER_1000 = {
     "clarifai": 1.20,  # general image recognition, pay-as-you-go
 }
 VENDOR = "vendor"
+# The custom resource of ray_cluster.yaml's api nodes (README.md, "Running on a cluster"): an API job asks for one
+# unit of it wherever the cluster offers it, so the rate-limited API actors live there, off the GPU nodes.
+API_RESOURCE = "dsq_api"
 
 
 @dataclass(frozen=True)
@@ -191,8 +194,15 @@ def check_reachable(endpoint: str, timeout: float = 3.0) -> None:
 
 
 def demand(spec: ApiCertifySpec, cluster: dict) -> dict:
-    """Its API actor mostly waits on the network: a quarter of a CPU."""
-    return {"CPU": 0.25}
+    """Its API actor mostly waits on the network: a quarter of a CPU; and one unit of ``dsq_api`` where the cluster
+    offers it (``cluster`` has some: api nodes are up, or the worker's autoscaling cap names it), so that its actor
+    lives on an api node. Never where nobody offers it: the job would wait forever."""
+    return {"CPU": 0.25, **({API_RESOURCE: 1.0} if cluster.get(API_RESOURCE, 0) > 0 else {})}
+
+
+def actor_resources(held: dict) -> dict:
+    """The custom resources the API actor of a job that holds ``held`` (its demand) asks Ray for."""
+    return {API_RESOURCE: held[API_RESOURCE]} if held.get(API_RESOURCE) else {}
 
 
 @dataclass(frozen=True)
