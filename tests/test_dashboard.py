@@ -297,3 +297,13 @@ def test_the_dashboard_bench_builds_and_times_every_page(tmp_path, opens_databas
     assert len(built["jobs"]) == len(dashboard.METHODS) * len(dashboard.SIGMAS) and built["abstained"] is not None
     times = dashboard.measure(url, built, repeats=1)
     assert set(times) == set(dashboard.pages(built)) and all(t["p95_ms"] >= t["p50_ms"] > 0 for t in times.values())
+
+
+def test_the_bench_verdict_counts_the_first_view_and_leaves_out_the_per_image_json():
+    from bench import dashboard
+
+    fast = {"first_ms": 100.0, "p50_ms": 10.0, "p95_ms": 20.0}
+    times = {page: dict(fast) for page in dashboard.TARGET_PAGES} | {"api job": {**fast, "first_ms": 4000.0}}
+    assert dashboard.verdict(times) == {"target_ms": 500, "met": True, "missed": []}
+    times["experiment"]["first_ms"], times["job"]["p95_ms"] = 900.0, 600.0
+    assert dashboard.verdict(times)["missed"] == ["job", "experiment"]

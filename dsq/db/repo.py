@@ -302,26 +302,26 @@ def result_tallies(s: Session, job_ids: Iterable[int], radii: Iterable[float], s
     """
     ids, radii = list(job_ids), tuple(float(r) for r in radii)
     radius = _counted_radius(scale)
-    finite = and_(_CORRECT, radius < math.inf)
-    steps = _whole(s, radius * FIXED_POINT, BigInteger)
-    stmt = (select(Result.job_id, func.count(), func.count().filter(Result.prediction == -1),
-                   func.count().filter(_CORRECT), func.sum(steps).filter(finite),
-                   func.count().filter(_CORRECT, radius == math.inf), func.min(Result.image_index),
-                   func.max(Result.image_index))
-            .where(Result.job_id.in_(ids)).group_by(Result.job_id))
-    totals = {job_id: (n, abstains, clean, math.inf if infinite else int(total or 0) / FIXED_POINT, first, last)
-              for job_id, n, abstains, clean, total, infinite, first, last in s.execute(stmt)}
-    largest = {job_id: (largest or {}).get(job_id) for job_id in totals}
-    largest.update(largest_radii(s, [job_id for job_id, top in largest.items() if top is None], scale))
+    largest = {job_id: top for job_id, top in (largest or {}).items() if job_id in ids}
+    largest.update(largest_radii(s, [job_id for job_id in ids if job_id not in largest], scale))
     top = max([r for r in largest.values() if r < math.inf], default=0.0)
     per_unit = float(per_unit or (STEPS / top if top > 0 else 1.0))
     size = min(math.floor(top * per_unit), STEPS * 4) + 2  # the last step holds anything above (inf)
+    finite = and_(_CORRECT, radius < math.inf)  # the radius sum in whole steps of 1 / FIXED_POINT
+    stmt = (select(Result.job_id, func.count(), func.count().filter(Result.prediction == -1),
+                   func.sum(_whole(s, radius * FIXED_POINT, BigInteger)).filter(finite),
+                   func.count().filter(_CORRECT, radius == math.inf), func.min(Result.image_index),
+                   func.max(Result.image_index))
+            .where(Result.job_id.in_(ids)).group_by(Result.job_id))
+    totals = {job_id: (n, abstains, int(total or 0), infinite, first, last)
+              for job_id, n, abstains, total, infinite, first, last in s.execute(stmt)}
     bucket = _step_of(s, radius * per_unit, size - 1).label("step")
-    steps = {job_id: [0] * size for job_id in totals}
-    for job_id, index, count in s.execute(select(Result.job_id, bucket, func.count())
-                                          .where(Result.job_id.in_(list(totals)), _CORRECT)
-                                          .group_by(Result.job_id, bucket)):
-        steps[job_id][index] += count
+    steps = {}
+    for job_id in totals:  # a job at a time: SQLite sorts each job's steps apart, cheaper than all at once
+        steps[job_id] = [0] * size
+        for index, count in s.execute(select(bucket, func.count()).where(Result.job_id == job_id, _CORRECT)
+                                      .group_by(bucket)):
+            steps[job_id][index] += count
     certified = {job_id: [] for job_id in totals}
     for r in radii:
         own = math.floor(r * per_unit) if r * per_unit < size - 1 else size - 1
@@ -333,9 +333,9 @@ def result_tallies(s: Session, job_ids: Iterable[int], radii: Iterable[float], s
                    _step_of(s, radius * per_unit, size - 1) == own, radius >= r).group_by(Result.job_id)).all())
         for job_id, found in certified.items():
             found.append(sum(steps[job_id][own + 1:]) + within.get(job_id, 0))
-    return {job_id: Tally(n, clean, abstains, total, largest[job_id], first, last, radii,
-                          tuple(certified[job_id]), tuple(steps[job_id]))
-            for job_id, (n, abstains, clean, total, first, last) in totals.items()}
+    return {job_id: Tally(n, sum(steps[job_id]), abstains, math.inf if infinite else total / FIXED_POINT,
+                          largest[job_id], first, last, radii, tuple(certified[job_id]), tuple(steps[job_id]))
+            for job_id, (n, abstains, total, infinite, first, last) in totals.items()}
 
 
 STEPS = 256  # a tally's default grid: this many steps up to the largest radius
