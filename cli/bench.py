@@ -50,8 +50,8 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
           diffusion: bool = typer.Option(False, "--diffusion", help="Only the sampling speed of a diffusion pair "
                                          "beside a DnCNN pair of about the same size (--pair digits or cifar)."),
           dashboard: bool = typer.Option(False, "--dashboard", help="Only the dashboard's page render times (first "
-                                         "view, p50, p95; the 500 ms target) on an experiment of 5 methods x 4 sigmas x --dashboard-images "
-                                         "results, on SQLite and PostgreSQL."),
+                                         "view, p50, p95; the 500 ms target) on an experiment of 5 methods x 4 "
+                                         "sigmas x --dashboard-images results, on SQLite and PostgreSQL."),
           dashboard_images: int = typer.Option(10_000, help="--dashboard: images per job."),
           postgres: str = typer.Option("", help="--dashboard: a PostgreSQL database URL to fill (default: a "
                                        "throw-away server from the pgserver wheel).")):
