@@ -9,6 +9,7 @@ import random
 from sqlalchemy import insert
 
 from dsq import views
+from dsq.dashboard import curves
 from dsq.db import repo
 from dsq.db.models import Result
 from dsq.db.session import session_scope
@@ -71,3 +72,17 @@ def test_a_table_from_the_database_is_the_table_from_the_rows(engine):
     for ci in (None, 0.05):
         expected, found = (summary.records(summary.build([job], RADII, ci=ci)) for job in (from_rows, counted))
         assert found == expected
+
+
+def test_a_curve_from_the_steps_counts_as_the_rows(engine):
+    rows = rows_of(4, 300)
+    correct = [row for row in rows if row["correct"] and row["prediction"] != -1]
+    end = views.curve_end([max(row["radius"] for row in correct)])
+    xs = curves.grid(end, RADII)
+    correct[-1]["radius"], correct[-2]["radius"] = xs[40], math.nextafter(xs[41], 0)  # a step's edge, an ulp below
+    with session_scope(engine) as session:
+        job_id = store(session, rows)
+        [job] = views.tallied(session, views.report_jobs(session, [job_id], rows=False), RADII)
+    assert curves.axis_end([job]) == end
+    radii = [row["radius"] for row in correct]
+    assert curves.certified(job, xs, end) == [sum(r >= x for r in radii) for x in xs]

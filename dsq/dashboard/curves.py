@@ -4,12 +4,12 @@ method's envelope (the best of its jobs at each radius), and a sequential job's 
 The curves are drawn on a grid of ``POINTS`` radii (and the table's radii): an experiment of 10,000 images has as
 many breakpoints per job, more than a page needs. The jobs' tallies (``views.tallied``) count them in the database:
 their correct images per step of the grid, exact counts at the table's radii, the largest radius (the axis). The
-tables, not the curves, carry the exact numbers: a radius within rounding of a grid radius may be counted in the
-step below it.
+grid's radii are where the steps start (``edge``), so a curve's counts are exact there too.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from dsq import views
@@ -24,7 +24,20 @@ def axis_end(jobs: Sequence[summary.Job]) -> float:
 
 
 def grid(end: float, radii: Sequence[float] = ()) -> list[float]:
-    return sorted({end * k / POINTS for k in range(POINTS + 1)} | {r for r in radii if r <= end})
+    """The radii a curve is drawn at: where each of its steps starts (``edge``), and the table's."""
+    per = POINTS / end  # as views.tallied counts the steps
+    return sorted({edge(k, per) for k in range(POINTS + 1)} | {r for r in radii if r <= end})
+
+
+def edge(k: int, per: float) -> float:
+    """Where step k starts: the smallest radius r with floor(r * per) >= k, as the database computes it. A count
+    of the steps from k up is then the count of radii >= this one, exactly."""
+    r = k / per
+    while r * per < k:
+        r = math.nextafter(r, math.inf)
+    while r > 0 and math.nextafter(r, 0) * per >= k:
+        r = math.nextafter(r, 0)
+    return r
 
 
 def certified(job: summary.Job, radii: Sequence[float], end: float) -> list[int]:
