@@ -252,9 +252,9 @@ def report_jobs(session: Session, job_ids, *, rows: bool = True) -> list[summary
     several jobs get their id.
     """
     found = []
+    listed = [repo.get_job(session, job_id) for job_id in job_ids]  # an id no job has: JobNotFound, before any count
     stored = repo.with_results(session, job_ids)
-    for job_id in job_ids:
-        job = repo.get_job(session, job_id)
+    for job_id, job in zip(job_ids, listed):
         spec = job.spec or {}
         rows = _results(session, job, job_id in stored, load=rows)
         sigma = spec.get("sigma")
