@@ -16,7 +16,8 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import BigInteger, Integer, Select, and_, case, cast, delete, false, func, or_, select, update
+from sqlalchemy import (BigInteger, Integer, Select, and_, case, cast, delete, false, func, literal, or_, select,
+                        union_all, update)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -315,24 +316,25 @@ def result_tallies(s: Session, job_ids: Iterable[int], radii: Iterable[float], s
             .where(Result.job_id.in_(ids)).group_by(Result.job_id))
     totals = {job_id: (n, abstains, int(total or 0), infinite, first, last)
               for job_id, n, abstains, total, infinite, first, last in s.execute(stmt)}
-    bucket = _step_of(s, radius * per_unit, size - 1).label("step")
-    steps = {}
-    for job_id in totals:  # a job at a time: SQLite sorts each job's steps apart, cheaper than all at once
-        steps[job_id] = [0] * size
-        for index, count in s.execute(select(bucket, func.count()).where(Result.job_id == job_id, _CORRECT)
-                                      .group_by(bucket)):
-            steps[job_id][index] += count
-    certified = {job_id: [] for job_id in totals}
-    for r in radii:
-        own = math.floor(r * per_unit) if r * per_unit < size - 1 else size - 1
+    step = _step_of(s, radius * per_unit, size - 1)
+    bucket = step.label("step")
+    steps = {job_id: [0] * size for job_id in totals}
+    # a job at a time (SQLite sorts each job's steps apart, cheaper than all at once), in one statement
+    for job_id, index, count in _each(s, [select(literal(job_id), bucket, func.count())
+                                          .where(Result.job_id == job_id, _CORRECT).group_by(bucket)
+                                          for job_id in totals]):
+        steps[job_id][index] += count
+    owns = [math.floor(r * per_unit) if r * per_unit < size - 1 else size - 1 for r in radii]
+    parts = []
+    for k, (r, own) in enumerate(zip(radii, owns)):
         edges = [(own - 1) / per_unit, (own + 2) / per_unit if own < size - 1 else math.inf]
         low, high = edges if scale is None else [edge / scale for edge in edges]
-        within = dict(s.execute(
-            select(Result.job_id, func.count())
-            .where(Result.job_id.in_(list(totals)), _CORRECT, Result.radius >= low, Result.radius <= high,
-                   _step_of(s, radius * per_unit, size - 1) == own, radius >= r).group_by(Result.job_id)).all())
-        for job_id, found in certified.items():
-            found.append(sum(steps[job_id][own + 1:]) + within.get(job_id, 0))
+        parts.append(select(literal(k), Result.job_id, func.count())
+                     .where(Result.job_id.in_(list(totals)), _CORRECT, Result.radius >= low, Result.radius <= high,
+                            step == own, radius >= r).group_by(Result.job_id))
+    within = {(k, job_id): count for k, job_id, count in _each(s, parts)}
+    certified = {job_id: [sum(steps[job_id][own + 1:]) + within.get((k, job_id), 0) for k, own in enumerate(owns)]
+                 for job_id in totals}
     return {job_id: Tally(n, sum(steps[job_id]), abstains, math.inf if infinite else total / FIXED_POINT,
                           largest[job_id], first, last, radii, tuple(certified[job_id]), tuple(steps[job_id]))
             for job_id, (n, abstains, total, infinite, first, last) in totals.items()}
@@ -354,12 +356,27 @@ def _step_of(s: Session, scaled, last: int):
 
 def largest_radii(s: Session, job_ids: Iterable[int], scale: float | None = None) -> dict[int, float]:
     """Each job's largest radius of a correct image (0 when none; times ``scale``), from the end of the index: no
-    scan."""
-    found = {}
-    for job_id in job_ids:
-        top = s.scalar(select(Result.radius).where(Result.job_id == job_id, _CORRECT)
-                       .order_by(Result.radius.desc()).limit(1))
-        found[job_id] = 0.0 if top is None else top if scale is None else top * float(scale)
+    scan; one statement per ``_BATCH`` jobs."""
+    ids, found = list(job_ids), {}
+    for start in range(0, len(ids), _BATCH):
+        batch = ids[start:start + _BATCH]
+        tops = s.execute(select(*(select(Result.radius).where(Result.job_id == job_id, _CORRECT)
+                                  .order_by(Result.radius.desc()).limit(1).scalar_subquery()
+                                  for job_id in batch))).one()
+        found.update({job_id: 0.0 if top is None else top if scale is None else top * float(scale)
+                      for job_id, top in zip(batch, tops)})
+    return found
+
+
+_BATCH = 50  # queries per statement: a round trip each costs more than the query on a small range
+
+
+def _each(s: Session, parts: list) -> list:
+    """The rows of every query in ``parts``, ``_BATCH`` of them joined (UNION ALL) per statement."""
+    found = []
+    for start in range(0, len(parts), _BATCH):
+        batch = parts[start:start + _BATCH]
+        found += s.execute(batch[0] if len(batch) == 1 else union_all(*batch)).all()
     return found
 
 
