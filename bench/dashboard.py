@@ -3,12 +3,14 @@
 The database holds one experiment of ``METHODS`` x ``SIGMAS`` certifications of ``IMAGES`` images each (10,000 x 4 x 5
 = 200,000 rows by default), written in bulk with made-up but well-formed certificates; each page is then requested
 ``repeats`` times through Starlette's TestClient (the whole application: routing, the token guard off, the
-database, the templates), and the p50 and p95 of its wall time reported. Run on SQLite and, given a server URL, on
-PostgreSQL.
+database, the templates): the first request on its own (the cold view: nothing kept yet), then the p50 and p95 of
+the others. Run on SQLite and, given a server URL, on PostgreSQL. Each database's verdict says whether every page
+of the target (``TARGET_PAGES``) answered within ``TARGET_MS``, its first view included.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import time
@@ -18,11 +20,14 @@ METHODS = ("no denoiser", "MSE", "STAB+MSE", "CLF", "diffusion")
 SIGMAS = (0.12, 0.25, 0.5, 1.0)
 IMAGES = 10_000
 CHUNK = 5_000  # rows per bulk INSERT
+TARGET_MS = 500  # every page of the target, first view and p95
+# the pages the target covers: all but /api/jobs/{id}, every image of a job (megabytes), kept out of it
+TARGET_PAGES = ("queue", "live poll", "job", "image", "experiment", "api experiment")
 
 
 def build(url: str, images: int = IMAGES, seed: int = 0) -> dict:
     """An experiment named ``bench`` in a fresh database at ``url``: its job ids, an abstained image."""
-    from sqlalchemy import insert
+    from sqlalchemy import insert, text
 
     from dsq.db import repo
     from dsq.db.models import Result
@@ -60,6 +65,9 @@ def build(url: str, images: int = IMAGES, seed: int = 0) -> dict:
         with engine.begin() as connection:
             for start in range(0, len(rows), CHUNK):
                 connection.execute(insert(Result), rows[start:start + CHUNK])
+    if engine.dialect.name == "postgresql":  # what autovacuum does within a minute of a bulk load: statistics, and
+        with engine.connect() as connection:  # the visibility map an index-only scan needs, not raced by the pages
+            connection.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE results"))
     engine.dispose()
     return {"jobs": ids, "abstained": abstained}
 
@@ -71,7 +79,9 @@ def pages(built: dict) -> dict[str, str]:
 
 
 def measure(url: str, built: dict, repeats: int) -> dict[str, dict[str, float]]:
-    """p50 and p95 (ms) of each page over ``repeats`` requests, after one request that warms imports."""
+    """Each page's first request (ms: cold, nothing kept; and the CPU time this process used for it, which a
+    loaded machine does not stretch: the app and SQLite, not a PostgreSQL server) and the p50 and p95 of
+    ``repeats`` more, on one app started as ``dsq dashboard`` starts it."""
     from starlette.testclient import TestClient
 
     from dsq.dashboard.app import create_app
@@ -81,9 +91,9 @@ def measure(url: str, built: dict, repeats: int) -> dict[str, dict[str, float]]:
     found = {}
     with TestClient(create_app(engine, timedelta(seconds=60))) as client:
         for name, path in pages(built).items():
-            first = time.perf_counter()
+            first, used = time.perf_counter(), time.process_time()
             assert client.get(path).status_code == 200, path
-            cold = time.perf_counter() - first
+            cold, cpu = time.perf_counter() - first, time.process_time() - used
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -91,7 +101,8 @@ def measure(url: str, built: dict, repeats: int) -> dict[str, dict[str, float]]:
                 times.append(time.perf_counter() - start)
                 assert answer.status_code == 200, path
             times.sort()
-            found[name] = {"first_ms": 1000 * cold, "p50_ms": 1000 * statistics.median(times),
+            found[name] = {"first_ms": 1000 * cold, "first_cpu_ms": 1000 * cpu,
+                           "p50_ms": 1000 * statistics.median(times),
                            "p95_ms": 1000 * times[min(len(times) - 1, round(0.95 * (len(times) - 1)))],
                            "bytes": len(answer.content)}
     engine.dispose()
@@ -131,8 +142,18 @@ def run(images: int, repeats: int, postgres: str | None) -> dict:
     return found
 
 
+def verdict(times: dict[str, dict[str, float]]) -> dict:
+    """Whether every page of the target answered within TARGET_MS, first view and p95; the pages that did not."""
+    missed = [page for page in TARGET_PAGES if page in times
+              and max(times[page]["first_ms"], times[page]["p95_ms"]) > TARGET_MS]
+    return {"target_ms": TARGET_MS, "met": not missed, "missed": missed}
+
+
 def _one(url: str, images: int, repeats: int) -> dict:
     start = time.perf_counter()
     built = build(url, images)
-    return {"build_s": time.perf_counter() - start, "rows": images * len(METHODS) * len(SIGMAS),
-            "pages": measure(url, built, repeats)}
+    built_s = time.perf_counter() - start
+    load = os.getloadavg()[0]
+    times = measure(url, built, repeats)
+    return {"build_s": built_s, "rows": images * len(METHODS) * len(SIGMAS), "load_before": load,
+            "load_after": os.getloadavg()[0], "pages": times, **verdict(times)}

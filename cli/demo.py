@@ -67,7 +67,7 @@ def demo(ctx: typer.Context,
             raise DsqError(f"demo jobs did not succeed: {failed}; see dsq logs JOB")
         # the tables of `dsq results --experiment NAME --by-sigma`, printed by the same code
         jobs = results.print_experiment(engine, name, None, by_sigma=True,
-                                        notes=[preset.QUICK_NOTE] if quick else [])
+                                        notes=[preset.QUICK_NOTE] if quick else [], rows=True)
         plots.plot_curves([(job.label, job.rows) for job in jobs], plot,
                           title="dsq demo: digits, certified accuracy vs L2 radius")
     common.console.print(f"curves written to {plot}")

@@ -78,7 +78,7 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
         engine = common.database(common.settings(ctx), write=False)
         if experiment is not None:
             jobs = print_experiment(engine, experiment, radius_list, by_sigma=by_sigma, by_class=by_class,
-                                    ci=interval, format=format, linf=linf)
+                                    ci=interval, format=format, linf=linf, rows=plot is not None)
             if plot:
                 curves = [plots.Curve(job.label, job.rows, job.method, job.sigma, job.target) for job in jobs]
                 plots.plot_curves(curves, plot, ci=interval, norm=_norm(linf), title=title or
@@ -112,6 +112,8 @@ def results(ctx: typer.Context, job: Optional[int] = typer.Argument(None, help="
                 [report] = views.in_linf(session, [report])
                 sequential = sequential and (report.target, *sequential[1:])
             radius_list = radius_list or views.table_radii(session, [report], linf=linf)
+            if alpha is None:  # its table counted by the database, as the dashboard's (re-certified: its rows)
+                [report] = views.tallied(session, [report], [sequential[0]] if sequential else radius_list)
         if sequential and radii is not None and radius_list != [sequential[0]]:
             raise InvalidArgument(f"job {job} is sequential: it answers only at radius {sequential[0]:g} "
                                   f"(--radii {sequential[0]:g}); any other --radii does not apply")
@@ -214,12 +216,13 @@ def _check_experiment_options(experiment: str | None, format: str, alpha: float 
 
 def print_experiment(engine, name: str, radii: list[float] | None, *, by_sigma: bool, by_class: bool = False,
                      ci: float | None = None, format: str = "table", notes: Sequence[str] = (),
-                     linf: bool = False) -> list[summary.Job]:
+                     linf: bool = False, rows: bool = False) -> list[summary.Job]:
     """An experiment's tables in ``format`` (``views.experiment_report``), as ``dsq compare`` prints a table; its
-    notes (and ``notes``) once after them on the terminal. Returns its jobs, for the curves."""
+    notes (and ``notes``) once after them on the terminal. Returns its jobs, with their rows if ``rows`` (for the
+    curves)."""
     with session_scope(engine) as session:
         report = views.experiment_report(session, name, radii, by_sigma=by_sigma, by_class=by_class, ci=ci,
-                                         linf=linf)
+                                         linf=linf, rows=rows)
     if report.warning:
         common.say(report.warning, err=True)
     report = report._replace(notes=[*report.notes, *notes])
@@ -277,6 +280,7 @@ def compare(ctx: typer.Context, job_ids: List[int] = typer.Argument(..., help="J
             jobs = views.report_jobs(session, job_ids)
             jobs = views.in_linf(session, jobs) if linf else jobs
             radius_list = radius_list or views.table_radii(session, jobs, linf=linf)
+            jobs = views.tallied(session, jobs, radius_list)
         warning = views.image_warning(jobs)
         if warning:
             common.say(warning, err=True)

@@ -241,8 +241,10 @@ OBJECTIVE_NAMES = {"mse": "MSE", "stab": "STAB", "stab_mse": "STAB+MSE", "clf": 
                    "diffusion": "diffusion (one-shot)"}
 
 
-def report_jobs(session: Session, job_ids) -> list[summary.Job]:
+def report_jobs(session: Session, job_ids, *, rows: bool = True) -> list[summary.Job]:
     """The jobs to report, with their results, label, method, sigma, sequential target, cap and partial note.
+    ``rows`` False loads no result (``rows`` None) and leaves the partial note to ``tallied``, which counts them in
+    the database.
 
     A job's label is its name, else a default name from its spec (``default_method`` and sigma); its method is
     that name without the sigma (``envelopes.split_sigma``), and a reduced precision's. Its sequential target is
@@ -250,10 +252,11 @@ def report_jobs(session: Session, job_ids) -> list[summary.Job]:
     several jobs get their id.
     """
     found = []
-    for job_id in job_ids:
-        job = repo.get_job(session, job_id)
+    listed = [repo.get_job(session, job_id) for job_id in job_ids]  # an id no job has: JobNotFound, before any count
+    stored = repo.with_results(session, job_ids)
+    for job_id, job in zip(job_ids, listed):
         spec = job.spec or {}
-        rows = _results(session, job)
+        rows = _results(session, job, job_id in stored, load=rows)
         sigma = spec.get("sigma")
         if job.name:
             method, named = envelopes.split_sigma(job.name)
@@ -268,23 +271,56 @@ def report_jobs(session: Session, job_ids) -> list[summary.Job]:
         label = label if target is None else f"{label} (sequential, r = {target:g})"
         found.append(summary.Job(label, rows, method, None if sigma is None else float(sigma),
                                  None if target is None else float(target), _cap(spec),
-                                 partial_note(session, job_id, len(rows)), job_id))
+                                 None if rows is None else partial_note(session, job_id, len(rows)), job_id))
     labels = [job.label for job in found]
     return [job._replace(label=f"{job.label} (job {job.job_id})")
             if labels.count(job.label) > 1 and not repo.get_job(session, job.job_id).name else job for job in found]
 
 
-def _results(session: Session, job: Job) -> list:
+def _results(session: Session, job: Job, stored: bool, *, load: bool = True) -> list | None:
+    """A job's results (None when not ``load``ed; ``stored``: it has some); a job with none, a training and a
+    PREDICT job are refused."""
     if predictions.is_prediction(job.spec):  # its rows have no radius: no certified-accuracy table may count them
         raise JobStateError(f"job {job.id} is a PREDICT job: a class or an abstain per image, no radius to "
                             f"compare (dsq results {job.id} shows its answers)")
-    rows = accuracy.as_results(repo.result_fields(session, job.id))
+    rows = accuracy.as_results(repo.result_fields(session, job.id)) if load else None
+    if not load and stored:
+        return None
     if not rows and job.kind == "train":
         raise JobStateError(f"job {job.id} is a training: it has a model, not certified images "
                             f"(dsq show {job.id} says what it trained)")
     if not rows:
         raise JobStateError(f"job {job.id} has no results yet (status {job.status})")
     return rows
+
+
+# A curve of certified accuracy (the dashboard's) has CURVE_POINTS steps from 0 to CURVE_MARGIN times the largest
+# certified radius (or sequential target), and CURVE_FLOOR at least: the steps of the jobs' tallies.
+CURVE_POINTS, CURVE_MARGIN, CURVE_FLOOR = 200, 1.05, 0.5
+
+
+def curve_end(largest, targets=()) -> float:
+    """Where a curve's radius axis ends, given the largest certified radii and the sequential targets."""
+    return max(CURVE_FLOOR, max([*largest, *targets], default=0.0) * CURVE_MARGIN)
+
+
+def tallied(session: Session, jobs: list[summary.Job], radii) -> list[summary.Job]:
+    """The jobs with their ``tally`` at ``radii`` and at their sequential targets, counted by the database (a few
+    queries per image size in L∞), with their correct images in the CURVE_POINTS steps of ``curve_end``: what their
+    table lines and curves say, the same whether their rows were loaded or not; and their partial notes, from the
+    results counted."""
+    radii = sorted({*radii, *(job.target for job in jobs if job.target is not None)})
+    scales = {d: None if d is None else 1 / math.sqrt(d) for d in {job.dimension for job in jobs}}
+    largest = {}
+    for d, scale in scales.items():
+        largest.update(repo.largest_radii(session, [job.job_id for job in jobs if job.dimension == d], scale))
+    end = curve_end(largest.values(), [job.target for job in jobs if job.target is not None])
+    found: dict[int, accuracy.Tally] = {}
+    for d, scale in scales.items():
+        ids = [job.job_id for job in jobs if job.dimension == d]
+        found.update(repo.result_tallies(session, ids, radii, scale, CURVE_POINTS / end, largest))
+    return [job._replace(tally=found[job.job_id], partial=partial_note(session, job.job_id, found[job.job_id].n))
+            for job in jobs]
 
 
 def default_method(session: Session, job: Job) -> str:
@@ -388,11 +424,25 @@ def envelope_warning(jobs: list[summary.Job]) -> str:
             f"{', '.join(methods)}")
 
 
-def image_warning(runs: list[summary.Job]) -> str | None:
-    """A warning line when the jobs certified different images (their numbers are then not comparable)."""
+def image_warning(runs: list[summary.Job], session: Session | None = None) -> str | None:
+    """A warning line when the jobs certified different images (their numbers are then not comparable). A job
+    counted without its rows (``tallied``) whose images are one run of indices is that run; another's are read
+    (``session``)."""
+    spans = {run.job_id: (run.tally.first, run.tally.last) for run in runs if run.rows is None
+             and run.tally.last - run.tally.first + 1 == run.tally.n}
+    if len(spans) == len({run.job_id for run in runs}):  # all runs of indices: compared without sets
+        if len(set(spans.values())) < 2:
+            return None
     sets: dict[int, set[int]] = {}
     for run in runs:
-        sets.setdefault(run.job_id, {row.image_index for row in run.rows})
+        if run.job_id in sets:
+            continue
+        if run.rows is not None:
+            sets[run.job_id] = {row.image_index for row in run.rows}
+        elif run.job_id in spans:
+            sets[run.job_id] = set(range(spans[run.job_id][0], spans[run.job_id][1] + 1))
+        else:
+            sets[run.job_id] = repo.done_image_indices(session, run.job_id)
     if len({frozenset(found) for found in sets.values()}) < 2:
         return None
     common = set.intersection(*sets.values())
@@ -410,17 +460,20 @@ class ExperimentTable(NamedTuple):
     table: summary.Table
 
 
-def experiment_jobs(session: Session, experiment: str) -> list[summary.Job]:
+def experiment_jobs(session: Session, experiment: str, *, rows: bool = True) -> list[summary.Job]:
     """An experiment's certifications with results, as ``report_jobs`` reports them (label, sequential target, cap,
-    partial note), with the method and sigma of its file; by method (in the order of their first job), then sigma.
+    partial note; their results unless not ``rows``), with the method and sigma of its file; by method (in the
+    order of their first job), then sigma.
 
     A job submitted with ``--experiment`` but not from a file has no method there: its name without its sigma is.
     """
-    found = [job for job in _experiment_jobs(session, experiment) if repo.count_results(session, job.id).stored]
+    listed = _experiment_jobs(session, experiment)
+    stored = repo.with_results(session, [job.id for job in listed])
+    found = [job for job in listed if job.id in stored]
     if not found:
         raise JobStateError(f"experiment {experiment!r} has no results yet")
     jobs = []
-    for job, report in zip(found, report_jobs(session, [job.id for job in found])):
+    for job, report in zip(found, report_jobs(session, [job.id for job in found], rows=rows)):
         meta = job.meta or {}
         sigma = meta.get("sigma", report.sigma)
         jobs.append(report._replace(method=meta.get("method", report.method),
@@ -493,17 +546,20 @@ class ExperimentReport(NamedTuple):
 
 
 def experiment_report(session: Session, name: str, radii: list[float] | None = None, *, by_sigma: bool = False,
-                      by_class: bool = False, ci: float | None = None, linf: bool = False) -> ExperimentReport:
+                      by_class: bool = False, ci: float | None = None, linf: bool = False,
+                      rows: bool = False) -> ExperimentReport:
     """An experiment's jobs (``experiment_jobs``, in L∞ with ``linf``) and tables (``experiment_tables``) at
-    ``radii`` (default: ``table_radii``)."""
-    jobs = experiment_jobs(session, name)
+    ``radii`` (default: ``table_radii``). Their lines are counted by the database (``tallied``); the rows are
+    loaded only for ``by_class`` or when asked (``rows``: to draw them)."""
+    jobs = experiment_jobs(session, name, rows=rows or by_class)
     if linf:
         jobs = in_linf(session, jobs)
     radii = list(radii or table_radii(session, jobs, linf=linf))
+    jobs = tallied(session, jobs, radii)
     shown = experiment_tables(jobs, radii, by_sigma=by_sigma, by_class=by_class, ci=ci)
     # the envelope table, last, holds every job: its notes are the experiment's (the others' repeat them in part)
     notes = [*shown[-1].table.notes, *([linf_note(jobs)] if linf else [])]
-    return ExperimentReport(name, jobs, radii, shown, notes, image_warning(jobs), ci)
+    return ExperimentReport(name, jobs, radii, shown, notes, image_warning(jobs, session), ci)
 
 
 # The image shape (C, H, W) noise is added to, per dataset (dsq.datasets.dataset_info says the same, but imports
@@ -532,8 +588,8 @@ def in_linf(session: Session, jobs: list[summary.Job]) -> list[summary.Job]:
             raise InvalidArgument(f"job {job.job_id} ({safe(job.label)}): its image size is not known from its spec, "
                                   f"so its L∞ radius R / sqrt(d) cannot be given; drop --linf")
         scale = 1 / math.sqrt(d)
-        rows = [replace(row, radius=row.radius * scale) for row in job.rows]
-        found.append(job._replace(rows=rows, cap=None if job.cap is None else job.cap * scale,
+        rows = None if job.rows is None else [replace(row, radius=row.radius * scale) for row in job.rows]
+        found.append(job._replace(rows=rows, tally=None, cap=None if job.cap is None else job.cap * scale,
                                   target=None if job.target is None else job.target * scale, dimension=d))
     return found
 

@@ -398,3 +398,11 @@ def test_a_preview_that_cannot_be_made_is_refused_in_one_line(shown, args):
     assert out.exit_code == 2 and out.output.count("\n") == 1 and out.output.startswith("error: "), out.output
     with session_scope(engine) as session:
         assert not repo.list_jobs(session, kind="preview")  # nothing queued
+def test_the_bench_verdict_counts_the_first_view_and_leaves_out_the_per_image_json():
+    from bench import dashboard
+
+    fast = {"first_ms": 100.0, "p50_ms": 10.0, "p95_ms": 20.0}
+    times = {page: dict(fast) for page in dashboard.TARGET_PAGES} | {"api job": {**fast, "first_ms": 4000.0}}
+    assert dashboard.verdict(times) == {"target_ms": 500, "met": True, "missed": []}
+    times["experiment"]["first_ms"], times["job"]["p95_ms"] = 900.0, 600.0
+    assert dashboard.verdict(times)["missed"] == ["job", "experiment"]

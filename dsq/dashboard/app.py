@@ -37,6 +37,7 @@ POLL_SECONDS = 2
 
 def create_app(engine, stale_after: timedelta, *, token: str | None = None) -> Starlette:
     """The dashboard over ``engine`` (read-only use); ``stale_after`` as the CLI's settings say."""
+    from dsq import bounds  # noqa: F401  (scipy.special, half a second: at start, not on a first page's view)
 
     cache = pages.Cache()
 

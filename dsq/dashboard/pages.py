@@ -104,17 +104,19 @@ def job(session: Session, job_id: int, now: datetime, stale_after: timedelta, *,
 
 def results(session: Session, job_id: int, *, linf: bool = False, ci: float | None = None) -> dict:
     """A certification's table as ``dsq results JOB`` builds it (a sequential job's: its one radius and costs),
-    its records (``--format json --summary``), and its plot."""
-    [report] = views.report_jobs(session, [job_id])
+    its records (``--format json --summary``), and its plot. Counted by the database; only a sequential job's rows
+    are loaded (its costs are per image)."""
     sequential = views.sequential_costs(session, job_id)
+    [report] = views.report_jobs(session, [job_id], rows=sequential is not None)
     if linf:
         [report] = views.in_linf(session, [report])
         sequential = sequential and (report.target, *sequential[1:])
     radii = [sequential[0]] if sequential else views.table_radii(session, [report], linf=linf)
+    [report] = views.tallied(session, [report], radii)
     table = summary.build([report], radii, ci=ci)
     if linf:
         table = table._replace(notes=[*table.notes, views.linf_note([report])])
-    found = {"kind": "sequential" if sequential else "fixed", "label": report.label, "images": len(report.rows),
+    found = {"kind": "sequential" if sequential else "fixed", "label": report.label, "images": report.images,
              "title": tables.accuracy_title(ci), "header": summary.header(table),
              "rows": summary.text_rows(table), "notes": table.notes, "records": summary.records(table),
              "radii": table.radii, "plot": curves.traces([report], radii, alpha=BAND_ALPHA),

@@ -220,7 +220,9 @@ class Result(Base):
     """One image's certificate: counts, lower bound, radius and where it was computed."""
 
     __tablename__ = "results"
-    __table_args__ = (UniqueConstraint("job_id", "image_index"),)
+    # the second index holds every column a results table counts (repo.result_tallies): it is read without the rows
+    __table_args__ = (UniqueConstraint("job_id", "image_index"),
+                      Index(None, "job_id", "correct", "radius", "prediction", "image_index"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(Integer, _job_fk())

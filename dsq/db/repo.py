@@ -11,11 +11,13 @@ other's columns.  Functions that stamp a time take ``now`` (default: the clock).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import Select, and_, case, delete, false, func, or_, select, update
+from sqlalchemy import (BigInteger, Integer, Select, and_, case, cast, delete, false, func, literal, or_, select,
+                        union_all, update)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -39,6 +41,7 @@ from dsq.db.models import (
     utcnow,
 )
 from dsq.errors import InvalidArgument, JobNotFound, JobStateError, UnknownName
+from dsq.report.accuracy import FIXED_POINT, Tally
 
 M = TypeVar("M", bound=Base)
 
@@ -271,6 +274,111 @@ def result_fields(s: Session, job_id: int) -> list:
     by image: loading every column of 10,000 rows as objects costs ten times more."""
     columns = (Result.image_index, Result.label, Result.prediction, Result.radius, Result.correct, Result.seconds)
     return list(s.execute(select(*columns).where(Result.job_id == job_id).order_by(Result.image_index)))
+
+
+def with_results(s: Session, job_ids: Iterable[int]) -> set[int]:
+    """Which of the jobs have at least one result (an index probe each, nothing counted)."""
+    stored = select(Result.id).where(Result.job_id == Job.id).exists()
+    return set(s.scalars(select(Job.id).where(Job.id.in_(list(job_ids)), stored)))
+
+
+def _counted_radius(scale: float | None):
+    """A result's radius as a table counts it: as stored (L2), or times ``scale`` (1 / sqrt(d): L∞)."""
+    return Result.radius if scale is None else Result.radius * float(scale)
+
+
+_CORRECT = and_(Result.correct, Result.prediction != -1)  # as dsq.report.accuracy.as_result says it
+
+
+def result_tallies(s: Session, job_ids: Iterable[int], radii: Iterable[float], scale: float | None = None,
+                   per_unit: float | None = None, largest: Mapping[int, float] | None = None) -> dict[int, Tally]:
+    """Each job's ``accuracy.Tally`` at ``radii``, counted by the database over the ``results`` index (no row is
+    loaded): the integers ``accuracy.tally`` counts from the rows, and the same radius sum (``accuracy.radius_sum``:
+    whole steps of 1 / FIXED_POINT, added as integers).
+    ``scale``: radii times it (L∞), as ``views.in_linf`` turns rows. A job without results is not in the answer.
+
+    Its ``steps`` count the correct images by ``floor(radius * per_unit)`` (default: ``STEPS`` steps up to the
+    largest radius). The count at a radius r is then exact without comparing every row with r: the steps above
+    r's, plus the rows of r's own step (a short range of the index) at r or more. ``largest``: what
+    ``largest_radii`` says of these jobs, when already asked.
+    """
+    ids, radii = list(job_ids), tuple(float(r) for r in radii)
+    radius = _counted_radius(scale)
+    largest = {job_id: top for job_id, top in (largest or {}).items() if job_id in ids}
+    largest.update(largest_radii(s, [job_id for job_id in ids if job_id not in largest], scale))
+    top = max([r for r in largest.values() if r < math.inf], default=0.0)
+    per_unit = float(per_unit or (STEPS / top if top > 0 else 1.0))
+    size = min(math.floor(top * per_unit), STEPS * 4) + 2  # the last step holds anything above (inf)
+    finite = and_(_CORRECT, radius < math.inf)  # the radius sum in whole steps of 1 / FIXED_POINT
+    stmt = (select(Result.job_id, func.count(), func.count().filter(Result.prediction == -1),
+                   func.sum(_whole(s, radius * FIXED_POINT, BigInteger)).filter(finite),
+                   func.count().filter(_CORRECT, radius == math.inf), func.min(Result.image_index),
+                   func.max(Result.image_index))
+            .where(Result.job_id.in_(ids)).group_by(Result.job_id))
+    totals = {job_id: (n, abstains, int(total or 0), infinite, first, last)
+              for job_id, n, abstains, total, infinite, first, last in s.execute(stmt)}
+    step = _step_of(s, radius * per_unit, size - 1)
+    bucket = step.label("step")
+    steps = {job_id: [0] * size for job_id in totals}
+    # a job at a time (SQLite sorts each job's steps apart, cheaper than all at once), in one statement
+    for job_id, index, count in _each(s, [select(literal(job_id), bucket, func.count())
+                                          .where(Result.job_id == job_id, _CORRECT).group_by(bucket)
+                                          for job_id in totals]):
+        steps[job_id][index] += count
+    owns = [math.floor(r * per_unit) if r * per_unit < size - 1 else size - 1 for r in radii]
+    parts = []
+    for k, (r, own) in enumerate(zip(radii, owns)):
+        edges = [(own - 1) / per_unit, (own + 2) / per_unit if own < size - 1 else math.inf]
+        low, high = edges if scale is None else [edge / scale for edge in edges]
+        parts.append(select(literal(k), Result.job_id, func.count())
+                     .where(Result.job_id.in_(list(totals)), _CORRECT, Result.radius >= low, Result.radius <= high,
+                            step == own, radius >= r).group_by(Result.job_id))
+    within = {(k, job_id): count for k, job_id, count in _each(s, parts)}
+    certified = {job_id: [sum(steps[job_id][own + 1:]) + within.get((k, job_id), 0) for k, own in enumerate(owns)]
+                 for job_id in totals}
+    return {job_id: Tally(n, sum(steps[job_id]), abstains, math.inf if infinite else total / FIXED_POINT,
+                          largest[job_id], first, last, radii, tuple(certified[job_id]), tuple(steps[job_id]))
+            for job_id, (n, abstains, total, infinite, first, last) in totals.items()}
+
+
+STEPS = 256  # a tally's default grid: this many steps up to the largest radius
+
+
+def _whole(s: Session, scaled, kind=Integer):
+    """``floor(scaled)`` as an integer (radii are >= 0: SQLite's CAST truncates, which is floor there;
+    PostgreSQL's rounds, so floor() first)."""
+    return cast(func.floor(scaled) if s.get_bind().dialect.name == "postgresql" else scaled, kind)
+
+
+def _step_of(s: Session, scaled, last: int):
+    """``floor(scaled)`` as an integer, at most ``last`` (an infinite radius is the last step)."""
+    return case((scaled >= last, last), else_=_whole(s, scaled))
+
+
+def largest_radii(s: Session, job_ids: Iterable[int], scale: float | None = None) -> dict[int, float]:
+    """Each job's largest radius of a correct image (0 when none; times ``scale``), from the end of the index: no
+    scan; one statement per ``_BATCH`` jobs."""
+    ids, found = list(job_ids), {}
+    for start in range(0, len(ids), _BATCH):
+        batch = ids[start:start + _BATCH]
+        tops = s.execute(select(*(select(Result.radius).where(Result.job_id == job_id, _CORRECT)
+                                  .order_by(Result.radius.desc()).limit(1).scalar_subquery()
+                                  for job_id in batch))).one()
+        found.update({job_id: 0.0 if top is None else top if scale is None else top * float(scale)
+                      for job_id, top in zip(batch, tops)})
+    return found
+
+
+_BATCH = 50  # queries per statement: a round trip each costs more than the query on a small range
+
+
+def _each(s: Session, parts: list) -> list:
+    """The rows of every query in ``parts``, ``_BATCH`` of them joined (UNION ALL) per statement."""
+    found = []
+    for start in range(0, len(parts), _BATCH):
+        batch = parts[start:start + _BATCH]
+        found += s.execute(batch[0] if len(batch) == 1 else union_all(*batch)).all()
+    return found
 
 
 def results_version(s: Session, job_ids: Iterable[int]) -> tuple:

@@ -106,6 +106,57 @@ def clean_accuracy(rows: Rows) -> float:
     return certified_accuracy(rows, [0.0])[0]
 
 
+# The ACR's sum counts radii in whole steps of 1 / FIXED_POINT (about 1.5e-11): a sum of integers, the same to
+# the last bit whatever adds them, in whatever order (Python, SQLite, PostgreSQL).
+FIXED_POINT = 2 ** 36
+
+
+def radius_sum(radii: Iterable[float]) -> float:
+    """The sum of ``radii`` (each >= 0), each rounded down to a step of 1 / FIXED_POINT; inf if one is."""
+    radii = list(radii)
+    if math.inf in radii or any(math.isnan(r) for r in radii):
+        return math.fsum(radii)
+    return sum(math.floor(r * FIXED_POINT) for r in radii) / FIXED_POINT
+
+
+class Tally(NamedTuple):
+    """What a job's table line counts, without its rows: its images n, those correct (not abstaining), those it
+    abstained on, the sum of the correct images' radii (the ACR's numerator, ``radius_sum``), the largest of them,
+    its first and last image index, and at each of ``radii`` the correct images with radius >= r (``certified``).
+
+    ``tally`` counts rows in Python; ``dsq.db.repo.result_tallies`` counts the same in SQL, without loading them, and
+    adds ``steps``: how many correct images' radii fall in each step of a grid (a curve's points)."""
+
+    n: int
+    clean: int
+    abstains: int
+    radius_sum: float
+    largest: float
+    first: int
+    last: int
+    radii: tuple[float, ...]
+    certified: tuple[int, ...]
+    steps: tuple[int, ...] = ()  # from the database: correct images per step of its grid (repo.result_tallies)
+
+    def at(self, radius: float) -> int:
+        """Correct images certified at ``radius`` or more; only radii it was counted at."""
+        try:
+            return self.certified[self.radii.index(radius)]
+        except ValueError:
+            raise InvalidArgument(f"no count at radius {radius!r}: counted at {list(self.radii)}") from None
+
+
+def tally(rows: Rows, radii: Sequence[float]) -> Tally:
+    """The :class:`Tally` of ``rows`` at ``radii`` (the ACR's sum in image order)."""
+    results = as_results(rows)
+    if not results:
+        raise InvalidArgument("no certified images: certified accuracy needs at least one result row")
+    correct = [x.radius for x in results if x.correct]
+    return Tally(len(results), len(correct), sum(1 for x in results if x.prediction == ABSTAIN), radius_sum(correct),
+                 max(correct, default=0.0), results[0].image_index, results[-1].image_index, tuple(radii),
+                 tuple(sum(1 for x in correct if x >= r) for r in radii))
+
+
 def job_counts(jobs: Jobs, radii: Sequence[float]) -> list[JobCounts]:
     """The :class:`JobCounts` of each (label, rows) job; a job without rows is InvalidArgument naming it."""
     table = []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, NamedTuple, Sequence
 
-from dsq.report.accuracy import as_results
+from dsq.report.accuracy import Tally, as_results, tally
 from dsq.report.intervals import DEFAULT_ALPHA, optional_interval
 from dsq.report.tables import percent
 
@@ -31,10 +31,11 @@ MAX_COLUMNS = 8
 class Job(NamedTuple):
     """A job to report: its label and results, its method and sigma (envelopes, plots), the one radius a sequential
     job answers (``target``), the largest radius it can certify (``cap``), a partial job's note, its id, and its
-    image's size d when its radii were turned into L∞ ones."""
+    image's size d when its radii were turned into L∞ ones; ``tally``, when given, is what its line counts
+    (``accuracy.Tally``, counted by the database: then ``rows`` may be None, not loaded)."""
 
     label: str
-    rows: list
+    rows: list | None
     method: str = ""
     sigma: float | None = None
     target: float | None = None
@@ -42,6 +43,11 @@ class Job(NamedTuple):
     partial: str | None = None
     job_id: int | None = None
     dimension: int | None = None  # d, when the radii are L∞ (R / sqrt(d)); None: L2
+    tally: Tally | None = None
+
+    @property
+    def images(self) -> int:
+        return self.tally.n if self.tally is not None else len(self.rows)
 
 
 @dataclass(frozen=True)
@@ -69,37 +75,28 @@ class Table(NamedTuple):
     notes: list[str]
 
 
-def average_radius(rows) -> float:
-    """ACR: the mean certified radius, an abstain or a wrong class counting 0."""
-    results = as_results(rows)
-    return sum(x.radius for x in results if x.correct) / len(results)
-
-
-def abstain_rate(rows) -> float:
-    results = as_results(rows)
-    return sum(1 for x in results if x.prediction == -1) / len(results)
-
-
 def answers(job: Job, radius: float) -> bool:
     return job.target is None or math.isclose(radius, job.target)
 
 
 def job_line(job: Job, radii: Sequence[float], ci: float | None = None, *, rows=None, label: str | None = None,
              klass: int | None = None) -> Line:
-    """One job's line (or, with ``rows`` and ``klass``, that of its images of one class)."""
-    results = as_results(job.rows if rows is None else rows)
-    n = len(results)
-    clean = None if job.target is not None else sum(x.correct for x in results) / n
+    """One job's line (or, with ``rows`` and ``klass``, that of its images of one class): from its ``tally`` when
+    it has one, else counted from its rows."""
+    counted = job.tally if rows is None and job.tally is not None else tally(job.rows if rows is None else rows,
+                                                                              radii)
+    n = counted.n
+    clean = None if job.target is not None else counted.clean / n
     cells = []
     for r in radii:
         if not answers(job, r):
             cells.append(None)
             continue
-        k = sum(1 for x in results if x.correct and x.radius >= r)
+        k = counted.at(r)
         cells.append(Cell(k / n, clean, optional_interval(k, n, ci), job.cap is not None and r > job.cap))
     fixed = job.target is None
-    return Line(label or job.label, str(n), cells, average_radius(results) if fixed else None,
-                abstain_rate(results) if fixed else None, job.partial is not None, klass)
+    return Line(label or job.label, str(n), cells, counted.radius_sum / n if fixed else None,
+                counted.abstains / n if fixed else None, job.partial is not None, klass)
 
 
 def class_lines(job: Job, radii: Sequence[float], ci: float | None = None) -> list[Line]:
@@ -183,7 +180,7 @@ def notes(jobs: Sequence[Job], radii: Sequence[float], lines: Sequence[Line]) ->
         found.append(f"{CAPPED} {', '.join(labels)}: no radius above {cap} can be certified at {its} sigma, n and "
                      f"alpha, so {its} cells beyond are 0 by construction")
     found += [f"{job.label}: {job.partial}" for job in jobs if job.partial is not None]
-    smallest = min((len(job.rows) for job in jobs), default=SMALL_RUN)
+    smallest = min((job.images for job in jobs), default=SMALL_RUN)
     if smallest < SMALL_RUN:
         found.append(f"{smallest} image{'s' if smallest > 1 else ''} (the fewest of a job here): a percentage is "
                      f"uncertain by up to ±{100 * spread(smallest):.0f} points (95% Wilson interval); compare "
