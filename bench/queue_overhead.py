@@ -25,22 +25,24 @@ from dsq.kinds.certify import CertifySpec
 
 def measure(jobs_count: int = 50, *, n: int = 100, threads: int | None = None, log=print) -> dict:
     """Drain ``jobs_count`` one-image certify jobs (n0 = 10, n samples) with sampler actors reused between
-    jobs (the worker's default) and, side by side, started anew for each job; return both timings."""
+    jobs (the worker's default), reused while the jobs alternate between two f o D (each call names its models),
+    and, side by side, started anew for each job; return the three timings."""
     resources.connect(None, num_cpus=threads)
-    return {variant: _drain(jobs_count, n, reuse, log) for variant, reuse in (("reused", True), ("per job", False))}
+    variants = (("reused", True, 1), ("reused, 2 f o D alternating", True, 2), ("per job", False, 1))
+    return {variant: _drain(jobs_count, n, reuse, pairs, log) for variant, reuse, pairs in variants}
 
 
-def _drain(jobs_count: int, n: int, reuse: bool, log) -> dict:
+def _drain(jobs_count: int, n: int, reuse: bool, pairs: int, log) -> dict:
     with tempfile.TemporaryDirectory(prefix="dsq-queue-bench-") as tmp:
         home = Path(tmp)
         settings = Settings(database_url=f"sqlite:///{home / 'bench.db'}", home=home, autostart=False)
-        classifier, denoiser = save_pair(PAIRS["digits"], 0, home)
+        models = [save_pair(PAIRS["digits"], seed, _folder(home / f"pair{seed}")) for seed in range(pairs)]
         engine = open_database(settings.database_url)
-        spec = CertifySpec(dataset="digits", classifier=classifier, denoiser=denoiser, sigma=0.25, n0=10,
-                                 n=n, batch_size=100, max_images=1, workers=1)
+        specs = [CertifySpec(dataset="digits", classifier=classifier, denoiser=denoiser, sigma=0.25, n0=10, n=n,
+                             batch_size=100, max_images=1, workers=1, previews=0) for classifier, denoiser in models]
         with session_scope(engine) as session:
-            ids = [jobs.submit(session, spec, settings).id for _ in range(jobs_count)]
-        log(f"queue bench: {jobs_count} jobs of 1 image x {10 + n} samples, sampler actors "
+            ids = [jobs.submit(session, specs[i % pairs], settings).id for i in range(jobs_count)]
+        log(f"queue bench: {jobs_count} jobs of 1 image x {10 + n} samples on {pairs} f o D, sampler actors "
             f"{'reused' if reuse else 'started for each job'}")
         started = time.perf_counter()
         summary = QueueWorker(settings, drain=True, max_jobs=1, log=lambda line: None, reuse_samplers=reuse).run()  # one at a time:
@@ -55,3 +57,8 @@ def _drain(jobs_count: int, n: int, reuse: bool, log) -> dict:
     return {"jobs": jobs_count, "succeeded": succeeded, "wall_s": wall, "sampling_s": sampling,
             "overhead_per_job_s": (wall - sampling) / jobs_count, "first_job_s": first_s,
             "jobs_per_s": jobs_count / wall}
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir()
+    return path

@@ -262,7 +262,7 @@ def test_a_bad_resource_cap_is_one_line_exit_2(tmp_path, text):
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_actors_are_reused_for_the_same_kind_of_process_and_idle_ones_end_when_new_ones_need_room():
+def test_actors_are_reused_for_the_same_kind_of_process_and_idle_ones_of_other_kinds_end():
     import ray
 
     from workers.pool import ActorPool
@@ -281,17 +281,53 @@ def test_actors_are_reused_for_the_same_kind_of_process_and_idle_ones_end_when_n
     first = pool.acquire("sampler x 2", 2, start)
     pool.release("sampler x 2", first, healthy=True)
     assert pool.acquire("sampler x 2", 1, start) == first[:1] and len(started) == 2  # reused, nothing started
+    assert pool.idle == {"sampler x 2": first[1:]}  # the spare one stays for the next job
     pool.release("sampler x 2", first[:1], healthy=True)
-    trainer = pool.acquire("trainer", 1, start, {"num_cpus": 0})  # fits beside the idle samplers: they stay
-    assert len(started) == 3 and list(pool.idle) == ["sampler x 2"] and set(pool.idle["sampler x 2"]) == set(first)
-    pool.release("trainer", trainer, healthy=True)
-    big = pool.acquire("big", 1, start, {"num_cpus": 1000})  # no room beside them: the idle ones end first
-    assert len(started) == 4 and pool.idle == {}
-    for ended in (*first, *trainer):
+    trainer = pool.acquire("trainer", 1, start)  # another kind: a new actor, and the idle samplers end
+    assert len(started) == 3 and pool.idle == {}
+    for ended in first:
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(ended.pid.remote(), timeout=30)
-    pool.release("big", big, healthy=False)  # a job that failed does not hand its actors on
+    pool.release("trainer", trainer, healthy=False)  # a job that failed does not hand its actors on
     assert pool.idle == {}
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_an_idle_worker_ends_the_actors_it_kept(tmp_path, monkeypatch):
+    """Kept for the next job, a worker's actors end once it has had nothing to run for KEEP_ACTORS_SECONDS: an idle
+    worker holds no CPUs that other workers or an autoscaler's scale-down wait for."""
+    import threading
+
+    from bench.config import PAIRS
+    from bench.rayjobs import save_pair
+    from workers import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "KEEP_ACTORS_SECONDS", 2.0)
+    config = Settings(database_url=f"sqlite:///{tmp_path / 'dsq.db'}", home=tmp_path)
+    engine = open_database(config.database_url)
+    classifier, denoiser = save_pair(PAIRS["digits"], 0, tmp_path)
+    with session_scope(engine) as session:
+        job_id = jobs.submit(session, CertifySpec(dataset="digits", classifier=classifier, denoiser=denoiser,
+                                                  sigma=0.25, n0=10, n=50, batch_size=50, max_images=1, workers=1,
+                                                  previews=0), config).id
+    worker, ended = QueueWorker(config, log=lambda line: None), []
+    end = worker.pool._end
+    worker.pool._end = lambda actors: (ended.extend(actors), end(actors))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: job(engine, job_id).status == "succeeded", what="the job done")
+        wait_until(lambda: ended, timeout=120, what="the kept actors ended")
+        assert worker.pool.idle == {} and thread.is_alive()  # ended by the idle worker, not by its stop
+    finally:
+        worker.stop("test over")
+        thread.join(timeout=120)
+    import ray
+
+    assert len(ended) == 1  # its sampler, kept after the job
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(ended[0].input_channels.remote(None), timeout=30)
+    engine.dispose()
 
 
 @pytest.mark.usefixtures("ray_session")

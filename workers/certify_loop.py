@@ -71,7 +71,7 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     model = sampler_model(sources, spec)
     pool = control.pool or ActorPool()
     key = sampler_key(settings, threads, device, options)
-    actors = pool.acquire(key, workers, start, options)
+    actors = pool.acquire(key, workers, start)
     loop, healthy = None, False
     try:
         dataset, note = pipeline.job_dataset(spec, root, ray.get(actors[0].input_channels.remote(model)))

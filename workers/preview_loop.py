@@ -23,7 +23,7 @@ def run(engine, settings, job_id: int, spec, control: Control) -> None:
     model = sampler_model(sources, target)
     pool = control.pool or ActorPool()
     key = sampler_key(settings, threads, device, options)
-    [actor] = pool.acquire(key, 1, lambda: SamplerActor.options(**options).remote(settings, threads, device), options)
+    [actor] = pool.acquire(key, 1, lambda: SamplerActor.options(**options).remote(settings, threads, device))
     ended = False
     try:
         root = settings.data_root_of(target)

@@ -20,7 +20,7 @@ def run(engine, settings, job_id: int, spec, control: Control) -> None:
     device = resources.device_for(gpu)
     pool = control.pool or ActorPool()
     key = ("trainer", settings, threads, device, tuple(sorted(options.items())))  # settings: its database
-    [actor] = pool.acquire(key, 1, lambda: TrainerActor.options(**options).remote(settings, threads, device), options)
+    [actor] = pool.acquire(key, 1, lambda: TrainerActor.options(**options).remote(settings, threads, device))
     ended = False
     try:
         pending = actor.train.remote(job_id, spec)

@@ -37,6 +37,10 @@ HEARTBEAT_SECONDS = 5.0  # a dozen beats fit in the default 60 s stale limit
 JOIN_SECONDS = 60.0  # a stopping job hands itself back within a poll; this bounds a stuck one
 REQUEST_JOBS = 100  # runnable jobs looked at when asking an autoscaler for resources
 QUIET_SECONDS = 3 * HEARTBEAT_SECONDS  # a running job this long without a heartbeat may have lost its worker
+# The actors kept for the next job (ActorPool) end once the worker has had nothing to run this long: long enough for
+# the next step of a plan submitted by hand, short enough that an idle worker does not hold CPUs that another
+# worker's jobs, or an autoscaler shrinking the cluster, wait for.
+KEEP_ACTORS_SECONDS = 30.0
 
 
 def demand_bundles(demands: list[dict], cap: dict) -> list[dict]:
@@ -158,6 +162,8 @@ class QueueWorker:
             self._ask_for_resources(engine, cluster)
             self._last_scan = now
         self._fill(engine, cluster)
+        if not self.running and self.pool.idle and now - self._idle_since > KEEP_ACTORS_SECONDS:
+            self.pool.close()
         if self.running:
             self._idle_since = now
         elif self._finished(engine):
