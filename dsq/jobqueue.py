@@ -311,7 +311,8 @@ def backoff(used: int, draw=random.random) -> float:
 
 def retry(s: Session, job_id: int, worker: str, error: str, *, now: datetime | None = None) -> float | None:
     """The run of ``worker`` raised ``error`` (not a user's mistake): queue the job again after its backoff and
-    return the seconds it waits; None when it has used its attempts (the caller ends it failed, ``gave_up``)."""
+    return the seconds it waits; None when it has used its attempts (the caller ends it failed, ``gave_up``).
+    The caller holds the job (``steering``)."""
     now = now or utcnow()
     end_attempt(s, job_id, "error", error, now=now)
     used, job = used_attempts(s, job_id), get_job(s, job_id)

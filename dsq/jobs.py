@@ -91,7 +91,14 @@ def finish(session: Session, job_id: int, status: str, error: str | None = None,
 def fail_or_retry(session: Session, job_id: int, runner: str, error: str, traceback: str | None = None, *,
                   now: datetime | None = None) -> str:
     """The run of ``runner`` raised an unexpected error: queue the job again after a backoff while it has attempts
-    left, else end it failed ("gave up after N attempts"). Returns its status."""
+    left, else end it failed ("gave up after N attempts"). Returns its status.
+
+    A run whose job was taken over meanwhile (its runner presumed dead) changes nothing: the job, its attempt and
+    its attempts left belong to the run that holds it now."""
+    if not jobqueue.steering(session, job_id, runner)[1]:
+        repo.add_log(session, job_id, f"a run on {runner} that no longer held the job failed: {error}",
+                     level="warning")
+        return repo.get_job(session, job_id).status
     wait = jobqueue.retry(session, job_id, runner, error, now=now)
     if wait is None:
         return finish(session, job_id, "failed", error=jobqueue.gave_up(session, job_id), traceback=traceback).status

@@ -92,6 +92,22 @@ def test_an_error_is_retried_after_its_backoff_then_the_job_gives_up_and_fails_i
         "attempt 1 of 3 on w1", "attempt 2 of 3 on w2", "attempt 3 of 3 on w3"]
 
 
+def test_an_error_from_a_run_whose_job_was_taken_over_changes_nothing_of_the_new_run(engine):
+    """A runner that was presumed dead (its job taken over) and then raises must not end the new runner's attempt,
+    queue the job again under it, or fail it: the job is no longer its own."""
+    job_id = add(engine, max_attempts=2)
+    assert take(engine, job_id, "old", now=utcnow() - 2 * STALE)
+    with session_scope(engine) as session:
+        assert jobqueue.requeue_stale(session, STALE) == ([job_id], [])
+    assert take(engine, job_id, "new")
+    with session_scope(engine) as session:
+        assert jobs.fail_or_retry(session, job_id, "old", "RuntimeError: late") == "running"
+    taken = job(engine, job_id)
+    assert (taken.status, taken.runner, taken.error) == ("running", "new", None)
+    last = runs(engine, job_id)[-1]
+    assert last.startswith("attempt 2 of 2 on new") and "error" not in last, last
+
+
 def test_a_job_whose_worker_dies_each_time_ends_failed_after_max_attempts_and_never_loops(engine):
     job_id = add(engine)
     child = add(engine, after=[job_id])
