@@ -278,8 +278,8 @@ def report_jobs(session: Session, job_ids, *, rows: bool = True) -> list[summary
 
 
 def _results(session: Session, job: Job, stored: bool, *, load: bool = True) -> list | None:
-    """A job's results (None when not ``load``ed; ``stored``: it has some); a job with none, a training and a
-    PREDICT job are refused."""
+    """A job's results (None when not ``load``ed; ``stored``: it has some); a job with none, a training, a preview
+    and a PREDICT job are refused."""
     if predictions.is_prediction(job.spec):  # its rows have no radius: no certified-accuracy table may count them
         raise JobStateError(f"job {job.id} is a PREDICT job: a class or an abstain per image, no radius to "
                             f"compare (dsq results {job.id} shows its answers)")
@@ -289,6 +289,9 @@ def _results(session: Session, job: Job, stored: bool, *, load: bool = True) -> 
     if not rows and job.kind == "train":
         raise JobStateError(f"job {job.id} is a training: it has a model, not certified images "
                             f"(dsq show {job.id} says what it trained)")
+    if not rows and job.kind == "preview":
+        raise JobStateError(f"job {job.id} is a preview of image {job.spec['image']} of job {job.spec['job']}: "
+                            f"pictures, not radii (its image's page on the dashboard shows them)")
     if not rows:
         raise JobStateError(f"job {job.id} has no results yet (status {job.status})")
     return rows

@@ -108,3 +108,21 @@ def test_results_of_a_training_point_to_show(tmp_path):
     assert dsq(tmp_path, "submit", "experiment", str(path)).exit_code == 0
     result = dsq(tmp_path, "results", "1")
     assert result.exit_code == 2 and "job 1 is a training" in result.output and "dsq show 1" in result.output
+
+
+def test_results_of_a_preview_say_what_it_is_and_where_it_shows(tmp_path):
+    from dsq.kinds.preview import PreviewSpec
+
+    path = tmp_path / "plan.toml"
+    path.write_text(PLAN)
+    assert dsq(tmp_path, "submit", "experiment", str(path)).exit_code == 0
+    engine = open_database(f"sqlite:///{tmp_path / 'dsq.db'}")
+    with session_scope(engine) as session:
+        certify = next(job for job in repo.list_jobs(session, limit=100) if job.kind == "certify")
+        spec = PreviewSpec(job=certify.id, image=0, of=certify.spec).to_dict()
+        number = repo.create_job(session, kind="preview", spec=spec, seed=0).id
+    engine.dispose()
+    result = dsq(tmp_path, "results", str(number))
+    assert result.exit_code == 2 and "no results yet" not in result.output, result.output
+    assert f"job {number} is a preview of image 0 of job {certify.id}" in result.output, result.output
+
