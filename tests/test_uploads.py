@@ -2,7 +2,10 @@
 every submit, uploaded once, fetched and hash-checked where the job runs, refused when the bytes were swapped."""
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -13,6 +16,7 @@ from dsq.db.session import open_database, session_scope
 from dsq.errors import ArtifactStoreError, CheckpointError
 from dsq.kinds.certify import CertifySpec
 from dsq.settings import Settings
+from tests.conftest import free_port
 from tests.test_artifacts import s3  # noqa: F401 - the module's moto server
 
 BUCKET = "s3://dsq-test/uploads"
@@ -94,7 +98,7 @@ def test_where_the_paths_are_gone_the_job_reads_the_store_copies(s3, tmp_path): 
     data = uploads.data_spec(node, spec)
     unpacked = data.dataset.removeprefix("folder:")
     assert unpacked.startswith(str(tmp_path / "node" / "cache" / "uploads"))
-    assert sorted(p.relative_to(unpacked).as_posix() for p in __import__("pathlib").Path(unpacked).rglob("*")) == [
+    assert sorted(p.relative_to(unpacked).as_posix() for p in Path(unpacked).rglob("*")) == [
         "cat", "cat/0.png", "cat/1.png", "dog", "dog/0.png", "dog/1.png", "fox"]
     assert spec.dataset == f"folder:{folder}"  # the job's own spec keeps the paths as given
     source = {"reference": str(model), "location": str(model), "sha256": None,
@@ -138,3 +142,75 @@ def test_a_failed_upload_queues_nothing(s3, tmp_path, opens_database):  # noqa: 
             assert "uploads" not in job.spec or job.spec["uploads"] == {}
     finally:
         engine.dispose()
+
+
+def tiny_folder(folder):
+    """Two classes of one 8x8 RGB image each."""
+    from PIL import Image
+
+    for label, name in enumerate(("cat", "dog")):
+        (folder / name).mkdir(parents=True)
+        pixels = bytes([40, 40, 40]) * 64
+        Image.frombytes("RGB", (8, 8), pixels[:label * 3] + b"\xc8" + pixels[label * 3 + 1:]).save(
+            folder / name / "0.png")
+    return folder
+
+
+@pytest.mark.e2e
+def test_a_node_that_never_saw_the_submitters_paths_certifies_a_users_model_and_folder(s3, tmp_path,  # noqa: F811
+                                                                                       starts_processes):
+    """A CPU-less head and one worker node (`ray start`ed, S3 credentials in their environment); the user's
+    TorchScript model and image folder are submitted, then moved away: the job runs from the store's copies."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from tests.test_artifacts import CREDENTIALS
+    from tests.test_faults import CHECK, ENV, dsq, joined, node_logs, start_node, stop
+
+    user = tmp_path / "user"
+    folder = tiny_folder(user / "pets")
+    torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64, 2))),
+                   user / "model.pt")
+    temp = Path(tempfile.mkdtemp(prefix="dsq-up-"))  # short: Ray's socket paths have a length limit
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    nodes = [start_node(["--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+                         f"--temp-dir={temp}", f"--ray-client-server-port={free_port()}"], temp, CREDENTIALS)]
+    try:
+        deadline = time.monotonic() + 300  # generous: a busy machine starts a node in tens of seconds
+        while subprocess.run([sys.executable, "-c", CHECK, address], env=ENV, capture_output=True).returncode:
+            assert time.monotonic() < deadline and nodes[0].poll() is None, f"no head: {node_logs(temp)}"
+            time.sleep(1)
+        nodes.append(start_node([f"--address={address}", "--num-cpus=2"], temp, CREDENTIALS))
+        while len(joined(address)) < 2:
+            assert time.monotonic() < deadline and nodes[1].poll() is None, f"no worker node: {node_logs(temp)}"
+            time.sleep(1)
+        database = f"sqlite:///{tmp_path / 'dsq.db'}"
+        shared = {"DSQ_DATABASE_URL": database, "DSQ_ARTIFACTS": "s3://dsq-test/e2e", "DSQ_S3_ENDPOINT_URL": s3,
+                  "RAY_ADDRESS": address, "DSQ_WORKER_AUTOSTART": "0", **CREDENTIALS}
+        out = dsq(shared | {"DSQ_HOME": str(tmp_path / "submitter")}, "submit", "certify",
+                  "--dataset", f"folder:{folder}", "--classifier", user / "model.pt", "--sigma", "0.25",
+                  "--n0", "10", "--n", "100", "--batch-size", "50", "--workers", "1", "--previews", "0")
+        assert out.returncode == 0 and out.stdout.split() == ["job", "1"], out.stderr
+        assert f"uploading folder {folder}: 2 files" in out.stderr, out.stderr
+        user.rename(tmp_path / "moved")  # the only copies now are in S3
+        node_home = tmp_path / "node"  # the worker's own home: its cache starts empty
+        out = dsq(shared | {"DSQ_HOME": str(node_home)}, "worker", "--drain", timeout=600)
+        assert out.returncode == 0, out.stderr + node_logs(temp)
+        engine = open_database(database)
+        try:
+            with session_scope(engine) as session:
+                job = repo.get_job(session, 1)
+                assert job.status == "succeeded", (job.error, [line.message for line in repo.logs_for_job(session, 1)])
+                assert len(repo.results_for_job(session, 1)) == 2
+                assert job.spec["dataset"] == f"folder:{folder}"  # said as given
+                sha = job.spec["uploads"][str(user / "model.pt")]["sha256"]
+        finally:
+            engine.dispose()
+        assert (node_home / "cache" / "artifacts" / f"{sha}.pt").is_file()  # the model came from the store
+        assert len(list((node_home / "cache" / "uploads").iterdir())) == 1  # and so did the folder
+    finally:
+        stop(*reversed(nodes))
+        shutil.rmtree(temp, ignore_errors=True)
