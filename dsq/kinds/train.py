@@ -158,7 +158,8 @@ def run_training(engine, settings: Settings, job_id: int, spec: TrainSpec, devic
     from dsq import pipeline, references, training  # torch
 
     with session_scope(engine) as session:
-        sources = {r: references.source(session, r, spec.models.get(r), uploads=spec.uploads) for r in spec.references()}
+        sources = {r: references.source(session, r, spec.models.get(r), uploads=spec.uploads)
+                   for r in spec.references()}
     frozen = [references.load_source(settings, sources[r], "classifier", device) for r in spec.classifiers]
     init = references.load_source(settings, sources[spec.init], spec.target, device) if spec.init else None
     data = uploads.data_spec(settings, spec)  # the store's copies of its folders, where it uploaded them
