@@ -9,7 +9,8 @@ from typing import List, Optional
 import typer
 
 from cli import common
-from cli.submit import AFTER_HELP, CLASSES_HELP, MAX_N_HELP, PRIORITY_HELP, RADIUS_HELP, WAIT_HELP, attempts_option
+from cli.submit import (AFTER_HELP, CLASSES_HELP, MAX_N_HELP, PRIORITY_HELP, RADIUS_HELP, WAIT_HELP, attempts_option,
+                        no_upload_option)
 from dsq.apis.providers import EMBEDDED, PROVIDERS
 from dsq.kinds.certify_api import DEFAULT_N
 
@@ -51,7 +52,7 @@ def certify_api(ctx: typer.Context,
                 dry_run: bool = typer.Option(False, help="Check and estimate cost; submit nothing."),
                 priority: int = typer.Option(0, help=PRIORITY_HELP),
                 after: List[int] = typer.Option([], help=AFTER_HELP),
-                max_attempts: str = attempts_option(),
+                max_attempts: str = attempts_option(), no_upload: bool = no_upload_option(),
                 wait: bool = typer.Option(False, help=WAIT_HELP)):
     """Certify a vision API's smoothed top label (with an optional denoiser in front), within a budget."""
     from cli.submit import class_list, launch
@@ -78,7 +79,8 @@ def certify_api(ctx: typer.Context,
                 common.say(line, err=True)
         common.console.print("dry run: nothing submitted")
         return
-    launch(ctx, spec_of, wait, priority, tuple(after), describe=estimate_lines, max_attempts=max_attempts)
+    launch(ctx, spec_of, wait, priority, tuple(after), describe=estimate_lines, max_attempts=max_attempts,
+           no_upload=no_upload)
 
 
 def estimate_lines(spec, images: int) -> list[str]:

@@ -34,6 +34,15 @@ MEAN_HELP = ("Normalization of a TorchScript, torchvision or package.module:func
              "channel, e.g. 0.485,0.456,0.406 (default: none; ImageNet's for torchvision:NAME).")
 
 
+NO_UPLOAD_HELP = ("Read the files and folders given by path where the job runs, as given (data on storage every "
+                  "node shares), instead of uploading them to an S3 artifact store at submit.")
+
+
+def no_upload_option():
+    """``--no-upload``: paths read as given where the job runs (``dsq.uploads``)."""
+    return typer.Option(False, "--no-upload", help=NO_UPLOAD_HELP)
+
+
 def attempts_option():
     """``--max-attempts N``, read as text so that a non-integer is one line (exit 2), not a usage box."""
     return typer.Option("3", "--max-attempts", metavar="N", help=ATTEMPTS_HELP)
@@ -52,10 +61,11 @@ def max_attempts_of(text: str) -> int:
 
 
 def launch(ctx: typer.Context, spec_of, wait: bool, priority: int = 0, after: tuple[int, ...] = (),
-           describe=None, max_attempts: str = "3") -> None:
+           describe=None, max_attempts: str = "3", no_upload: bool = False) -> None:
     """Validate and queue a job, print its id, make sure a worker serves the queue; follow it with --wait.
 
-    ``describe(spec, work total)`` gives lines to print about the job once it is checked and queued.
+    ``describe(spec, work total)`` gives lines to print about the job once it is checked and queued. Its local
+    files go to an S3 artifact store first, unless ``no_upload`` (``dsq.uploads``).
     """
     from dsq import jobs, specs
     from dsq.db.session import session_scope
@@ -71,7 +81,8 @@ def launch(ctx: typer.Context, spec_of, wait: bool, priority: int = 0, after: tu
                        f"if you meant 0-255 units, sigma is {spec.sigma:g}/255 = {spec.sigma / 255:.4g}", err=True)
         engine = common.database(config)
         with session_scope(engine) as session:
-            job = jobs.submit(session, spec, config, priority=priority, after=after, max_attempts=attempts)
+            job = jobs.submit(session, spec, config, priority=priority, after=after, max_attempts=attempts,
+                              upload=not no_upload, say=lambda line: common.say(line, err=True))
             job_id, total = job.id, job.progress_total
         for line in describe(spec, total) if describe else []:
             common.say(line, err=True)
@@ -111,7 +122,7 @@ def train(ctx: typer.Context,
           data_root: Optional[str] = None, name: Optional[str] = None,
           priority: int = typer.Option(0, help=PRIORITY_HELP),
           after: List[int] = typer.Option([], help=AFTER_HELP),
-          max_attempts: str = attempts_option(),
+          max_attempts: str = attempts_option(), no_upload: bool = no_upload_option(),
           wait: bool = typer.Option(False, help=WAIT_HELP)):
     """Train a denoiser in front of frozen classifier(s), or a classifier (standard or Gaussian)."""
     from dsq.kinds.train import TrainSpec, default_arch, default_sigma
@@ -125,7 +136,7 @@ def train(ctx: typer.Context,
         lr_gamma=lr_gamma, seed=seed, size=size, classes=class_list(classes), data_root=data_root, name=name,
         models=model_options(classifier=(absolute(classifier), absolute(classifier_weights), classifier_args,
                                          mean, std))),
-        wait, priority, tuple(after), max_attempts=max_attempts)
+        wait, priority, tuple(after), max_attempts=max_attempts, no_upload=no_upload)
 
 
 @app.command()
@@ -161,7 +172,7 @@ def certify(ctx: typer.Context,
             data_root: Optional[str] = None, name: Optional[str] = None,
             priority: int = typer.Option(0, help=PRIORITY_HELP),
             after: List[int] = typer.Option([], help=AFTER_HELP),
-            max_attempts: str = attempts_option(),
+            max_attempts: str = attempts_option(), no_upload: bool = no_upload_option(),
             wait: bool = typer.Option(False, help=WAIT_HELP)):
     """Certify the smoothed classifier f(D(x + noise)) on a deterministic subset of a dataset."""
     from dsq import specs
@@ -175,7 +186,7 @@ def certify(ctx: typer.Context,
         data_root=data_root, name=name, models=model_options(
             classifier=(absolute(classifier), absolute(classifier_weights), classifier_args, mean, std),
             denoiser=(absolute(denoiser), absolute(denoiser_weights), denoiser_args, None, None))),
-        wait, priority, tuple(after), max_attempts=max_attempts)
+        wait, priority, tuple(after), max_attempts=max_attempts, no_upload=no_upload)
 
 
 def preview(ctx: typer.Context, job: str = typer.Argument(..., metavar="JOB", help="A certify job's id."),
@@ -240,7 +251,7 @@ def predict(ctx: typer.Context,
             data_root: Optional[str] = None, name: Optional[str] = None,
             priority: int = typer.Option(0, help=PRIORITY_HELP),
             after: List[int] = typer.Option([], help=AFTER_HELP),
-            max_attempts: str = attempts_option(),
+            max_attempts: str = attempts_option(), no_upload: bool = no_upload_option(),
             wait: bool = typer.Option(False, help=WAIT_HELP)):
     """PREDICT (Cohen et al.): each image's smoothed class, or an abstain, from n noisy samples; no radius."""
     import os
@@ -278,7 +289,7 @@ def predict(ctx: typer.Context,
                 classifier=(absolute(classifier), absolute(classifier_weights), classifier_args, mean, std)),
             **shared)
 
-    launch(ctx, spec_of, wait, priority, tuple(after), max_attempts=max_attempts)
+    launch(ctx, spec_of, wait, priority, tuple(after), max_attempts=max_attempts, no_upload=no_upload)
 
 
 def parse_json(text: str, option: str = "--arch-kwargs") -> dict:
@@ -337,7 +348,8 @@ def experiment(ctx: typer.Context, file: str = typer.Argument(..., help="An expe
                                               help="Change a key of the file for this run (repeatable), e.g. "
                                               "--set max_images=20 --set n=200; recorded with every job."),
                max_jobs: int = typer.Option(1_000, help="Refuse a plan of more jobs than this (a typo in a "
-                                            "generated file should not queue thousands).")):
+                                            "generated file should not queue thousands)."),
+               no_upload: bool = no_upload_option()):
     """Queue a whole plan (models to train, a sigma grid, methods to certify) as jobs with their dependencies."""
     from dsq import experiments
     from dsq.db.session import session_scope
@@ -358,7 +370,8 @@ def experiment(ctx: typer.Context, file: str = typer.Argument(..., help="An expe
         engine = common.database(config)
         with session_scope(engine) as session:
             ids = experiments.submit(session, plan, config, experiment=name or plan.name, priority=priority,
-                                     max_attempts=attempts)
+                                     max_attempts=attempts, upload=not no_upload,
+                                     say=lambda line: common.say(line, err=True))
         common.say(f"experiment {name or plan.name}: jobs {min(ids.values())}-{max(ids.values())} queued; "
                    f"see dsq jobs --experiment {name or plan.name}")
         started = background.ensure_worker(config, engine)

@@ -170,6 +170,11 @@ class LocalStore:
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def is_sha256(text) -> bool:
+    """Whether ``text`` is a sha256 in hex (64 lowercase hex digits)."""
+    return isinstance(text, str) and bool(_SHA256.fullmatch(text))
+
+
 def checked_key(key: str) -> str:
     """A key of ``put_at`` and friends: a relative path inside the store, without '..'."""
     if not key or key.startswith("/") or ".." in key.split("/"):
@@ -218,10 +223,24 @@ class S3Store:
 
     def put(self, path: str | os.PathLike) -> tuple[str, str]:
         sha256 = file_sha256(path)
-        key = "/".join(filter(None, [self.prefix, "sha256", f"{sha256}.pt"]))
+        key = self._key(content_address(sha256))
         with _s3_errors(f"s3://{self.bucket}/{key}"):
             self.client.upload_file(os.fspath(path), self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha256}})
         return f"s3://{self.bucket}/{key}", sha256
+
+    def holds(self, sha256: str) -> str | None:
+        """The location of the object with this sha256 when the bucket has it already (put with its hash), else None."""
+        from botocore.exceptions import ClientError
+
+        key = self._key(content_address(sha256))
+        with _s3_errors(f"s3://{self.bucket}/{key}"):
+            try:
+                found = self.client.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as error:
+                if _missing(error):
+                    return None
+                raise
+        return f"s3://{self.bucket}/{key}" if found.get("Metadata", {}).get("sha256") == sha256 else None
 
     def _key(self, key: str) -> str:
         return "/".join(filter(None, [self.prefix, checked_key(key)]))

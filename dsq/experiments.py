@@ -366,9 +366,9 @@ def resolve(spec, ids: dict[str, int]):
 
 
 def submit(session, plan: Plan, settings, *, experiment: str, priority: int = 0,
-           max_attempts: int | None = None) -> dict[str, int]:
+           max_attempts: int | None = None, upload: bool = True, say=None) -> dict[str, int]:
     """Queue every job of the plan in one transaction; return job ids by step key. ``max_attempts``: of every job
-    (default: the plan's).
+    (default: the plan's); ``upload``, ``say``: as ``jobs.submit``'s.
 
     An experiment name already in the queue is refused: its results would be mixed with this run's.
     """
@@ -384,7 +384,7 @@ def submit(session, plan: Plan, settings, *, experiment: str, priority: int = 0,
     for step in plan.steps:
         meta = {**step.meta, "overrides": plan.overrides} if plan.overrides else step.meta
         job = jobs.submit(session, resolve(step.spec, ids), settings, priority=priority, experiment=experiment,
-                          meta=meta, max_attempts=max_attempts or plan.max_attempts)
+                          meta=meta, max_attempts=max_attempts or plan.max_attempts, upload=upload, say=say)
         ids[step.key] = job.id
     return ids
 

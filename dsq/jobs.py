@@ -13,7 +13,7 @@ from typing import Iterable
 
 from sqlalchemy.orm import Session
 
-from dsq import checks, jobqueue, kinds, references, specs, usermodels
+from dsq import checks, jobqueue, kinds, references, specs, uploads, usermodels
 from dsq.db import repo
 from dsq.db.models import DEFAULT_MAX_ATTEMPTS, utcnow
 from dsq.errors import InvalidArgument, JobNotFound, JobStateError
@@ -23,8 +23,13 @@ MAX_PRIORITY = 1_000_000  # any order users need fits; keeps the column a plain 
 
 
 def submit(session: Session, spec, settings: Settings, *, priority: int = 0, after: Iterable[int] = (),
-           experiment: str | None = None, meta: dict | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS):
-    """Check a spec against the database and the disk, then queue it as a job that waits for its dependencies."""
+           experiment: str | None = None, meta: dict | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+           upload: bool = True, say=None):
+    """Check a spec against the database and the disk, then queue it as a job that waits for its dependencies.
+
+    With ``upload`` its local files and folders go to the artifact store first (``dsq.uploads``; ``say`` hears a
+    line for each), so that any node can run it; a failed upload queues nothing.
+    """
     kind = kinds.get(spec.kind)
     if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > MAX_PRIORITY:
         raise InvalidArgument(f"priority must be an integer in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {priority!r}")
@@ -35,6 +40,8 @@ def submit(session: Session, spec, settings: Settings, *, priority: int = 0, aft
                for reference, role in spec.model_roles()} - {None}
     depends |= {_check_after(session, number) for number in after}
     total = kind.check(session, spec, settings)
+    if upload:
+        spec = uploads.upload(spec, settings, say)
     job = repo.create_job(session, kind=spec.kind, spec=spec.to_dict(), seed=spec.seed, name=spec.name, total=total,
                           priority=priority, experiment=experiment, meta=meta, max_attempts=max_attempts)
     jobqueue.add_dependencies(session, job.id, depends)

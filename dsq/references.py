@@ -15,6 +15,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from dsq import artifacts, usermodels
+from dsq import uploads as dsq_uploads
 from dsq.db import repo
 from dsq.db.models import ENDED_BADLY
 from dsq.errors import CheckpointError, InvalidArgument, JobNotFound
@@ -92,14 +93,22 @@ def checkpoint_source(session: Session, reference: str) -> tuple[str, str | None
     return found[0].location, found[0].sha256
 
 
-def source(session: Session, reference: str, options: dict | None = None, sigma: float | None = None) -> dict:
+def source(session: Session, reference: str, options: dict | None = None, sigma: float | None = None,
+           uploads: dict | None = None) -> dict:
     """What a process needs to load the model a reference names (plain data: it travels to Ray actors).
 
     A denoiser's source carries the job's ``sigma``: a diffusion model denoises at the step that σ chooses.
+    ``uploads``: the job's (``spec.uploads``); the model's file and weights are then read from the store where
+    the model is loaded, not from the paths given at submit.
     """
-    location, sha256 = (checkpoint_source(session, reference)
-                        if usermodels.form(reference) in ("job", "file") else (None, None))
+    carried = dsq_uploads.model_uploads(uploads, reference, options)
+    if reference in carried:
+        location, sha256 = reference, None  # replaced by its local copy where it is loaded
+    else:
+        location, sha256 = (checkpoint_source(session, reference)
+                            if usermodels.form(reference) in ("job", "file") else (None, None))
     found = {"reference": reference, "location": location, "sha256": sha256, "options": options or {}}
+    found = {**found, "uploads": carried} if carried else found
     return found if sigma is None else {**found, "sigma": sigma}
 
 
@@ -115,6 +124,7 @@ def load_source(settings: Settings, found: dict, role: str, device="cpu"):
     """
     from dsq import checkpoints, diffusion  # torch: only where models are loaded
 
+    found = dsq_uploads.local_source(settings, found)
     path = local_checkpoint(settings, (found["location"], found["sha256"])) if found["location"] else None
     usermodels.verify(found["options"])
     if usermodels.form(found["reference"]) == "diffusers":
@@ -132,9 +142,9 @@ def load_source(settings: Settings, found: dict, role: str, device="cpu"):
 
 
 def load(session: Session, reference: str, settings: Settings, role: str, options: dict | None = None,
-         device="cpu", sigma: float | None = None):
+         device="cpu", sigma: float | None = None, uploads: dict | None = None):
     """The model a reference names, loaded now (a denoiser at ``sigma``)."""
-    return load_source(settings, source(session, reference, options, sigma), role, device)
+    return load_source(settings, source(session, reference, options, sigma, uploads), role, device)
 
 
 def local_checkpoint(settings: Settings, source: tuple[str, str | None]) -> str:

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dsq import checks, usermodels
+from dsq import checks, uploads, usermodels
 from dsq.errors import InvalidArgument
 from dsq.text import check_name
 
@@ -117,6 +117,8 @@ def check_common(spec, kind: str) -> None:
         raise InvalidArgument(f"a {type(spec).__name__} has kind {kind!r}, got {spec.kind!r}")
     if spec.name is not None:
         check_name(spec.name, "job name")
+    if hasattr(spec, "uploads"):
+        uploads.check(spec.uploads)
     if not isinstance(spec.seed, int) or isinstance(spec.seed, bool):
         raise InvalidArgument(f"seed must be an integer, got {spec.seed!r}")
     if getattr(spec, "size", None) is not None:

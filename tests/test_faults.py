@@ -34,12 +34,13 @@ CERTIFY = ["submit", "certify", "--dataset", "digits", "--classifier", "job:1", 
            "--n", "20000", "--batch-size", "1000", "--max-images", str(IMAGES), "--workers", "2", "--seed", "7"]
 
 
-def start_node(args, temp) -> subprocess.Popen:
+def start_node(args, temp, env=None) -> subprocess.Popen:
+    """A `ray start`ed node (``env``: more of its environment, as Ray's processes on it see it)."""
     log = open(Path(temp) / f"node-{len(list(Path(temp).glob('node-*.log')))}.log", "w")
     return subprocess.Popen(
         [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--memory=3000000000",
          "--object-store-memory=150000000", "--disable-usage-stats", *ray_node_ports(), *args],
-        env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp)
+        env=ENV | (env or {}), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp)
 
 
 def node_logs(temp) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from dsq import bounds, pipeline, previews, references, sampling, sequential, sizing, smoothing
+from dsq import bounds, pipeline, previews, references, sampling, sequential, sizing, smoothing, uploads
 from dsq.db import repo
 from dsq.db.session import session_scope
 from dsq.kinds import certify
@@ -48,8 +48,8 @@ class ImageState:
 
 def model_sources(session, spec) -> list:
     """f's and D's sources (``references.source``): each sampler fetches (and hash-checks) them on its own node."""
-    return [references.source(session, spec.classifier, spec.models.get(spec.classifier)),
-            references.source(session, spec.denoiser, spec.models.get(spec.denoiser), spec.sigma)
+    return [references.source(session, spec.classifier, spec.models.get(spec.classifier), uploads=spec.uploads),
+            references.source(session, spec.denoiser, spec.models.get(spec.denoiser), spec.sigma, spec.uploads)
             if spec.denoiser else None]
 
 
@@ -57,8 +57,9 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     with session_scope(engine) as session:
         sources = model_sources(session, spec)
         done = repo.done_image_indices(session, job_id)
-    root = settings.data_root_of(spec)
-    plan = pipeline.image_plan(spec, pipeline.images(spec, root))
+    data = uploads.data_spec(settings, spec)  # the store's copies of its folders and files, where it uploaded them
+    root = settings.data_root_of(data)
+    plan = pipeline.image_plan(spec, pipeline.images(data, root))
     todo = collections.deque(i for i in plan if i not in done)
     if not todo:  # a job resumed after its last image: its previews were made when it started
         return
@@ -74,7 +75,7 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     actors = pool.acquire(key, workers, start)
     loop, healthy = None, False
     try:
-        dataset, note = pipeline.job_dataset(spec, root, ray.get(actors[0].input_channels.remote(model)))
+        dataset, note = pipeline.job_dataset(data, root, ray.get(actors[0].input_channels.remote(model)))
         # Said in the job's log: images converted to the channels f o D takes, a diffusion denoiser's timestep...
         lines = [note] if note else []
         lines += ray.get(actors[0].notes.remote(model, dataset[todo[0]][0]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ray
 
-from dsq import pipeline, previews
+from dsq import pipeline, previews, uploads
 from dsq.db import repo
 from dsq.db.session import session_scope
 from workers import resources
@@ -26,8 +26,9 @@ def run(engine, settings, job_id: int, spec, control: Control) -> None:
     [actor] = pool.acquire(key, 1, lambda: SamplerActor.options(**options).remote(settings, threads, device))
     ended = False
     try:
-        root = settings.data_root_of(target)
-        dataset, _ = pipeline.job_dataset(target, root, ray.get(actor.input_channels.remote(model)))
+        data = uploads.data_spec(settings, target)  # the store's copies of its folders, where it uploaded them
+        channels = ray.get(actor.input_channels.remote(model))
+        dataset, _ = pipeline.job_dataset(data, settings.data_root_of(data), channels)
         pending = actor.preview.remote(model, dataset[spec.image][0], sigma=target.sigma, seed=target.seed,
                                        image=spec.image, count=previews.SAMPLES)
         while not ray.wait([pending], timeout=POLL_SECONDS)[0]:

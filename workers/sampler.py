@@ -81,11 +81,13 @@ class SamplerActor:
 
 
 def source_key(source: dict | None) -> tuple | None:
-    """A model source as a pool key: a stored checkpoint's sha256; a local file's path, size and mtime."""
+    """A model source as a pool key: a stored checkpoint's or an upload's sha256; a local file's path, size and
+    mtime."""
     if source is None:
         return None
+    carried = source.get("uploads") or {}  # read from the store: their sha256 says what they are
     files = [path for path in (source["location"] if source["sha256"] is None else None,
-                               source["options"].get("weights")) if path]
+                               source["options"].get("weights")) if path and path not in carried]
     stats = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files]
     return (source["reference"], source["sha256"], json.dumps(source["options"], sort_keys=True), source.get("sigma"),
-            *stats)
+            *stats, *sorted((path, entry["sha256"]) for path, entry in carried.items()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from sqlalchemy.orm import Session
 
-from dsq import checks, datasets, references
+from dsq import checks, datasets, references, uploads
 from dsq.apis import base
 from dsq.errors import InvalidArgument, UnreadableImage
 from dsq.settings import Settings
@@ -15,9 +15,10 @@ class ImageSource:
     """The images a job certifies: dataset items or input files, by image index."""
 
     def __init__(self, spec, settings: Settings):
-        self.spec = spec
+        self.spec, data = spec, uploads.data_spec(settings, spec)  # read from the store's copies, said as given
+        self.files = data.inputs
         if spec.dataset:
-            self.dataset = datasets.get_dataset(spec.dataset, spec.split, root=settings.data_root_of(spec),
+            self.dataset = datasets.get_dataset(data.dataset, spec.split, root=settings.data_root_of(data),
                                                 size=spec.size, classes=spec.classes)
             self.indices = datasets.test_subset(self.dataset, skip=spec.skip, max=spec.max_images)
         else:
@@ -28,7 +29,7 @@ class ImageSource:
         """Image ``index`` as [C, H, W] in [0, 1]; UnreadableImage for a bad input file."""
         if self.spec.dataset:
             return self.dataset[index][0]
-        return base.load_image(self.spec.inputs[index], self.spec.size)
+        return base.load_image(self.files[index], self.spec.size)
 
     def describe(self, index: int) -> dict:
         if self.spec.dataset:
@@ -41,7 +42,8 @@ def load_denoiser(session: Session, spec, settings: Settings) -> torch.nn.Module
     """The denoiser in front of the API (a diffusion model's at the job's σ), or None."""
     if not spec.denoiser:
         return None
-    return references.load(session, spec.denoiser, settings, "denoiser", sigma=spec.sigma).eval()
+    return references.load(session, spec.denoiser, settings, "denoiser", sigma=spec.sigma,
+                           uploads=spec.uploads).eval()
 
 
 def check_denoiser(denoiser: torch.nn.Module, source: ImageSource) -> None:

@@ -56,6 +56,7 @@ class CertifySpec(specs.TargetRadiusMode):
     data_root: str | None = None
     name: str | None = None
     models: dict = field(default_factory=dict)  # the user's own models' options: {reference: {weights, args, ...}}
+    uploads: dict = field(default_factory=dict)  # local paths in the artifact store (dsq.uploads)
     kind: str = "certify"
 
     def __post_init__(self):

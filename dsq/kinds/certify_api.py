@@ -25,7 +25,7 @@ import math
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 from sqlalchemy.orm import Session
@@ -80,6 +80,7 @@ class ApiCertifySpec(specs.TargetRadiusMode):
     predict: bool = False  # Cohen et al.'s PREDICT over the API's labels: n queries (n0 = 0), a label or an abstain
     data_root: str | None = None
     name: str | None = None
+    uploads: dict = field(default_factory=dict)  # local paths in the artifact store (dsq.uploads)
     kind: str = "certify_api"
 
     def __post_init__(self):

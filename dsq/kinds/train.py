@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
-from dsq import checks, specs, usermodels
+from dsq import checks, specs, uploads, usermodels
 from dsq.db import repo
 from dsq.db.session import session_scope
 from dsq.errors import ArtifactStoreError, InvalidArgument, UnknownName
@@ -54,6 +54,7 @@ class TrainSpec:
     data_root: str | None = None
     name: str | None = None
     models: dict = field(default_factory=dict)  # the user's own models' options: {reference: {weights, args, ...}}
+    uploads: dict = field(default_factory=dict)  # local paths in the artifact store (dsq.uploads)
     kind: str = "train"
 
     def __post_init__(self):
@@ -157,10 +158,12 @@ def run_training(engine, settings: Settings, job_id: int, spec: TrainSpec, devic
     from dsq import pipeline, references, training  # torch
 
     with session_scope(engine) as session:
-        sources = {r: references.source(session, r, spec.models.get(r)) for r in spec.references()}
+        sources = {r: references.source(session, r, spec.models.get(r), uploads=spec.uploads)
+                   for r in spec.references()}
     frozen = [references.load_source(settings, sources[r], "classifier", device) for r in spec.classifiers]
     init = references.load_source(settings, sources[spec.init], spec.target, device) if spec.init else None
-    info, train_set, test_set, notes = pipeline.train_data(spec, settings.data_root_of(spec),
+    data = uploads.data_spec(settings, spec)  # the store's copies of its folders, where it uploaded them
+    info, train_set, test_set, notes = pipeline.train_data(data, settings.data_root_of(data),
                                                            frozen + ([init] if init is not None else []))
     if notes:  # images converted to the channels the job's models take: said in the job's log
         with session_scope(engine) as session:
