@@ -236,10 +236,16 @@ def test_an_api_job_asks_for_dsq_api_exactly_where_the_cluster_or_the_cap_offers
     # api nodes are up: the cluster has dsq_api, recorded with the worker's offers
     assert certify_api.demand(spec, {"CPU": 2.0, "dsq_api": 8.0}) == {"CPU": 0.25, "dsq_api": 1.0}
     assert plain._offers({"CPU": 2.0, "dsq_api": 8.0}) == {"CPU": 2.0, "GPU": 0.0, "dsq_api": 8.0}
-    # none is up, but the autoscaler may launch them: the cap names dsq_api (CPUs and GPUs stay those of the nodes up)
+    # none is up, but the autoscaler may launch them: the cap names dsq_api and GPUs (CPUs stay those of the nodes up)
     capped = QueueWorker(settings, max_request={"CPU": 64.0, "GPU": 8.0, "dsq_api": 16.0})
     cluster = capped._placeable({"CPU": 2.0})
-    assert cluster == {"CPU": 2.0, "dsq_api": 16.0}
+    assert cluster == {"CPU": 2.0, "GPU": 8.0, "dsq_api": 16.0}
+    # jobs that sample or train are sized for the GPUs the autoscaler may launch: their actors wait for gpu nodes
+    from dsq import specs
+    from workers import resources
+
+    assert specs.default_workers(cluster) == 8 and resources.actor_options(8, cluster) == ({"num_gpus": 1.0,
+                                                                                           "num_cpus": 0}, 1)
     held = certify_api.demand(spec, cluster)
     assert held == {"CPU": 0.25, "dsq_api": 1.0} and certify_api.actor_resources(held) == {"dsq_api": 1.0}
     options = api_actor.actor_options("aws", certify_api.actor_resources(held))

@@ -246,11 +246,12 @@ class QueueWorker:
         return {r: max(cluster.get(r, 0.0), cap.get(r, 0.0)) for r in sorted(names)}
 
     def _placeable(self, cluster: dict) -> dict:
-        """Ray's ``cluster_resources()`` with the custom resources the autoscaling cap names (``dsq_api``: nodes the
-        autoscaler can launch), so a job that asks for one is started and its actor waits for such a node. CPUs and
-        GPUs stay those of the nodes up: jobs are sized for them."""
+        """Ray's ``cluster_resources()`` with the GPUs and custom resources the autoscaling cap names (gpu nodes,
+        ``dsq_api`` nodes: what the autoscaler can launch), so a job that asks for them is started, sized for them
+        (a certify job's samplers, a training: on GPUs), and its actors wait for such nodes. CPUs stay those of the
+        nodes up: a cap's CPUs would size CPU jobs for nodes that may never come."""
         cap = self.max_request or {}
-        return {**cluster, **{r: max(cluster.get(r, 0.0), a) for r, a in cap.items() if r not in ("CPU", "GPU")}}
+        return {**cluster, **{r: max(cluster.get(r, 0.0), a) for r, a in cap.items() if r != "CPU"}}
 
     def _free(self, cluster: dict) -> dict:
         """What the jobs this worker runs leave of its cluster (recorded with each heartbeat, for ``dsq jobs``)."""
@@ -306,7 +307,7 @@ class QueueWorker:
                 if job is None:
                     return
             spec = kinds.from_dict(job.spec)  # rebuilt once: for its demand here, and for its run
-            self._start(job, spec, kinds.get(job.kind).demand(spec, cluster))
+            self._start(job, spec, kinds.get(job.kind).demand(spec, cluster), cluster)
 
     @staticmethod
     def _demand(job, cluster: dict) -> dict:
@@ -324,9 +325,10 @@ class QueueWorker:
         held = self._held()
         return all(held.get(r, 0.0) + amount <= cluster.get(r, 0.0) + 1e-9 for r, amount in demand.items())
 
-    def _start(self, job, spec, demand: dict) -> None:
+    def _start(self, job, spec, demand: dict, cluster: dict) -> None:
         pool = self.pool if self.reuse_samplers else None
-        work = Running(job.id, job.kind, demand, Control(runner=self.name, pool=pool, demand=demand), spec)
+        control = Control(runner=self.name, pool=pool, demand=demand, cluster=cluster)
+        work = Running(job.id, job.kind, demand, control, spec)
         work.thread = threading.Thread(target=self._run_one, args=(work,), name=f"dsq-job-{job.id}", daemon=True)
         self.running[job.id] = work
         self.log(f"job {job.id} ({job.kind}{': ' + job.name if job.name else ''}): started")
