@@ -226,6 +226,8 @@ def test_a_worker_is_dead_on_ray_when_its_node_is_or_its_quiet_actor_is(monkeypa
     assert found == [("on-dead-node", "its Ray node aa is dead"), ("dead-actor", "its Ray actor 11 is dead")]
     assert asked == ["11", "22"]  # the actor table is read only for quiet workers' actors
     assert worker.dead_on_ray([]) == []
+    monkeypatch.setattr(ray, "nodes", lambda: 1 / 0)  # a GCS that does not answer: nobody is judged
+    assert worker.dead_on_ray(rows) == []
 
 
 def test_only_workers_on_this_host_are_looked_at(engine):

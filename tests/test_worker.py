@@ -495,7 +495,7 @@ def test_a_drain_takes_over_the_job_of_a_killed_local_worker_at_once_and_leaves_
         alongside = dsq(home, "worker", "--drain", **slow_stale)  # the live worker's job is not its work
         assert alongside.returncode == 0 and "ran 0 job(s)" in alongside.stdout, alongside.stdout + alongside.stderr
         assert job(engine, 2).status == "running" and job(engine, 2).attempts == 1
-        assert "is gone" not in alongside.stdout
+        assert "died (" not in alongside.stdout
         before = stored(engine, 2)
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=60)
@@ -504,7 +504,7 @@ def test_a_drain_takes_over_the_job_of_a_killed_local_worker_at_once_and_leaves_
     assert job(engine, 2).status == "running" and len(before) < 60  # as the killed worker left it, mid-job
     out = dsq(home, "worker", "--drain", **slow_stale)
     assert out.returncode == 0 and "ran 1 job(s)" in out.stdout, out.stdout + out.stderr
-    assert f"is gone (pid {worker.pid} no longer runs); queued again" in out.stdout, out.stdout
+    assert f"died (pid {worker.pid} is gone); queued again" in out.stdout, out.stdout
     after = stored(engine, 2)
     taken = job(engine, 2)
     assert taken.status == "succeeded" and taken.attempts == 2 and len(after) == 60

@@ -292,10 +292,10 @@ class QueueWorker:
                 for job_id in requeued:
                     repo.add_log(session, job_id, f"worker {name} died ({why}): queued again (seen by {self.name})",
                                  level="warning")
-                    self.log(f"job {job_id}: its worker {name} is gone ({why}); queued again")
+                    self.log(f"job {job_id}: its worker {name} died ({why}); queued again")
                 for job_id in cancelled:
                     repo.add_log(session, job_id, f"cancelled: worker {name} died (seen by {self.name})")
-                    self.log(f"job {job_id}: its worker {name} is gone ({why}); cancelled, as requested")
+                    self.log(f"job {job_id}: its worker {name} died ({why}); cancelled, as requested")
 
     def _fill(self, engine, cluster: dict) -> None:
         while not self.stopping.is_set() and (self.max_jobs is None or len(self.running) < self.max_jobs):
@@ -374,24 +374,32 @@ def dead_on_ray(workers: list) -> list[tuple[object, str]]:
 
     One call for the nodes (``ray.nodes()``, a few milliseconds: the GCS's table), and one per worker with an actor
     whose heartbeat is quiet (an actor restarted on another node keeps its name and takes its jobs back itself;
-    only one Ray will not restart is dead). A node or actor this Ray does not know (another cluster's) is not
-    judged: its worker's heartbeat decides.
+    only one Ray will not restart is dead). A node or actor this Ray does not know (another cluster's), or a question
+    Ray does not answer, is not judged: the worker's heartbeat decides.
     """
     if not workers:
         return []
     from ray._private.state import state  # the GCS's actor table: no dashboard needed, unlike ray.util.state
 
-    alive = {node["NodeID"]: node["Alive"] for node in ray.nodes()}
+    try:
+        alive = {node["NodeID"]: node["Alive"] for node in ray.nodes()}
+    except Exception:  # noqa: BLE001 - the GCS busy or away: nobody is judged this time
+        return []
     quiet = utcnow() - timedelta(seconds=2 * HEARTBEAT_SECONDS)
     dead = []
     for worker in workers:
         if alive.get(worker.node_id) is False:
             dead.append((worker, f"its Ray node {worker.node_id[:12]} is dead"))
-        elif worker.actor_id and worker.heartbeat_at < quiet:
-            found = state.actor_table(worker.actor_id)
-            if found and found.get("State") == "DEAD":
-                dead.append((worker, f"its Ray actor {worker.actor_id[:12]} is dead"))
+        elif worker.actor_id and worker.heartbeat_at < quiet and _actor_state(state, worker.actor_id) == "DEAD":
+            dead.append((worker, f"its Ray actor {worker.actor_id[:12]} is dead"))
     return dead
+
+
+def _actor_state(state, actor_id: str) -> str | None:
+    try:
+        return state.actor_table(actor_id).get("State")
+    except Exception:  # noqa: BLE001 - not answered: unknown
+        return None
 
 
 def _blocked_line(job_id: int, dependency: int, root: int, status: str) -> str:
