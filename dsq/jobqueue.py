@@ -423,11 +423,13 @@ def runnable_jobs(s: Session, limit: int = 100, only: Iterable[int] | None = Non
 
 
 def register_worker(s: Session, *, name: str, host: str, pid: int, address: str | None, max_jobs: int,
-                    resources: dict | None = None, now: datetime | None = None) -> Worker:
-    """Record a worker (again, when a restarted actor keeps its name) and what its Ray offers (``resources``)."""
+                    resources: dict | None = None, node_id: str | None = None, actor_id: str | None = None,
+                    now: datetime | None = None) -> Worker:
+    """Record a worker (again, when a restarted actor keeps its name), what its Ray offers (``resources``), and
+    where it runs on that Ray (``node_id``; ``actor_id`` for a detached worker)."""
     now = now or utcnow()
     values = dict(host=host, pid=pid, address=address, max_jobs=max_jobs, started_at=now, heartbeat_at=now,
-                  stopped_at=None, resources=resources, free=resources)
+                  stopped_at=None, resources=resources, free=resources, node_id=node_id, actor_id=actor_id)
     return _upsert(s, Worker, {"name": name}, values, values)
 
 
@@ -457,16 +459,25 @@ def workers_on(s: Session, host: str) -> list[Worker]:
     return list(s.scalars(select(Worker).where(Worker.host == host, Worker.stopped_at.is_(None)).order_by(Worker.id)))
 
 
-def retire_worker(s: Session, name: str, *, why: str = "its process is gone",
+def ray_workers(s: Session) -> list[Worker]:
+    """The workers that have not stopped and recorded where they run on a Ray (a node, an actor)."""
+    placed = or_(Worker.node_id.is_not(None), Worker.actor_id.is_not(None))
+    return list(s.scalars(select(Worker).where(Worker.stopped_at.is_(None), placed).order_by(Worker.id)))
+
+
+def retire_worker(s: Session, name: str, *, why: str = "its process is gone", started_at: datetime | None = None,
                   now: datetime | None = None) -> tuple[list[int], list[int], list[int]]:
     """A worker whose process is known dead (killed): it stops, its running jobs go back to the queue at once
     (they resume from what is stored; an attempt lost each, ``died``) and those whose cancel was requested end
-    cancelled.
+    cancelled. With ``started_at`` (when the dead one registered), nothing happens when the worker of that name
+    registered again since (a restarted actor, which takes its jobs back itself).
 
     Returns ``(queued again, failed: out of attempts, cancelled)``; the updates are conditional, so two workers
     doing this at once agree.
     """
     now = now or utcnow()
+    if started_at is not None and s.scalar(select(Worker.started_at).where(Worker.name == name)) != started_at:
+        return [], [], []
     stop_worker(s, name, now=now)
     mine = and_(Job.status == "running", Job.runner == name)
     queued = s.scalars(update(Job).where(mine, Job.cancel_requested.is_(False))

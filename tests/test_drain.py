@@ -182,6 +182,54 @@ def test_a_killed_child_is_gone_once_dead_even_before_it_is_reaped():
         child.wait()
 
 
+def test_workers_placed_on_a_ray_are_listed_and_one_registered_again_is_not_retired(engine):
+    first = add(engine)
+    with session_scope(engine) as session:
+        jobqueue.register_worker(session, name="node", host="a", pid=1, address=None, max_jobs=0, node_id="ab" * 28)
+        jobqueue.register_worker(session, name="actor", host="b", pid=2, address=None, max_jobs=0,
+                                 node_id="cd" * 28, actor_id="ef" * 16)
+        jobqueue.register_worker(session, name="plain", host="c", pid=3, address=None, max_jobs=0)
+        assert [(w.name, w.node_id, w.actor_id) for w in jobqueue.ray_workers(session)] == \
+            [("node", "ab" * 28, None), ("actor", "cd" * 28, "ef" * 16)]
+        seen = jobqueue.ray_workers(session)[1].started_at
+        assert jobqueue.take(session, first, "actor").id == first
+    with session_scope(engine) as session:  # Ray restarted the actor elsewhere: it registered again, keeps its job
+        jobqueue.register_worker(session, name="actor", host="b", pid=4, address=None, max_jobs=0,
+                                 node_id="12" * 28, actor_id="ef" * 16, now=seen + timedelta(seconds=1))
+    with session_scope(engine) as session:
+        assert jobqueue.retire_worker(session, "actor", why="its node is dead", started_at=seen) == ([], [], [])
+        assert job(engine, first).status == "running"
+        again = jobqueue.ray_workers(session)[1].started_at
+        assert jobqueue.retire_worker(session, "actor", why="its node is dead", started_at=again) == ([first], [], [])
+        assert [w.name for w in jobqueue.ray_workers(session)] == ["node"]
+
+
+@pytest.mark.unit
+def test_a_worker_is_dead_on_ray_when_its_node_is_or_its_quiet_actor_is(monkeypatch):
+    import ray
+    from ray._private.state import state
+    from types import SimpleNamespace
+    from workers import worker
+
+    now, quiet = utcnow(), utcnow() - timedelta(seconds=60)
+    rows = [SimpleNamespace(name="on-dead-node", node_id="aa", actor_id=None, heartbeat_at=now),
+            SimpleNamespace(name="on-live-node", node_id="bb", actor_id=None, heartbeat_at=quiet),
+            SimpleNamespace(name="other-cluster", node_id="cc", actor_id=None, heartbeat_at=quiet),
+            SimpleNamespace(name="dead-actor", node_id="bb", actor_id="11", heartbeat_at=quiet),
+            SimpleNamespace(name="dead-actor-beating", node_id="bb", actor_id="11", heartbeat_at=now),
+            SimpleNamespace(name="restarting-actor", node_id="bb", actor_id="22", heartbeat_at=quiet)]
+    asked = []
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": "aa", "Alive": False}, {"NodeID": "bb", "Alive": True}])
+    monkeypatch.setattr(state, "actor_table",
+                        lambda actor_id: asked.append(actor_id) or {"State": {"11": "DEAD"}.get(actor_id, "RESTARTING")})
+    found = [(w.name, why) for w, why in worker.dead_on_ray(rows)]
+    assert found == [("on-dead-node", "its Ray node aa is dead"), ("dead-actor", "its Ray actor 11 is dead")]
+    assert asked == ["11", "22"]  # the actor table is read only for quiet workers' actors
+    assert worker.dead_on_ray([]) == []
+    monkeypatch.setattr(ray, "nodes", lambda: 1 / 0)  # a GCS that does not answer: nobody is judged
+    assert worker.dead_on_ray(rows) == []
+
+
 def test_only_workers_on_this_host_are_looked_at(engine):
     with session_scope(engine) as session:
         jobqueue.register_worker(session, name="w", host=socket.gethostname(), pid=os.getpid(), address=None,

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, make_url, text
 
-from dsq import references, smoothing
+from dsq import jobqueue, references, smoothing
 from dsq.kinds import certify
 from dsq.db import repo
+from dsq.db.models import Worker
 from dsq.db.session import open_database, session_scope
 from dsq.settings import Settings
 from tests.conftest import free_port, ray_node_ports
@@ -100,16 +101,30 @@ def cluster(starts_processes):
             assert time.monotonic() < deadline and head.poll() is None, f"ray head did not start: {node_logs(temp)}"
             time.sleep(1)
         for nodes in (2, 3):  # one at a time: two nodes starting at once can starve each other on 2 cores
-            workers.append(start_node([f"--address={address}", "--num-cpus=1"], temp))
-            deadline = time.monotonic() + 300  # each node its own generous deadline
-            while len(joined(address)) < nodes:
-                assert time.monotonic() < deadline and all(p.poll() is None for p in [head, *workers]), \
-                    f"worker nodes did not join: {node_logs(temp)}"
-                time.sleep(1)
+            workers.append(join_node(address, temp, "--num-cpus=1", lambda found: len(found) >= nodes)[0])
+            assert head.poll() is None, f"the ray head died: {node_logs(temp)}"
         yield address, workers
     finally:
         stop(*workers, head)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def join_node(address, temp, cpus: str, ready) -> tuple[subprocess.Popen, list]:
+    """A node `ray start`ed into the cluster, and the live nodes once ``ready(nodes)`` holds. `ray start` gives its
+    raylet 30 s, which a busy machine can exceed: a node that gave up is started again, within a generous deadline."""
+    node = start_node([f"--address={address}", cpus], temp)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready(found := joined(address)):
+            assert time.monotonic() < deadline, f"a worker node did not join: {node_logs(temp)}"
+            if node.poll() is not None:
+                stop(node)
+                node = start_node([f"--address={address}", cpus], temp)
+            time.sleep(1)
+    except BaseException:
+        stop(node)
+        raise
+    return node, found
 
 
 def joined(address) -> list:
@@ -274,6 +289,56 @@ def test_killing_the_queue_worker_mid_job_resumes_it(cluster, world):
     assert wait_for(engine, job_id, ("succeeded", "failed")) == "succeeded", logs(engine, job_id)
     assert job_of(engine, job_id).attempts == 2  # Ray restarted the worker, which took its job back
     assert_same_as_undisturbed(engine, job_id, reference)
+
+
+def test_the_job_of_a_worker_whose_ray_node_died_runs_again_at_once(cluster, tmp_path):
+    """A worker that ran on a node now dead (its raylet killed): a worker of the same cluster queues its job again
+    as soon as Ray reports the node dead, well before the stale heartbeat limit (one hour here)."""
+    address, _ = cluster
+    temp = Path(tempfile.mkdtemp(prefix="dsq-node-"))
+    before = {node["id"] for node in inspect(address)["nodes"]}
+    env = {"DSQ_HOME": str(tmp_path), "DSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'dsq.db'}", "RAY_ADDRESS": address,
+           "DSQ_WORKER_AUTOSTART": "0", "DSQ_STALE_SECONDS": "3600"}
+    node = engine = None
+    try:  # the dead worker's node, besides the others
+        node, found = join_node(address, temp, "--num-cpus=0", lambda nodes: {n["id"] for n in nodes} - before)
+        [victim] = [n for n in found if n["id"] not in before]
+        job_id = submit(env, "submit", "train", "--dataset", "digits", "--target", "classifier", "--arch",
+                        "small_cnn", "--objective", "standard", "--sigma", "0", "--epochs", "1")
+        engine = open_database(env["DSQ_DATABASE_URL"])
+        with session_scope(engine) as session:  # a worker process on that node, as it registers and claims
+            jobqueue.register_worker(session, name="on-the-lost-node", host="another-machine", pid=1, address=address,
+                                     max_jobs=0, node_id=victim["id"])
+            assert jobqueue.take(session, job_id, "on-the-lost-node") is not None
+        os.kill(raylet_pid([node], victim["port"]), signal.SIGKILL)
+        deadline = time.monotonic() + 120  # Ray declares the node dead after its missed health checks
+        while victim["id"] in {n["id"] for n in inspect(address)["nodes"]}:
+            assert time.monotonic() < deadline, "the killed node is still alive"
+            time.sleep(0.5)
+        out = dsq(env, "worker", "--drain")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert job_of(engine, job_id).status == "succeeded", logs(engine, job_id)
+        [lost, ran] = attempts_of(engine, job_id)
+        assert (lost.worker, lost.outcome) == ("on-the-lost-node", "died")
+        assert f"its Ray node {victim['id'][:12]} is dead" in lost.error and ran.outcome == "succeeded"
+        with session_scope(engine) as session:  # the worker that took it over recorded its own node
+            [drained] = [w for w in session.query(Worker) if w.name != "on-the-lost-node"]
+            assert drained.node_id in before and drained.actor_id is None
+        # taken over at the new worker's first look (as it starts), not after the stale limit
+        assert (lost.ended_at - drained.started_at).total_seconds() < 10
+    finally:
+        if engine is not None:
+            engine.dispose()
+        if node is not None:
+            stop(node)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def attempts_of(engine, job_id):
+    with session_scope(engine) as session:
+        found = jobqueue.attempts(session, job_id)
+        session.expunge_all()
+        return found
 
 
 def test_two_certifications_and_a_training_at_once(cluster, world):

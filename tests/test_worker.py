@@ -236,10 +236,16 @@ def test_an_api_job_asks_for_dsq_api_exactly_where_the_cluster_or_the_cap_offers
     # api nodes are up: the cluster has dsq_api, recorded with the worker's offers
     assert certify_api.demand(spec, {"CPU": 2.0, "dsq_api": 8.0}) == {"CPU": 0.25, "dsq_api": 1.0}
     assert plain._offers({"CPU": 2.0, "dsq_api": 8.0}) == {"CPU": 2.0, "GPU": 0.0, "dsq_api": 8.0}
-    # none is up, but the autoscaler may launch them: the cap names dsq_api (CPUs and GPUs stay those of the nodes up)
+    # none is up, but the autoscaler may launch them: the cap names dsq_api and GPUs (CPUs stay those of the nodes up)
     capped = QueueWorker(settings, max_request={"CPU": 64.0, "GPU": 8.0, "dsq_api": 16.0})
     cluster = capped._placeable({"CPU": 2.0})
-    assert cluster == {"CPU": 2.0, "dsq_api": 16.0}
+    assert cluster == {"CPU": 2.0, "GPU": 8.0, "dsq_api": 16.0}
+    # jobs that sample or train are sized for the GPUs the autoscaler may launch: their actors wait for gpu nodes
+    from dsq import specs
+    from workers import resources
+
+    assert specs.default_workers(cluster) == 8 and resources.actor_options(8, cluster) == ({"num_gpus": 1.0,
+                                                                                           "num_cpus": 0}, 1)
     held = certify_api.demand(spec, cluster)
     assert held == {"CPU": 0.25, "dsq_api": 1.0} and certify_api.actor_resources(held) == {"dsq_api": 1.0}
     options = api_actor.actor_options("aws", certify_api.actor_resources(held))
@@ -489,7 +495,7 @@ def test_a_drain_takes_over_the_job_of_a_killed_local_worker_at_once_and_leaves_
         alongside = dsq(home, "worker", "--drain", **slow_stale)  # the live worker's job is not its work
         assert alongside.returncode == 0 and "ran 0 job(s)" in alongside.stdout, alongside.stdout + alongside.stderr
         assert job(engine, 2).status == "running" and job(engine, 2).attempts == 1
-        assert "is gone" not in alongside.stdout
+        assert "died (" not in alongside.stdout
         before = stored(engine, 2)
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=60)
@@ -498,7 +504,7 @@ def test_a_drain_takes_over_the_job_of_a_killed_local_worker_at_once_and_leaves_
     assert job(engine, 2).status == "running" and len(before) < 60  # as the killed worker left it, mid-job
     out = dsq(home, "worker", "--drain", **slow_stale)
     assert out.returncode == 0 and "ran 1 job(s)" in out.stdout, out.stdout + out.stderr
-    assert f"is gone (pid {worker.pid} no longer runs); queued again" in out.stdout, out.stdout
+    assert f"died (pid {worker.pid} is gone); queued again" in out.stdout, out.stdout
     after = stored(engine, 2)
     taken = job(engine, 2)
     assert taken.status == "succeeded" and taken.attempts == 2 and len(after) == 60

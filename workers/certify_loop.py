@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from dsq import bounds, pipeline, previews, references, sampling, sequential, sizing, smoothing, uploads
+from dsq import bounds, pipeline, previews, references, sampling, sequential, sizing, smoothing, specs, uploads
 from dsq.db import repo
 from dsq.db.session import session_scope
 from dsq.kinds import certify
@@ -63,8 +63,9 @@ def run(engine, settings: Settings, job_id: int, spec, control: Control) -> None
     todo = collections.deque(i for i in plan if i not in done)
     if not todo:  # a job resumed after its last image: its previews were made when it started
         return
-    workers = spec.workers or resources.default_workers()
-    options, threads = resources.actor_options(workers)
+    cluster = resources.sized_for(control)
+    workers = spec.workers or specs.default_workers(cluster)
+    options, threads = resources.actor_options(workers, cluster)
     device = resources.device_for("num_gpus" in options)
     def start():  # spread over the nodes: shards run in parallel, and losing one node costs one sampler
         return SamplerActor.options(**options, scheduling_strategy="SPREAD").remote(settings, threads, device)

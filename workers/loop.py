@@ -24,10 +24,13 @@ class Control:
     The heartbeat itself is the worker's to write (``jobqueue.worker_heartbeat``), for all its jobs at once.
     """
 
-    def __init__(self, runner: str = "local", on_progress=None, pool=None, demand: dict | None = None):
+    def __init__(self, runner: str = "local", on_progress=None, pool=None, demand: dict | None = None,
+                 cluster: dict | None = None):
         self.runner, self.on_progress = runner, on_progress
         self.pool = pool  # a worker's ActorPool, so jobs reuse actor processes (None: each job starts its own)
         self.demand = demand  # what the worker holds for the job (its kind's demand); None: not run by a worker
+        # the resources the worker sized the job for (Ray's, with the GPUs its autoscaler may launch); None: Ray's
+        self.cluster = cluster
         self.stop = threading.Event()
 
     def check(self, engine, job_id: int) -> None:

@@ -18,7 +18,7 @@ def run(engine, settings, job_id: int, spec, control: Control) -> None:
     target = spec.certify
     with session_scope(engine) as session:
         sources = model_sources(session, target)
-    options, threads = resources.actor_options(1)
+    options, threads = resources.actor_options(1, resources.sized_for(control))
     device = resources.device_for("num_gpus" in options)
     model = sampler_model(sources, target)
     pool = control.pool or ActorPool()

@@ -12,7 +12,6 @@ import ray
 
 import dsq
 from dsq import checks
-from dsq import specs
 from dsq.errors import ClusterUnreachable, VersionMismatch
 
 NAMESPACE = "dsq"
@@ -184,9 +183,15 @@ def actor_options(workers: int, cluster: dict | None = None) -> tuple[dict, int]
     return {"num_cpus": share}, threads
 
 
-def default_workers() -> int:
-    return specs.default_workers(ray.cluster_resources())
+def sized_for(control) -> dict:
+    """The resources a job's actors are sized for: what its worker sized it for (``Control.cluster``), else Ray's."""
+    return control.cluster if control.cluster is not None else ray.cluster_resources()
+
+
+# The torch device of an actor that holds a GPU. Tests set "cpu": Ray's fake GPUs (an autoscaler's fake nodes) have
+# no CUDA behind them, and the results say which device ran (their `device` column).
+GPU_DEVICE = "DSQ_GPU_DEVICE"
 
 
 def device_for(gpu: bool) -> str:
-    return "cuda" if gpu else "cpu"
+    return os.environ.get(GPU_DEVICE, "cuda") if gpu else "cpu"

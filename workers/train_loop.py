@@ -14,7 +14,7 @@ from workers.trainer import TrainerActor
 
 
 def run(engine, settings, job_id: int, spec, control: Control) -> None:
-    options, threads = resources.actor_options(1)
+    options, threads = resources.actor_options(1, resources.sized_for(control))
     gpu = "num_gpus" in options
     threads = 1 if not gpu else threads
     device = resources.device_for(gpu)

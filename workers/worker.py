@@ -4,8 +4,9 @@ One worker drives one Ray (the cluster it is connected to). It starts jobs highe
 while the resources of the jobs it runs leave room (``dsq.kinds``: a train job holds a CPU or a GPU,
 a certify job its sampler actors), and at least one job whatever its size. Several workers may
 share a database: claims are atomic (``dsq.jobqueue``). A stopping worker hands its jobs back to the
-queue; a killed one leaves stale heartbeats, and any worker requeues such jobs: at once when the killed worker
-ran on this machine (its process is gone), else once they are stale.
+queue; a killed one leaves stale heartbeats, and any worker requeues such jobs: at once when it can tell the killed
+worker is dead (it ran on this machine and its process is gone, or Ray reports its node or actor dead), else once
+they are stale.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import ray
 from dsq import jobqueue, kinds
 from dsq.kinds.certify_api import API_RESOURCE
 from dsq.db import repo
+from dsq.db.models import utcnow
 from sqlalchemy import exc
 
 from dsq.db.session import database_back, is_outage, open_database, session_scope
@@ -109,9 +111,11 @@ class QueueWorker:
             for job_id in requeued:
                 repo.add_log(session, job_id, f"{self.name} restarted: queued again", level="warning")
             self._gave_up(session, failed)
+            context = ray.get_runtime_context()
             jobqueue.register_worker(session, name=self.name, host=socket.gethostname(), pid=os.getpid(),
                                      address=self.settings.ray_address, max_jobs=self.max_jobs or 0,
-                                     resources=self._offers(ray.cluster_resources()))
+                                     resources=self._offers(ray.cluster_resources()),
+                                     node_id=context.get_node_id(), actor_id=context.get_actor_id())
         try:
             self._loop(engine)
         except exc.DBAPIError as error:
@@ -158,7 +162,7 @@ class QueueWorker:
             self._last_beat = now
         if now - self._last_scan >= HEARTBEAT_SECONDS:
             self._requeue_stale(engine)
-            self._requeue_dead_local(engine)
+            self._requeue_dead(engine)
             self._ask_for_resources(engine, cluster)
             self._last_scan = now
         self._fill(engine, cluster)
@@ -242,11 +246,12 @@ class QueueWorker:
         return {r: max(cluster.get(r, 0.0), cap.get(r, 0.0)) for r in sorted(names)}
 
     def _placeable(self, cluster: dict) -> dict:
-        """Ray's ``cluster_resources()`` with the custom resources the autoscaling cap names (``dsq_api``: nodes the
-        autoscaler can launch), so a job that asks for one is started and its actor waits for such a node. CPUs and
-        GPUs stay those of the nodes up: jobs are sized for them."""
+        """Ray's ``cluster_resources()`` with the GPUs and custom resources the autoscaling cap names (gpu nodes,
+        ``dsq_api`` nodes: what the autoscaler can launch), so a job that asks for them is started, sized for them
+        (a certify job's samplers, a training: on GPUs), and its actors wait for such nodes. CPUs stay those of the
+        nodes up: a cap's CPUs would size CPU jobs for nodes that may never come."""
         cap = self.max_request or {}
-        return {**cluster, **{r: max(cluster.get(r, 0.0), a) for r, a in cap.items() if r not in ("CPU", "GPU")}}
+        return {**cluster, **{r: max(cluster.get(r, 0.0), a) for r, a in cap.items() if r != "CPU"}}
 
     def _free(self, cluster: dict) -> dict:
         """What the jobs this worker runs leave of its cluster (recorded with each heartbeat, for ``dsq jobs``)."""
@@ -270,24 +275,27 @@ class QueueWorker:
                 repo.add_log(session, job_id, f"cancelled: its worker is gone (seen by {self.name})")
                 self.log(f"job {job_id}: its worker is gone (stale heartbeat); cancelled, as requested")
 
-    def _requeue_dead_local(self, engine) -> None:
-        """Workers registered on this machine whose process is gone (kill -9) are dead now, not in a minute: their
-        jobs go back to the queue at once (the stale heartbeat limit stays for workers on other machines)."""
+    def _requeue_dead(self, engine) -> None:
+        """Workers known dead are dead now, not in a minute: their jobs go back to the queue at once. Known dead: a
+        worker registered on this machine whose process is gone (kill -9), or one whose Ray node or actor Ray
+        reports dead (``dead_on_ray``). The stale heartbeat limit stays for the rest."""
         host = socket.gethostname()
         with session_scope(engine) as session:
-            dead = [(w.name, w.pid) for w in jobqueue.workers_on(session, host)
+            dead = [(w.name, w.started_at, f"pid {w.pid} is gone") for w in jobqueue.workers_on(session, host)
                     if w.name != self.name and pidfile.gone(w.pid, w.started_at)]
-        for name, pid in dead:
+            placed = [w for w in jobqueue.ray_workers(session) if w.name not in {self.name, *(d[0] for d in dead)}]
+            dead += [(w.name, w.started_at, why) for w, why in dead_on_ray(placed)]
+        for name, registered, why in dead:
             with session_scope(engine) as session:
-                requeued, failed, cancelled = jobqueue.retire_worker(session, name, why=f"pid {pid} is gone")
+                requeued, failed, cancelled = jobqueue.retire_worker(session, name, why=why, started_at=registered)
                 self._gave_up(session, failed)
                 for job_id in requeued:
-                    repo.add_log(session, job_id, f"worker {name} died (pid {pid} is gone): queued again "
-                                 f"(seen by {self.name})", level="warning")
-                    self.log(f"job {job_id}: its worker {name} is gone (pid {pid} no longer runs); queued again")
+                    repo.add_log(session, job_id, f"worker {name} died ({why}): queued again (seen by {self.name})",
+                                 level="warning")
+                    self.log(f"job {job_id}: its worker {name} died ({why}); queued again")
                 for job_id in cancelled:
                     repo.add_log(session, job_id, f"cancelled: worker {name} died (seen by {self.name})")
-                    self.log(f"job {job_id}: its worker {name} is gone (pid {pid}); cancelled, as requested")
+                    self.log(f"job {job_id}: its worker {name} died ({why}); cancelled, as requested")
 
     def _fill(self, engine, cluster: dict) -> None:
         while not self.stopping.is_set() and (self.max_jobs is None or len(self.running) < self.max_jobs):
@@ -299,7 +307,7 @@ class QueueWorker:
                 if job is None:
                     return
             spec = kinds.from_dict(job.spec)  # rebuilt once: for its demand here, and for its run
-            self._start(job, spec, kinds.get(job.kind).demand(spec, cluster))
+            self._start(job, spec, kinds.get(job.kind).demand(spec, cluster), cluster)
 
     @staticmethod
     def _demand(job, cluster: dict) -> dict:
@@ -317,9 +325,10 @@ class QueueWorker:
         held = self._held()
         return all(held.get(r, 0.0) + amount <= cluster.get(r, 0.0) + 1e-9 for r, amount in demand.items())
 
-    def _start(self, job, spec, demand: dict) -> None:
+    def _start(self, job, spec, demand: dict, cluster: dict) -> None:
         pool = self.pool if self.reuse_samplers else None
-        work = Running(job.id, job.kind, demand, Control(runner=self.name, pool=pool, demand=demand), spec)
+        control = Control(runner=self.name, pool=pool, demand=demand, cluster=cluster)
+        work = Running(job.id, job.kind, demand, control, spec)
         work.thread = threading.Thread(target=self._run_one, args=(work,), name=f"dsq-job-{job.id}", daemon=True)
         self.running[job.id] = work
         self.log(f"job {job.id} ({job.kind}{': ' + job.name if job.name else ''}): started")
@@ -358,6 +367,39 @@ class QueueWorker:
             if work.status == "queued":
                 self.summary.handed_back.append(job_id)
         self.running.clear()
+
+
+def dead_on_ray(workers: list) -> list[tuple[object, str]]:
+    """The workers (rows) whose Ray node, or detached actor, the connected Ray reports dead, each with why.
+
+    One call for the nodes (``ray.nodes()``, a few milliseconds: the GCS's table), and one per worker with an actor
+    whose heartbeat is quiet (an actor restarted on another node keeps its name and takes its jobs back itself;
+    only one Ray will not restart is dead). A node or actor this Ray does not know (another cluster's), or a question
+    Ray does not answer, is not judged: the worker's heartbeat decides.
+    """
+    if not workers:
+        return []
+    from ray._private.state import state  # the GCS's actor table: no dashboard needed, unlike ray.util.state
+
+    try:
+        alive = {node["NodeID"]: node["Alive"] for node in ray.nodes()}
+    except Exception:  # noqa: BLE001 - the GCS busy or away: nobody is judged this time
+        return []
+    quiet = utcnow() - timedelta(seconds=2 * HEARTBEAT_SECONDS)
+    dead = []
+    for worker in workers:
+        if alive.get(worker.node_id) is False:
+            dead.append((worker, f"its Ray node {worker.node_id[:12]} is dead"))
+        elif worker.actor_id and worker.heartbeat_at < quiet and _actor_state(state, worker.actor_id) == "DEAD":
+            dead.append((worker, f"its Ray actor {worker.actor_id[:12]} is dead"))
+    return dead
+
+
+def _actor_state(state, actor_id: str) -> str | None:
+    try:
+        return state.actor_table(actor_id).get("State")
+    except Exception:  # noqa: BLE001 - not answered: unknown
+        return None
 
 
 def _blocked_line(job_id: int, dependency: int, root: int, status: str) -> str:

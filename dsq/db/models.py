@@ -168,6 +168,10 @@ class Worker(Base):
     # what `dsq jobs` says a waiting job waits for, without asking Ray.
     resources: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     free: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The Ray node it runs on and, for a detached worker, its actor (hex ids; None: not recorded): when Ray reports
+    # either dead, the other workers of that cluster take its jobs back at once.
+    node_id: Mapped[str | None] = mapped_column(String(64))
+    actor_id: Mapped[str | None] = mapped_column(String(64))
 
     def __repr__(self) -> str:
         return f"Worker(name={self.name!r}, stopped_at={self.stopped_at!r})"
