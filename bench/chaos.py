@@ -235,17 +235,16 @@ class World:
                                                     cwd=Path(__file__).resolve().parents[1])
 
     def samplers(self) -> list[int]:
-        """The pids of the sampler actors' processes on this world's nodes (found in /proc, by process group)."""
-        groups = {self.processes[name].pid for name in ("head", "node") if name in self.processes}
-        found = []
-        for entry in Path("/proc").iterdir():
-            try:
-                if (entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::SamplerActor")
-                        and os.getpgid(int(entry.name)) in groups):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-        return found
+        """The pids of the sampler actors' processes on this world's nodes: children of a raylet of one of its
+        nodes' process groups (a Ray worker process is a session of its own; other Rays may run on this machine)."""
+        return [pid for pid, argv in self.ray_workers(("head", "node")).items() if argv.startswith(b"ray::SamplerActor")]
+
+    def ray_workers(self, nodes: tuple[str, ...]) -> dict[int, bytes]:
+        """pid -> argv[0] of the processes that the raylets of these nodes (by their process groups) started."""
+        groups = {self.processes[name].pid for name in nodes if name in self.processes}
+        table = processes()
+        raylets = {pid for pid, (_, group, argv) in table.items() if group in groups and argv.endswith(b"/raylet")}
+        return {pid: argv for pid, (parent, _, argv) in table.items() if parent in raylets}
 
     # ------------------------------------------------------------------ the experiment and its runs
     def experiment(self, images: int, n: int) -> list[CertifySpec]:
@@ -287,8 +286,12 @@ class World:
                 return
             with contextlib.suppress(ProcessLookupError):
                 os.kill(rng.choice(victims), signal.SIGKILL)
-        elif kind == "node":
+        elif kind == "node":  # the node's group, and the worker processes its raylet started (sessions of their own)
+            workers = self.ray_workers(("node",))
             stop_group(self.processes.pop("node"), signal.SIGKILL)
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.processes["node"] = self._node([f"--address={self.address}", "--num-cpus=1"])
         else:
             self.postgres.stop()
@@ -354,3 +357,18 @@ def stop_group(process: subprocess.Popen, how: int = signal.SIGTERM, grace: floa
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def processes() -> dict[int, tuple[int, int, bytes]]:
+    """Every process of this machine: pid -> (parent pid, process group, argv[0]), from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        found[int(entry.name)] = (int(fields[1]), int(fields[2]), argv)
+    return found
