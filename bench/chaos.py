@@ -61,7 +61,7 @@ Log = Callable[[str], None]
 class Outcome:
     number: int              # 0: the undisturbed reference run
     faults: list[str] = field(default_factory=list)  # what was done, e.g. "worker@12.3s"
-    missed: list[str] = field(default_factory=list)  # faults that found nothing to hit (no sampler alive)
+    missed: list[str] = field(default_factory=list)  # faults not made, and why: "sampler (none alive)"
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -106,8 +106,7 @@ def run(runs: int, *, kinds: tuple[str, ...] = KINDS, per_run: int = 2, images: 
 
 
 def line(outcome: Outcome, runs: int) -> str:
-    what = "undisturbed reference" if outcome.number == 0 else ", ".join(outcome.faults + [
-        f"{m} (nothing to hit)" for m in outcome.missed]) or "no fault"
+    what = "undisturbed reference" if outcome.number == 0 else ", ".join(outcome.faults + outcome.missed)
     verdict = "ok" if outcome.passed else "FAILED: " + "; ".join(outcome.problems)
     return f"run {outcome.number}/{runs}: {what}; {outcome.seconds:.1f} s; {verdict}"
 
@@ -126,7 +125,7 @@ def summary(outcomes: list[Outcome]) -> str:
     return (f"chaos: {sum(o.passed for o in disturbed)}/{len(disturbed)} runs passed; mean {mean:.1f} s a run "
             f"(undisturbed {reference.seconds:.1f} s); faults: "
             + ", ".join(f"{kind} {made.get(kind, 0)}" for kind in KINDS)
-            + (f"; {missed} found nothing to hit" if missed else ""))
+            + (f"; {missed} not made (no sampler alive, or the jobs had ended)" if missed else ""))
 
 
 class Postgres:
@@ -260,12 +259,21 @@ class World:
         with session_scope(self.engine) as session:
             ids = [jobs.submit(session, spec, self.settings, experiment=f"chaos-{number}").id for spec in specs]
         started = time.perf_counter()
-        span = reference.seconds if reference else 0.0
-        times = sorted(rng.uniform(0.1, 0.7) * span for _ in faults)
-        for kind, at in zip(rng.sample(faults, len(faults)), times):
-            self._supervise_until(started + at, ids)
-            self._fault(kind, time.perf_counter() - started, rng, outcome, ids)
-        self._supervise_until(None, ids, deadline=started + max(900.0, 20 * span))
+        deadline = started + max(900.0, 20 * (reference.seconds if reference else 0.0))
+        total = sum(spec.max_images for spec in specs)
+        # each fault once the run has stored a random number of images (0 .. all but one), then 0-2 s on: mid-run
+        # whatever the run's speed (a warm run is faster than the reference, which started the actors)
+        points = sorted(rng.randrange(total) for _ in faults)
+        for kind, point in zip(rng.sample(faults, len(faults)), points):
+            self._supervise(lambda done, final: final or done >= point, ids, deadline)
+            time.sleep(rng.uniform(0, 2))
+            done, final = self._state(ids)
+            if final:
+                outcome.missed.append(f"{kind} (after the jobs ended)")
+            else:
+                self._fault(kind, f"{time.perf_counter() - started:.1f}s ({max(done, 0)}/{total} images",
+                            rng, outcome, ids)
+        self._supervise(lambda done, final: final, ids, deadline)
         outcome.seconds = time.perf_counter() - started
         with session_scope(self.engine) as session:
             rows, outcome.problems = check(session, ids, self.reference_rows if reference else None)
@@ -273,16 +281,16 @@ class World:
             self.reference_rows = rows
         return outcome
 
-    def _fault(self, kind: str, at: float, rng: random.Random, outcome: Outcome, ids: list[int]) -> None:
+    def _fault(self, kind: str, at: str, rng: random.Random, outcome: Outcome, ids: list[int]) -> None:
         if kind == "worker":
             stop_group(self.processes.pop("worker"), signal.SIGKILL)
             self.start_worker()
         elif kind == "sampler":
             deadline = time.monotonic() + 30  # between two jobs none may be alive for a moment
-            while not (victims := self.samplers()) and time.monotonic() < deadline and not self._all_final(ids):
+            while not (victims := self.samplers()) and time.monotonic() < deadline and not self._state(ids)[1]:
                 time.sleep(0.2)
             if not victims:
-                outcome.missed.append(kind)
+                outcome.missed.append(f"{kind} (none alive)")
                 return
             with contextlib.suppress(ProcessLookupError):
                 os.kill(rng.choice(victims), signal.SIGKILL)
@@ -298,31 +306,30 @@ class World:
             down = rng.uniform(2, 6)
             time.sleep(down)
             self.postgres.start()
-            outcome.faults.append(f"postgres@{at:.1f}s (down {down:.1f} s)")
+            outcome.faults.append(f"postgres@{at}, down {down:.1f} s)")
             return
-        outcome.faults.append(f"{kind}@{at:.1f}s")
+        outcome.faults.append(f"{kind}@{at})")
 
-    def _supervise_until(self, when: float | None, ids: list[int], deadline: float | None = None) -> None:
-        """Wait until ``when`` (or, with None, until every job is final or ``deadline`` passed), starting a new
-        ``dsq worker`` if the one running has exited (a worker stops once the database is gone for its grace)."""
+    def _supervise(self, until: Callable[[int, bool], bool], ids: list[int], deadline: float) -> None:
+        """Wait until ``until(images stored, every job final)`` holds or ``deadline`` passed, starting a new ``dsq
+        worker`` if the one running has exited (a worker stops once the database has been gone for its grace)."""
         while True:
             worker = self.processes.get("worker")
             if worker is not None and worker.poll() is not None:
                 self.log(f"  the dsq worker exited ({worker.returncode}); starting another")
                 self.start_worker()
-            now = time.perf_counter()
-            if when is not None and now >= when:
-                return
-            if when is None and (self._all_final(ids) or now > deadline):
+            if until(*self._state(ids)) or time.perf_counter() > deadline:
                 return
             time.sleep(0.5)
 
-    def _all_final(self, ids: list[int]) -> bool:
+    def _state(self, ids: list[int]) -> tuple[int, bool]:
+        """(images stored, every job final) of these jobs; (-1, False) while the database is away."""
         try:
             with session_scope(self.engine) as session:
-                return all(repo.get_job(session, job_id).finished for job_id in ids)
-        except exc.DBAPIError:  # the server is down: not known yet
-            return False
+                found = [repo.get_job(session, job_id) for job_id in ids]
+        except exc.DBAPIError:
+            return -1, False
+        return sum(job.progress_done for job in found), all(job.finished for job in found)
 
 
 def check(session, ids: list[int], reference: list[list[tuple]] | None) -> tuple[list[list[tuple]], list[str]]:

@@ -26,10 +26,11 @@ def test_each_kind_of_fault_comes_first_in_turn_and_a_run_has_one_to_per_run_fau
 
 def test_the_summary_counts_passed_runs_and_faults_by_kind():
     outcomes = [chaos.Outcome(0, seconds=10.0), chaos.Outcome(1, ["worker@3.0s", "node@5.0s"], seconds=20.0),
-                chaos.Outcome(2, ["postgres@4.0s (down 3.0 s)"], ["sampler"], 40.0, ["job 4 failed"])]
+                chaos.Outcome(2, ["postgres@4.0s (down 3.0 s)"], ["sampler (none alive)"], 40.0, ["job 4 failed"])]
     assert chaos.summary(outcomes) == ("chaos: 1/2 runs passed; mean 30.0 s a run (undisturbed 10.0 s); faults: "
-                                       "worker 1, sampler 0, node 1, postgres 1; 1 found nothing to hit")
-    assert chaos.line(outcomes[2], 2) == ("run 2/2: postgres@4.0s (down 3.0 s), sampler (nothing to hit); 40.0 s; "
+                                       "worker 1, sampler 0, node 1, postgres 1; 1 not made (no sampler alive, or the jobs "
+                                       "had ended)")
+    assert chaos.line(outcomes[2], 2) == ("run 2/2: postgres@4.0s (down 3.0 s), sampler (none alive); 40.0 s; "
                                           "FAILED: job 4 failed")
 
 
