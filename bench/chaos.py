@@ -4,8 +4,8 @@ A throw-away world: a PostgreSQL server from the pgserver wheel, an artifact fol
 ``ray start``ed here (a head and one worker node, each in its own process group, so that the worker node can be
 killed), served by one ``dsq worker`` process. The experiment is two certify jobs of the digits pair (random
 weights saved once as files: no training) at two sigmas over a few images. One undisturbed run gives the
-reference rows; each disturbed run submits the same two jobs again and, at random times within the reference's
-duration, makes 1 or 2 faults of these kinds:
+reference rows; each disturbed run submits the same two jobs again and makes 1 or 2 faults of these kinds, each
+once the run has stored a random number of its images and 0-2 s on:
 
 - ``worker``: SIGKILL the ``dsq worker`` process, and start another;
 - ``sampler``: SIGKILL a sampler actor's process (Ray starts it again);
