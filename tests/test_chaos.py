@@ -34,6 +34,13 @@ def test_the_summary_counts_passed_runs_and_faults_by_kind():
                                           "FAILED: job 4 failed")
 
 
+def test_the_process_table_gives_parent_group_and_program_so_a_ray_worker_is_found_by_its_raylet():
+    """Ray's worker processes are sessions of their own: a sampler is known by its parent, a raylet of the world's
+    process groups, not by its group."""
+    me = chaos.processes()[os.getpid()]
+    assert me == (os.getppid(), os.getpgrp(), open(f"/proc/{os.getpid()}/cmdline", "rb").read().split(b"\0")[0])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--chaos-faults", "worker,disk"], "--chaos-faults must name some of worker, sampler, node, postgres"),
     (["--chaos-per-run", "0"], "--chaos-per-run must be an integer >= 1, got 0"),
