@@ -10,6 +10,7 @@ import typer
 from cli import common
 
 PAIRS = ("cifar", "cifar110", "digits")  # bench.PAIRS, without importing torch for --help
+CHAOS_KINDS = ("worker", "sampler", "node", "postgres")  # bench.chaos.KINDS, likewise
 
 
 def register(app: typer.Typer) -> None:
@@ -54,7 +55,14 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
                                          "sigmas x --dashboard-images results, on SQLite and PostgreSQL."),
           dashboard_images: int = typer.Option(10_000, help="--dashboard: images per job."),
           postgres: str = typer.Option("", help="--dashboard: a PostgreSQL database URL to fill (default: a "
-                                       "throw-away server from the pgserver wheel).")):
+                                       "throw-away server from the pgserver wheel)."),
+          chaos: int = typer.Option(0, help="Only chaos: this many runs of a small experiment while workers, "
+                                    "sampler actors, a Ray node or PostgreSQL are killed at random times; each must "
+                                    "match an undisturbed run. Exit 1 if one does not."),
+          chaos_faults: str = typer.Option(",".join(CHAOS_KINDS), help="--chaos: the kinds of fault to make."),
+          chaos_per_run: int = typer.Option(2, help="--chaos: at most this many faults a run (1 to it, drawn)."),
+          chaos_images: int = typer.Option(6, help="--chaos: images per certify job (two jobs a run)."),
+          chaos_seed: int = typer.Option(0, help="--chaos: the seed of the faults' kinds and times.")):
     """Benchmark certification throughput of one model pair; print a table and write JSON.
 
     Random weights (speed does not depend on them). The Ray jobs run on a local Ray started here,
@@ -65,6 +73,9 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
 
     if cli:
         return cli_answer_time(repeats)
+    if chaos:
+        return chaos_runs(chaos, tuple(k.strip() for k in chaos_faults.split(",") if k.strip()), chaos_per_run,
+                          chaos_images, chaos_seed)
     if dashboard:
         return dashboard_times(dashboard_images, repeats, postgres or None,
                                "dashboard-bench.json" if out == "bench-results.json" else out)
@@ -93,6 +104,24 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
     for header, rows, title in benchmark.tables(results):
         common.console.print(tables.render_table(header, rows, title=title))
     common.console.print(f"results written to {out}")
+
+
+def chaos_runs(runs: int, kinds: tuple[str, ...], per_run: int, images: int, seed: int) -> None:
+    """``dsq bench --chaos N``: a line per run and a summary; exit 1 if a run failed its checks. SIGINT or SIGTERM
+    stops everything the benchmark started and exits 128 + the signal's number."""
+    from bench import chaos as chaotic
+
+    with common.StopSignals() as signals:
+        try:
+            with common.boundary():
+                chaotic.check_options(runs, kinds, per_run, images)
+                outcomes = chaotic.run(runs, kinds=kinds, per_run=per_run, images=images, seed=seed, log=common.say)
+        except common.Stopped as stopped:
+            common.say(f"chaos benchmark stopped ({stopped}); everything it started is stopped", err=True)
+            raise common.signal_exit(signals.number) from None
+    common.say(chaotic.summary(outcomes))
+    if not all(outcome.passed for outcome in outcomes):
+        raise typer.Exit(common.EXIT_FAILED)
 
 
 def diffusion_speed(pair: str, rounds: int) -> None:

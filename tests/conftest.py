@@ -12,7 +12,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import sqlite3
 import stat
 import subprocess
@@ -27,6 +26,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, make_url, text
 
 from dsq.db.session import open_database
+from workers.ports import free_port, ray_node_ports  # noqa: F401 - the tests import them from here
 
 # ---------------------------------------------------------------------------------------
 # Databases: a temp SQLite file, and a throw-away PostgreSQL server for the session.
@@ -39,12 +39,6 @@ from dsq.db.session import open_database
 # pgserver itself does when run as root (useradd, and read and traverse rights on its
 # binaries for that user).  It fails the tests, never skips them, when it cannot start.
 # ---------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _pgserver_bin() -> Path | None:
@@ -214,15 +208,6 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     kept = sys.modules.get("tests.test_jobs")
     if kept is not None and kept.ACTORS.idle and sys.modules["ray"].is_initialized():
         kept.ACTORS.close()
-
-
-def ray_node_ports() -> list[str]:
-    """`ray start` options that put every port of a node on a free one (other Rays may run on this machine)."""
-    names = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
-             "dashboard-agent-grpc-port", "runtime-env-agent-port", "min-worker-port")
-    ports = {name: free_port() for name in names}
-    ports["max-worker-port"] = ports["min-worker-port"] + 40
-    return [f"--{name}={port}" for name, port in ports.items()]
 
 
 READY = """
