@@ -4,6 +4,7 @@ options on one long line."""
 from __future__ import annotations
 
 import io
+import re
 from datetime import timedelta
 
 from rich.console import Console
@@ -28,7 +29,10 @@ def test_status_of_a_training_counts_epochs(sqlite_url):
         repo.heartbeat(session, job)
         repo.set_progress(session, job, 3)
     out = dsq(sqlite_url, "status", job).output
-    assert "epoch 3 of 10 done · 20 s an epoch · ETA 2 min" in out and "items/s" not in out, out
+    said = re.search(r"epoch 3 of 10 done · (\d+) s an epoch · ETA (\d+) min", out)
+    assert said and "items/s" not in out, out
+    # 60 s for 3 epochs when the job was written; a busy machine may take a few seconds more to ask
+    assert 20 <= int(said[1]) <= 25 and int(said[2]) in (2, 3), out
 
 
 def test_the_wait_bar_stays_within_an_80_column_terminal(sqlite_url, monkeypatch):
