@@ -17,8 +17,8 @@ hash of a local file.
 
 Only an S3 store is uploaded to. A local store is a folder of the machine that submits: jobs read from it
 only where they can read the submitter's paths as well, so uploading would only copy files, and the paths are
-read as given (as with ``--no-upload``, for data on storage every node shares). Diffusers model folders are not
-uploaded.
+read as given (as with ``--no-upload``, for data on storage every node shares). A ``diffusers:DIR`` model travels
+as a folder bundle too; the code folder of a ``package.module:function`` does not (install it on every node).
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def local_paths(spec) -> list[tuple[str, bool]]:
         for path in ([reference] if kind == "file" else []) + ([weights] if weights else []):
             if os.path.isfile(path):
                 found.setdefault(path, False)
+        if kind == "diffusers" and os.path.isdir(diffusers_folder(reference)):
+            found.setdefault(diffusers_folder(reference), True)
     for path in getattr(spec, "inputs", ()):
         if os.path.isfile(path):
             found.setdefault(path, False)
@@ -57,6 +59,11 @@ def local_paths(spec) -> list[tuple[str, bool]]:
     if root and dataset in ROOTED and os.path.isdir(root):
         found.setdefault(root, True)
     return list(found.items())
+
+
+def diffusers_folder(reference: str) -> str:
+    """The folder of a ``diffusers:DIR`` reference."""
+    return reference[len(usermodels.DIFFUSERS):]
 
 
 def dataset_folders(dataset: str) -> list[str]:
@@ -204,8 +211,8 @@ def _is_data(spec, path: str) -> bool:
 
 
 def model_uploads(uploads: dict | None, reference: str, options: dict | None) -> dict:
-    """The uploads of one model: its file and its weights (what travels with its source)."""
-    paths = (reference, (options or {}).get("weights"))
+    """The uploads of one model: its file, its weights or its diffusers folder (what travels with its source)."""
+    paths = (reference, (options or {}).get("weights"), diffusers_folder(reference))
     return {path: entry for path, entry in (uploads or {}).items() if path in paths}
 
 
@@ -214,15 +221,26 @@ def local_source(settings, source: dict) -> dict:
     uploads = source.get("uploads")
     if not uploads:
         return source
-    local = {path: local_copy(settings, entry, False) for path, entry in uploads.items()}
+    diffusers = usermodels.form(source["reference"]) == "diffusers"
+    folder = diffusers_folder(source["reference"]) if diffusers else None
+    local = {path: local_copy(settings, entry, path == folder) for path, entry in uploads.items()}
     options = dict(source["options"])
     if options.get("weights") in local:
         options["weights"] = local[options["weights"]]
     if options.get("files"):
-        options["files"] = {local.get(path, path): sha256 for path, sha256 in options["files"].items()}
+        options["files"] = {_moved(path, local, folder): sha256 for path, sha256 in options["files"].items()}
     reference = local.get(source["reference"], source["reference"])
+    if folder in local:
+        reference = usermodels.DIFFUSERS + local[folder]
     location = local.get(source["location"], source["location"])
     return {**source, "reference": reference, "location": location, "options": options, "uploads": {}}
+
+
+def _moved(path: str, local: dict, folder: str | None) -> str:
+    """Where a pinned file is read from: its fetched copy, or its place in the unpacked copy of its model folder."""
+    if folder in local and path.startswith(folder.rstrip(os.sep) + os.sep):
+        return os.path.join(local[folder], os.path.relpath(path, folder))
+    return local.get(path, path)
 
 
 def check(uploads) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import torch
 
 from dsq import artifacts, jobs, uploads
 from dsq.db import repo
@@ -107,6 +108,32 @@ def test_where_the_paths_are_gone_the_job_reads_the_store_copies(s3, tmp_path): 
     assert local["reference"] == local["location"] != str(model)
     assert open(local["location"], "rb").read() == b"a model's bytes" * 50
     assert list(local["options"]["files"]) == [local["location"]]  # the pin now checks the fetched copy
+
+
+def test_a_diffusers_folder_travels_and_loads_from_its_unpacked_copy(s3, tmp_path):  # noqa: F811
+    from dsq import references, usermodels
+    from tests.test_diffusion import tiny_pipeline
+
+    folder = tmp_path / "user" / "ddpm"
+    tiny_pipeline(folder)
+    reference = f"diffusers:{folder}"
+    spec = usermodels.pin(CertifySpec(dataset="digits", classifier="job:1", denoiser=reference, sigma=0.25,
+                                      n0=10, n=100))
+    spec = uploads.upload(spec, s3_settings(tmp_path / "home", s3))
+    assert list(spec.uploads) == [str(folder)] and spec.denoiser == reference  # the spec keeps the path as given
+    expected = references.load_source(s3_settings(tmp_path / "home", s3),
+                                      references.source(None, reference, spec.models[reference], sigma=0.25),
+                                      "denoiser")
+    (tmp_path / "user").rename(tmp_path / "gone")
+    node = s3_settings(tmp_path / "node", s3)
+    source = references.source(None, reference, spec.models[reference], sigma=0.25, uploads=spec.uploads)
+    local = uploads.local_source(node, source)
+    unpacked = local["reference"].removeprefix("diffusers:")
+    assert unpacked.startswith(str(tmp_path / "node" / "cache" / "uploads"))
+    assert all(path.startswith(unpacked) for path in local["options"]["files"])  # the pins check the copies
+    loaded = references.load_source(node, source, "denoiser")
+    y = torch.rand(2, 1, 8, 8)
+    assert torch.equal(loaded(y), expected(y))
 
 
 def test_bytes_swapped_in_the_store_are_refused_when_fetched(s3, tmp_path):  # noqa: F811
