@@ -16,6 +16,8 @@ PREDICT: the clean query and the n estimation queries, then a label or an abstai
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +48,7 @@ class ImageWork:
     labels: dict[str, str] = field(default_factory=dict)
     pending: set[str] = field(default_factory=set)
     started: float = field(default_factory=time.perf_counter)
+    rank: int = 0  # the order it was opened in: its queries are sent before those of images opened later
     test: sequential.SequentialTest | None = None  # sequential: once the selection answers are in
     c_a: str | None = None
     ahead: list[base.Query] = field(default_factory=list)  # sequential: encoded, not yet asked
@@ -96,7 +99,11 @@ class ApiLoop(JobLoop):
         self.paid, self.window, self.service = paid, window, certify_api.service_name(spec)
         self.images: dict[int, ImageWork] = {}
         self.waiting: dict[str, set[int]] = collections.defaultdict(set)
-        self.queue: collections.deque = collections.deque()
+        # Unsent queries, the earliest opened image's first: a budget or a window goes to finishing the images
+        # already open before later ones (a heap of (opened, order, digest, image)).
+        self.queue: list[tuple[int, int, str, int]] = []
+        self.opened = itertools.count()
+        self.order = itertools.count()
         self.sent = 0
         self.over_budget = False
 
@@ -123,7 +130,7 @@ class ApiLoop(JobLoop):
             return self._image_failed(index, str(error))
         with session_scope(self.engine) as session:
             repo.upsert_work_unit(session, self.job_id, repo.image_unit(index), status="running")
-        self.images[index] = ImageWork(index, x, self.source.describe(index))
+        self.images[index] = ImageWork(index, x, self.source.describe(index), rank=next(self.opened))
         self._advance(self.images[index])
 
     def _advance(self, work: ImageWork) -> None:
@@ -156,7 +163,7 @@ class ApiLoop(JobLoop):
         unsent = {q.sha256: q.image for q in queries if q.sha256 in work.pending}
         for digest, image in unsent.items():
             if not self.waiting[digest]:
-                self.queue.append((digest, image))
+                heapq.heappush(self.queue, (work.rank, next(self.order), digest, image))
             self.waiting[digest].add(work.index)
 
     def _dispatch(self) -> None:
@@ -165,7 +172,7 @@ class ApiLoop(JobLoop):
             if budget is not None and self.paid + self.sent >= budget:
                 self.over_budget = True
                 return
-            digest, image = self.queue.popleft()
+            _, _, digest, image = heapq.heappop(self.queue)
             ref = self.actor.query(self.settings.database_url, self.job_id, digest, image)
             self.in_flight[ref] = digest
             self.sent += 1
@@ -203,7 +210,8 @@ class ApiLoop(JobLoop):
 
     def _image_failed(self, index: int, error: str) -> None:
         self.images.pop(index, None)
-        self.queue = collections.deque(item for item in self.queue if self.waiting.get(item[0]) != {index})
+        self.queue = [item for item in self.queue if self.waiting.get(item[2]) != {index}]
+        heapq.heapify(self.queue)
         for digest in [d for d, owners in self.waiting.items() if index in owners]:
             self.waiting[digest].discard(index)
         with session_scope(self.engine) as session:
@@ -228,8 +236,9 @@ class SequentialApiLoop(ApiLoop):
     """Certifies each image at the target radius: clean and selection queries, then estimation batches in order.
 
     An image asks one batch at a time, so few queries wait while its answers are out: a new image opens
-    only while fewer queries than the window are queued or in flight, so a budget goes to finishing
-    the images already open rather than to starting many and finishing none.
+    only while fewer queries than the window are queued or in flight, and the earliest opened image's
+    queries go first, so a budget goes to finishing the images already open rather than to starting many
+    and finishing none.
     """
 
     def _room(self) -> bool:
