@@ -218,12 +218,12 @@ while not ray.cluster_resources().get("CPU"):
 """
 
 
-def _start_head(temp: Path) -> tuple[subprocess.Popen, str]:
+def _start_head(temp: Path, cpus: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     with open(temp / "head.log", "w") as log:
         head = subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
-             "--node-ip-address=127.0.0.1", f"--num-cpus={os.cpu_count()}", "--memory=4000000000",
+             "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--memory=4000000000",
              "--object-store-memory=200000000", "--include-dashboard=false", "--disable-usage-stats",
              f"--temp-dir={temp}", f"--ray-client-server-port={free_port()}", *ray_node_ports()],
             env=os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}, stdout=log,
@@ -231,13 +231,12 @@ def _start_head(temp: Path) -> tuple[subprocess.Popen, str]:
     return head, f"127.0.0.1:{port}"
 
 
-@pytest.fixture(scope="session")
-def local_ray(starts_processes) -> Iterator[str]:
-    """The address of one Ray for the whole session, `ray start`ed on this machine like a local Ray (as many CPUs),
-    that the `dsq` processes of the tests which ask for it join (``joins_local_ray``) instead of each starting a
-    local Ray of its own (seconds and hundreds of MB each). Stopped by its process group at the end."""
+@contextlib.contextmanager
+def _ray_head(cpus: int) -> Iterator[str]:
+    """A one-node Ray, `ray start`ed on its own ports with ``cpus`` logical CPUs: its address, until it is stopped by
+    its process group."""
     temp = Path(tempfile.mkdtemp(prefix="dsq-ray-"))  # short: Ray's socket paths have a length limit
-    head, address = _start_head(temp)
+    head, address = _start_head(temp, cpus)
     try:
         deadline = time.monotonic() + 300  # generous: a busy machine starts a node in tens of seconds
         while True:
@@ -245,7 +244,7 @@ def local_ray(starts_processes) -> Iterator[str]:
                 f"the session's Ray did not start: {(temp / 'head.log').read_text()[-3000:]}"
             if head.poll() is not None:  # `ray start` gives its raylet 30 s, which a busy machine can exceed: again
                 _stop_group(head)
-                head, address = _start_head(temp)
+                head, address = _start_head(temp, cpus)
             try:
                 if subprocess.run([sys.executable, "-c", READY, address], capture_output=True,
                                   timeout=120).returncode == 0:
@@ -257,6 +256,24 @@ def local_ray(starts_processes) -> Iterator[str]:
     finally:
         _stop_group(head, grace=5)  # `ray start --block` often outlasts 20 s of SIGTERM; nothing of it is kept
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def local_ray(starts_processes) -> Iterator[str]:
+    """The address of one Ray for the whole session, `ray start`ed on this machine like a local Ray (as many CPUs),
+    that the `dsq` processes of the tests which ask for it join (``joins_local_ray``) instead of each starting a
+    local Ray of its own (seconds and hundreds of MB each). Stopped by its process group at the end."""
+    with _ray_head(os.cpu_count()) as address:
+        yield address
+
+
+@pytest.fixture(scope="session")
+def roomy_ray(starts_processes) -> Iterator[str]:
+    """A second session Ray with more logical CPUs than cores, for several `dsq worker` processes at once: each keeps
+    its sampler actors (half a CPU each) for its next job, which on ``local_ray`` would hold the CPUs the other
+    workers' actors wait for."""
+    with _ray_head(6) as address:
+        yield address
 
 
 def _stop_group(process: subprocess.Popen, grace: float = 20) -> None:

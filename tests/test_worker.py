@@ -380,9 +380,9 @@ def test_one_sampler_process_serves_each_f_o_d_it_is_asked_for_even_after_a_rest
 
 
 @pytest.mark.e2e
-def test_three_real_workers_racing_over_thirty_jobs_run_each_exactly_once(db_url, tmp_path):
-    """Three `dsq worker --drain` processes, each with its own local Ray, share one database. (Not on the session's
-    Ray: there the sampler actors each worker keeps for its next job hold CPUs the other workers wait for.)"""
+def test_three_real_workers_racing_over_thirty_jobs_run_each_exactly_once(db_url, tmp_path, roomy_ray):
+    """Three `dsq worker --drain` processes share one database and one Ray (``roomy_ray``: on the session's
+    ``local_ray`` the sampler actors each worker keeps for its next job would hold CPUs the others wait for)."""
     from bench.config import PAIRS
     from bench.rayjobs import save_pair
 
@@ -394,7 +394,7 @@ def test_three_real_workers_racing_over_thirty_jobs_run_each_exactly_once(db_url
                              batch_size=50, max_images=1, workers=1)
     with session_scope(engine) as session:
         ids = [jobs.submit(session, spec, config, priority=i % 3).id for i in range(30)]
-    env = {"DSQ_DATABASE_URL": url, "OMP_NUM_THREADS": "1"}
+    env = {"DSQ_DATABASE_URL": url, "OMP_NUM_THREADS": "1", "DSQ_LOCAL_RAY_ADDRESS": roomy_ray}
     workers = [start(tmp_path / "home", "worker", "--drain", "--max-jobs", "2", **env) for _ in range(3)]
     try:
         outputs = [worker.communicate(timeout=600) for worker in workers]
