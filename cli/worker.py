@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from typing import Optional
 
 import typer
@@ -49,7 +50,7 @@ def worker(ctx: typer.Context,
                 if detach and not config.ray_address:
                     raise InvalidArgument("--detach needs a cluster: pass --address or set RAY_ADDRESS")
                 cap = parse_resources(max_request) if max_request is not None else None
-                common.database(config)  # a bad URL is one line here, before Ray starts
+                wait_for_database(config)  # a bad URL is one line here, before Ray starts
                 from workers import resources, worker as queue_worker
 
                 resources.connect(config.ray_address)
@@ -74,6 +75,28 @@ def worker(ctx: typer.Context,
         raise common.signal_exit(signals.number)
     if summary.database_lost:
         raise typer.Exit(common.EXIT_FAILED)
+
+
+def wait_for_database(config) -> None:
+    """Open the database, waiting up to the grace period (DSQ_DB_GRACE_SECONDS) for a PostgreSQL server that does not
+    answer yet: a worker started with its cluster may come up before the server. A URL that is wrong, a login or a
+    database the server refuses, is one line at once."""
+    from dsq.db.session import RETRY_PAUSE_S
+    from dsq.errors import DatabaseUnreachable
+
+    deadline, said = time.monotonic() + config.db_grace_seconds, False
+    while True:
+        try:
+            common.database(config).dispose()
+            return
+        except DatabaseUnreachable as error:
+            if not error.transient or time.monotonic() >= deadline:
+                raise
+            if not said:
+                common.say(f"{now()} worker: {error}; asking again for up to {config.db_grace_seconds:.0f} s",
+                           err=True)
+                said = True
+        time.sleep(RETRY_PAUSE_S)
 
 
 def now() -> str:

@@ -42,7 +42,14 @@ class JobStateError(DsqError):
 
 
 class DatabaseUnreachable(DsqError):
-    """The database URL is malformed or the server cannot be reached."""
+    """The database URL is malformed or the server cannot be reached.
+
+    ``transient``: the server did not answer at all (down, restarting, not up yet), which asking again may cure;
+    a refused login or a missing database is not."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class ClusterUnreachable(DsqError):

@@ -129,3 +129,39 @@ def test_a_database_gone_for_good_stops_the_worker_in_one_line_and_the_job_resum
     after, job = results(url, 2)
     assert job.status == "succeeded" and len(after) == 40 and job.attempts == 2
     assert {i: after[i] for i in stored} == stored  # what was stored before the outage was kept, not redone
+
+
+def test_a_worker_started_before_its_database_waits_for_it_and_a_refused_login_is_one_line_at_once(
+        tmp_path, server, joins_local_ray):
+    """A cluster's workers may come up before its PostgreSQL server: `dsq worker` asks again for the grace period,
+    saying so in one line, and serves once the server answers. A server that answers and refuses is not waited for."""
+    env = env_for(tmp_path, server, DSQ_DB_GRACE_SECONDS="600")
+    assert dsq(env, "submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
+               "--objective", "standard", "--sigma", "0", "--epochs", "1").returncode == 0
+    server.stop()
+    worker = subprocess.Popen(DSQ + ["worker", "--drain"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        reconnects_while_down(server, attempts=3)  # it keeps asking
+        assert worker.poll() is None
+        server.start()
+    finally:
+        out, err = finish(worker)
+    assert worker.returncode == 0 and "ran 1 job(s)" in out and not any(n in out + err for n in NOISE), out + err
+    [line] = err.strip().splitlines()
+    assert "cannot reach database" in line and "asking again for up to 600 s" in line, err
+
+    refused = dsq(env | {"DSQ_DATABASE_URL": f"{server.url}/no_such_database"}, "worker", "--drain", timeout=300)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert 'database "no_such_database" does not exist' in refused.stderr and "asking again" not in refused.stderr
+
+    server.stop()  # a stop signal while it waits ends it at once, in one line
+    waiting = subprocess.Popen(DSQ + ["worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        reconnects_while_down(server, attempts=2)
+        waiting.send_signal(signal.SIGTERM)
+    finally:
+        out, err = finish(waiting)
+    assert waiting.returncode == 128 + signal.SIGTERM and "stopped (SIGTERM) before serving" in out + err, out + err
+    assert not any(n in out + err for n in NOISE), out + err

@@ -201,11 +201,22 @@ def _patient_connect(retry_seconds: float):
         while True:
             try:
                 return dialect.loaded_dbapi.connect(*cargs, **cparams)
-            except dialect.loaded_dbapi.OperationalError:
-                if time.monotonic() >= deadline:
+            except dialect.loaded_dbapi.OperationalError as error:
+                if not not_answering(error) or time.monotonic() >= deadline:
                     raise
                 time.sleep(RETRY_PAUSE_S)
     return connect
+
+
+def not_answering(error: BaseException) -> bool:
+    """Whether a driver's failure to connect means the server is not there to answer (down, restarting, starting up,
+    shutting down), as opposed to a server that answered and refused (a bad password, a missing database)."""
+    state = getattr(error, "sqlstate", None)
+    if state is not None:
+        return state[:2] in ("08", "57")  # connection exceptions, operator intervention
+    # A failed connect carries no SQLSTATE: a server that refused says why in a FATAL line.
+    message = str(error)
+    return "FATAL:" not in message or "the database system is" in message  # starting up, shutting down, ...
 
 
 def is_outage(error: BaseException) -> bool:
@@ -255,7 +266,9 @@ def _check_connection(engine: Engine, shown: str) -> None:
         if engine.url.password:
             reason = reason.replace(str(engine.url.password), "***")
         verb = "write to" if "readonly" in reason or "read-only" in reason else "reach"
-        raise DatabaseUnreachable(f"cannot {verb} database {shown}: {reason}") from None
+        transient = engine.url.get_backend_name() == "postgresql" and isinstance(err, exc.OperationalError) and \
+            not_answering(err.orig)
+        raise DatabaseUnreachable(f"cannot {verb} database {shown}: {reason}", transient=transient) from None
 
 
 def _one_line(err: BaseException) -> str:
