@@ -164,7 +164,12 @@ def show(session: Session, job: Job, now: datetime, stale_after: timedelta) -> l
 
         lines.append(escape_controls(changed_by_set(job.meta["overrides"])))
     lines += ["spec:"] + [f"  {key} = {escape_controls(repr(value))}" for key, value in sorted((job.spec or {}).items())
-                          if key != "models"]
+                          if key not in ("models", "uploads")]
+    uploads = (job.spec or {}).get("uploads") or {}
+    lines += ["  uploads (where the job reads them):"] if uploads else []
+    for path, entry in sorted(uploads.items()):  # each file or folder named by path, and its copy in the store
+        lines.append(f"    {escape_controls(path)}: {escape_controls(str(entry.get('location')))} "
+                     f"(sha256 {str(entry.get('sha256'))[:12]})")
     models = (job.spec or {}).get("models") or {}
     lines += ["  models:"] if models else []
     for reference, options in models.items():  # each user model's options, one a line

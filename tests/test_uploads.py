@@ -82,6 +82,24 @@ def test_uploads_are_content_addressed_so_a_second_submit_uploads_nothing_and_sa
     assert keys(s3) == stored
 
 
+def test_show_lists_each_upload_on_its_own_line(sqlite_url):
+    from datetime import datetime, timedelta, timezone
+
+    from dsq import views
+
+    copies = {"/u/model.pt": {"location": "s3://b/e2e/aa.pt", "sha256": "a" * 64},
+              "/u/pets\x1b[2J": {"location": "s3://b/e2e/bb.pt", "sha256": "b" * 64}}
+    engine = open_database(sqlite_url)
+    with session_scope(engine) as session:
+        job = repo.create_job(session, kind="certify", spec={"sigma": 0.25, "uploads": copies}, seed=0)
+        lines = views.show(session, job, datetime.now(timezone.utc), timedelta(seconds=60))
+    engine.dispose()
+    at = lines.index("  uploads (where the job reads them):")
+    assert lines[at + 1:at + 3] == [f"    /u/model.pt: s3://b/e2e/aa.pt (sha256 {'a' * 12})",
+                                    f"    /u/pets\\x1b[2J: s3://b/e2e/bb.pt (sha256 {'b' * 12})"]
+    assert "  sigma = 0.25" in lines and not any("uploads =" in line for line in lines)
+
+
 def test_a_local_store_uploads_nothing(tmp_path):
     spec, _, _ = submitted(tmp_path)
     settings = Settings(database_url="sqlite://", home=tmp_path / "home")
