@@ -68,14 +68,27 @@ def bench(pair: str = typer.Option("cifar", help=f"Model pair: {', '.join(PAIRS)
     Random weights (speed does not depend on them). The Ray jobs run on a local Ray started here,
     on a temporary SQLite database; the machine should otherwise be idle for meaningful numbers.
     """
+    options = dict(locals())
+    if chaos:
+        return chaos_runs(chaos, tuple(k.strip() for k in chaos_faults.split(",") if k.strip()), chaos_per_run,
+                          chaos_images, chaos_seed)
+    with common.StopSignals() as signals:  # SIGINT or SIGTERM: one line, exit 128 + its number, no Ray stack dump
+        try:
+            _bench(**options)
+        except common.Stopped as stopped:
+            common.say(f"benchmark stopped ({stopped})", err=True)
+            raise common.signal_exit(signals.number) from None
+
+
+def _bench(*, pair, batch_size, reference_batch_size, device, threads, repeats, samples, workers, ray_images, ray_n,
+           memory_model, variants, ray, memory, batch_sweep, out, cli, queue, sequential, sequential_api,
+           sequential_images, sequential_home, sequential_method, diffusion, dashboard, dashboard_images, postgres,
+           **_chaos) -> None:
     import bench as benchmark
     from dsq.report import tables
 
     if cli:
         return cli_answer_time(repeats)
-    if chaos:
-        return chaos_runs(chaos, tuple(k.strip() for k in chaos_faults.split(",") if k.strip()), chaos_per_run,
-                          chaos_images, chaos_seed)
     if dashboard:
         return dashboard_times(dashboard_images, repeats, postgres or None,
                                "dashboard-bench.json" if out == "bench-results.json" else out)

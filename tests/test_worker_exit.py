@@ -104,3 +104,35 @@ def test_follow_stopped_by_a_signal_says_so_and_exits_128_plus_n(tmp_path, comma
             following.kill()
     assert following.returncode == 128 + how, stderr
     assert stderr == f"{how.name}: stopped following job 1; it goes on (dsq status 1)\n"
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_a_benchmark_stopped_by_a_signal_says_so_in_one_line_and_leaves_no_process(tmp_path, how):
+    """`dsq bench --queue` drains jobs on a local Ray it started: a signal ends it with one line and 128 + N, without
+    Ray's stack dump, and the Ray processes it started end with it."""
+    err = tmp_path / "stderr"
+    with open(err, "w") as sink:
+        bench = subprocess.Popen([sys.executable, "-m", "cli", "bench", "--queue", "500"], cwd=tmp_path,
+                                 env=os.environ | {"RAY_ADDRESS": "", "DSQ_LOCAL_RAY_ADDRESS": ""},
+                                 stdout=subprocess.PIPE, stderr=sink, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: "queue bench: 500 jobs" in err.read_text(), 300, "the benchmark never started draining")
+        bench.send_signal(how)
+        out, _ = bench.communicate(timeout=120)
+        wait_for(lambda: not _group_alive(bench.pid), 60, "processes of the benchmark outlived it")
+    finally:
+        if _group_alive(bench.pid):
+            os.killpg(bench.pid, signal.SIGKILL)
+        bench.wait()
+    said = err.read_text()
+    assert bench.returncode == 128 + how, said
+    assert said.splitlines()[-1] == f"benchmark stopped ({how.name})", said
+    assert not any(noise in said + out for noise in ("Traceback", "*** SIG", "Aborted", "core dumped")), said
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False

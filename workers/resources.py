@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 
 import psutil
 import ray
@@ -31,6 +33,7 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     # Python must match in major.minor, as Ray's client (ray://) asks; a patch release apart pickles the same.
     os.environ.setdefault("RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL", "minor")
+    handlers = _python_handlers()
     try:
         if address:
             ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
@@ -45,8 +48,20 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
         where = address or "a local Ray"
         first = checks.first_line(error)
         raise ClusterUnreachable(f"cannot reach Ray at {where}: {first}") from None
+    for number, handler in handlers.items():  # Ray's start puts its own SIGTERM handler (a C++ stack dump) in place
+        signal.signal(number, handler)
     if address:
         check_versions()
+
+
+def _python_handlers() -> dict:
+    """The SIGINT and SIGTERM handlers this process set in Python (a command's StopSignals), to restore after Ray's
+    start; none off the main thread, where Python cannot set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    found = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    return {number: handler for number, handler in found.items() if callable(handler)
+            and handler is not signal.default_int_handler}
 
 
 def versions() -> dict:
