@@ -334,3 +334,20 @@ def test_unreachable_or_malformed_url_is_one_line_with_password_masked(url):
     assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
     assert "alice:***@" in message
     assert time.monotonic() - started < 10
+
+
+def test_a_server_that_does_not_answer_is_told_apart_from_one_that_refuses():
+    from dsq.db.session import not_answering
+
+    class ConnectFailed(Exception):  # psycopg's OperationalError on a failed connect: no SQLSTATE
+        sqlstate = None
+
+    at = 'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
+    assert not_answering(ConnectFailed(at + "Connection refused"))
+    assert not_answering(ConnectFailed(at + "FATAL:  the database system is starting up"))
+    assert not_answering(ConnectFailed(at + "FATAL:  sorry, too many clients already"))
+    assert not not_answering(ConnectFailed(at + 'FATAL:  database "dsq" does not exist'))
+    assert not not_answering(ConnectFailed(at + 'FATAL:  password authentication failed for user "dsq"'))
+    refused, shut = ConnectFailed("x"), ConnectFailed("x")
+    refused.sqlstate, shut.sqlstate = "28P01", "57P01"  # with a SQLSTATE, its class decides
+    assert not not_answering(refused) and not_answering(shut)

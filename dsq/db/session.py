@@ -208,15 +208,19 @@ def _patient_connect(retry_seconds: float):
     return connect
 
 
+PASSING_REFUSALS = ("the database system is", "too many clients", "remaining connection slots")
+
+
 def not_answering(error: BaseException) -> bool:
     """Whether a driver's failure to connect means the server is not there to answer (down, restarting, starting up,
     shutting down), as opposed to a server that answered and refused (a bad password, a missing database)."""
     state = getattr(error, "sqlstate", None)
     if state is not None:
         return state[:2] in ("08", "57")  # connection exceptions, operator intervention
-    # A failed connect carries no SQLSTATE: a server that refused says why in a FATAL line.
+    # A failed connect carries no SQLSTATE: a server that refused says why in a FATAL line. Some refusals pass:
+    # a server starting up or shutting down, and one out of connection slots.
     message = str(error)
-    return "FATAL:" not in message or "the database system is" in message  # starting up, shutting down, ...
+    return "FATAL:" not in message or any(passing in message for passing in PASSING_REFUSALS)
 
 
 def is_outage(error: BaseException) -> bool:
