@@ -5,7 +5,7 @@ A throw-away world: a PostgreSQL server from the pgserver wheel, an artifact fol
 killed), served by one ``dsq worker`` process. The experiment is two certify jobs of the digits pair (random
 weights saved once as files: no training) at two sigmas over a few images. One undisturbed run gives the
 reference rows; each disturbed run submits the same two jobs again and makes 1 or 2 faults of these kinds, each
-once the run has stored a random number of its images and 0-2 s on:
+once the run has stored a random number of its images (at least two still to come) and 0-1 s on:
 
 - ``worker``: SIGKILL the ``dsq worker`` process, and start another;
 - ``sampler``: SIGKILL a sampler actor's process (Ray starts it again);
@@ -261,12 +261,13 @@ class World:
         started = time.perf_counter()
         deadline = started + max(900.0, 20 * (reference.seconds if reference else 0.0))
         total = sum(spec.max_images for spec in specs)
-        # each fault once the run has stored a random number of images (0 .. all but one), then 0-2 s on: mid-run
-        # whatever the run's speed (a warm run is faster than the reference, which started the actors)
-        points = sorted(rng.randrange(total) for _ in faults)
+        # each fault once the run has stored a random number of images (0 .. all but two), then 0-1 s on: mid-run
+        # whatever the run's speed (a warm run is faster than the reference, which started the actors), with two
+        # images still to come so that a fast run does not end before its last fault
+        points = sorted(rng.randrange(max(1, total - 1)) for _ in faults)
         for kind, point in zip(rng.sample(faults, len(faults)), points):
             self._supervise(lambda done, final: final or done >= point, ids, deadline)
-            time.sleep(rng.uniform(0, 2))
+            time.sleep(rng.uniform(0, 1))
             done, final = self._state(ids)
             if final:
                 outcome.missed.append(f"{kind} (after the jobs ended)")

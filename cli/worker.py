@@ -33,12 +33,16 @@ def worker(ctx: typer.Context,
     from dsq.errors import InvalidArgument
 
     config = common.settings(ctx)
-    runner = None
+    runner, waiting = None, False
+    asked: list[str] = []  # a stop signal that came while it waited for the database
 
     def stop(name: str) -> None:
-        if runner is None:  # before it serves, a signal ends the command where it is
+        if runner is not None:
+            runner.stop(name)
+        elif waiting:  # the wait looks between two tries (raised inside the database driver, it could be lost)
+            asked.append(name)
+        else:  # before it serves, a signal ends the command where it is
             raise common.Stopped(signal.Signals[name])
-        runner.stop(name)
 
     try:
         with common.StopSignals(stop) as signals:
@@ -50,7 +54,9 @@ def worker(ctx: typer.Context,
                 if detach and not config.ray_address:
                     raise InvalidArgument("--detach needs a cluster: pass --address or set RAY_ADDRESS")
                 cap = parse_resources(max_request) if max_request is not None else None
-                wait_for_database(config)  # a bad URL is one line here, before Ray starts
+                waiting = True
+                wait_for_database(config, asked)  # a bad URL is one line here, before Ray starts
+                waiting = False
                 from workers import resources, worker as queue_worker
 
                 resources.connect(config.ray_address)
@@ -77,15 +83,17 @@ def worker(ctx: typer.Context,
         raise typer.Exit(common.EXIT_FAILED)
 
 
-def wait_for_database(config) -> None:
+def wait_for_database(config, asked: list[str]) -> None:
     """Open the database, waiting up to the grace period (DSQ_DB_GRACE_SECONDS) for a PostgreSQL server that does not
     answer yet: a worker started with its cluster may come up before the server. A URL that is wrong, a login or a
-    database the server refuses, is one line at once."""
+    database the server refuses, is one line at once. A stop signal the handler put in ``asked`` ends the wait."""
     from dsq.db.session import RETRY_PAUSE_S
     from dsq.errors import DatabaseUnreachable
 
     deadline, said = time.monotonic() + config.db_grace_seconds, False
     while True:
+        if asked:
+            raise common.Stopped(signal.Signals[asked[0]])
         try:
             common.database(config).dispose()
             return
@@ -96,7 +104,10 @@ def wait_for_database(config) -> None:
                 common.say(f"{now()} worker: {error}; asking again for up to {config.db_grace_seconds:.0f} s",
                            err=True)
                 said = True
-        time.sleep(RETRY_PAUSE_S)
+        for _ in range(10):  # a stop signal is seen within a tenth of a second
+            if asked:
+                break
+            time.sleep(RETRY_PAUSE_S / 10)
 
 
 def now() -> str:
