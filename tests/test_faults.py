@@ -48,6 +48,25 @@ def node_logs(temp) -> str:
     return "\n".join(f"{p.name}: {p.read_text()[-1500:]}" for p in sorted(Path(temp).glob("node-*.log")))
 
 
+TEMPS: dict[str, Path] = {}  # a cluster's address -> its Ray temp folder (its logs, for a failure's message)
+
+
+def ray_errors(address) -> str:
+    """What the cluster's Ray processes said of errors and deaths (tracebacks in worker logs; raylets' kills)."""
+    logs = Path(TEMPS.get(address, "/nonexistent")) / "session_latest" / "logs"
+    said = []
+    for path in sorted(logs.glob("*")):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        lines = [line for line in text.splitlines()
+                 if any(word in line for word in ("Traceback", "Error", "error:", "Killing", "memory", "died"))]
+        if lines:
+            said.append(f"{path.name}: " + " | ".join(lines[-8:])[-2000:])
+    return "\n".join(said)[-12000:] or "(no errors in the Ray logs)"
+
+
 def stop(*processes: subprocess.Popen) -> None:
     """Stop process groups: all asked at once, then each waited for (killed after 20 s)."""
     for process in processes:
@@ -94,6 +113,7 @@ def cluster(starts_processes):
     head = start_node(["--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
                        f"--temp-dir={temp}", f"--ray-client-server-port={free_port()}"], temp)
     workers = []
+    TEMPS[address] = temp
     try:
         deadline = time.monotonic() + 300  # generous: a busy machine starts a node in tens of seconds
         while subprocess.run([sys.executable, "-c", CHECK, address], env=ENV,
@@ -232,10 +252,16 @@ def actors(address, cls, *, at_least=1, timeout=180):
         if len(found) >= at_least:
             return found
         time.sleep(0.5)
-    raise AssertionError(f"no live {cls}")
+    raise AssertionError(f"no live {cls}: {ray_errors(address)}")
 
 
-def sampler_node_without_runner(address, timeout=180) -> dict:
+def registered_workers(engine) -> list:
+    with session_scope(engine) as session:
+        return [(w.name, w.pid, str(w.started_at), str(w.heartbeat_at), str(w.stopped_at), w.actor_id)
+                for w in session.query(Worker)]
+
+
+def sampler_node_without_runner(address, engine, job_id, timeout=180) -> dict:
     """A worker node that hosts a sampler of the running job but not the queue worker."""
     deadline = time.monotonic() + timeout
     while True:
@@ -245,7 +271,9 @@ def sampler_node_without_runner(address, timeout=180) -> dict:
         found = [n for n in state["nodes"] if n["id"] in samplers - runners and n["cpus"] > 0]
         if len(samplers) >= 1 and runners and found:
             return found[0]
-        assert time.monotonic() < deadline, f"no node with a sampler and without the worker: {state}"
+        assert time.monotonic() < deadline, (
+            f"no node with a sampler and without the worker: {state}\njob {job_id}: {job_of(engine, job_id).status}, "
+            f"{logs(engine, job_id)}\nworkers: {registered_workers(engine)}\n{ray_errors(address)}")
         time.sleep(0.5)
 
 
@@ -265,7 +293,7 @@ def test_losing_a_worker_node_mid_job_changes_nothing(cluster, world):
     address, workers = cluster
     env, engine, reference = world
     job_id = submit(env, *CERTIFY)
-    victim_node = sampler_node_without_runner(address)
+    victim_node = sampler_node_without_runner(address, engine, job_id)
     pid = raylet_pid(workers, victim_node["port"])
     wait_for(engine, job_id, ("running",), done=1)
     os.kill(pid, signal.SIGKILL)
