@@ -515,3 +515,42 @@ def test_a_drain_takes_over_the_job_of_a_killed_local_worker_at_once_and_leaves_
         assert len(dead) == 1 and dead[0].stopped_at is not None
         assert not any(w.pid == worker.pid for w in jobqueue.live_workers(session, Settings.from_env({}).stale_after))
     assert (taken.started_at - drainer.started_at).total_seconds() < 60  # within seconds of the drain's start
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_detached_worker_that_meets_an_unexpected_error_is_started_again_and_serves(postgres_url, tmp_path):
+    """An error the worker cannot place (here a table gone from under it) ends a detached worker's process, said in
+    its log; Ray starts it again under its name, and once the table is back it registers again and runs jobs. It
+    does not end for good, leaving submitted jobs to no one."""
+    import ray
+    from sqlalchemy import text
+
+    from workers.worker import start_detached
+
+    settings = Settings(database_url=postgres_url, home=tmp_path)
+    engine = open_database(settings.database_url)
+
+    def registered():
+        with session_scope(engine) as session:
+            return session.scalars(select(Worker)).one_or_none()
+
+    name = start_detached(settings, idle_exit=300)
+    actor = ray.get_actor(name)
+    try:
+        wait_until(lambda: registered() is not None, what="the worker registered")
+        first = registered().started_at
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE jobs RENAME TO jobs_away"))
+        wait_until(lambda: registered().stopped_at is not None, what="the worker stopped serving")
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE jobs_away RENAME TO jobs"))
+        wait_until(lambda: registered().stopped_at is None and registered().started_at > first, timeout=120,
+                   what="the worker registered again")
+        with session_scope(engine) as session:
+            job_id = jobs.submit(session, TrainSpec(dataset="digits", target="classifier", arch="small_cnn",
+                                                    objective="standard", sigma=0.0, epochs=1), settings).id
+        wait_until(lambda: job(engine, job_id).status == "succeeded", what="the job run")
+        assert job(engine, job_id).runner == name and registered().name == name
+    finally:
+        ray.kill(actor, no_restart=True)
+        engine.dispose()

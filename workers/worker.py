@@ -13,22 +13,24 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable
 
 import ray
-
-from dsq import jobqueue, kinds
-from dsq.kinds.certify_api import API_RESOURCE
-from dsq.db import repo
-from dsq.db.models import utcnow
 from sqlalchemy import exc
 
+from dsq import jobqueue, kinds
+from dsq.db import repo
+from dsq.db.models import utcnow
 from dsq.db.session import database_back, is_outage, open_database, session_scope
+from dsq.errors import DsqError
+from dsq.kinds.certify_api import API_RESOURCE
 from dsq.settings import Settings
 from workers import pidfile, resources, runner
 from workers.loop import Control
@@ -43,6 +45,9 @@ QUIET_SECONDS = 3 * HEARTBEAT_SECONDS  # a running job this long without a heart
 # the next step of a plan submitted by hand, short enough that an idle worker does not hold CPUs that another
 # worker's jobs, or an autoscaler shrinking the cluster, wait for.
 KEEP_ACTORS_SECONDS = 30.0
+# A detached worker that met an unexpected error (a Ray call that timed out on a loaded cluster, say) ends its process
+# and Ray starts it again; this pause keeps an error that comes back every time from looping fast.
+CRASH_PAUSE_SECONDS = 5.0
 
 
 def demand_bundles(demands: list[dict], cap: dict) -> list[dict]:
@@ -105,7 +110,36 @@ class QueueWorker:
         self.wake.set()
 
     def run(self) -> Summary:
+        """Serve until drained, idle long enough, stopped, or the database is gone for its grace. However it ends
+        (an unexpected error included, which is raised once this is done), its jobs go back to the queue and the
+        worker is recorded as stopped, so the next submit starts another; only a lost database leaves that to the
+        worker that takes its jobs over."""
         engine = open_database(self.settings.database_url, retry_seconds=self.settings.db_grace_seconds)
+        try:
+            self._register(engine)
+            self._loop(engine)
+        except exc.DBAPIError as error:
+            if not is_outage(error):
+                raise
+            lost = ", ".join(map(str, sorted(set(self.running) | self.lost))) or "none"
+            self.summary.reason = (f"database unreachable for {self.settings.db_grace_seconds:.0f} s; jobs left "
+                                   f"running: {lost} (a worker takes them over once it is back)")
+            self.summary.database_lost = True
+        finally:
+            try:
+                self._hand_back_all()
+                self.pool.close()
+                if self.requested:
+                    self._request([])  # nothing asked for any more: an autoscaler may shrink the cluster
+            finally:
+                if not self.summary.database_lost:
+                    with session_scope(engine) as session:
+                        jobqueue.stop_worker(session, self.name)
+                engine.dispose()
+                pidfile.forget(self.settings)  # a background one (killed, idle, drained): the next submit starts one
+        return self.summary
+
+    def _register(self, engine) -> None:
         with session_scope(engine) as session:
             requeued, failed = jobqueue.requeue_runner(session, self.name)  # a restarted actor keeps its name
             for job_id in requeued:
@@ -116,26 +150,6 @@ class QueueWorker:
                                      address=self.settings.ray_address, max_jobs=self.max_jobs or 0,
                                      resources=self._offers(ray.cluster_resources()),
                                      node_id=context.get_node_id(), actor_id=context.get_actor_id())
-        try:
-            self._loop(engine)
-        except exc.DBAPIError as error:
-            if not is_outage(error):
-                raise
-            lost = ", ".join(map(str, sorted(set(self.running) | self.lost))) or "none"
-            self.summary.reason = (f"database unreachable for {self.settings.db_grace_seconds:.0f} s; jobs left "
-                                   f"running: {lost} (a worker takes them over once it is back)")
-            self.summary.database_lost = True
-        finally:
-            self._hand_back_all()
-            self.pool.close()
-            if self.requested:
-                self._request([])  # nothing asked for any more: an autoscaler may shrink the cluster
-            if not self.summary.database_lost:
-                with session_scope(engine) as session:
-                    jobqueue.stop_worker(session, self.name)
-            engine.dispose()
-            pidfile.forget(self.settings)  # a background worker's (kill PID, idle, drained): the next submit starts one
-        return self.summary
 
     def _loop(self, engine) -> None:
         cluster = self._placeable(ray.cluster_resources())
@@ -437,8 +451,13 @@ class WorkerActor:
     def _run(self) -> None:
         try:
             self.worker.run()
-        finally:
-            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        except DsqError as error:  # said in words (the database gone for good, say): it ends, as told
+            print(f"dsq worker {self.worker.name}: {error}", file=sys.stderr)
+        except Exception:  # noqa: BLE001 - unexpected: said in this actor's log, and served again by a new process
+            traceback.print_exc()
+            time.sleep(CRASH_PAUSE_SECONDS)
+            os._exit(1)  # Ray starts the actor again (max_restarts=-1), under its name: it takes its jobs back
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)  # done: idle, or stopped on purpose
 
     def name(self) -> str:
         return self.worker.name
