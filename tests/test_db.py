@@ -64,6 +64,26 @@ def test_upgrade_empty_database_to_head_without_drift(db_url):
         engine.dispose()
 
 
+def test_the_head_revision_read_without_alembic_is_alembics(tmp_path, monkeypatch):
+    """Every command compares the database's revision with the newest under migrations/, read from the files
+    without Alembic's import: it is the head Alembic finds, and a second head (two files naming one parent) is an
+    error rather than a guess."""
+    from alembic.script import ScriptDirectory
+
+    from dsq.db import session as session_module
+
+    assert head_revision() == ScriptDirectory.from_config(alembic_config()).get_current_head() is not None
+    versions = tmp_path / "versions"
+    versions.mkdir()
+    for name, revision, down in (("a", "0001", None), ("b", "0002", "0001"), ("c", "0003", "0001")):
+        (versions / f"{name}.py").write_text(f"revision: str = {revision!r}\ndown_revision: str | None = {down!r}\n")
+    monkeypatch.setattr(session_module, "MIGRATIONS_DIR", tmp_path)
+    with pytest.raises(RuntimeError, match="several heads: 0002, 0003"):
+        head_revision()
+    (versions / "c.py").write_text("revision: str = '0003'\ndown_revision: str | None = '0002'\n")
+    assert head_revision() == "0003"
+
+
 def test_concurrent_first_use_upgrades_once(db_url):
     errors: list[BaseException] = []
 

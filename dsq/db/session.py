@@ -21,6 +21,7 @@ failing after the user makes ``dsq.db`` writable again.  Callers that only read
 from __future__ import annotations
 
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
@@ -28,11 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, exc, text
+from sqlalchemy import Connection, Engine, create_engine, event, exc, inspect, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -297,8 +294,10 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         session.close()
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
+def alembic_config(connection: Connection | None = None):
     """An Alembic configuration for ``migrations/``, sharing ``connection`` if given."""
+    from alembic.config import Config  # only to upgrade: every command opens a database, few upgrade one
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("path_separator", "os")
@@ -309,6 +308,8 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def upgrade(engine_or_url: Engine | str, revision: str = "head") -> None:
     """Upgrade the schema to ``revision`` (Alembic ``upgrade``), safe to run concurrently."""
+    from alembic import command
+
     engine = make_engine(engine_or_url) if isinstance(engine_or_url, (str, URL)) else engine_or_url
     with engine.begin() as connection:
         _lock_for_upgrade(connection)
@@ -324,14 +325,34 @@ def _lock_for_upgrade(connection: Connection) -> None:
 
 
 def current_revision(engine: Engine) -> str | None:
-    """The revision the database is at (None for an empty database)."""
+    """The revision the database is at (None for an empty database): Alembic's one-row table, read directly."""
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+_REVISION = re.compile(r"^revision(?:: *str)? *= *[\"']([^\"']+)[\"']", re.MULTILINE)
+_DOWN_REVISION = re.compile(r"^down_revision(?:: *[^=]+)? *= *(?:None|[\"']([^\"']+)[\"'])", re.MULTILINE)
 
 
 def head_revision() -> str | None:
-    """The newest revision under ``migrations/``."""
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    """The newest revision under ``migrations/``: the one no other revision names as its ``down_revision``.
+
+    Read from the files' assignments rather than through Alembic, whose import and script loading cost every
+    command a few hundred milliseconds (tests/test_db.py checks that Alembic finds the same head)."""
+    revisions, downs = set(), set()
+    for path in (MIGRATIONS_DIR / "versions").glob("*.py"):
+        source = path.read_text()
+        found, down = _REVISION.search(source), _DOWN_REVISION.search(source)
+        if found:
+            revisions.add(found.group(1))
+            if down and down.group(1):
+                downs.add(down.group(1))
+    heads = revisions - downs
+    if len(heads) > 1:
+        raise RuntimeError(f"migrations/ has several heads: {', '.join(sorted(heads))}")
+    return heads.pop() if heads else None
 
 
 def open_database(url: str | URL, *, retry_seconds: float = 0.0, read_only: bool = False) -> Engine:
