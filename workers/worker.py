@@ -435,7 +435,8 @@ def _total(bundles: list[dict]) -> str:
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class WorkerActor:
-    """A detached queue worker on a cluster (``dsq worker --detach``); Ray restarts it if its process dies.
+    """A detached queue worker on a cluster (``dsq worker --detach``); Ray restarts it if its process dies, which it
+    makes happen itself on an unexpected error (said in its log), so a cluster never loses its worker to one.
 
     It works in its constructor's thread: an actor's creation belongs to the cluster, a method
     call would belong to the CLI process that may exit. It ends itself when it has been idle.
@@ -457,7 +458,8 @@ class WorkerActor:
             traceback.print_exc()
             time.sleep(CRASH_PAUSE_SECONDS)
             os._exit(1)  # Ray starts the actor again (max_restarts=-1), under its name: it takes its jobs back
-        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)  # done: idle, or stopped on purpose
+        finally:  # done (idle, or stopped on purpose): the actor ends for good
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def name(self) -> str:
         return self.worker.name
