@@ -178,7 +178,9 @@ def cli_answer_time(repeats: int) -> None:
     """Wall time of steering and submitting commands against importing torch, interleaved, side by side.
 
     ``dsq jobs``, ``cancel`` and ``resume`` read or write the database only (no torch, no Ray); ``submit``
-    checks a digits job (data, models, sigma) with the worker's autostart off, so it measures the submit alone.
+    checks a digits job (data, models, sigma) with the worker's autostart off, so it measures the submit alone:
+    a training, a certification of a model still to train (``job:1``), and one of a trained classifier and
+    denoiser given as files (their checkpoints loaded and checked against the data).
     """
     import os
     import statistics
@@ -186,7 +188,10 @@ def cli_answer_time(repeats: int) -> None:
     import sys
     import tempfile
     import time
+    from pathlib import Path
 
+    from bench.config import PAIRS
+    from bench.rayjobs import save_pair
     from dsq.report import tables
 
     torch_only = "python -c 'import torch'"
@@ -196,11 +201,15 @@ def cli_answer_time(repeats: int) -> None:
         train = ["submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
                  "--objective", "standard", "--sigma", "0", "--epochs", "1"]
         subprocess.run(dsq + train, capture_output=True, check=True, env=env)  # the schema, and job 1
+        classifier, denoiser = save_pair(PAIRS["digits"], 0, Path(home))
         commands = {"dsq jobs": dsq + ["jobs"], "dsq cancel": dsq + ["cancel", "1"],
                     "dsq resume": dsq + ["resume", "1"],
                     "dsq submit train": dsq + train,
                     "dsq submit certify": dsq + ["submit", "certify", "--dataset", "digits", "--classifier", "job:1",
                                                  "--sigma", "0.25", "--n", "1000"],
+                    "dsq submit certify (trained)": dsq + ["submit", "certify", "--dataset", "digits",
+                                                           "--classifier", classifier, "--denoiser", denoiser,
+                                                           "--sigma", "0.25", "--n", "1000"],
                     torch_only: [sys.executable, "-c", "import torch"]}
         times = {name: [] for name in commands}
         for _ in range(repeats):

@@ -240,13 +240,15 @@ def check_prediction(spec) -> None:
 
 def reach(spec) -> str:
     """One line on what a (valid) certification or PREDICT spec can answer."""
-    from dsq import bounds, sequential
+    from dsq import bounds
 
     if spec.predict:
         return (f"PREDICT: {spec.n:,} samples per image; an image gets the top class when a binomial test of it "
                 f"against the runner-up rejects a tie at alpha {spec.alpha:g}, else abstains (no radius)")
 
     if spec.radius is not None:
+        from dsq import sequential  # scipy.special: only sequential specs need it
+
         largest = sequential.max_sequential_radius(spec.max_n, spec.alpha, spec.sigma)
         return (f"sequential: each image is certified at radius >= {spec.radius:g} or abstains, with at most "
                 f"{spec.max_n:,} estimation samples (they can reach radius {largest:.4g} at most)")

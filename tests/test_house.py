@@ -116,11 +116,13 @@ def test_every_kind_has_one_loop_and_one_spec():
 
 
 BLOCKED = """
-import sys
+import os, sys
+
+REFUSED = os.environ.get("DSQ_TEST_REFUSED", "torch,ray,torchvision,sklearn").split(",")
 
 class Refuse:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "ray", "torchvision", "sklearn"):
+        if name.split(".")[0] in REFUSED:
             raise ImportError(f"this command imported {name}")
 
 sys.meta_path.insert(0, Refuse())
@@ -167,3 +169,22 @@ def repo_spec(url: str, job_id: int) -> dict:
         spec = repo.get_job(session, job_id).spec
     engine.dispose()
     return spec
+
+
+@pytest.mark.e2e
+def test_a_submit_to_an_upgraded_database_imports_neither_alembic_nor_scipy(tmp_path):
+    """Opening a database reads its schema revision without Alembic, and a fixed-n certification's checks (the
+    largest radius its n can give) need no scipy: a submit pays for torch and little else."""
+    url = f"sqlite:///{tmp_path / 'dsq.db'}"
+    engine = open_database(url)
+    with session_scope(engine) as session:
+        train = TrainSpec(dataset="digits", target="classifier", arch="small_cnn", objective="standard", sigma=0.0)
+        repo.create_job(session, kind="train", spec=train.to_dict(), seed=0, total=1)
+    engine.dispose()
+    done = subprocess.run([sys.executable, "-c", BLOCKED, "--db", url, "submit", "certify", "--dataset", "digits",
+                           "--classifier", "job:1", "--sigma", "0.25", "--n", "1000"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "DSQ_HOME": str(tmp_path), "DSQ_WORKER_AUTOSTART": "0",
+                               "DSQ_TEST_REFUSED": "alembic,scipy,statsmodels,ray"})
+    assert done.returncode == 0 and done.stdout.split() == ["job", "2"], done.stderr
+    assert "certifies radius 0.6158 at most" in done.stderr
