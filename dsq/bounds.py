@@ -18,9 +18,8 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
-
 from statistics import NormalDist
+from typing import Iterable, Sequence
 
 import numpy as np
 
