@@ -117,8 +117,9 @@ class StopSignals:
     SIGTERM handler with its own (a C++ stack dump): call ``install()`` again once Ray is connected.
     """
 
-    def __init__(self, stop: Callable[[str], None] | None = None):
+    def __init__(self, stop: Callable[[str], None] | None = None, *, at_waits: bool = False):
         self.stop, self.number = stop, None
+        self.raising = not at_waits  # at_waits: raise only inside wait(), never within a database call or a print
         self.previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -129,9 +130,24 @@ class StopSignals:
     def _handle(self, number: int, frame) -> None:
         if self.number is None:
             self.number = number
-        if self.stop is None:
+        if self.stop is not None:
+            self.stop(signal.Signals(number).name)
+        elif self.raising:
             raise Stopped(number)
-        self.stop(signal.Signals(number).name)
+
+    def wait(self, seconds: float) -> None:
+        """Sleep ``seconds``: where a signal kept by ``at_waits`` (or one that arrives now) raises ``Stopped``."""
+        self.raising = True
+        try:
+            self.check()
+            time.sleep(seconds)
+        finally:
+            self.raising = False
+
+    def check(self) -> None:
+        """Raise ``Stopped`` if a signal has arrived."""
+        if self.number is not None and self.stop is None:
+            raise Stopped(self.number)
 
     def __enter__(self) -> "StopSignals":
         self.install()
@@ -156,11 +172,15 @@ def stopped_following(stop: Stopped, job_id: int) -> typer.Exit:
 
 
 @contextlib.contextmanager
-def following(job_id: int) -> Iterator[None]:
-    """Ctrl-C or SIGTERM while following a job's output (--follow) stops following it: one line, exit 128 + N."""
+def following(job_id: int) -> Iterator[StopSignals]:
+    """Ctrl-C or SIGTERM while following a job's output (--follow) stops following it: one line, exit 128 + N.
+
+    The signal takes effect at the block's next ``wait`` (or its end), never inside a database call: a commit cut
+    in its middle would end in SQLAlchemy's traceback instead of that line."""
     try:
-        with signals_raise():
-            yield
+        with StopSignals(at_waits=True) as signals:
+            yield signals
+            signals.check()
     except Stopped as stop:
         raise stopped_following(stop, job_id) from None
 
@@ -198,32 +218,29 @@ def follow(engine, job_id: int, label: str) -> str:
     from dsq.db.models import utcnow
 
     lost_since = None
-    try:
-        with signals_raise(), progress_bar() as bar:
-            task = bar.add_task(label, total=None, line=None)
-            while True:
-                try:
-                    with session_scope(engine) as session:
-                        job = repo.get_job(session, job_id)
-                        last = repo.logs_for_job(session, job_id)[-1:]
-                        line = views.progress_line(session, job, utcnow())
-                except exc.OperationalError:
-                    lost_since = lost_since or time.monotonic()
-                    if time.monotonic() - lost_since > FOLLOW_GRACE_S:
-                        say(f"error: database unreachable for {FOLLOW_GRACE_S:.0f} s: stopped following job "
-                            f"{job_id}; `dsq status {job_id}` once it is back", err=True)
-                        raise typer.Exit(EXIT_FAILED) from None
-                    time.sleep(1.0)
-                    continue
-                lost_since = None
-                doing = f": {last[0].message[:60]}" if last and job.status == "running" else ""
-                bar.update(task, completed=job.progress_done, total=job.progress_total or None,
-                           description=f"{label} ({job.status}{doing})", line=line)
-                if job.finished:
-                    return job.status
-                time.sleep(1.0)
-    except Stopped as stop:
-        raise stopped_following(stop, job_id) from None
+    with following(job_id) as signals, progress_bar() as bar:
+        task = bar.add_task(label, total=None, line=None)
+        while True:
+            try:
+                with session_scope(engine) as session:
+                    job = repo.get_job(session, job_id)
+                    last = repo.logs_for_job(session, job_id)[-1:]
+                    line = views.progress_line(session, job, utcnow())
+            except exc.OperationalError:
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > FOLLOW_GRACE_S:
+                    say(f"error: database unreachable for {FOLLOW_GRACE_S:.0f} s: stopped following job "
+                        f"{job_id}; `dsq status {job_id}` once it is back", err=True)
+                    raise typer.Exit(EXIT_FAILED) from None
+                signals.wait(1.0)
+                continue
+            lost_since = None
+            doing = f": {last[0].message[:60]}" if last and job.status == "running" else ""
+            bar.update(task, completed=job.progress_done, total=job.progress_total or None,
+                       description=f"{label} ({job.status}{doing})", line=line)
+            if job.finished:
+                return job.status
+            signals.wait(1.0)
 
 
 def finish(engine, job_id: int, status: str) -> None:

@@ -50,7 +50,7 @@ def status(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
     with common.boundary():
         engine = common.database(config, write=False)
         shown = None
-        with common.following(job):
+        with common.following(job) as signals:
             while True:
                 with session_scope(engine) as session:
                     record = repo.get_job(session, job)
@@ -61,7 +61,7 @@ def status(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
                     shown = lines
                 if not follow or record.finished:
                     return
-                time.sleep(FOLLOW_SECONDS)
+                signals.wait(FOLLOW_SECONDS)
 
 
 def logs(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
@@ -73,7 +73,7 @@ def logs(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
     with common.boundary():
         engine = common.database(common.settings(ctx), write=False)
         last = 0
-        with common.following(job):
+        with common.following(job) as signals:
             while True:
                 with session_scope(engine) as session:
                     record = repo.get_job(session, job)
@@ -83,7 +83,7 @@ def logs(ctx: typer.Context, job: int = typer.Argument(..., help="Job id."),
                 if not follow or record.finished:
                     runs = views.attempt_lines(session, record)
                     break
-                time.sleep(FOLLOW_SECONDS)
+                signals.wait(FOLLOW_SECONDS)
         for line in runs:
             common.say(line)
         if record.traceback:

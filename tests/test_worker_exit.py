@@ -136,3 +136,49 @@ def _group_alive(group: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "wait"])
+def test_a_signal_that_lands_inside_a_database_commit_still_stops_following_in_one_line(tmp_path, capsys, command):
+    """The signal arrives while `--follow` (or `--wait`) is inside a commit, as on a slow machine: it takes effect at
+    the next pause, not in SQLAlchemy's middle (which ended in an AssertionError and exit 1)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    url = f"sqlite:///{tmp_path / 'dsq.db'}"
+    engine = open_database(url)
+    with session_scope(engine) as session:
+        repo.create_job(session, kind="train", spec={"sigma": 0.0}, seed=0, total=1)
+        repo.add_log(session, 1, "submitted")
+    engine.dispose()
+    sent = []
+
+    def signal_within_the_commit(frame, event, arg):  # a tracer: where CI's slow machine delivered SIGTERM
+        if event == "call" and frame.f_code.co_name == "_do_commit" and not sent:
+            sent.append(frame.f_code.co_filename)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs at the function's first line
+        return None
+
+    def follow() -> tuple[int, str]:
+        if command == "wait":  # what `submit --wait` and `resume --wait` run
+            from cli import common
+
+            engine = open_database(url)
+            with pytest.raises(typer.Exit) as stop:
+                common.follow(engine, 1, "job 1")
+            return stop.value.exit_code, capsys.readouterr().err
+        out = CliRunner().invoke(app, ["--db", url, command, "1", "--follow"])
+        assert not isinstance(out.exception, AssertionError), out.exception
+        return out.exit_code, out.output
+
+    sys.settrace(signal_within_the_commit)
+    try:
+        code, said = follow()
+    finally:
+        sys.settrace(None)
+    assert sent, "no commit ran"
+    assert code == 128 + signal.SIGTERM, said
+    assert "SIGTERM: stopped following job 1; it goes on (dsq status 1)" in said
+    assert "Traceback" not in said
