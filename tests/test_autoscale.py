@@ -60,7 +60,13 @@ def autoscaling_config(gcs_address: str) -> dict:
 # What the cluster looks like, twice a second, as JSON lines: one process for the whole test.
 WATCH = """
 import json, sys, time, ray
-ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+while True:  # the head may still be starting (minutes on a busy machine): ray.init gives up sooner
+    try:
+        ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+        break
+    except Exception as error:
+        print(f"not yet: {error}", file=sys.stderr, flush=True)
+        time.sleep(2)
 from ray._private.state import state
 while True:
     nodes = [{"id": n["NodeID"], "alive": n["Alive"], "resources": n["Resources"]} for n in ray.nodes()]
@@ -72,9 +78,10 @@ while True:
 
 
 class Watch:
-    def __init__(self, address: str):
+    def __init__(self, address: str, temp: Path):
+        self.temp = temp
         self.process = subprocess.Popen([sys.executable, "-c", WATCH, address], env=ENV, stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                                        stderr=open(temp / "watch.log", "w"), text=True, start_new_session=True)
         self.seen: list[dict] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -93,10 +100,25 @@ class Watch:
                 if what(view):
                     return view["t"]
             time.sleep(0.2)
-        raise AssertionError(f"{message} within {timeout} s; last view: {self.seen[-1:]}")
+        logs = "\n".join(f"--- {name} (end):\n{tail(self.temp / name)}" for name in ("watch.log", "head.log"))
+        raise AssertionError(f"{message} within {timeout} s; last view: {self.seen[-1:]}; watcher "
+                             f"{'running' if self.process.poll() is None else 'ended'}\n{logs}")
 
     def gpu_nodes(self) -> set[str]:
         return {n["id"] for view in self.seen for n in view["nodes"] if n["alive"] and n["resources"].get("GPU")}
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(none)"
+
+
+def head_up(head: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Wait until `ray start --head --block` says its node runs (minutes on a busy machine)."""
+    deadline = time.monotonic() + timeout
+    while "Ray runtime started" not in log.read_text(errors="replace"):
+        assert head.poll() is None, f"`ray start --head` ended ({head.returncode}):\n{tail(log)}"
+        assert time.monotonic() < deadline, f"the head did not start within {timeout} s:\n{tail(log)}"
+        time.sleep(0.5)
 
 
 def alive_gpu(view) -> bool:
@@ -136,7 +158,8 @@ def test_gpu_jobs_grow_the_cluster_with_a_gpu_node_run_there_and_it_shrinks_back
            "DSQ_WORKER_AUTOSTART": "0", "DSQ_GPU_DEVICE": "cpu"}
     watch = worker = engine = None
     try:
-        watch = Watch(address)
+        head_up(head, temp / "head.log", 300)
+        watch = Watch(address, temp)
         watch.until(lambda view: view["nodes"], 300, "the head did not come up")
         train = dsq(env, "submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
                     "--objective", "standard", "--sigma", "0", "--epochs", "1")
