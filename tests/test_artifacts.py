@@ -13,7 +13,7 @@ from dsq.db import repo
 from dsq.db.session import open_database, session_scope
 from dsq.errors import ArtifactStoreError, CheckpointError
 from dsq.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import NARROW, free_port
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -191,7 +191,7 @@ def dsq(env, *args):
                           capture_output=True, text=True, timeout=300)
 
 
-TRAIN = ["submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
+TRAIN = ["submit", "train", "--dataset", "digits", "--target", "classifier", *NARROW,
          "--objective", "standard", "--sigma", "0", "--epochs", "1", "--wait"]
 
 

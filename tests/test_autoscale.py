@@ -23,7 +23,7 @@ import pytest
 
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
-from tests.conftest import _stop_group, free_port, ray_node_ports
+from tests.conftest import NARROW, _stop_group, free_port, ray_node_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -161,7 +161,7 @@ def test_gpu_jobs_grow_the_cluster_with_a_gpu_node_run_there_and_it_shrinks_back
         head_up(head, temp / "head.log", 300)
         watch = Watch(address, temp)
         watch.until(lambda view: view["nodes"], 300, "the head did not come up")
-        train = dsq(env, "submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
+        train = dsq(env, "submit", "train", "--dataset", "digits", "--target", "classifier", *NARROW,
                     "--objective", "standard", "--sigma", "0", "--epochs", "1")
         certify = dsq(env, "submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25",
                       "--n0", "20", "--n", "2000", "--batch-size", "1000", "--max-images", "2", "--workers", "1")

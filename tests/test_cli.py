@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
-from tests.conftest import free_port
+from tests.conftest import NARROW, free_port
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def serving(database: str, home) -> Iterator[None]:
 def trained(dsq, home, ray_session):
     """Job 1: a digits classifier; job 2: a certification with its results; job 3: a denoiser."""
     with serving(dsq.database, home):
-        out = dsq("submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
+        out = dsq("submit", "train", "--dataset", "digits", "--target", "classifier", *NARROW,
                   "--objective", "standard", "--sigma", "0", "--epochs", "2", "--name", "f", "--wait")
         assert out.exit_code == 0, out.output
         out = dsq("submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25",

@@ -13,6 +13,7 @@ import pytest
 
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
+from tests.conftest import NARROW
 
 DSQ = [sys.executable, "-m", "cli"]
 
@@ -46,7 +47,7 @@ def trained(cluster, tmp_path_factory):
     """A home whose job 1, a digits classifier, was trained on the cluster by `dsq submit train --wait`."""
     home = tmp_path_factory.mktemp("cluster-home")
     out = dsq(home, cluster, "submit", "train", "--dataset", "digits", "--target", "classifier",
-              "--arch", "small_cnn", "--objective", "standard", "--sigma", "0", "--epochs", "1", "--wait")
+              *NARROW, "--objective", "standard", "--sigma", "0", "--epochs", "1", "--wait")
     assert out.returncode == 0, out.stderr
     assert "job 1 succeeded" in out.stdout
     return home

@@ -22,15 +22,16 @@ from dsq.db import repo
 from dsq.db.models import Worker
 from dsq.db.session import open_database, session_scope
 from dsq.settings import Settings
-from tests.conftest import free_port, ray_node_ports
+from tests.conftest import NARROW, free_port, ray_node_ports
 
 RAY = str(Path(sys.executable).parent / "ray")
 # A killed raylet refuses the health check at once, so it is declared dead after about threshold x period; a live
 # node that is slow to answer on a busy machine is given threshold x timeout before it is (wrongly) declared dead.
 ENV = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_health_check_period_ms": "1000",
                     "RAY_health_check_failure_threshold": "5", "RAY_health_check_timeout_ms": "5000"}
-# Long enough (24 images, about a second each) that a fault lands mid-job even with warm, reused sampler actors.
-IMAGES = 24
+# Long enough (64 images of the narrow net, a fraction of a second each) that a fault lands mid-job even with warm,
+# reused sampler actors, and that a node with a sampler is found before the job ends.
+IMAGES = 64
 CERTIFY = ["submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25", "--n0", "20",
            "--n", "20000", "--batch-size", "1000", "--max-images", str(IMAGES), "--workers", "2", "--seed", "7"]
 
@@ -40,7 +41,8 @@ def start_node(args, temp, env=None) -> subprocess.Popen:
     log = open(Path(temp) / f"node-{len(list(Path(temp).glob('node-*.log')))}.log", "w")
     return subprocess.Popen(
         [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--memory=3000000000",
-         "--object-store-memory=150000000", "--disable-usage-stats", *ray_node_ports(), *args],
+         "--object-store-memory=150000000", "--disable-usage-stats", "--include-log-monitor=false",
+         *ray_node_ports(), *args],
         env=ENV | (env or {}), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp)
 
 
@@ -172,7 +174,7 @@ def world(cluster, postgres_server, tmp_path_factory):
     env = {"DSQ_HOME": str(home), "DSQ_DATABASE_URL": f"{postgres_server}/{name}", "RAY_ADDRESS": address}
     engine = open_database(env["DSQ_DATABASE_URL"])
     try:
-        out = dsq(env, "submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
+        out = dsq(env, "submit", "train", "--dataset", "digits", "--target", "classifier", *NARROW,
                   "--objective", "standard", "--sigma", "0", "--epochs", "2", "--wait")
         assert out.returncode == 0 and "job 1 succeeded" in out.stdout, out.stderr
         reference = submit(env, *CERTIFY)
@@ -331,8 +333,8 @@ def test_the_job_of_a_worker_whose_ray_node_died_runs_again_at_once(cluster, tmp
     try:  # the dead worker's node, besides the others
         node, found = join_node(address, temp, "--num-cpus=0", lambda nodes: {n["id"] for n in nodes} - before)
         [victim] = [n for n in found if n["id"] not in before]
-        job_id = submit(env, "submit", "train", "--dataset", "digits", "--target", "classifier", "--arch",
-                        "small_cnn", "--objective", "standard", "--sigma", "0", "--epochs", "1")
+        job_id = submit(env, "submit", "train", "--dataset", "digits", "--target", "classifier", *NARROW,
+                        "--objective", "standard", "--sigma", "0", "--epochs", "1")
         engine = open_database(env["DSQ_DATABASE_URL"])
         with session_scope(engine) as session:  # a worker process on that node, as it registers and claims
             jobqueue.register_worker(session, name="on-the-lost-node", host="another-machine", pid=1, address=address,
@@ -461,7 +463,7 @@ def test_a_worker_asks_the_autoscaler_for_what_queued_jobs_need_within_its_cap(c
     address, _ = cluster
     env = {"DSQ_HOME": str(tmp_path), "DSQ_DATABASE_URL": f"sqlite:///{tmp_path / 'dsq.db'}", "RAY_ADDRESS": address,
            "DSQ_WORKER_AUTOSTART": "0"}
-    assert submit(env, "submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
+    assert submit(env, "submit", "train", "--dataset", "digits", "--target", "classifier", *NARROW,
                   "--objective", "standard", "--sigma", "0", "--epochs", "3") == 1
     for seed in range(3):
         submit(env, *CERTIFY[:-2], "--seed", str(seed), "--max-images", "3", "--n", "4000")

@@ -19,6 +19,7 @@ from dsq.denoisers import build_denoiser
 from dsq.errors import InvalidArgument
 from tests.test_cli import dsq, home, serving  # noqa: F401 - the same in-process CLI and worker, a home of its own
 from dsq.kinds.certify import CertifySpec
+from tests.conftest import NARROW
 
 CLASSES = ("cat", "dog", "fox")
 TINY = ["--sigma", "0.25", "--n0", "10", "--n", "100", "--batch-size", "50", "--workers", "1"]
@@ -55,7 +56,7 @@ def trained(dsq, home, folders, ray_session):
     """Job 1: a 3-class RGB classifier trained on the 32x32 folder."""
     with serving(dsq.database, home):
         out = dsq("submit", "train", "--dataset", f"folder:{folders / 'pets'}", "--target", "classifier",
-                  "--arch", "small_cnn", "--objective", "standard", "--sigma", "0", "--epochs", "1", "--wait")
+                  *NARROW, "--objective", "standard", "--sigma", "0", "--epochs", "1", "--wait")
     assert out.exit_code == 0, out.output
     return 1
 

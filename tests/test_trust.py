@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 from cli.main import app
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
+from tests.conftest import NARROW
 
-TRAIN = ["submit", "train", "--dataset", "digits", "--target", "classifier", "--arch", "small_cnn",
+TRAIN = ["submit", "train", "--dataset", "digits", "--target", "classifier", *NARROW,
          "--objective", "standard", "--sigma", "0", "--epochs", "1"]
 CERTIFY = ["submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--n0", "10", "--n", "100"]
 
