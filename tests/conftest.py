@@ -33,7 +33,6 @@ from workers.ports import free_port, ray_node_ports  # noqa: F401 - the tests im
 # a signal or a fault to land mid-job; with this net that takes a fraction of the CPU. `dsq submit train` options.
 NARROW = ["--arch", "small_cnn", "--arch-kwargs", '{"width": 8}']
 
-
 # ---------------------------------------------------------------------------------------
 # Databases: a temp SQLite file, and a throw-away PostgreSQL server for the session.
 #
@@ -193,6 +192,10 @@ def engine(db_url: str) -> Iterator[Engine]:
 # ---------------------------------------------------------------------------------------
 
 os.environ["RAY_AUTH_MODE"] = "disabled"  # the same for every driver and node, whatever the caller's environment
+# A node starts no idle Python workers ahead of need (one per CPU at its start and at its first driver's): the tests
+# start many short-lived nodes, whose jobs run in actors that start workers of their own anyway.
+os.environ["RAY_enable_worker_prestart"] = "0"
+os.environ["RAY_prestart_worker_first_driver"] = "0"
 # Background workers that `dsq submit` starts exit soon after the queue is empty, not minutes later.
 os.environ.setdefault("DSQ_WORKER_IDLE_SECONDS", "10")
 
@@ -231,6 +234,7 @@ def _start_head(temp: Path, cpus: int) -> tuple[subprocess.Popen, str]:
             [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
              "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--memory=4000000000",
              "--object-store-memory=200000000", "--include-dashboard=false", "--disable-usage-stats",
+             "--include-log-monitor=false",  # it sends the nodes' logs to drivers, and dsq's drivers take none
              f"--temp-dir={temp}", f"--ray-client-server-port={free_port()}", *ray_node_ports()],
             env=os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True, cwd=temp)
@@ -273,11 +277,11 @@ def local_ray(starts_processes) -> Iterator[str]:
         yield address
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def roomy_ray(starts_processes) -> Iterator[str]:
-    """A second session Ray with more logical CPUs than cores, for several `dsq worker` processes at once: each keeps
-    its sampler actors (half a CPU each) for its next job, which on ``local_ray`` would hold the CPUs the other
-    workers' actors wait for."""
+    """A second Ray with more logical CPUs than cores, for several `dsq worker` processes at once: each keeps its
+    sampler actors (half a CPU each) for its next job, which on ``local_ray`` would hold the CPUs the other workers'
+    actors wait for. One module uses it: it ends with that module, not idle to the end of the session."""
     with _ray_head(6) as address:
         yield address
 
