@@ -33,6 +33,14 @@ from workers.ports import free_port, ray_node_ports  # noqa: F401 - the tests im
 # a signal or a fault to land mid-job; with this net that takes a fraction of the CPU. `dsq submit train` options.
 NARROW = ["--arch", "small_cnn", "--arch-kwargs", '{"width": 8}']
 
+
+def slow(seconds: float = 0.02, hold: Path | None = None) -> list[str]:
+    """`dsq submit certify` options for a digits classifier that needs no training and sleeps ``seconds`` per batch,
+    and for as long as the file ``hold`` exists (tests/slownet.py): for jobs that must last until a signal or a fault
+    lands, in wall-clock time rather than CPU."""
+    args = {"seconds": seconds, **({"hold": str(hold)} if hold else {})}
+    return ["--classifier", "tests.slownet:build", "--classifier-args", json.dumps(args)]
+
 # ---------------------------------------------------------------------------------------
 # Databases: a temp SQLite file, and a throw-away PostgreSQL server for the session.
 #

@@ -22,18 +22,25 @@ from dsq.db import repo
 from dsq.db.models import Worker
 from dsq.db.session import open_database, session_scope
 from dsq.settings import Settings
-from tests.conftest import NARROW, free_port, ray_node_ports
+from tests.conftest import NARROW, free_port, ray_node_ports, slow
 
 RAY = str(Path(sys.executable).parent / "ray")
 # A killed raylet refuses the health check at once, so it is declared dead after about threshold x period; a live
 # node that is slow to answer on a busy machine is given threshold x timeout before it is (wrongly) declared dead.
 ENV = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_health_check_period_ms": "1000",
                     "RAY_health_check_failure_threshold": "5", "RAY_health_check_timeout_ms": "5000"}
-# Long enough (64 images of the narrow net, a fraction of a second each) that a fault lands mid-job even with warm,
-# reused sampler actors, and that a node with a sampler is found before the job ends.
-IMAGES = 64
-CERTIFY = ["submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25", "--n0", "20",
-           "--n", "20000", "--batch-size", "1000", "--max-images", str(IMAGES), "--workers", "2", "--seed", "7"]
+# The jobs certify the sleeping classifier (tests/slownet.py): 21 batches an image, shared by 2 samplers, take a
+# fraction of a second and almost no CPU. A fault test holds its job on a file (``held_after_one``) while it
+# injects the fault, so the fault lands mid-job however busy the machine is.
+IMAGES = 24
+
+
+def certify_args(hold: Path | None = None) -> list[str]:
+    return ["submit", "certify", "--dataset", "digits", *slow(hold=hold), "--sigma", "0.25", "--n0", "20",
+            "--n", "20000", "--batch-size", "1000", "--max-images", str(IMAGES), "--workers", "2", "--seed", "7"]
+
+
+CERTIFY = certify_args()
 
 
 def start_node(args, temp, env=None) -> subprocess.Popen:
@@ -162,7 +169,7 @@ CHECK = "import sys; from workers.resources import check_reachable; check_reacha
 
 @pytest.fixture(scope="module")
 def world(cluster, postgres_server, tmp_path_factory):
-    """A PostgreSQL database with a trained classifier (job 1) and an undisturbed certify run (job 2)."""
+    """A PostgreSQL database with an undisturbed certify run (job 1)."""
     address, _ = cluster
     name = f"dsq_faults_{os.getpid()}"
     admin = create_engine(make_url(f"{postgres_server}/postgres").set(drivername="postgresql+psycopg"),
@@ -174,9 +181,6 @@ def world(cluster, postgres_server, tmp_path_factory):
     env = {"DSQ_HOME": str(home), "DSQ_DATABASE_URL": f"{postgres_server}/{name}", "RAY_ADDRESS": address}
     engine = open_database(env["DSQ_DATABASE_URL"])
     try:
-        out = dsq(env, "submit", "train", "--dataset", "digits", "--target", "classifier", *NARROW,
-                  "--objective", "standard", "--sigma", "0", "--epochs", "2", "--wait")
-        assert out.returncode == 0 and "job 1 succeeded" in out.stdout, out.stderr
         reference = submit(env, *CERTIFY)
         assert wait_for(engine, reference, ("succeeded", "failed")) == "succeeded", logs(engine, reference)
         yield env, engine, rows(engine, reference)
@@ -279,27 +283,49 @@ def sampler_node_without_runner(address, engine, job_id, timeout=180) -> dict:
         time.sleep(0.5)
 
 
-def test_killing_a_sampler_process_mid_job_changes_nothing(cluster, world):
+def held(tmp_path) -> Path:
+    """A hold file (tests/slownet.py), there from the start: a job submitted with it waits at its first batch."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    return hold
+
+
+def held_after_one(engine, job_id, hold: Path) -> None:
+    """Let a held job store an image, then hold it again: the fault that comes next lands mid-job."""
+    hold.unlink()
+    wait_for(engine, job_id, ("running",), done=1)
+    hold.touch()
+
+
+def test_killing_a_sampler_process_mid_job_changes_nothing(cluster, world, tmp_path):
     address, _ = cluster
     env, engine, reference = world
-    job_id = submit(env, *CERTIFY)
+    job_id = submit(env, *certify_args(hold := held(tmp_path)))
     victim = actors(address, "SamplerActor", at_least=2)[0]
-    wait_for(engine, job_id, ("running",), done=1)
+    held_after_one(engine, job_id, hold)
     os.kill(victim["pid"], signal.SIGKILL)
     assert job_of(engine, job_id).progress_done < IMAGES  # it was killed mid-job
+    hold.unlink()
     assert wait_for(engine, job_id, ("succeeded", "failed")) == "succeeded", logs(engine, job_id)
     assert_same_as_undisturbed(engine, job_id, reference)
 
 
-def test_losing_a_worker_node_mid_job_changes_nothing(cluster, world):
+def test_losing_a_worker_node_mid_job_changes_nothing(cluster, world, tmp_path):
     address, workers = cluster
     env, engine, reference = world
-    job_id = submit(env, *CERTIFY)
+    # Samplers kept from an earlier job stay where they were (one Ray restarted after a kill may share the worker's
+    # node with the other): wait until the idle worker has ended them, so that this job's are spread afresh.
+    deadline = time.monotonic() + 180
+    while any(a["cls"] == "SamplerActor" for a in inspect(address)["actors"]):
+        assert time.monotonic() < deadline, f"samplers of an earlier job still live: {inspect(address)}"
+        time.sleep(1)
+    job_id = submit(env, *certify_args(hold := held(tmp_path)))
     victim_node = sampler_node_without_runner(address, engine, job_id)
     pid = raylet_pid(workers, victim_node["port"])
-    wait_for(engine, job_id, ("running",), done=1)
+    held_after_one(engine, job_id, hold)
     os.kill(pid, signal.SIGKILL)
     assert job_of(engine, job_id).progress_done < IMAGES
+    hold.unlink()
     assert wait_for(engine, job_id, ("succeeded", "failed")) == "succeeded", logs(engine, job_id)
     assert_same_as_undisturbed(engine, job_id, reference)
     deadline = time.monotonic() + 120  # Ray declares the node dead after its missed health checks
@@ -308,14 +334,15 @@ def test_losing_a_worker_node_mid_job_changes_nothing(cluster, world):
         time.sleep(1)
 
 
-def test_killing_the_queue_worker_mid_job_resumes_it(cluster, world):
+def test_killing_the_queue_worker_mid_job_resumes_it(cluster, world, tmp_path):
     address, _ = cluster
     env, engine, reference = world
-    job_id = submit(env, *CERTIFY)
+    job_id = submit(env, *certify_args(hold := held(tmp_path)))
     [runner] = actors(address, "WorkerActor")
-    wait_for(engine, job_id, ("running",), done=1)
+    held_after_one(engine, job_id, hold)
     os.kill(runner["pid"], signal.SIGKILL)
     assert job_of(engine, job_id).progress_done < IMAGES
+    hold.unlink()
     assert wait_for(engine, job_id, ("succeeded", "failed")) == "succeeded", logs(engine, job_id)
     assert job_of(engine, job_id).attempts == 2  # Ray restarted the worker, which took its job back
     assert_same_as_undisturbed(engine, job_id, reference)
@@ -466,7 +493,9 @@ def test_a_worker_asks_the_autoscaler_for_what_queued_jobs_need_within_its_cap(c
     assert submit(env, "submit", "train", "--dataset", "digits", "--target", "classifier", *NARROW,
                   "--objective", "standard", "--sigma", "0", "--epochs", "3") == 1
     for seed in range(3):
-        submit(env, *CERTIFY[:-2], "--seed", str(seed), "--max-images", "3", "--n", "4000")
+        submit(env, "submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25",
+               "--n0", "20", "--n", "4000", "--batch-size", "1000", "--max-images", "3", "--workers", "2",
+               "--seed", str(seed))
     worker = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--drain", "--max-request", "CPU=5"],
                               env=ENV | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)

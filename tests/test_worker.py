@@ -2,7 +2,6 @@
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,18 +21,14 @@ from workers.worker import QueueWorker
 from dsq.kinds.certify import CertifySpec
 from dsq.kinds.train import TrainSpec
 from workers import pidfile
+from tests.conftest import slow
 
 DSQ = [sys.executable, "-m", "cli"]
-DIGITS_F = ["--dataset", "digits", "--target", "classifier", "--arch", "small_cnn", "--objective", "standard",
-            "--sigma", "0", "--epochs", "1"]
-LONG_CERTIFY = ["--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25", "--n0", "20", "--n", "3000",
-                "--batch-size", "500", "--max-images", "60", "--workers", "1"]
-
-
-def fewer_images(count: int) -> list[str]:
-    """LONG_CERTIFY on fewer images: still seconds of work, enough for a signal or a cancel to land mid-job."""
-    at = LONG_CERTIFY.index("--max-images")
-    return [*LONG_CERTIFY[:at + 1], str(count), *LONG_CERTIFY[at + 2:]]
+def certify(images: int = 60, hold: Path | None = None) -> list[str]:
+    """`dsq submit certify` options: ``images`` of the sleeping classifier (tests/slownet.py), 7 batches each, for
+    seconds of wall-clock time and little CPU; held mid-way while the file ``hold`` exists."""
+    return ["--dataset", "digits", *slow(hold=hold), "--sigma", "0.25", "--n0", "20", "--n", "3000",
+            "--batch-size", "500", "--max-images", str(images), "--workers", "1"]
 
 
 NOISE = ("Traceback", "*** SIG", "Aborted", "core dumped", "signal_handler", "(raylet)")
@@ -85,23 +80,11 @@ def stop_group(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def trained_home(tmp_path_factory, local_ray):
-    """A home whose job 1 (a digits classifier) succeeded, trained by `dsq worker --drain`."""
-    home = tmp_path_factory.mktemp("trained-home")
-    assert dsq(home, "submit", "train", *DIGITS_F, DSQ_WORKER_AUTOSTART="0").returncode == 0
-    out = dsq(home, "worker", "--drain", DSQ_LOCAL_RAY_ADDRESS=local_ray)
-    assert out.returncode == 0 and "ran 1 job(s)" in out.stdout, out.stdout + out.stderr
-    return home
-
-
 @pytest.fixture
-def home_with_f(trained_home, tmp_path, joins_local_ray):
-    """A copy of trained_home for one test (its database and artifacts; a copied home keeps its artifacts), whose
-    `dsq` processes join the session's Ray."""
-    home = tmp_path / "home"
-    shutil.copytree(trained_home, home)
-    return home
+def home(tmp_path, joins_local_ray):
+    """A fresh home whose `dsq` processes join the session's Ray."""
+    (tmp_path / "home").mkdir()
+    return tmp_path / "home"
 
 
 def serving(home, *args, **extra) -> subprocess.Popen:
@@ -137,71 +120,76 @@ def test_a_worker_runs_jobs_by_priority_then_age_once_their_dependencies_succeed
     assert all(job(engine, j).attempts == 1 for j in (a, b, c))
 
 
-def test_workers_stopped_by_signals_hand_the_job_back_a_killed_ones_is_taken_over_and_it_runs_once(home_with_f):
+def test_workers_stopped_by_signals_hand_the_job_back_a_killed_ones_is_taken_over_and_it_runs_once(home):
     """One job and the workers that run it in turn: two stopped mid-job by SIGTERM, then SIGINT, each hand it back
     with what it stored; a third killed with SIGKILL leaves it running with a stale heartbeat, which `dsq status`
     shows and the last worker takes over. Nothing stored is redone."""
-    home, engine = home_with_f, engine_of(home_with_f)
+    engine = engine_of(home)
     fast_stale = {"DSQ_STALE_SECONDS": "4"}
     before = {}
     for attempt, how in enumerate((signal.SIGTERM, signal.SIGINT, signal.SIGKILL), start=1):
         worker = serving(home, **fast_stale)
         try:
             if attempt == 1:
-                out = dsq(home, "submit", "certify", *LONG_CERTIFY)
-                assert out.returncode == 0 and out.stdout.strip() == "job 2" and "background worker" not in out.stderr
-            wait_until(lambda: len(stored(engine, 2)) >= len(before) + 3, what="3 more results")
+                out = dsq(home, "submit", "certify", *certify())
+                assert out.returncode == 0 and out.stdout.strip() == "job 1" and "background worker" not in out.stderr
+            wait_until(lambda: len(stored(engine, 1)) >= len(before) + 3, what="3 more results")
             worker.send_signal(how)
             stdout, stderr = worker.communicate(timeout=180)
         finally:
             stop_group(worker)
-        now = stored(engine, 2)
+        now = stored(engine, 1)
         assert len(before) + 3 <= len(now) < 60 and {i: now[i] for i in before} == before  # nothing was redone
-        assert job(engine, 2).attempts == attempt
+        assert job(engine, 1).attempts == attempt
         before = now
         if how == signal.SIGKILL:
             break
         assert worker.returncode == 128 + how and not any(noise in stdout + stderr for noise in NOISE), stdout + stderr
-        assert f"stopped ({how.name}); ran 1 job(s); handed back to the queue: jobs 2" in stdout
-        assert job(engine, 2).status == "queued"
+        assert f"stopped ({how.name}); ran 1 job(s); handed back to the queue: jobs 1" in stdout
+        assert job(engine, 1).status == "queued"
         with session_scope(engine) as session:
-            handed_back = [line for line in repo.logs_for_job(session, 2) if "handed back to the queue" in line.message]
+            handed_back = [line for line in repo.logs_for_job(session, 1) if "handed back to the queue" in line.message]
         assert len(handed_back) == attempt
-    assert job(engine, 2).status == "running"  # as the killed worker left it
+    assert job(engine, 1).status == "running"  # as the killed worker left it
     shown = {}
-    wait_until(lambda: "stale (no heartbeat for" in shown.setdefault("out", dsq(home, "status", 2, **fast_stale).stdout)
+    wait_until(lambda: "stale (no heartbeat for" in shown.setdefault("out", dsq(home, "status", 1, **fast_stale).stdout)
                or shown.pop("out") is None, timeout=120, what="status says stale")
     assert "eta" not in shown["out"] and "rate" not in shown["out"]  # nothing live-looking about a dead job
     out = dsq(home, "worker", "--drain", **fast_stale)
     assert out.returncode == 0 and "its worker is gone (stale heartbeat); queued again" in out.stdout, out.stdout
-    after = stored(engine, 2)
-    assert job(engine, 2).status == "succeeded" and len(after) == 60 and job(engine, 2).attempts == 4
+    after = stored(engine, 1)
+    assert job(engine, 1).status == "succeeded" and len(after) == 60 and job(engine, 1).attempts == 4
     assert {i: after[i] for i in before} == before
 
 
-def test_submit_returns_at_once_and_wait_stops_following_on_a_signal(home_with_f):
-    home, engine = home_with_f, engine_of(home_with_f)
-    out = dsq(home, "submit", "certify", *LONG_CERTIFY)  # no worker alive: submit starts one in the background
-    assert out.returncode == 0 and out.stdout.strip() == "job 2", out.stderr
+def test_submit_returns_at_once_and_wait_stops_following_on_a_signal(home):
+    engine = engine_of(home)
+    out = dsq(home, "submit", "certify", *certify())  # no worker alive: submit starts one in the background
+    assert out.returncode == 0 and out.stdout.strip() == "job 1", out.stderr
     assert "started a background worker" in out.stderr
-    assert job(engine, 2).status in ("queued", "running")  # the command returned before the job ended (no clock:
+    assert job(engine, 1).status in ("queued", "running")  # the command returned before the job ended (no clock:
     # a busy machine can take tens of seconds to start any Python process)
-    waiting = start(home, "submit", "certify", *fewer_images(20), "--seed", "3", "--wait")
+    hold = home / "hold"  # jobs 2 and 3 wait on it mid-way, until a signal and a cancel have landed
+    hold.touch()
+    waiting = start(home, "submit", "certify", *certify(20, hold), "--seed", "3", "--wait")
     try:
-        wait_until(lambda: status_of(engine, 3) == "running", what="job 3 running")
+        wait_until(lambda: status_of(engine, 2) == "running", what="job 2 running")
         waiting.send_signal(signal.SIGTERM)
         stdout, stderr = waiting.communicate(timeout=120)
     finally:
         stop_group(waiting)
+        hold.unlink()
     assert waiting.returncode == 128 + signal.SIGTERM and not any(n in stdout + stderr for n in NOISE), stderr
-    assert "SIGTERM: stopped following job 3; it goes on" in stderr
-    wait_until(lambda: status_of(engine, 3) == "succeeded" and status_of(engine, 2) == "succeeded", timeout=900,
+    assert "SIGTERM: stopped following job 2; it goes on" in stderr
+    wait_until(lambda: status_of(engine, 2) == "succeeded" and status_of(engine, 1) == "succeeded", timeout=900,
                what="both jobs done by the background worker")
-    assert dsq(home, "submit", "certify", *fewer_images(30), "--seed", "4").returncode == 0
-    assert dsq(home, "cancel", 4).returncode == 0
-    wait_until(lambda: status_of(engine, 4) == "cancelled", what="job 4 cancelled")
-    failed = dsq(home, "resume", 4, "--wait")  # a cancelled job resumes and runs to its end
-    assert failed.returncode == 0 and status_of(engine, 4) == "succeeded", failed.stderr
+    hold.touch()
+    assert dsq(home, "submit", "certify", *certify(30, hold), "--seed", "4").returncode == 0
+    assert dsq(home, "cancel", 3).returncode == 0
+    hold.unlink()
+    wait_until(lambda: status_of(engine, 3) == "cancelled", what="job 3 cancelled")
+    failed = dsq(home, "resume", 3, "--wait")  # a cancelled job resumes and runs to its end
+    assert failed.returncode == 0 and status_of(engine, 3) == "succeeded", failed.stderr
 
 
 def status_of(engine, job_id) -> str | None:
@@ -479,34 +467,37 @@ def test_an_idle_worker_stops_serving_before_its_last_look_so_no_submitted_job_i
     engine.dispose()
 
 
-def test_a_drain_takes_over_the_job_of_a_killed_local_worker_at_once_and_leaves_a_live_ones_alone(home_with_f):
+def test_a_drain_takes_over_the_job_of_a_killed_local_worker_at_once_and_leaves_a_live_ones_alone(home):
     """A worker killed with SIGKILL mid-job: `dsq worker --drain` started next on this machine sees its process is
     gone and takes the job over at once (not after the stale limit, set high here), resuming what was stored.
     While the first worker lived, a drain took nothing from it."""
     from dsq import jobqueue
 
-    home, engine = home_with_f, engine_of(home_with_f)
+    engine = engine_of(home)
     slow_stale = {"DSQ_STALE_SECONDS": "600"}  # only the dead pid can explain a take-over
+    hold = home / "hold"  # the job waits on it once it has 3 results, until its worker is killed
     worker = serving(home, **slow_stale)
     try:
-        out = dsq(home, "submit", "certify", *LONG_CERTIFY)
-        assert out.returncode == 0 and out.stdout.strip() == "job 2", out.stderr
-        wait_until(lambda: len(stored(engine, 2)) >= 3, what="3 results")
+        out = dsq(home, "submit", "certify", *certify(hold=hold))
+        assert out.returncode == 0 and out.stdout.strip() == "job 1", out.stderr
+        wait_until(lambda: len(stored(engine, 1)) >= 3, what="3 results")
+        hold.touch()
         alongside = dsq(home, "worker", "--drain", **slow_stale)  # the live worker's job is not its work
         assert alongside.returncode == 0 and "ran 0 job(s)" in alongside.stdout, alongside.stdout + alongside.stderr
-        assert job(engine, 2).status == "running" and job(engine, 2).attempts == 1
+        assert job(engine, 1).status == "running" and job(engine, 1).attempts == 1
         assert "died (" not in alongside.stdout
-        before = stored(engine, 2)
+        before = stored(engine, 1)
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=60)
     finally:
         stop_group(worker)
-    assert job(engine, 2).status == "running" and len(before) < 60  # as the killed worker left it, mid-job
+    assert job(engine, 1).status == "running" and len(before) < 60  # as the killed worker left it, mid-job
+    hold.unlink()
     out = dsq(home, "worker", "--drain", **slow_stale)
     assert out.returncode == 0 and "ran 1 job(s)" in out.stdout, out.stdout + out.stderr
     assert f"died (pid {worker.pid} is gone); queued again" in out.stdout, out.stdout
-    after = stored(engine, 2)
-    taken = job(engine, 2)
+    after = stored(engine, 1)
+    taken = job(engine, 1)
     assert taken.status == "succeeded" and taken.attempts == 2 and len(after) == 60
     assert {i: after[i] for i in before} == before  # resumed: nothing stored was redone
     with session_scope(engine) as session:
