@@ -12,11 +12,13 @@ import pytest
 
 from dsq.db import repo
 from dsq.db.session import open_database, session_scope
-from tests.conftest import NARROW, PgServer
+from tests.conftest import PgServer, slow
 
 pytestmark = pytest.mark.e2e
 DSQ = [sys.executable, "-m", "cli"]
-CERTIFY = ["submit", "certify", "--dataset", "digits", "--classifier", "job:1", "--sigma", "0.25", "--n0", "20",
+# 40 images of the sleeping classifier (tests/slownet.py): 7 batches of 0.03 s each, seconds of wall-clock time and
+# little CPU, so that an outage lands mid-job.
+CERTIFY = ["submit", "certify", "--dataset", "digits", *slow(0.03), "--sigma", "0.25", "--n0", "20",
            "--n", "3000", "--batch-size", "500", "--max-images", "40", "--workers", "1"]
 NOISE = ("Traceback", "*** SIG", "core dumped")
 
@@ -61,13 +63,11 @@ def wait_until(condition, timeout=300):
 
 def prepared(tmp_path, server, **extra):
     env = env_for(tmp_path, server, **extra)
-    assert dsq(env, "submit", "train", "--dataset", "digits", "--target", "classifier", *NARROW,
-               "--objective", "standard", "--sigma", "0", "--epochs", "1").returncode == 0
     assert dsq(env, *CERTIFY).returncode == 0
     worker = subprocess.Popen(DSQ + ["worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)
     url = env["DSQ_DATABASE_URL"]
-    wait_until(lambda: len(results(url, 2)[0]) >= 3)
+    wait_until(lambda: len(results(url, 1)[0]) >= 3)
     return env, url, worker
 
 
@@ -99,25 +99,25 @@ def reconnects_while_down(server, attempts=5, timeout=180):
 
 def test_a_restart_costs_the_worker_a_pause_and_an_outage_past_its_grace_stops_it_until_a_later_one_resumes(
         tmp_path, server, joins_local_ray):
-    """One worker and two outages of its PostgreSQL server. A restart within the grace period costs job 2 a pause,
+    """One worker and two outages of its PostgreSQL server. A restart within the grace period costs job 1 a pause,
     not the job. An outage longer than the grace stops the worker in one line, with the next job left running; once
     the server is back, a drain takes that job over and resumes it. Nothing stored is lost, redone or duplicated."""
     env, url, worker = prepared(tmp_path, server, DSQ_DB_GRACE_SECONDS="15", DSQ_WORKER_IDLE_SECONDS="600")
     try:
-        assert results(url, 2)[1].status == "running"
+        assert results(url, 1)[1].status == "running"
         server.stop()  # mid-job
         reconnects_while_down(server, attempts=3)  # well within the grace: the worker waits
         server.start()
-        wait_until(lambda: results(url, 2)[1].status in ("succeeded", "failed"), timeout=600)
-        stored, job = results(url, 2)
+        wait_until(lambda: results(url, 1)[1].status in ("succeeded", "failed"), timeout=600)
+        stored, job = results(url, 1)
         assert job.status == "succeeded" and len(stored) == 40 and job.attempts == 1, job.error
         assert worker.poll() is None, finish(worker)
 
         submitted = dsq(env, *CERTIFY, "--seed", "3")
         assert submitted.returncode == 0, submitted.stderr
-        third = int(submitted.stdout.split()[-1])  # 3, or more: a restarted server may skip sequence values
-        wait_until(lambda: len(results(url, third)[0]) >= 3)
-        before, _ = results(url, third)
+        second = int(submitted.stdout.split()[-1])  # 2, or more: a restarted server may skip sequence values
+        wait_until(lambda: len(results(url, second)[0]) >= 3)
+        before, _ = results(url, second)
         server.stop()  # for good, as far as the worker can tell
     except BaseException:
         os.killpg(worker.pid, signal.SIGKILL)
@@ -125,13 +125,13 @@ def test_a_restart_costs_the_worker_a_pause_and_an_outage_past_its_grace_stops_i
     out, err = finish(worker)
     assert worker.returncode == 1 and not any(noise in out + err for noise in NOISE), out + err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and f"database unreachable for 15 s; jobs left running: {third}" in lines[0], err
+    assert len(lines) == 1 and f"database unreachable for 15 s; jobs left running: {second}" in lines[0], err
     server.start()
-    stored, job = results(url, third)
+    stored, job = results(url, second)
     assert job.status == "running" and set(before) <= set(stored)
     drained = dsq(env, "worker", "--drain")
     assert drained.returncode == 0 and "queued again" in drained.stdout, drained.stdout + drained.stderr
-    after, job = results(url, third)
+    after, job = results(url, second)
     assert job.status == "succeeded" and len(after) == 40 and job.attempts == 2
     assert {i: after[i] for i in stored} == stored  # what was stored before the outage was kept, not redone
 
@@ -141,8 +141,8 @@ def test_a_worker_started_before_its_database_waits_for_it_and_a_refused_login_i
     """A cluster's workers may come up before its PostgreSQL server: `dsq worker` asks again for the grace period,
     saying so in one line, and serves once the server answers. A server that answers and refuses is not waited for."""
     env = env_for(tmp_path, server, DSQ_DB_GRACE_SECONDS="600")
-    assert dsq(env, "submit", "train", "--dataset", "digits", "--target", "classifier", *NARROW,
-               "--objective", "standard", "--sigma", "0", "--epochs", "1").returncode == 0
+    assert dsq(env, "submit", "certify", "--dataset", "digits", *slow(0), "--sigma", "0.25", "--n0", "10",
+               "--n", "100", "--max-images", "1").returncode == 0
     server.stop()
     worker = subprocess.Popen(DSQ + ["worker", "--drain"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, start_new_session=True)

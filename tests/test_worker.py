@@ -368,7 +368,7 @@ def test_one_sampler_process_serves_each_f_o_d_it_is_asked_for_even_after_a_rest
 
 
 @pytest.mark.e2e
-def test_three_real_workers_racing_over_thirty_jobs_run_each_exactly_once(db_url, tmp_path, roomy_ray):
+def test_three_real_workers_racing_over_eighteen_jobs_run_each_exactly_once(db_url, tmp_path, roomy_ray):
     """Three `dsq worker --drain` processes share one database and one Ray (``roomy_ray``: on the session's
     ``local_ray`` the sampler actors each worker keeps for its next job would hold CPUs the others wait for)."""
     from bench.config import PAIRS
@@ -381,7 +381,7 @@ def test_three_real_workers_racing_over_thirty_jobs_run_each_exactly_once(db_url
     spec = CertifySpec(dataset="digits", classifier=classifier, denoiser=denoiser, sigma=0.25, n0=10, n=50,
                              batch_size=50, max_images=1, workers=1)
     with session_scope(engine) as session:
-        ids = [jobs.submit(session, spec, config, priority=i % 3).id for i in range(30)]
+        ids = [jobs.submit(session, spec, config, priority=i % 3).id for i in range(18)]
     env = {"DSQ_DATABASE_URL": url, "OMP_NUM_THREADS": "1", "DSQ_LOCAL_RAY_ADDRESS": roomy_ray}
     workers = [start(tmp_path / "home", "worker", "--drain", "--max-jobs", "2", **env) for _ in range(3)]
     try:
@@ -396,7 +396,7 @@ def test_three_real_workers_racing_over_thirty_jobs_run_each_exactly_once(db_url
     assert all(job.status == "succeeded" and job.attempts == 1 for job in found)
     assert set(rows.values()) == {1}  # one certificate per job: no job ran twice, none was lost
     ran = [int(re.search(r"; ran (\d+) job", out).group(1)) for out, _ in outputs]
-    assert sum(ran) == 30 and sum(1 for count in ran if count) >= 2, ran  # the work was shared
+    assert sum(ran) == 18 and sum(1 for count in ran if count) >= 2, ran  # the work was shared
     engine.dispose()
 
 
