@@ -242,14 +242,17 @@ def test_only_workers_on_this_host_are_looked_at(engine):
 def test_resume_of_one_cancelled_dependency_then_drain_ends_and_names_what_cannot_run(tmp_path, joins_local_ray):
     """`dsq cancel A`, `dsq cancel B`, `dsq resume A`: C (after A and B) stays failed, blocked by B, and
     `dsq worker --drain` runs A and exits, even when something left C queued: it names what C waits for."""
-    from tests.test_worker import DIGITS_F, dsq, engine_of
+    from tests.conftest import NARROW
+    from tests.test_worker import dsq, engine_of
 
+    train = ["--dataset", "digits", "--target", "classifier", *NARROW, "--objective", "standard", "--sigma", "0",
+             "--epochs", "1"]
     home = tmp_path / "home"
     quiet = {"DSQ_WORKER_AUTOSTART": "0"}
     ids = []
     for _ in range(3):
         after = [f"--after={j}" for j in ids] if len(ids) == 2 else []  # the third after the first two
-        out = dsq(home, "submit", "train", *DIGITS_F, *after, **quiet)
+        out = dsq(home, "submit", "train", *train, *after, **quiet)
         assert out.returncode == 0, out.stderr
         ids.append(int(out.stdout.split()[-1]))
     a, b, c = ids
