@@ -68,3 +68,17 @@ def test_other_start_errors_are_not_retried(monkeypatch):
     with pytest.raises(ClusterUnreachable, match="num_cpus must be positive"):
         resources.connect(None, num_cpus=1)
     assert len(calls) == 1
+
+
+def test_the_ports_of_a_node_are_all_its_own_and_none_lies_in_its_workers_range():
+    """Ray refuses to start a node whose components share a port; a free port picked twice (the kernel may hand a
+    just-released one out again) made a test's `ray start` fail that way."""
+    from workers.ports import free_port, ray_node_ports
+
+    for _ in range(50):
+        head = [free_port(), free_port()]  # a head's GCS and client-server ports, then its components'
+        options = dict(option.removeprefix("--").split("=") for option in ray_node_ports())
+        low, high = int(options.pop("min-worker-port")), int(options.pop("max-worker-port"))
+        ports = head + [int(port) for port in options.values()]
+        assert len(set(ports)) == len(ports) == 8 and high - low == 40
+        assert not any(low <= port <= high for port in ports)
