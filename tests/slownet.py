@@ -1,7 +1,7 @@
 """A classifier for tests whose jobs must outlast a signal or a fault: a fixed random linear map of the pixels that
 sleeps a while on each batch. Its jobs take wall-clock time but almost no CPU, so they last as long on a busy machine
 as on an idle one and leave the cores to the processes under test. Named in a job as ``tests.slownet:build``
-(``tests.conftest.SLOW``); only its being a deterministic classifier matters to those tests."""
+(the options ``tests.conftest.slow()`` gives); only its being a deterministic classifier matters to those tests."""
 
 import time
 from pathlib import Path
@@ -19,8 +19,8 @@ class SlowLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         time.sleep(self.seconds)
-        while self.hold is not None and len(x) > 1 and self.hold.exists():  # a job's batch (not submit's look at
-            # one image) waits while the test holds it
+        # a job's batches wait while the test holds them; submit's check of one image does not
+        while self.hold is not None and len(x) > 1 and self.hold.exists():
             time.sleep(0.05)
         return x.flatten(1) @ self.weight.T
 
