@@ -193,8 +193,8 @@ class World:
 
     def close(self) -> None:
         for name in ("worker", "node", "head"):
-            if name in self.processes:
-                stop_group(self.processes.pop(name))
+            if name in self.processes:  # `ray start --block` of a head often waits out a long grace: nothing is kept
+                stop_group(self.processes.pop(name), grace=20 if name == "worker" else 3)
         if self.engine is not None:
             self.engine.dispose()
         if self.postgres is not None:

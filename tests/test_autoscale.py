@@ -202,8 +202,8 @@ def test_gpu_jobs_grow_the_cluster_with_a_gpu_node_run_there_and_it_shrinks_back
         if engine is not None:
             engine.dispose()
         for process in (worker, watch.process if watch else None, head):
-            if process is not None:
-                _stop_group(process)
+            if process is not None:  # the head's `ray start --block` often waits out a long grace
+                _stop_group(process, grace=5 if process is head else 20)
         stop_leftovers(temp)
         shutil.rmtree(temp, ignore_errors=True)
 

@@ -112,11 +112,11 @@ def test_a_benchmark_stopped_by_a_signal_says_so_in_one_line_and_leaves_no_proce
     Ray's stack dump, and the Ray processes it started end with it."""
     err = tmp_path / "stderr"
     with open(err, "w") as sink:
-        bench = subprocess.Popen([sys.executable, "-m", "cli", "bench", "--queue", "500"], cwd=tmp_path,
+        bench = subprocess.Popen([sys.executable, "-m", "cli", "bench", "--queue", "60"], cwd=tmp_path,
                                  env=os.environ | {"RAY_ADDRESS": "", "DSQ_LOCAL_RAY_ADDRESS": ""},
                                  stdout=subprocess.PIPE, stderr=sink, text=True, start_new_session=True)
     try:
-        wait_for(lambda: "queue bench: 500 jobs" in err.read_text(), 300, "the benchmark never started draining")
+        wait_for(lambda: "queue bench: 60 jobs" in err.read_text(), 300, "the benchmark never started draining")
         bench.send_signal(how)
         out, _ = bench.communicate(timeout=120)
         wait_for(lambda: not _group_alive(bench.pid), 60, "processes of the benchmark outlived it")
