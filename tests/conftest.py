@@ -213,12 +213,13 @@ os.environ.setdefault("DSQ_WORKER_IDLE_SECONDS", "10")
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
+def ray_session(session_ray: str) -> Iterator[None]:
+    """This process is a driver of the session's Ray (``session_ray``), for tests that run jobs and actors
+    in-process."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, namespace="dsq", logging_level="ERROR",
-                 _node_ip_address="127.0.0.1")
+        ray.init(address=session_ray, namespace="dsq", logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -245,7 +246,7 @@ def _start_head(temp: Path, cpus: int) -> tuple[subprocess.Popen, str]:
         head = subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
              "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--memory=4000000000",
-             "--object-store-memory=200000000", "--include-dashboard=false", "--disable-usage-stats",
+             "--object-store-memory=400000000", "--include-dashboard=false", "--disable-usage-stats",
              "--include-log-monitor=false",  # it sends the nodes' logs to drivers, and dsq's drivers take none
              f"--temp-dir={temp}", f"--ray-client-server-port={free_port()}", *ray_node_ports()],
             env=os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}, stdout=log,
@@ -281,12 +282,20 @@ def _ray_head(cpus: int) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def local_ray(starts_processes) -> Iterator[str]:
-    """The address of one Ray for the whole session, `ray start`ed on this machine like a local Ray (as many CPUs),
-    that the `dsq` processes of the tests which ask for it join (``joins_local_ray``) instead of each starting a
-    local Ray of its own (seconds and hundreds of MB each). Stopped by its process group at the end."""
+def session_ray() -> Iterator[str]:
+    """The address of one Ray for the whole session of this pytest process, `ray start`ed on this machine like a
+    local Ray (as many CPUs). Its tests' in-process jobs (``ray_session``) and `dsq` processes (``local_ray``) share
+    it: one node kept for the session instead of two (an idle node costs a few seconds of CPU a minute). Stopped by
+    its process group at the end."""
     with _ray_head(os.cpu_count()) as address:
         yield address
+
+
+@pytest.fixture(scope="session")
+def local_ray(session_ray: str, starts_processes) -> str:
+    """The session's Ray, for the `dsq` processes of the tests which ask for it (``joins_local_ray``): they join it
+    instead of each starting a local Ray of its own (seconds and hundreds of MB each)."""
+    return session_ray
 
 
 @pytest.fixture(scope="module")

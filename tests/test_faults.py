@@ -115,21 +115,31 @@ def inspect(address, timeout=120) -> dict:
     return json.loads(line.removeprefix("DSQ-STATE "))
 
 
+def start_head(temp, env=None) -> tuple[subprocess.Popen, str]:
+    """A CPU-less head `ray start`ed in ``temp``, and its address once it answers. `ray start` gives its raylet 30 s,
+    which a busy machine can exceed: a head that gave up is started again, within a generous deadline."""
+    deadline = time.monotonic() + 300
+    while True:
+        port = free_port()
+        head = start_node(["--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+                           f"--temp-dir={temp}", f"--ray-client-server-port={free_port()}"], temp, env)
+        address = f"127.0.0.1:{port}"
+        while head.poll() is None:
+            if subprocess.run([sys.executable, "-c", CHECK, address], env=ENV, capture_output=True).returncode == 0:
+                return head, address
+            assert time.monotonic() < deadline, f"ray head did not start: {node_logs(temp)}"
+            time.sleep(1)
+        stop(head)
+        assert time.monotonic() < deadline, f"ray head did not start: {node_logs(temp)}"
+
+
 @pytest.fixture(scope="module")
 def cluster(starts_processes):
     temp = Path(tempfile.mkdtemp(prefix="dsq-faults-"))  # short: Ray's socket paths have a length limit
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    head = start_node(["--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
-                       f"--temp-dir={temp}", f"--ray-client-server-port={free_port()}"], temp)
+    head, address = start_head(temp)
     workers = []
     TEMPS[address] = temp
     try:
-        deadline = time.monotonic() + 300  # generous: a busy machine starts a node in tens of seconds
-        while subprocess.run([sys.executable, "-c", CHECK, address], env=ENV,
-                             capture_output=True).returncode != 0:
-            assert time.monotonic() < deadline and head.poll() is None, f"ray head did not start: {node_logs(temp)}"
-            time.sleep(1)
         for nodes in (2, 3):  # one at a time: two nodes starting at once can starve each other on 2 cores
             workers.append(join_node(address, temp, "--num-cpus=1", lambda found: len(found) >= nodes)[0])
             assert head.poll() is None, f"the ray head died: {node_logs(temp)}"
@@ -139,17 +149,17 @@ def cluster(starts_processes):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def join_node(address, temp, cpus: str, ready) -> tuple[subprocess.Popen, list]:
+def join_node(address, temp, cpus: str, ready, env=None) -> tuple[subprocess.Popen, list]:
     """A node `ray start`ed into the cluster, and the live nodes once ``ready(nodes)`` holds. `ray start` gives its
     raylet 30 s, which a busy machine can exceed: a node that gave up is started again, within a generous deadline."""
-    node = start_node([f"--address={address}", cpus], temp)
+    node = start_node([f"--address={address}", cpus], temp, env)
     try:
         deadline = time.monotonic() + 300
         while not ready(found := joined(address)):
             assert time.monotonic() < deadline, f"a worker node did not join: {node_logs(temp)}"
             if node.poll() is not None:
                 stop(node)
-                node = start_node([f"--address={address}", cpus], temp)
+                node = start_node([f"--address={address}", cpus], temp, env)
             time.sleep(1)
     except BaseException:
         stop(node)

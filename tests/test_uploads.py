@@ -2,8 +2,6 @@
 every submit, uploaded once, fetched and hash-checked where the job runs, refused when the bytes were swapped."""
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,6 @@ from dsq.db.session import open_database, session_scope
 from dsq.errors import ArtifactStoreError, CheckpointError
 from dsq.kinds.certify import CertifySpec
 from dsq.settings import Settings
-from tests.conftest import free_port
 from tests.test_artifacts import s3  # noqa: F401 - the module's moto server
 
 BUCKET = "s3://dsq-test/uploads"
@@ -212,26 +209,17 @@ def test_a_node_that_never_saw_the_submitters_paths_certifies_a_users_model_and_
     import torch
 
     from tests.test_artifacts import CREDENTIALS
-    from tests.test_faults import CHECK, ENV, dsq, joined, node_logs, start_node, stop
+    from tests.test_faults import dsq, join_node, node_logs, start_head, stop
 
     user = tmp_path / "user"
     folder = tiny_folder(user / "pets")
     torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64, 2))),
                    user / "model.pt")
     temp = Path(tempfile.mkdtemp(prefix="dsq-up-"))  # short: Ray's socket paths have a length limit
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    nodes = [start_node(["--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
-                         f"--temp-dir={temp}", f"--ray-client-server-port={free_port()}"], temp, CREDENTIALS)]
+    head, address = start_head(temp, CREDENTIALS)
+    nodes = [head]
     try:
-        deadline = time.monotonic() + 300  # generous: a busy machine starts a node in tens of seconds
-        while subprocess.run([sys.executable, "-c", CHECK, address], env=ENV, capture_output=True).returncode:
-            assert time.monotonic() < deadline and nodes[0].poll() is None, f"no head: {node_logs(temp)}"
-            time.sleep(1)
-        nodes.append(start_node([f"--address={address}", "--num-cpus=2"], temp, CREDENTIALS))
-        while len(joined(address)) < 2:
-            assert time.monotonic() < deadline and nodes[1].poll() is None, f"no worker node: {node_logs(temp)}"
-            time.sleep(1)
+        nodes.append(join_node(address, temp, "--num-cpus=2", lambda found: len(found) >= 2, CREDENTIALS)[0])
         database = f"sqlite:///{tmp_path / 'dsq.db'}"
         shared = {"DSQ_DATABASE_URL": database, "DSQ_ARTIFACTS": "s3://dsq-test/e2e", "DSQ_S3_ENDPOINT_URL": s3,
                   "RAY_ADDRESS": address, "DSQ_WORKER_AUTOSTART": "0", **CREDENTIALS}
