@@ -1,4 +1,5 @@
-"""``python -m bench.gpu_diffusion OUT_DIR [DEVICE]``: Carlini et al.'s CIFAR-10 pair on a GPU, at random weights.
+"""``python -m bench.gpu_diffusion OUT_DIR [DEVICE [compile]]``: Carlini et al.'s CIFAR-10 pair on a GPU, at
+random weights.
 
 The pair of ``experiments/cifar10-diffusion.toml`` as a certify job builds it (``dsq.pipeline.chain``): a one-shot
 diffusion denoiser, the 32x32 images resized (bicubic) to 224x224, then a ViT-B/16 (torchvision's ``vit_b_16``,
@@ -6,7 +7,8 @@ diffusion denoiser, the 32x32 images resized (bicubic) to 224x224, then a ViT-B/
 diffusers UNet of its shape: 128 channels at 32x32 and 256 below, 3 residual blocks a level, attention at 16x16
 and 8x8, 6 output channels (it learns its variance). Both are prepared as a sampler prepares f o D
 (``dsq.fastpath``), batched as a certify job batches on the device (``dsq.sizing``), and timed through
-``dsq.smoothing.certify`` in FP32 and BF16. No Ray and no database. Writes ``gpu-diffusion.json`` into OUT_DIR.
+``dsq.smoothing.certify`` in FP32 and BF16 (with ``compile`` after DEVICE: compiled, BF16 only). No Ray and no
+database. Writes ``gpu-diffusion.json`` into OUT_DIR.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dsq.classifiers import NormalizeLayer
 
 SIGMA = 0.5
 N0, N = 100, 100_000  # the paper's CIFAR-10 runs
-TIMED_N = 10_000  # FP32 is timed on this many samples an image and scaled; BF16 also runs the whole N0 + N
+TIMED_N = 10_000  # each is timed on this many samples an image and scaled; BF16 (not compiled) also on N0 + N
 
 
 def improved_diffusion_like_unet() -> torch.nn.Module:
@@ -57,22 +59,25 @@ def certify_seconds(model, x, n: int, batch: int, device: str) -> tuple[float, o
     return time.perf_counter() - started, cert
 
 
-def main(out: str, device: str = "cuda") -> None:
+def main(out: str, device: str = "cuda", *options: str) -> None:
+    """``options``: ``compile`` prepares the pair with ``torch.compile`` (``--compile``), in BF16 only."""
+    compiled = "compile" in options
     model, about = pair()
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else device, "torch": torch.__version__,
-              "sigma": SIGMA, **about}
+              "sigma": SIGMA, "compile": compiled, **about}
     print(json.dumps(report))
     x = torch.rand(3, 32, 32)
-    for precision in ("bf16", "fp32"):
-        prepared = fastpath.prepare_for_inference(model, device=device, precision=precision)
+    for precision in ("bf16",) if compiled else ("bf16", "fp32"):
+        prepared = fastpath.prepare_for_inference(model, device=device, precision=precision, compile=compiled)
         probe = sizing.probe(prepared, x, device)
         batch = sizing.choose_batch(probe["bytes_per_sample"], probe["budget_bytes"], n=N, workers=1)
-        certify_seconds(prepared, x, 2 * batch, batch, device)  # warm-up: kernels chosen, memory pooled
+        certify_seconds(prepared, x, TIMED_N, batch, device)  # warm-up of the same shapes: kernels chosen (and
+        # compiled), memory pooled
         seconds, _ = certify_seconds(prepared, x, TIMED_N, batch, device)
         rate = (N0 + TIMED_N) / seconds
         found = {"batch": batch, "bytes_per_sample": probe["bytes_per_sample"], "samples_per_s": rate,
                  "seconds_per_image_from_rate": (N0 + N) / rate}
-        if precision == "bf16":
+        if precision == "bf16" and not compiled:  # its last, smaller batch would be compiled inside the timing
             whole, cert = certify_seconds(prepared, x, N, batch, device)
             found |= {"seconds_per_image": whole, "radius": cert.radius}
         report[precision] = found
